@@ -1,0 +1,85 @@
+"""resilient_db: failover, failure monitoring and deadlines for psycopg 3 and
+mysql-connector-python on Aurora, RDS and self-managed clusters.
+
+    import psycopg, resilient_db
+    conn = resilient_db.connect(psycopg.Connection.connect, "host=... dbname=app user=u",
+                                plugins="execute_time", autocommit=True)
+
+Nothing is started at import; :func:`shutdown` stops any background work plugins started.
+"""
+
+from __future__ import annotations
+
+from ._connect import connect
+from ._decisions import (
+    CollectingSink,
+    Decision,
+    DecisionSink,
+    get_decision_sink,
+    set_decision_sink,
+)
+from ._lifecycle import shutdown
+from ._options import CallOptions, call_options, current_options
+from ._pipeline import (
+    ALL_OPS,
+    STATEMENT_OPS,
+    Call,
+    ConnectContext,
+    ConnectionChanged,
+    HostChanged,
+    HostsContext,
+    HostSpec,
+    Op,
+    Plugin,
+    PluginContext,
+)
+from ._properties import Property
+from ._proxy import ConnectionProxy, CursorProxy
+from .errors import (
+    ConfigurationError,
+    DialectMismatchError,
+    Error,
+    FailoverError,
+    FailoverFailedError,
+    FailoverSuccessError,
+    QueryTimeoutError,
+    TransactionResolutionUnknownError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_OPS",
+    "STATEMENT_OPS",
+    "Call",
+    "CallOptions",
+    "CollectingSink",
+    "ConfigurationError",
+    "ConnectContext",
+    "ConnectionChanged",
+    "ConnectionProxy",
+    "CursorProxy",
+    "Decision",
+    "DecisionSink",
+    "DialectMismatchError",
+    "Error",
+    "FailoverError",
+    "FailoverFailedError",
+    "FailoverSuccessError",
+    "HostChanged",
+    "HostSpec",
+    "HostsContext",
+    "Op",
+    "Plugin",
+    "PluginContext",
+    "Property",
+    "QueryTimeoutError",
+    "TransactionResolutionUnknownError",
+    "__version__",
+    "call_options",
+    "connect",
+    "current_options",
+    "get_decision_sink",
+    "set_decision_sink",
+    "shutdown",
+]

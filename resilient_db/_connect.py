@@ -1,0 +1,113 @@
+"""``resilient_db.connect``: parse, split, select plugins, build the pipeline, connect."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _conninfo
+from ._params import AUTO_SORT_PLUGINS, WRAPPER_DIALECT, WRAPPER_DRIVER_DIALECT
+from ._pipeline import ConnectContext, ConnectionChanged, Pipeline, PluginContext
+from ._plugin_registry import parse_codes, resolve
+from ._properties import Property, Settings, lookup, unknown_name_error
+from ._proxy import ConnectionProxy
+from .drivers import driver_for
+from .errors import ConfigurationError
+
+log = logging.getLogger("resilient_db.connect")
+
+_UNSET: Any = object()
+_noted_lock = threading.Lock()
+_noted_inactive: set[str] = set()
+
+
+def connect(
+    target: Callable[..., Any],
+    conninfo: str = "",
+    *,
+    plugins: str | Iterable[str] | None = _UNSET,
+    **kwargs: Any,
+) -> ConnectionProxy:
+    """Open a connection through the driver's ``target`` connect callable, with plugins.
+
+    ``target``: ``psycopg.Connection.connect`` or ``mysql.connector.connect``.
+    ``conninfo``: a libpq-style ``key=value`` string or a ``postgresql://`` / ``mysql://``
+    URI, in the driver's own key names; keyword arguments are merged over it (keywords win).
+    Names in resilient_db's property registry are ours, names the driver accepts are the
+    driver's (a few, like ``connect_timeout``, are both), anything else is an error.
+    ``plugins``: comma-separated codes or a list; omitted: the documented default list;
+    ``""`` or ``[]``: none. May also be given inside ``conninfo``.
+
+    Returns a PEP 249 connection proxy. Driver exceptions (an unreachable host included)
+    propagate unchanged.
+    """
+    forced_driver = None
+    if "wrapper_driver_dialect" in kwargs:
+        forced_driver = WRAPPER_DRIVER_DIALECT.parse(kwargs["wrapper_driver_dialect"])
+    driver = driver_for(target, forced_driver)
+
+    scheme = _conninfo.uri_scheme(conninfo) if isinstance(conninfo, str) else None
+    if scheme is not None and scheme not in driver.uri_schemes:
+        raise ConfigurationError(
+            f"conninfo is a {scheme}:// URI but target is the {driver.code} driver, which takes "
+            f"{' or '.join(s + '://' for s in driver.uri_schemes)} URIs",
+            parameter="conninfo",
+            value=scheme,
+        )
+    params: dict[str, Any] = dict(_conninfo.parse(conninfo, database_key=driver.database_key))
+    params.update(kwargs)
+    in_conninfo = params.pop("plugins", None)  # a conninfo string may name plugins too
+    spec = in_conninfo if plugins is _UNSET else plugins
+
+    auto_sort = AUTO_SORT_PLUGINS.parse(params.get(AUTO_SORT_PLUGINS.name, True))
+    classes = resolve(parse_codes(spec), auto_sort=auto_sort)
+    extra: dict[str, Property[Any]] = {p.name: p for cls in classes for p in cls.properties}
+
+    values: dict[Property[Any], Any] = {}
+    driver_args: dict[str, Any] = {}
+    accepted = driver.param_names()
+    for name, value in params.items():
+        prop = lookup(name, extra)
+        if prop is not None:
+            values[prop] = prop.parse(value)
+            if prop.driver_param and name in accepted and value is not None:
+                driver_args[name] = driver.coerce_arg(name, value)
+        elif name in accepted:
+            driver_args[name] = driver.coerce_arg(name, value)
+        else:
+            raise unknown_name_error(name, value, accepted, driver.code, extra)
+    settings = Settings(values)
+    _note_inactive(settings, {cls.code for cls in classes})
+
+    host = driver.host_of(driver_args)
+    ctx = PluginContext(settings, driver, host)
+    pipeline = Pipeline([cls(ctx) for cls in classes], ctx)
+    raw = pipeline.connect(ConnectContext(host, driver_args, settings, driver, target))
+
+    forced_dialect = settings[WRAPPER_DIALECT]
+    if forced_dialect is not None:
+        from .dialects import verify
+
+        try:
+            ctx.extra["dialect"] = verify(forced_dialect, driver, raw)
+        except BaseException:
+            raw.close()
+            raise
+
+    proxy = driver.connection_proxy(raw, driver, pipeline, host)
+    pipeline.notify_connection_changed(ConnectionChanged(None, host, "connect"))
+    return proxy
+
+
+def _note_inactive(settings: Settings, enabled: set[str]) -> None:
+    """Log once (DEBUG) each property set for a built-in plugin that is not enabled."""
+    for prop, _ in settings.items():
+        if prop.plugin is None or prop.plugin in enabled:
+            continue
+        with _noted_lock:
+            if prop.name in _noted_inactive:
+                continue
+            _noted_inactive.add(prop.name)
+        log.debug("property %s has no effect: plugin %r is not enabled", prop.name, prop.plugin)

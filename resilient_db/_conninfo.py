@@ -1,0 +1,188 @@
+"""Parsing connection information: libpq key/value strings and ``postgresql://`` / ``mysql://`` URIs.
+
+Pure functions. The result is a flat ``dict[str, str]`` in the target driver's own key names
+(``dbname`` for psycopg, ``database`` for mysql-connector); splitting it into driver arguments
+and resilient_db properties happens in :mod:`resilient_db._connect`.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, unquote
+
+from .errors import ConfigurationError
+
+PG_SCHEMES = ("postgresql", "postgres")
+MYSQL_SCHEMES = ("mysql",)
+
+
+def parse(conninfo: str, *, database_key: str) -> dict[str, str]:
+    """Parse ``conninfo`` (key/value string or URI) into a dict.
+
+    ``database_key`` is the driver's name for the database (``dbname`` or ``database``), used
+    for the path part of a URI. An empty string gives an empty dict.
+    """
+    if not isinstance(conninfo, str):
+        raise ConfigurationError(
+            f"conninfo must be a string (key=value pairs or a URI), not "
+            f"{type(conninfo).__name__}; pass connection parameters as keyword arguments "
+            "instead",
+            parameter="conninfo",
+            value=conninfo,
+        )
+    stripped = conninfo.strip()
+    if "://" in stripped.split(" ", 1)[0]:
+        return parse_uri(stripped, database_key=database_key)
+    return parse_keyvalue(stripped)
+
+
+def parse_keyvalue(conninfo: str) -> dict[str, str]:
+    """Parse libpq's ``key=value key2='quoted \\' value'`` syntax."""
+    result: dict[str, str] = {}
+    i, n = 0, len(conninfo)
+    while True:
+        while i < n and conninfo[i].isspace():
+            i += 1
+        if i >= n:
+            return result
+        start = i
+        while i < n and conninfo[i] != "=" and not conninfo[i].isspace():
+            i += 1
+        key = conninfo[start:i]
+        while i < n and conninfo[i].isspace():
+            i += 1
+        if i >= n or conninfo[i] != "=":
+            raise ConfigurationError(
+                f"malformed conninfo: {key!r} at position {start} is not followed by '='; "
+                "expected space-separated key=value pairs such as 'host=db dbname=app'",
+                parameter="conninfo",
+                value=conninfo,
+            )
+        if not key:
+            raise ConfigurationError(
+                f"malformed conninfo: '=' without a key at position {start}",
+                parameter="conninfo",
+                value=conninfo,
+            )
+        i += 1
+        while i < n and conninfo[i].isspace():
+            i += 1
+        value_chars: list[str] = []
+        if i < n and conninfo[i] == "'":
+            i += 1
+            while True:
+                if i >= n:
+                    raise ConfigurationError(
+                        f"malformed conninfo: unterminated quoted value for {key!r}",
+                        parameter=key,
+                        value=conninfo,
+                    )
+                ch = conninfo[i]
+                if ch == "\\" and i + 1 < n:
+                    value_chars.append(conninfo[i + 1])
+                    i += 2
+                elif ch == "'":
+                    i += 1
+                    break
+                else:
+                    value_chars.append(ch)
+                    i += 1
+        else:
+            while i < n and not conninfo[i].isspace():
+                if conninfo[i] == "\\" and i + 1 < n:
+                    value_chars.append(conninfo[i + 1])
+                    i += 2
+                else:
+                    value_chars.append(conninfo[i])
+                    i += 1
+        result[key] = "".join(value_chars)
+
+
+def parse_uri(uri: str, *, database_key: str) -> dict[str, str]:
+    """Parse ``scheme://user:password@host1:port1,host2:port2/dbname?key=value``."""
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if scheme not in PG_SCHEMES + MYSQL_SCHEMES:
+        raise ConfigurationError(
+            f"malformed conninfo: unsupported URI scheme {scheme!r}; use postgresql:// or "
+            "mysql://",
+            parameter="conninfo",
+            value=_redact(uri),
+        )
+    result: dict[str, str] = {}
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user, has_password, password = userinfo.partition(":")
+        if user:
+            result["user"] = unquote(user)
+        if has_password:
+            result["password"] = unquote(password)
+    hosts: list[str] = []
+    ports: list[str] = []
+    for item in netloc.split(",") if netloc else []:
+        host, port = _split_host_port(item, uri)
+        hosts.append(host)
+        ports.append(port)
+    if any(hosts):
+        result["host"] = ",".join(hosts)
+    if any(ports):
+        result["port"] = ",".join(ports)
+    if path:
+        result[database_key] = unquote(path)
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if not key:
+            raise ConfigurationError(
+                "malformed conninfo: empty parameter name in the URI query string",
+                parameter="conninfo",
+                value=_redact(uri),
+            )
+        result[key] = value
+    return result
+
+
+def uri_scheme(conninfo: str) -> str | None:
+    """The URI scheme of ``conninfo`` (lower case), or ``None`` for a key/value string."""
+    head = conninfo.strip().split(" ", 1)[0]
+    return head.partition("://")[0].lower() if "://" in head else None
+
+
+def _split_host_port(item: str, uri: str) -> tuple[str, str]:
+    if item.startswith("["):
+        end = item.find("]")
+        if end < 0:
+            raise ConfigurationError(
+                f"malformed conninfo: unterminated '[' in host {item!r}",
+                parameter="host",
+                value=_redact(uri),
+            )
+        host, after = item[1:end], item[end + 1 :]
+        port = after[1:] if after.startswith(":") else ""
+        if after and not after.startswith(":"):
+            raise ConfigurationError(
+                f"malformed conninfo: unexpected {after!r} after IPv6 address",
+                parameter="host",
+                value=_redact(uri),
+            )
+    else:
+        host, _, port = item.partition(":")
+    host = unquote(host)
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigurationError(
+            f"malformed conninfo: port {port!r} of host {host!r} is not a number between 1 "
+            "and 65535",
+            parameter="port",
+            value=port,
+        )
+    return host, port
+
+
+def _redact(uri: str) -> str:
+    """The URI with any password replaced, for error messages."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, has_pw, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if has_pw else f"{user}@{hosts}"
+    return f"{scheme}{sep}{netloc}{slash}{tail}"

@@ -1,0 +1,194 @@
+"""Plugin selection: codes, AWS aliases, the canonical order and third-party entry points.
+
+Built-in plugins are found by code without importing any plugin module until it is selected
+(the core never imports every plugin). Third-party plugins register a ``Plugin`` subclass in
+the entry-point group ``resilient_db.plugins``; the entry point's name is the code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ._pipeline import Plugin
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+log = logging.getLogger("resilient_db.plugins")
+
+ENTRY_POINT_GROUP = "resilient_db.plugins"
+
+#: Built-in plugins: code -> "module:Class". Only those that exist in this release.
+BUILTIN: dict[str, str] = {
+    "connect_time": "resilient_db.plugins.connect_time:ConnectTimePlugin",
+    "execute_time": "resilient_db.plugins.execute_time:ExecuteTimePlugin",
+    "dev": "resilient_db.plugins.dev:DevPlugin",
+}
+
+#: Built-in codes announced for later releases: selecting one gives a clear error, not a typo
+#: suggestion.
+PLANNED = frozenset(
+    {"failover", "efm", "aurora_connection_tracker", "initial_connection", "stale_dns",
+     "read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
+     "federated_auth", "okta", "limitless", "fastest_response_strategy"}
+)
+
+#: AWS Advanced Python Wrapper codes accepted as aliases (documented in docs/plugins.md).
+ALIASES: dict[str, str] = {
+    "failover_v2": "failover",
+    "host_monitoring": "efm",
+    "host_monitoring_v2": "efm",
+    "srw": "read_write_splitting",
+    "bg": "blue_green",
+}
+
+#: The canonical order, outermost first. Each position has a reason:
+CANONICAL_ORDER: tuple[str, ...] = (
+    # Timing sees what the application sees: the whole call, failover and retries included.
+    "execute_time",
+    "connect_time",
+    # Endpoint-level routing decides *which* cluster members are eligible before anything
+    # connects.
+    "custom_endpoint",
+    # Initial connection verifies the role behind a cluster/reader endpoint on first connect.
+    "initial_connection",
+    # The tracker must see every connection failover or splitting opens, so it wraps them.
+    "aurora_connection_tracker",
+    # Stale DNS corrects a stale cluster endpoint before failover relies on the address.
+    "stale_dns",
+    # Blue/green reroutes at switchover; it must run before failover reacts to the
+    # switchover's expected disconnects.
+    "blue_green",
+    # Splitting chooses reader vs writer; failover then keeps that choice alive.
+    "read_write_splitting",
+    "fastest_response_strategy",
+    "limitless",
+    # Failover reacts to errors raised by everything inside it, including EFM aborts.
+    "failover",
+    # EFM is inside failover: its abort surfaces as a network error that failover handles.
+    "efm",
+    # Credentials are innermost among the real plugins: every physical connect (initial,
+    # pool growth, reconnect, failover) gets fresh or cached credentials.
+    "iam",
+    "aws_secrets_manager",
+    "federated_auth",
+    "okta",
+    # Dev is innermost: an injected fault looks like a driver error to every other plugin.
+    "dev",
+)
+
+#: Used when ``plugins`` is omitted. Grows as failover and EFM land (see docs/plugins.md).
+DEFAULT_PLUGINS: tuple[str, ...] = ()
+
+_entry_points: dict[str, EntryPoint] | None = None
+
+
+def _third_party() -> dict[str, EntryPoint]:
+    global _entry_points
+    if _entry_points is None:
+        from importlib import metadata  # not at import: it costs milliseconds
+
+        _entry_points = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return _entry_points
+
+
+def refresh_entry_points() -> None:
+    """Forget the cached entry points (after installing a plugin at run time; tests)."""
+    global _entry_points
+    _entry_points = None
+
+
+def parse_codes(spec: str | Iterable[str] | None) -> list[str]:
+    """Split a ``plugins`` value ("a,b" or a sequence) into codes. ``None``: the default."""
+    if spec is None:
+        return list(DEFAULT_PLUGINS)
+    if isinstance(spec, str):
+        items = spec.split(",")
+    else:
+        try:
+            items = list(spec)
+        except TypeError:
+            raise ConfigurationError(
+                f"plugins must be a comma-separated string or a list of codes, not "
+                f"{type(spec).__name__}",
+                parameter="plugins",
+                value=spec,
+            ) from None
+    codes: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigurationError(
+                f"plugins: every code must be a string, got {item!r}",
+                parameter="plugins",
+                value=spec,
+            )
+        code = item.strip()
+        if code and code not in codes:
+            codes.append(code)
+    return codes
+
+
+def resolve(codes: Iterable[str], *, auto_sort: bool = True) -> list[type[Plugin]]:
+    """Plugin classes for ``codes`` (aliases mapped), in canonical order unless ``auto_sort``
+    is false (then the given order is kept)."""
+    canonical: list[str] = []
+    for code in codes:
+        name = ALIASES.get(code, code)
+        if name in canonical:
+            continue
+        canonical.append(name)
+    classes = [_load(name) for name in canonical]
+    if auto_sort:
+        position = {code: i for i, code in enumerate(CANONICAL_ORDER)}
+        # Third-party plugins without a place go just before "dev", keeping their relative
+        # order (a stable sort).
+        default_slot = position["dev"] - 0.5
+        classes.sort(key=lambda cls: position.get(cls.code, default_slot))
+    return classes
+
+
+def _load(code: str) -> type[Plugin]:
+    target = BUILTIN.get(code)
+    if target is not None:
+        module_name, class_name = target.split(":")
+        cls: type[Plugin] = getattr(importlib.import_module(module_name), class_name)
+        return cls
+    entry = _third_party().get(code)
+    if entry is not None:
+        loaded = entry.load()
+        if not (isinstance(loaded, type) and issubclass(loaded, Plugin)):
+            raise ConfigurationError(
+                f"plugin {code!r}: entry point {entry.value!r} is not a resilient_db Plugin "
+                "subclass",
+                parameter="plugins",
+                value=code,
+            )
+        if not loaded.code:
+            loaded.code = code
+        return loaded
+    if code in PLANNED:
+        raise ConfigurationError(
+            f"plugin {code!r} is not available in this release of resilient_db; available: "
+            f"{', '.join(sorted(available()))}",
+            parameter="plugins",
+            value=code,
+        )
+    candidates = sorted(set(available()) | PLANNED | set(ALIASES))
+    close = difflib.get_close_matches(code, candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigurationError(
+        f"unknown plugin {code!r}{hint} Available: {', '.join(sorted(available()))} "
+        f"(third-party plugins register in the entry-point group {ENTRY_POINT_GROUP!r})",
+        parameter="plugins",
+        value=code,
+    )
+
+
+def available() -> list[str]:
+    """Codes that can be selected now: built-ins and installed third-party plugins."""
+    return sorted(set(BUILTIN) | set(_third_party()))

@@ -1,0 +1,292 @@
+"""PEP 249 connection and cursor proxies.
+
+Every call that does I/O goes through the connection's pipeline (``Op``); attributes that do
+no I/O pass straight through to the driver object so native features keep working. With no
+plugin intercepting an op the proxy calls the driver directly: the cost is one attribute read
+and one ``is None`` test. Rows are never wrapped or copied.
+
+Driver-specific methods (psycopg's ``Connection.execute``/``transaction``/``pipeline`` and
+``Cursor.copy``/``stream``; mysql-connector's ``cmd_query``/``start_transaction``/...) live in
+the subclasses each driver dialect names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ._pipeline import Call, ConnectionChanged, HostSpec, Op, Pipeline
+
+if TYPE_CHECKING:
+    from .drivers.base import DriverDialect
+
+_OWN_CONNECTION_ATTRS = frozenset(
+    {"_raw", "_driver", "_pipeline", "_chains", "_host", "_session", "_closed_by_us",
+     "__weakref__"}
+)
+
+
+class ConnectionProxy:
+    """A PEP 249 connection wrapping one physical driver connection at a time.
+
+    ``raw`` is the current driver connection (it changes after a failover: do not keep it).
+    """
+
+    __slots__ = ("__weakref__", "_chains", "_closed_by_us", "_driver", "_host", "_pipeline",
+                 "_raw", "_session")
+
+    def __init__(
+        self, raw: Any, driver: DriverDialect, pipeline: Pipeline, host: HostSpec
+    ) -> None:
+        object.__setattr__(self, "_raw", raw)
+        object.__setattr__(self, "_driver", driver)
+        object.__setattr__(self, "_pipeline", pipeline)
+        object.__setattr__(self, "_chains", pipeline.chains)
+        object.__setattr__(self, "_host", host)
+        # Session attributes the application set, to restore on a new physical connection.
+        object.__setattr__(self, "_session", {})
+        object.__setattr__(self, "_closed_by_us", False)
+
+    # --- resilient_db surface -----------------------------------------------------------------
+    @property
+    def resilient(self) -> ResilientView:
+        """resilient_db's own view of this connection (a namespace, so that no name of ours
+        shadows a driver attribute): current raw connection, host, plugins, session state."""
+        return ResilientView(self)
+
+    # --- pass-through -------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN_CONNECTION_ATTRS:
+            object.__setattr__(self, name, value)
+        elif name in self._driver.session_attributes:
+            self._set_session(name, value)
+        else:
+            setattr(self._raw, name, value)
+
+    def _set_session(self, name: str, value: Any) -> None:
+        raw = self._raw
+        chain = self._chains.session
+        if chain is None:
+            setattr(raw, name, value)
+        else:
+            chain(Call(Op.SESSION, f"Connection.{name}", setattr, (raw, name, value), {}, self))
+        self._session[name] = value
+
+    def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
+              **kwargs: Any) -> Any:
+        chain = self._chains.for_op(op)
+        if chain is None:
+            return fn(*args, **kwargs)
+        return chain(Call(op, method, fn, args, kwargs, self))
+
+    def _wrap_cursor(self, raw_cursor: Any) -> CursorProxy:
+        return self._driver.cursor_proxy(raw_cursor, self)
+
+    # --- PEP 249 ------------------------------------------------------------------------------
+    def cursor(self, *args: Any, **kwargs: Any) -> CursorProxy:
+        return self._driver.cursor_proxy(self._raw.cursor(*args, **kwargs), self)
+
+    def commit(self) -> None:
+        chain = self._chains.commit
+        if chain is None:
+            self._raw.commit()
+        else:
+            chain(Call(Op.COMMIT, "Connection.commit", self._raw.commit, (), {}, self))
+
+    def rollback(self) -> None:
+        chain = self._chains.rollback
+        if chain is None:
+            self._raw.rollback()
+        else:
+            chain(Call(Op.ROLLBACK, "Connection.rollback", self._raw.rollback, (), {}, self))
+
+    def close(self) -> None:
+        object.__setattr__(self, "_closed_by_us", True)
+        self._call(Op.CLOSE, "Connection.close", self._raw.close)
+
+    def __enter__(self) -> ConnectionProxy:
+        self._raw.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any:
+        object.__setattr__(self, "_closed_by_us", True)
+        return self._call(Op.CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        plugins = ",".join(p.code for p in self._pipeline.plugins) or "none"
+        return f"<resilient_db connection to {self._host} plugins={plugins} raw={self._raw!r}>"
+
+
+class ResilientView:
+    """resilient_db's accessors for one connection: ``conn.resilient``."""
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: ConnectionProxy) -> None:
+        self._proxy = proxy
+
+    @property
+    def raw(self) -> Any:
+        """The driver connection in use now (it changes after a failover: do not keep it)."""
+        return self._proxy._raw
+
+    @property
+    def host(self) -> HostSpec:
+        """The instance this connection is connected to now."""
+        return self._proxy._host
+
+    @property
+    def session_state(self) -> dict[str, Any]:
+        """Session attributes set through the proxy (re-applied after a reconnect)."""
+        return dict(self._proxy._session)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._proxy._pipeline
+
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        """Codes of the active plugins, outermost first."""
+        return tuple(p.code for p in self._proxy._pipeline.plugins)
+
+    def plugin(self, code: str) -> Any:
+        """The active plugin instance with ``code``, or ``None``."""
+        return self._proxy._pipeline.plugin(code)
+
+    def replace_raw(self, raw: Any, host: HostSpec, reason: str) -> None:
+        """Swap the physical connection (failover, reconnect): session state is re-applied and
+        plugins are notified. The old connection is not closed here."""
+        proxy = self._proxy
+        proxy._driver.apply_session_state(raw, proxy._session)
+        old = proxy._host
+        object.__setattr__(proxy, "_raw", raw)
+        object.__setattr__(proxy, "_host", host)
+        proxy._pipeline.notify_connection_changed(ConnectionChanged(old, host, reason))
+
+
+class CursorProxy:
+    """A PEP 249 cursor. ``raw`` is the driver cursor."""
+
+    __slots__ = ("__weakref__", "_chains", "_conn", "_cur")
+
+    def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
+        object.__setattr__(self, "_cur", raw)
+        object.__setattr__(self, "_conn", connection)
+        object.__setattr__(self, "_chains", connection._chains)
+
+    @property
+    def connection(self) -> ConnectionProxy:
+        """The resilient_db connection (not the driver's), as PEP 249 asks."""
+        return self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cur, name, value)
+
+    def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
+              **kwargs: Any) -> Any:
+        chain = self._chains.for_op(op)
+        if chain is None:
+            return fn(*args, **kwargs)
+        return chain(Call(op, method, fn, args, kwargs, self._conn))
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        chain = self._chains.execute
+        if chain is None:
+            result = self._cur.execute(query, *args, **kwargs)
+        else:
+            result = chain(Call(Op.EXECUTE, "Cursor.execute", self._cur.execute,
+                                (query, *args), kwargs, self._conn))
+        return self if result is self._cur else result
+
+    def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = self._call(Op.EXECUTEMANY, "Cursor.executemany", self._cur.executemany,
+                            query, *args, **kwargs)
+        return self if result is self._cur else result
+
+    def fetchone(self) -> Any:
+        chain = self._chains.fetch
+        if chain is None:
+            return self._cur.fetchone()
+        return chain(Call(Op.FETCH, "Cursor.fetchone", self._cur.fetchone, (), {}, self._conn))
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(Op.FETCH, "Cursor.fetchmany", self._cur.fetchmany, *args, **kwargs)
+
+    def fetchall(self) -> Any:
+        chain = self._chains.fetch
+        if chain is None:
+            return self._cur.fetchall()
+        return chain(Call(Op.FETCH, "Cursor.fetchall", self._cur.fetchall, (), {}, self._conn))
+
+    def nextset(self) -> Any:
+        return self._call(Op.FETCH, "Cursor.nextset", self._cur.nextset)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._chains.fetch is None:
+            return iter(self._cur)
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        fetchone = self.fetchone
+        while True:
+            row = fetchone()
+            if row is None:
+                return
+            yield row
+
+    def close(self) -> None:
+        self._call(Op.CLOSE, "Cursor.close", self._cur.close)
+
+    def __enter__(self) -> CursorProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<resilient_db cursor raw={self._cur!r}>"
+
+
+class PipelinedContext:
+    """A driver context manager whose enter and exit do I/O (``transaction()``, ``pipeline()``,
+    ``copy()``): both go through the pipeline as ``op``."""
+
+    __slots__ = ("_cm", "_conn", "_method", "_op")
+
+    def __init__(self, cm: Any, op: Op, method: str, conn: ConnectionProxy) -> None:
+        self._cm = cm
+        self._op = op
+        self._method = method
+        self._conn = conn
+
+    def __enter__(self) -> Any:
+        return self._conn._call(self._op, f"{self._method}.__enter__", self._cm.__enter__)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any:
+        return self._conn._call(self._op, f"{self._method}.__exit__", self._cm.__exit__,
+                                exc_type, exc, tb)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cm, name)

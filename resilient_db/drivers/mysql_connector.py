@@ -1,0 +1,236 @@
+"""Driver dialect for mysql-connector-python.
+
+Verified with the pure-Python implementation (``use_pure=True``, ``MySQLConnection``). The C
+extension (``CMySQLConnection``) does not load on the machines this project is tested on; the
+code stays driver-neutral where it can, but breaking a C-extension connection's socket is
+**unverified** (``socket_of`` returns ``None`` for it, so ``abort`` is a no-op there).
+
+The one private attribute used: ``MySQLConnection._socket.sock`` (the TCP socket of the pure
+implementation). ``tests/test_drivers.py`` fails loudly if a release renames it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from mysql.connector import constants
+from mysql.connector import errors as myerrors
+
+from .. import errors
+from .._pipeline import Op
+from .._properties import parse_bool
+from .._proxy import ConnectionProxy, CursorProxy
+from .base import DriverDialect, TxStatus
+
+__all__ = [
+    "FailoverFailedError",
+    "FailoverSuccessError",
+    "MysqlConnectorDriver",
+    "QueryTimeoutError",
+    "TransactionResolutionUnknownError",
+]
+
+
+class FailoverSuccessError(errors.FailoverSuccessError, myerrors.OperationalError):
+    __module__ = __name__
+
+
+class TransactionResolutionUnknownError(
+    errors.TransactionResolutionUnknownError, myerrors.OperationalError
+):
+    __module__ = __name__
+
+
+class FailoverFailedError(errors.FailoverFailedError, myerrors.OperationalError):
+    __module__ = __name__
+
+
+class QueryTimeoutError(errors.QueryTimeoutError, myerrors.OperationalError):
+    __module__ = __name__
+
+
+# Client and server error numbers that mean the session is gone.
+_DISCONNECT_ERRNOS = frozenset(
+    {
+        2002,  # CR_CONNECTION_ERROR
+        2003,  # CR_CONN_HOST_ERROR
+        2006,  # CR_SERVER_GONE_ERROR
+        2013,  # CR_SERVER_LOST
+        2055,  # CR_SERVER_LOST_EXTENDED
+        2048,  # CR_INVALID_CONN_HANDLE
+        4031,  # ER_CLIENT_INTERACTION_TIMEOUT
+        1053,  # ER_SERVER_SHUTDOWN
+        1927,  # ER_CONNECTION_KILLED (MariaDB)
+        1077,  # ER_NORMAL_SHUTDOWN
+        1080,  # ER_FORCING_CLOSE
+    }
+)
+# --read-only / super-read-only (1290), read-only transaction (1792), innodb read-only (1836).
+_READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
+
+_INT_ARGS = frozenset(
+    {"port", "connection_timeout", "connect_timeout", "read_timeout", "write_timeout",
+     "pool_size", "client_flags"}
+)
+_BOOL_ARGS = frozenset(
+    {"autocommit", "buffered", "raw", "consume_results", "get_warnings", "raise_on_warnings",
+     "use_pure", "use_unicode", "compress", "ssl_disabled", "ssl_verify_cert",
+     "ssl_verify_identity", "allow_local_infile", "force_ipv6", "pool_reset_session", "dns_srv"}
+)
+# Documented connect arguments not listed in DEFAULT_CONFIGURATION.
+_EXTRA_ARGS = frozenset(
+    {"pool_name", "pool_size", "pool_reset_session", "option_files", "option_groups",
+     "failover", "username", "passwd", "db", "fido_callback", "webauthn_callback",
+     "tls_versions", "tls_ciphersuites"}
+)
+
+
+class MysqlConnectionProxy(ConnectionProxy):
+    """mysql-connector's connection extras, pipelined."""
+
+    __slots__ = ()
+
+    def cmd_query(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call(Op.EXECUTE, "Connection.cmd_query", self._raw.cmd_query, query,
+                          *args, **kwargs)
+
+    def cmd_query_iter(self, statements: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call(Op.EXECUTE, "Connection.cmd_query_iter", self._raw.cmd_query_iter,
+                          statements, *args, **kwargs)
+
+    def start_transaction(self, *args: Any, **kwargs: Any) -> None:
+        self._call(Op.TRANSACTION, "Connection.start_transaction",
+                   self._raw.start_transaction, *args, **kwargs)
+
+    def ping(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(Op.EXECUTE, "Connection.ping", self._raw.ping, *args, **kwargs)
+
+    def is_connected(self) -> bool:
+        return bool(self._call(Op.EXECUTE, "Connection.is_connected", self._raw.is_connected))
+
+    def reset_session(self, *args: Any, **kwargs: Any) -> None:
+        self._call(Op.EXECUTE, "Connection.reset_session", self._raw.reset_session, *args,
+                   **kwargs)
+
+
+class MysqlCursorProxy(CursorProxy):
+    """mysql-connector's cursor extras, pipelined."""
+
+    __slots__ = ()
+
+    def callproc(self, procname: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call(Op.CALLPROC, "Cursor.callproc", self._cur.callproc, procname, *args,
+                          **kwargs)
+
+    def fetchsets(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(Op.FETCH, "Cursor.fetchsets", self._cur.fetchsets, *args, **kwargs)
+
+    def __next__(self) -> Any:
+        row = self.fetchone()
+        if row is None:
+            raise StopIteration
+        return row
+
+
+class MysqlConnectorDriver(DriverDialect):
+    code = "mysql-connector"
+    database_key = "database"
+    uri_schemes = ("mysql",)
+    default_port = 3306
+    session_attributes = frozenset({"autocommit", "database", "time_zone", "sql_mode"})
+    connection_proxy = MysqlConnectionProxy
+    cursor_proxy = MysqlCursorProxy
+    OperationalError = myerrors.OperationalError
+    error_classes: ClassVar[Mapping[type[errors.Error], type[errors.Error]]] = {
+        errors.FailoverSuccessError: FailoverSuccessError,
+        errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
+        errors.FailoverFailedError: FailoverFailedError,
+        errors.QueryTimeoutError: QueryTimeoutError,
+    }
+
+    def __init__(self) -> None:
+        self._params = (
+            frozenset(constants.DEFAULT_CONFIGURATION)
+            | frozenset(getattr(constants, "CNX_POOL_ARGS", ()))
+            | _EXTRA_ARGS
+        )
+
+    def param_names(self) -> frozenset[str]:
+        return self._params
+
+    def coerce_arg(self, name: str, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if name in _INT_ARGS:
+            try:
+                return int(value)
+            except ValueError:
+                raise errors.ConfigurationError(
+                    f"mysql-connector parameter {name!r}: invalid value {value!r}; expected a "
+                    "whole number",
+                    parameter=name,
+                    value=value,
+                ) from None
+        if name in _BOOL_ARGS:
+            result = parse_bool(value)
+            if result is None:
+                raise errors.ConfigurationError(
+                    f"mysql-connector parameter {name!r}: invalid value {value!r}; expected "
+                    "true or false",
+                    parameter=name,
+                    value=value,
+                )
+            return result
+        return value
+
+    def is_closed(self, conn: Any) -> bool:
+        # Pure implementation: _socket is None once closed. No I/O (is_connected() pings).
+        sock = getattr(conn, "_socket", None)
+        return sock is None or getattr(sock, "sock", None) is None
+
+    def socket_of(self, conn: Any) -> socket.socket | None:
+        holder = getattr(conn, "_socket", None)
+        sock = getattr(holder, "sock", None)
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            return None
+        # A second socket object on a duplicate descriptor: the caller may close it freely.
+        return sock.dup()
+
+    def transaction_status(self, conn: Any) -> TxStatus:
+        if self.is_closed(conn):
+            return TxStatus.UNKNOWN
+        return TxStatus.IN_TRANSACTION if conn.in_transaction else TxStatus.IDLE
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        if isinstance(exc, errors.Error) or not isinstance(exc, myerrors.Error):
+            return False
+        errno = getattr(exc, "errno", None)
+        if errno in _DISCONNECT_ERRNOS:
+            return True
+        if isinstance(exc, (myerrors.OperationalError, myerrors.InterfaceError)):
+            message = str(exc).lower()
+            return "lost connection" in message or "connection not available" in message
+        return False
+
+    def is_read_only_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, myerrors.Error) and getattr(exc, "errno", None) in _READ_ONLY_ERRNOS
+
+    def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
+        for name in ("database", "autocommit", "time_zone", "sql_mode"):
+            if name in state:
+                setattr(conn, name, state[name])
+
+    def query(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
+        was_idle = not conn.in_transaction
+        cur = conn.cursor(buffered=True, raw=False)
+        try:
+            cur.execute(sql)
+            rows = [tuple(r) for r in cur.fetchall()] if cur.with_rows else []
+        finally:
+            cur.close()
+            if was_idle and conn.in_transaction:
+                conn.rollback()
+        return rows
+

@@ -1,0 +1,254 @@
+"""Driver dialect for psycopg 3 (sync ``psycopg.Connection``).
+
+Only public psycopg API is used: ``Connection.fileno()`` for the socket, ``info`` for
+transaction status, ``broken``/``closed``, ``errors.*`` and ``sqlstate`` for classification.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg import pq
+from psycopg.rows import tuple_row
+
+from .. import errors
+from .._pipeline import Call, Op
+from .._properties import parse_bool
+from .._proxy import ConnectionProxy, CursorProxy, PipelinedContext
+from .base import DriverDialect, TxStatus
+
+__all__ = [
+    "FailoverFailedError",
+    "FailoverSuccessError",
+    "PsycopgDriver",
+    "QueryTimeoutError",
+    "TransactionResolutionUnknownError",
+]
+
+
+# The runtime outcomes, catchable as resilient_db errors and as psycopg.OperationalError.
+class FailoverSuccessError(errors.FailoverSuccessError, psycopg.OperationalError):
+    __module__ = __name__
+
+
+class TransactionResolutionUnknownError(
+    errors.TransactionResolutionUnknownError, psycopg.OperationalError
+):
+    __module__ = __name__
+
+
+class FailoverFailedError(errors.FailoverFailedError, psycopg.OperationalError):
+    __module__ = __name__
+
+
+class QueryTimeoutError(errors.QueryTimeoutError, psycopg.OperationalError):
+    __module__ = __name__
+
+
+# SQLSTATEs that mean the session is gone: class 08 (connection exception), admin shutdown,
+# crash shutdown, cannot connect now, and idle-session timeout.
+_DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+_READ_ONLY_STATE = "25006"
+
+_TX = {
+    pq.TransactionStatus.IDLE: TxStatus.IDLE,
+    pq.TransactionStatus.ACTIVE: TxStatus.ACTIVE,
+    pq.TransactionStatus.INTRANS: TxStatus.IN_TRANSACTION,
+    pq.TransactionStatus.INERROR: TxStatus.IN_ERROR,
+    pq.TransactionStatus.UNKNOWN: TxStatus.UNKNOWN,
+}
+
+# psycopg's own connect keywords (beyond libpq's parameters).
+_PSYCOPG_KEYWORDS = frozenset(
+    {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+)
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    result = parse_bool(value)
+    if result is None:
+        raise errors.ConfigurationError(
+            f"psycopg parameter {name!r}: invalid value {value!r}; expected true or false",
+            parameter=name,
+            value=value,
+        )
+    return result
+
+
+class PsycopgConnectionProxy(ConnectionProxy):
+    """psycopg's connection extras, pipelined."""
+
+    __slots__ = ()
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> CursorProxy:
+        raw = self._raw
+        chain = self._chains.execute
+        if chain is None:
+            cursor = raw.execute(query, *args, **kwargs)
+        else:
+            cursor = chain(
+                Call(Op.EXECUTE, "Connection.execute", raw.execute, (query, *args), kwargs, self)
+            )
+        return PsycopgCursorProxy(cursor, self)
+
+    def transaction(self, *args: Any, **kwargs: Any) -> PipelinedContext:
+        return PipelinedContext(
+            self._raw.transaction(*args, **kwargs), Op.TRANSACTION, "Connection.transaction",
+            self,
+        )
+
+    def pipeline(self) -> PipelinedContext:  # type: ignore[override]
+        return PipelinedContext(self._raw.pipeline(), Op.PIPELINE, "Connection.pipeline", self)
+
+    def set_autocommit(self, value: bool) -> None:
+        self._set_session("autocommit", value)
+
+    def set_read_only(self, value: bool | None) -> None:
+        self._set_session("read_only", value)
+
+    def set_isolation_level(self, value: Any) -> None:
+        self._set_session("isolation_level", value)
+
+    def set_deferrable(self, value: bool | None) -> None:
+        self._set_session("deferrable", value)
+
+    def tpc_begin(self, xid: Any) -> None:
+        self._call(Op.TRANSACTION, "Connection.tpc_begin", self._raw.tpc_begin, xid)
+
+    def tpc_prepare(self) -> None:
+        self._call(Op.TRANSACTION, "Connection.tpc_prepare", self._raw.tpc_prepare)
+
+    def tpc_commit(self, xid: Any = None) -> None:
+        self._call(Op.COMMIT, "Connection.tpc_commit", self._raw.tpc_commit, xid)
+
+    def tpc_rollback(self, xid: Any = None) -> None:
+        self._call(Op.ROLLBACK, "Connection.tpc_rollback", self._raw.tpc_rollback, xid)
+
+    def tpc_recover(self) -> Any:
+        return self._call(Op.EXECUTE, "Connection.tpc_recover", self._raw.tpc_recover)
+
+
+class PsycopgCursorProxy(CursorProxy):
+    """psycopg's cursor extras, pipelined."""
+
+    __slots__ = ()
+
+    def copy(self, statement: Any, *args: Any, **kwargs: Any) -> PipelinedContext:
+        return PipelinedContext(
+            self._cur.copy(statement, *args, **kwargs), Op.COPY, "Cursor.copy", self._conn
+        )
+
+    def stream(self, query: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        rows = self._cur.stream(query, *args, **kwargs)
+        if self._chains.fetch is None:
+            return rows  # type: ignore[no-any-return]
+        return self._stream_steps(rows)
+
+    def _stream_steps(self, rows: Iterator[Any]) -> Iterator[Any]:
+        end = object()
+        while True:
+            row = self._call(Op.FETCH, "Cursor.stream", next, rows, end)
+            if row is end:
+                return
+            yield row
+
+    def scroll(self, *args: Any, **kwargs: Any) -> None:
+        self._call(Op.FETCH, "Cursor.scroll", self._cur.scroll, *args, **kwargs)
+
+    def results(self) -> Iterator[Any]:
+        for _ in self._call(Op.FETCH, "Cursor.results", lambda: list(self._cur.results())):
+            yield self
+
+
+class PsycopgDriver(DriverDialect):
+    code = "psycopg"
+    database_key = "dbname"
+    uri_schemes = ("postgresql", "postgres")
+    default_port = 5432
+    session_attributes = frozenset({"autocommit", "read_only", "isolation_level", "deferrable"})
+    connection_proxy = PsycopgConnectionProxy
+    cursor_proxy = PsycopgCursorProxy
+    OperationalError = psycopg.OperationalError
+    error_classes: ClassVar[Mapping[type[errors.Error], type[errors.Error]]] = {
+        errors.FailoverSuccessError: FailoverSuccessError,
+        errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
+        errors.FailoverFailedError: FailoverFailedError,
+        errors.QueryTimeoutError: QueryTimeoutError,
+    }
+
+    def __init__(self) -> None:
+        libpq = frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
+        self._params = libpq | _PSYCOPG_KEYWORDS
+
+    def param_names(self) -> frozenset[str]:
+        return self._params
+
+    def coerce_arg(self, name: str, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if name == "autocommit":
+            return _parse_bool(name, value)
+        if name == "prepare_threshold":
+            if value.strip().lower() in {"", "none", "null"}:
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise errors.ConfigurationError(
+                    f"psycopg parameter 'prepare_threshold': invalid value {value!r}; expected "
+                    "a whole number or 'none'",
+                    parameter=name,
+                    value=value,
+                ) from None
+        return value
+
+    def is_closed(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
+    def socket_of(self, conn: Any) -> socket.socket | None:
+        if conn.closed:
+            return None
+        fd = conn.fileno()
+        # Work on a duplicate descriptor: shutdown() acts on the shared socket, close() only
+        # on our duplicate, so psycopg's own descriptor stays valid.
+        return socket.socket(fileno=os.dup(fd))
+
+    def transaction_status(self, conn: Any) -> TxStatus:
+        return _TX.get(conn.info.transaction_status, TxStatus.UNKNOWN)
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return False
+        if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return False
+        if isinstance(exc, errors.Error):
+            return False
+        state = getattr(exc, "sqlstate", None)
+        if state is None:
+            return True
+        return state.startswith("08") or state in _DISCONNECT_STATES
+
+    def is_read_only_error(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlstate", None) == _READ_ONLY_STATE
+
+    def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
+        for name in ("autocommit", "isolation_level", "read_only", "deferrable"):
+            if name in state:
+                setattr(conn, name, state[name])
+
+    def query(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
+        was_idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
+        try:
+            with conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(sql, prepare=False)
+                rows: list[tuple[Any, ...]] = cur.fetchall() if cur.description else []
+        finally:
+            if was_idle and not conn.closed and (
+                conn.info.transaction_status != pq.TransactionStatus.IDLE
+            ):
+                conn.rollback()
+        return rows

@@ -1,0 +1,54 @@
+"""``execute_time``: how long each statement takes, as the application sees it.
+
+Intercepts statement-sending calls (execute, executemany, callproc, copy), commit, rollback and
+transaction blocks; fetches are not intercepted (they stay on the direct path). Each call is
+logged at DEBUG on ``resilient_db.plugins.execute_time``, at WARNING when slower than
+``execute_time_slow_threshold``, and reported as a ``statement.timed`` decision when the
+decision sink is enabled. Totals: ``conn.pipeline.plugin("execute_time").stats``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from time import perf_counter
+from typing import Any
+
+from .._decisions import Decision, get_decision_sink
+from .._params import EXECUTE_TIME_SLOW_THRESHOLD
+from .._pipeline import STATEMENT_OPS, Call, Handler, Op, Plugin, PluginContext
+from .connect_time import TimingStats
+
+log = logging.getLogger("resilient_db.plugins.execute_time")
+
+
+class ExecuteTimePlugin(Plugin):
+    code = "execute_time"
+    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION}
+
+    def __init__(self, ctx: PluginContext) -> None:
+        super().__init__(ctx)
+        self.stats = TimingStats()
+        threshold = ctx.settings[EXECUTE_TIME_SLOW_THRESHOLD]
+        self._slow = math.inf if threshold is None else threshold
+
+    def execute(self, call: Call, proceed: Handler) -> Any:
+        start = perf_counter()
+        ok = False
+        try:
+            result = proceed(call)
+            ok = True
+            return result
+        finally:
+            elapsed = perf_counter() - start
+            self.stats.add(elapsed, ok)
+            if elapsed > self._slow:
+                log.warning("%s took %.1f ms (threshold %.1f ms)", call.method,
+                            elapsed * 1000, self._slow * 1000)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s took %.3f ms", call.method, elapsed * 1000)
+            sink = get_decision_sink()
+            if sink.enabled:
+                sink.record(Decision("statement.timed", self.code,
+                                     {"db.operation.name": call.method, "duration": elapsed,
+                                      "success": ok}))
