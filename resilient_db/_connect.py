@@ -9,7 +9,7 @@ from typing import Any
 
 from . import _conninfo
 from ._params import AUTO_SORT_PLUGINS, WRAPPER_DIALECT, WRAPPER_DRIVER_DIALECT
-from ._pipeline import ConnectContext, ConnectionChanged, Pipeline, PluginContext
+from ._pipeline import ConnectContext, ConnectionChanged, Pipeline, Plugin, PluginContext
 from ._plugin_registry import parse_codes, resolve
 from ._properties import Property, Settings, lookup, unknown_name_error
 from ._proxy import ConnectionProxy
@@ -27,7 +27,7 @@ def connect(
     target: Callable[..., Any],
     conninfo: str = "",
     *,
-    plugins: str | Iterable[str] | None = _UNSET,
+    plugins: str | Iterable[str | type[Plugin]] | None = _UNSET,
     **kwargs: Any,
 ) -> ConnectionProxy:
     """Open a connection through the driver's ``target`` connect callable, with plugins.
@@ -37,8 +37,9 @@ def connect(
     URI, in the driver's own key names; keyword arguments are merged over it (keywords win).
     Names in resilient_db's property registry are ours, names the driver accepts are the
     driver's (a few, like ``connect_timeout``, are both), anything else is an error.
-    ``plugins``: comma-separated codes or a list; omitted: the documented default list;
-    ``""`` or ``[]``: none. May also be given inside ``conninfo``.
+    ``plugins``: comma-separated codes, or a list of codes and ``Plugin`` subclasses;
+    omitted: the documented default list; ``""`` or ``[]``: none. Codes may also be given
+    inside ``conninfo``.
 
     Returns a PEP 249 connection proxy. Driver exceptions (an unreachable host included)
     propagate unchanged.
@@ -77,7 +78,7 @@ def connect(
         elif name in accepted:
             driver_args[name] = driver.coerce_arg(name, value)
         else:
-            raise unknown_name_error(name, value, accepted, driver.code, extra)
+            raise unknown_name_error(name, value, accepted, driver.code, extra, driver.renames)
     settings = Settings(values)
     _note_inactive(settings, {cls.code for cls in classes})
 

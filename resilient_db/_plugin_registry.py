@@ -103,8 +103,12 @@ def refresh_entry_points() -> None:
     _entry_points = None
 
 
-def parse_codes(spec: str | Iterable[str] | None) -> list[str]:
-    """Split a ``plugins`` value ("a,b" or a sequence) into codes. ``None``: the default."""
+PluginSpec = str | type[Plugin]
+
+
+def parse_codes(spec: str | Iterable[PluginSpec] | None) -> list[PluginSpec]:
+    """Split a ``plugins`` value ("a,b", or a sequence of codes and ``Plugin`` subclasses)
+    into items. ``None``: the default list."""
     if spec is None:
         return list(DEFAULT_PLUGINS)
     if isinstance(spec, str):
@@ -119,11 +123,23 @@ def parse_codes(spec: str | Iterable[str] | None) -> list[str]:
                 parameter="plugins",
                 value=spec,
             ) from None
-    codes: list[str] = []
+    codes: list[PluginSpec] = []
     for item in items:
+        if isinstance(item, type) and issubclass(item, Plugin):
+            if not item.code:
+                raise ConfigurationError(
+                    f"plugins: {item.__qualname__} has no code; set the class attribute "
+                    "`code`",
+                    parameter="plugins",
+                    value=item,
+                )
+            if item not in codes:
+                codes.append(item)
+            continue
         if not isinstance(item, str):
             raise ConfigurationError(
-                f"plugins: every code must be a string, got {item!r}",
+                f"plugins: every item must be a plugin code (string) or a Plugin subclass, "
+                f"got {item!r}",
                 parameter="plugins",
                 value=spec,
             )
@@ -133,16 +149,14 @@ def parse_codes(spec: str | Iterable[str] | None) -> list[str]:
     return codes
 
 
-def resolve(codes: Iterable[str], *, auto_sort: bool = True) -> list[type[Plugin]]:
-    """Plugin classes for ``codes`` (aliases mapped), in canonical order unless ``auto_sort``
-    is false (then the given order is kept)."""
-    canonical: list[str] = []
-    for code in codes:
-        name = ALIASES.get(code, code)
-        if name in canonical:
-            continue
-        canonical.append(name)
-    classes = [_load(name) for name in canonical]
+def resolve(codes: Iterable[PluginSpec], *, auto_sort: bool = True) -> list[type[Plugin]]:
+    """Plugin classes for ``codes`` (aliases mapped; classes taken as they are), in canonical
+    order unless ``auto_sort`` is false (then the given order is kept)."""
+    classes: list[type[Plugin]] = []
+    for item in codes:
+        cls = item if isinstance(item, type) else _load(ALIASES.get(item, item))
+        if cls not in classes:
+            classes.append(cls)
     if auto_sort:
         position = {code: i for i, code in enumerate(CANONICAL_ORDER)}
         # Third-party plugins without a place go just before "dev", keeping their relative

@@ -292,11 +292,17 @@ def lookup(name: str, extra: Mapping[str, Property[Any]] | None = None) -> Prope
 def unknown_name_error(
     name: str, value: object, driver_names: Iterable[str], driver: str,
     extra: Mapping[str, Property[Any]] | None = None,
+    renames: Mapping[str, str] | None = None,
 ) -> ConfigurationError:
-    """The error for a name that is neither ours nor the driver's, with a suggestion."""
-    ours = list(REGISTRY) + list(extra or ())
-    candidates = ours + list(driver_names)
-    hint = _suggest(name, candidates)
+    """The error for a name that is neither ours nor the driver's, with a suggestion.
+
+    ``renames`` maps other drivers' names to this driver's (``database`` -> ``dbname``).
+    """
+    if renames and name in renames:
+        hint = f" (did you mean {renames[name]!r}? {driver} calls it that)"
+    else:
+        ours = list(REGISTRY) + list(extra or ())
+        hint = _suggest(name, ours + list(driver_names))
     return ConfigurationError(
         f"unknown connection parameter {name!r}: it is neither a resilient_db property nor a "
         f"{driver} connect parameter{hint}. See docs/parameters.md for resilient_db properties.",

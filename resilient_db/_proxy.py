@@ -174,14 +174,22 @@ class ResilientView:
 
 
 class CursorProxy:
-    """A PEP 249 cursor. ``raw`` is the driver cursor."""
+    """A PEP 249 cursor wrapping one driver cursor.
 
-    __slots__ = ("__weakref__", "_chains", "_conn", "_cur")
+    When no plugin intercepts fetches, ``fetchone``/``fetchmany``/``fetchall`` are the driver
+    cursor's own bound methods (stored in the instance, shadowing the class's), so reading
+    rows costs nothing extra.
+    """
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
-        object.__setattr__(self, "_cur", raw)
-        object.__setattr__(self, "_conn", connection)
-        object.__setattr__(self, "_chains", connection._chains)
+        state = self.__dict__
+        state["_cur"] = raw
+        state["_conn"] = connection
+        chains = state["_chains"] = connection._chains
+        if chains.fetch is None:
+            state["fetchone"] = raw.fetchone
+            state["fetchmany"] = raw.fetchmany
+            state["fetchall"] = raw.fetchall
 
     @property
     def connection(self) -> ConnectionProxy:
@@ -193,6 +201,9 @@ class CursorProxy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._cur, name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self._cur)))
 
     def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
               **kwargs: Any) -> Any:

@@ -42,6 +42,8 @@ class DriverDialect(abc.ABC):
     default_port: ClassVar[int]
     #: Attributes set on the connection that are session state to restore after a reconnect.
     session_attributes: ClassVar[frozenset[str]]
+    #: Names other drivers use for this driver's parameters, for "did you mean" hints.
+    renames: ClassVar[Mapping[str, str]] = {}
     connection_proxy: ClassVar[type[ConnectionProxy]]
     cursor_proxy: ClassVar[type[CursorProxy]]
 

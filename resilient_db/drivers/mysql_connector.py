@@ -140,6 +140,10 @@ class MysqlConnectorDriver(DriverDialect):
     uri_schemes = ("mysql",)
     default_port = 3306
     session_attributes = frozenset({"autocommit", "database", "time_zone", "sql_mode"})
+    renames: ClassVar[Mapping[str, str]] = {
+        "dbname": "database", "sslrootcert": "ssl_ca", "sslcert": "ssl_cert",
+        "sslkey": "ssl_key", "application_name": "conn_attrs",
+    }
     connection_proxy = MysqlConnectionProxy
     cursor_proxy = MysqlCursorProxy
     OperationalError = myerrors.OperationalError
@@ -186,9 +190,21 @@ class MysqlConnectorDriver(DriverDialect):
         return value
 
     def is_closed(self, conn: Any) -> bool:
-        # Pure implementation: _socket is None once closed. No I/O (is_connected() pings).
-        sock = getattr(conn, "_socket", None)
-        return sock is None or getattr(sock, "sock", None) is None
+        # No round trip (is_connected() pings the server). mysql-connector keeps no "broken"
+        # flag, so look at the socket: closed descriptor, or end-of-file pending (the peer
+        # closed it, or abort() shut it down) seen with a non-blocking peek.
+        holder = getattr(conn, "_socket", None)
+        sock = getattr(holder, "sock", None)
+        if not isinstance(sock, socket.socket):
+            return holder is None or sock is None
+        if sock.fileno() < 0:
+            return True
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def socket_of(self, conn: Any) -> socket.socket | None:
         holder = getattr(conn, "_socket", None)

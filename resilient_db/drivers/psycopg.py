@@ -170,6 +170,11 @@ class PsycopgDriver(DriverDialect):
     uri_schemes = ("postgresql", "postgres")
     default_port = 5432
     session_attributes = frozenset({"autocommit", "read_only", "isolation_level", "deferrable"})
+    renames: ClassVar[Mapping[str, str]] = {
+        "database": "dbname", "db": "dbname", "username": "user", "passwd": "password",
+        "connection_timeout": "connect_timeout", "ssl_ca": "sslrootcert",
+        "ssl_cert": "sslcert", "ssl_key": "sslkey",
+    }
     connection_proxy = PsycopgConnectionProxy
     cursor_proxy = PsycopgCursorProxy
     OperationalError = psycopg.OperationalError

@@ -14,7 +14,8 @@ import math
 from time import perf_counter
 from typing import Any
 
-from .._decisions import Decision, get_decision_sink
+from .. import _decisions
+from .._decisions import Decision
 from .._params import EXECUTE_TIME_SLOW_THRESHOLD
 from .._pipeline import STATEMENT_OPS, Call, Handler, Op, Plugin, PluginContext
 from .connect_time import TimingStats
@@ -31,8 +32,11 @@ class ExecuteTimePlugin(Plugin):
         self.stats = TimingStats()
         threshold = ctx.settings[EXECUTE_TIME_SLOW_THRESHOLD]
         self._slow = math.inf if threshold is None else threshold
+        # Read once per connection: a logger level change applies to connections opened after.
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     def execute(self, call: Call, proceed: Handler) -> Any:
+        # Hot path: a few float operations; logging and decisions only when wanted.
         start = perf_counter()
         ok = False
         try:
@@ -41,13 +45,20 @@ class ExecuteTimePlugin(Plugin):
             return result
         finally:
             elapsed = perf_counter() - start
-            self.stats.add(elapsed, ok)
+            stats = self.stats
+            stats.count += 1
+            stats.total += elapsed
+            stats.last = elapsed
+            if elapsed > stats.slowest:
+                stats.slowest = elapsed
+            if not ok:
+                stats.failures += 1
             if elapsed > self._slow:
                 log.warning("%s took %.1f ms (threshold %.1f ms)", call.method,
                             elapsed * 1000, self._slow * 1000)
-            elif log.isEnabledFor(logging.DEBUG):
+            elif self._debug:
                 log.debug("%s took %.3f ms", call.method, elapsed * 1000)
-            sink = get_decision_sink()
+            sink = _decisions._sink
             if sink.enabled:
                 sink.record(Decision("statement.timed", self.code,
                                      {"db.operation.name": call.method, "duration": elapsed,

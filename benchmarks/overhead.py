@@ -1,0 +1,160 @@
+"""Per-query overhead of resilient_db against the raw driver, measured in the same run.
+
+Method (CONVENTIONS.md): ``SELECT 1`` plus ``fetchone`` on one cursor, straight to the server
+(no proxy), raw and wrapped variants interleaved batch by batch in one process; each batch is
+2,000 queries; the median of at least 7 batches is reported in µs per query, with the ratio to
+the raw driver (the median of per-round ratios, so that drift of the machine cancels out).
+
+    python benchmarks/overhead.py                 # starts throwaway PG and MariaDB servers
+    python benchmarks/overhead.py --drivers pg --batches 15
+    python benchmarks/overhead.py --pg-dsn "host=... dbname=... user=..."   # existing server
+
+Exit status 1 if any ratio exceeds ``--budget`` (default 1.05), so CI or a user can gate on it;
+the test suite does not run this (speed goals live in benchmarks, not timed tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import resilient_db
+
+#: Wrapped variants: name -> plugins. Later plugins add rows here.
+VARIANTS: dict[str, str] = {
+    "resilient_db, no plugins": "",
+    "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
+}
+
+
+@dataclass
+class Result:
+    driver: str
+    variant: str
+    us_per_query: float
+    ratio: float
+
+
+def _batch(cursor: Any, n: int) -> float:
+    execute = cursor.execute
+    fetchone = cursor.fetchone
+    start = time.perf_counter()
+    for _ in range(n):
+        execute("SELECT 1")
+        fetchone()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def measure(
+    name: str,
+    raw_connect: Callable[[], Any],
+    wrapped_connect: Callable[[str], Any],
+    batches: int,
+    batch_size: int,
+) -> list[Result]:
+    conns: dict[str, Any] = {"raw driver": raw_connect()}
+    for variant, plugins in VARIANTS.items():
+        conns[variant] = wrapped_connect(plugins)
+    cursors = {k: c.cursor() for k, c in conns.items()}
+    for cur in cursors.values():  # warm up
+        _batch(cur, batch_size // 4)
+    times: dict[str, list[float]] = {k: [] for k in cursors}
+    ratios: dict[str, list[float]] = {k: [] for k in cursors}
+    order = list(cursors)
+    gc.collect()
+    for _ in range(batches):
+        random.shuffle(order)
+        round_times = {k: _batch(cursors[k], batch_size) for k in order}
+        for k, t in round_times.items():
+            times[k].append(t)
+            ratios[k].append(t / round_times["raw driver"])
+    for cur in cursors.values():
+        cur.close()
+    for conn in conns.values():
+        conn.close()
+    return [
+        Result(name, k, statistics.median(times[k]), statistics.median(ratios[k]))
+        for k in cursors
+    ]
+
+
+@contextlib.contextmanager
+def _servers(want_pg: bool, want_my: bool, pg_dsn: str | None,
+             my_kwargs: dict[str, Any] | None) -> Iterator[tuple[str | None, dict[str, Any] | None]]:
+    with contextlib.ExitStack() as stack:
+        if want_pg and pg_dsn is None:
+            from simulator.local import start_postgres
+
+            pg_dsn = stack.enter_context(start_postgres()).conninfo()
+        if want_my and my_kwargs is None:
+            from simulator.local import start_mariadb
+
+            my_kwargs = stack.enter_context(start_mariadb()).connect_kwargs()
+        yield (pg_dsn if want_pg else None), (my_kwargs if want_my else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drivers", default="pg,mysql", help="pg, mysql or pg,mysql")
+    parser.add_argument("--batches", type=int, default=9, help="batches per variant (>= 7)")
+    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--budget", type=float, default=1.05, help="max ratio to raw")
+    parser.add_argument("--pg-dsn", help="use this PostgreSQL server instead of starting one")
+    parser.add_argument("--mysql", help="JSON connect kwargs of an existing MySQL/MariaDB")
+    parser.add_argument("--json", action="store_true", help="print results as JSON too")
+    args = parser.parse_args(argv)
+    if args.batches < 7:
+        parser.error("--batches must be at least 7 (CONVENTIONS.md)")
+    drivers = {d.strip() for d in args.drivers.split(",")}
+    results: list[Result] = []
+    my_kwargs = json.loads(args.mysql) if args.mysql else None
+    with _servers("pg" in drivers, "mysql" in drivers, args.pg_dsn, my_kwargs) as (dsn, mykw):
+        if dsn is not None:
+            import psycopg
+
+            pg_dsn = dsn
+            results += measure(
+                "psycopg",
+                lambda: psycopg.Connection.connect(pg_dsn, autocommit=True),
+                lambda plugins: resilient_db.connect(
+                    psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True),
+                args.batches, args.batch_size,
+            )
+        if mykw is not None:
+            import mysql.connector
+
+            kw = dict(mykw)
+            results += measure(
+                "mysql-connector (pure)",
+                lambda: mysql.connector.connect(use_pure=True, autocommit=True, **kw),
+                lambda plugins: resilient_db.connect(
+                    mysql.connector.connect, plugins=plugins, use_pure=True, autocommit=True,
+                    **kw),
+                args.batches, args.batch_size,
+            )
+    print(f"SELECT 1 + fetchone, median of {args.batches} batches of {args.batch_size}")
+    print(f"{'driver':<24} {'variant':<46} {'µs/query':>9} {'ratio':>7}")
+    over = False
+    for r in results:
+        flag = ""
+        if r.variant != "raw driver" and r.ratio > args.budget:
+            flag, over = "  over budget", True
+        print(f"{r.driver:<24} {r.variant:<46} {r.us_per_query:9.1f} {r.ratio:7.3f}{flag}")
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    resilient_db.shutdown()
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

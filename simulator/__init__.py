@@ -1,0 +1,11 @@
+"""Local database servers for tests: the building blocks of the cluster simulator."""
+
+from simulator.local import (
+    LocalServer,
+    ServerStartError,
+    start_mariadb,
+    start_postgres,
+    sweep_stale,
+)
+
+__all__ = ["LocalServer", "ServerStartError", "start_mariadb", "start_postgres", "sweep_stale"]

@@ -1,0 +1,98 @@
+"""Unit tests of conninfo parsing (resilient_db._conninfo)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resilient_db import ConfigurationError
+from resilient_db._conninfo import parse, parse_keyvalue, uri_scheme
+
+pytestmark = pytest.mark.unit
+
+
+def test_keyvalue_basic_and_spaces_around_equals() -> None:
+    assert parse_keyvalue("host=db  dbname = app user=u") == {
+        "host": "db", "dbname": "app", "user": "u"
+    }
+
+
+def test_keyvalue_quotes_and_escapes() -> None:
+    got = parse_keyvalue(r"password='a b\'c' options='-c search_path=x' empty=''")
+    assert got == {"password": "a b'c", "options": "-c search_path=x", "empty": ""}
+
+
+def test_empty_conninfo() -> None:
+    assert parse("", database_key="dbname") == {}
+    assert parse("   ", database_key="dbname") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "culprit"),
+    [("host", "'host'"), ("host=db dbname", "'dbname'"), ("password='abc", "password"),
+     ("=x", "without a key")],
+)
+def test_malformed_keyvalue_names_the_culprit(text: str, culprit: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        parse(text, database_key="dbname")
+    assert culprit in str(info.value)
+
+
+def test_conninfo_must_be_a_string() -> None:
+    with pytest.raises(ConfigurationError, match="conninfo must be a string"):
+        parse(b"host=x", database_key="dbname")  # type: ignore[arg-type]
+
+
+def test_pg_uri_full() -> None:
+    got = parse(
+        "postgresql://u%40x:p%3Ass@db1:5433,db2:5434/app%20db?sslmode=require&connect_timeout=3",
+        database_key="dbname",
+    )
+    assert got == {
+        "user": "u@x", "password": "p:ss", "host": "db1,db2", "port": "5433,5434",
+        "dbname": "app db", "sslmode": "require", "connect_timeout": "3",
+    }
+
+
+def test_mysql_uri_uses_database_key_and_ipv6() -> None:
+    got = parse("mysql://root@[::1]:3307/test", database_key="database")
+    assert got == {"user": "root", "host": "::1", "port": "3307", "database": "test"}
+
+
+def test_uri_without_port_or_path() -> None:
+    assert parse("postgres://h", database_key="dbname") == {"host": "h"}
+
+
+@pytest.mark.parametrize(
+    ("uri", "culprit"),
+    [("postgresql://u:secret@h:99999/d", "port '99999'"),
+     ("postgresql://u:secret@h:abc/d", "port 'abc'"),
+     ("redis://h/0", "unsupported URI scheme 'redis'"),
+     ("postgresql://[::1/d", "unterminated '['")],
+)
+def test_malformed_uri(uri: str, culprit: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        parse(uri, database_key="dbname")
+    assert culprit in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_uri_scheme() -> None:
+    assert uri_scheme("MySQL://h") == "mysql"
+    assert uri_scheme("host=x") is None
+
+
+_keys = st.from_regex(r"[a-z_]{1,12}", fullmatch=True)
+_values = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+                  max_size=20)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@given(st.dictionaries(_keys, _values, max_size=6))
+def test_keyvalue_round_trip(params: dict[str, str]) -> None:
+    text = " ".join(f"{k}={_quote(v)}" for k, v in params.items())
+    assert parse_keyvalue(text) == params

@@ -1,0 +1,129 @@
+"""Unit tests of the typed property registry (resilient_db._properties, _params)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from resilient_db import ConfigurationError
+from resilient_db import _docs, _params
+from resilient_db._properties import REGISTRY, Settings, duration, parse_bool, unknown_name_error
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(True, True), ("true", True), ("ON", True), (" yes ", True), (1, True), ("0", False),
+     ("off", False), (False, False)],
+)
+def test_bool_coercion(raw: object, expected: bool) -> None:
+    assert _params.AUTO_SORT_PLUGINS.parse(raw) is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", 2, 1.5, None, [True]])
+def test_bool_rejects_with_property_name(raw: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        _params.AUTO_SORT_PLUGINS.parse(raw)
+    assert info.value.parameter == "auto_sort_wrapper_plugin_order"
+    assert "auto_sort_wrapper_plugin_order" in str(info.value)
+    assert repr(raw) in str(info.value)
+
+
+def test_parse_bool_returns_none_for_non_booleans() -> None:
+    assert parse_bool("nope") is None
+    assert parse_bool(3) is None
+
+
+def test_duration_seconds_and_strings() -> None:
+    prop = _params.CONNECT_TIMEOUT
+    assert prop.parse(5) == 5.0
+    assert prop.parse("2.5") == 2.5
+    assert prop.parse(None) is None
+    assert prop.parse("") is None
+
+
+def test_duration_in_milliseconds_is_stored_in_seconds() -> None:
+    prop = duration("test_only_interval_ms", 1.5, "test", unit="ms")
+    try:
+        assert prop.parse(250) == pytest.approx(0.25)
+        assert prop.parse("1000") == pytest.approx(1.0)
+        assert prop.default_text() == "1500"
+    finally:
+        del REGISTRY["test_only_interval_ms"]
+
+
+@pytest.mark.parametrize("raw", [-1, "-0.5", "soon", math.nan, math.inf, True, [1]])
+def test_duration_rejects_bad_values(raw: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        _params.CONNECT_TIMEOUT.parse(raw)
+    assert "connect_timeout" in str(info.value)
+
+
+def test_duration_allow_zero_false() -> None:
+    with pytest.raises(ConfigurationError, match="> 0"):
+        _params.EXECUTE_TIME_SLOW_THRESHOLD.parse(0)
+
+
+def test_choice_normalises_case_and_underscores() -> None:
+    assert _params.WRAPPER_DIALECT.parse("AURORA_PG") == "aurora-pg"
+    assert _params.WRAPPER_DRIVER_DIALECT.parse("mysql_connector") == "mysql-connector"
+
+
+def test_choice_suggests_close_match() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        _params.WRAPPER_DIALECT.parse("aurora-pq")
+    message = str(info.value)
+    assert "wrapper_dialect" in message
+    assert "did you mean 'aurora-pg'" in message
+
+
+@pytest.mark.parametrize(
+    "pattern", ["no-question-mark.example.com", "??.x.com", "?.x.com:abc", "? .x.com"]
+)
+def test_host_pattern_validation(pattern: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        _params.CLUSTER_INSTANCE_HOST_PATTERN.parse(pattern)
+    assert "cluster_instance_host_pattern" in str(info.value)
+
+
+def test_host_pattern_accepts_port() -> None:
+    value = "?.abc.us-east-1.rds.amazonaws.com:5432"
+    assert _params.CLUSTER_INSTANCE_HOST_PATTERN.parse(value) == value
+
+
+def test_text_rejects_non_string() -> None:
+    with pytest.raises(ConfigurationError, match="a string, not int"):
+        _params.CLUSTER_ID.parse(42)
+
+
+def test_settings_default_and_explicit() -> None:
+    settings = Settings({_params.CONNECT_TIMEOUT: 3.0})
+    assert settings[_params.CONNECT_TIMEOUT] == 3.0
+    assert settings[_params.AUTO_SORT_PLUGINS] is True
+    assert settings.explicit(_params.CONNECT_TIMEOUT)
+    assert not settings.explicit(_params.AUTO_SORT_PLUGINS)
+
+
+def test_unknown_name_suggests_our_or_driver_name() -> None:
+    err = unknown_name_error("conect_timeout", 1, ["dbname", "host"], "psycopg")
+    assert err.parameter == "conect_timeout"
+    assert "did you mean 'connect_timeout'" in str(err)
+    err = unknown_name_error("dbnme", "x", ["dbname", "host"], "psycopg")
+    assert "did you mean 'dbname'" in str(err)
+
+
+def test_no_internal_name_carries_a_unit_except_aws_names() -> None:
+    for prop in REGISTRY.values():
+        if prop.name.endswith(("_ms", "_sec")):
+            assert prop.aws_name, f"{prop.name}: unit suffixes are only for AWS-compatible names"
+        if prop.unit is not None:
+            assert prop.type_name.startswith("duration")
+
+
+def test_every_property_is_documented_and_docs_are_current() -> None:
+    text = _docs.render()
+    for name in REGISTRY:
+        assert f"`{name}`" in text
+    assert _docs.DOC_PATH.read_text() == text, "run: python -m resilient_db._docs"
