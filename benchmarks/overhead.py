@@ -88,8 +88,9 @@ def measure(
 
 
 @contextlib.contextmanager
-def _servers(want_pg: bool, want_my: bool, pg_dsn: str | None,
-             my_kwargs: dict[str, Any] | None) -> Iterator[tuple[str | None, dict[str, Any] | None]]:
+def _servers(
+    want_pg: bool, want_my: bool, pg_dsn: str | None, my_kwargs: dict[str, Any] | None
+) -> Iterator[tuple[str | None, dict[str, Any] | None]]:
     with contextlib.ExitStack() as stack:
         if want_pg and pg_dsn is None:
             from simulator.local import start_postgres

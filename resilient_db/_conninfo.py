@@ -1,4 +1,4 @@
-"""Parsing connection information: libpq key/value strings and ``postgresql://`` / ``mysql://`` URIs.
+"""Parsing connection information: libpq key/value strings and postgresql:// / mysql:// URIs.
 
 Pure functions. The result is a flat ``dict[str, str]`` in the target driver's own key names
 (``dbname`` for psycopg, ``database`` for mysql-connector); splitting it into driver arguments
@@ -99,7 +99,7 @@ def parse_keyvalue(conninfo: str) -> dict[str, str]:
 
 def parse_uri(uri: str, *, database_key: str) -> dict[str, str]:
     """Parse ``scheme://user:password@host1:port1,host2:port2/dbname?key=value``."""
-    scheme, sep, rest = uri.partition("://")
+    scheme, _, rest = uri.partition("://")
     scheme = scheme.lower()
     if scheme not in PG_SCHEMES + MYSQL_SCHEMES:
         raise ConfigurationError(

@@ -61,8 +61,9 @@ def render() -> str:
         "",
         "`plugins` (comma-separated codes or a list). Omitted: the default list ("
         + (f"`{','.join(DEFAULT_PLUGINS)}`" if DEFAULT_PLUGINS else "empty in this release")
-        + "). `\"\"` or `[]`: no plugins. Available now: " + ", ".join(f"`{c}`" for c in BUILTIN) + ". Selected "
-        "plugins run in the canonical order below (outermost first) unless "
+        + "). `\"\"` or `[]`: no plugins. Available now: "
+        + ", ".join(f"`{c}`" for c in BUILTIN)
+        + ". Selected plugins run in the canonical order below (outermost first) unless "
         "`auto_sort_wrapper_plugin_order=false`.",
         "",
         "Canonical order: " + " → ".join(f"`{c}`" for c in CANONICAL_ORDER) + ".",

@@ -25,7 +25,10 @@ DRIVER_CODES = ("psycopg", "mysql-connector")
 
 def _host_pattern_problem(value: str) -> str | None:
     if "?" not in value:
-        return "a host name with '?' where the instance id goes, e.g. '?.abc123.us-east-1.rds.amazonaws.com'"
+        return (
+            "a host name with '?' where the instance id goes, e.g. "
+            "'?.abc123.us-east-1.rds.amazonaws.com'"
+        )
     host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
     if host.count("?") != 1 or any(ch.isspace() for ch in host) or "/" in host:
         return "a host name containing exactly one '?' and no spaces or slashes"

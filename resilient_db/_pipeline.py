@@ -241,6 +241,17 @@ class Chains:
         "session",
         "transaction",
     )
+    callproc: Handler | None
+    close: Handler | None
+    commit: Handler | None
+    copy: Handler | None
+    execute: Handler | None
+    executemany: Handler | None
+    fetch: Handler | None
+    pipeline: Handler | None
+    rollback: Handler | None
+    session: Handler | None
+    transaction: Handler | None
 
     def __init__(self, plugins: Sequence[Plugin]) -> None:
         built: dict[tuple[int, ...], Handler] = {}

@@ -111,8 +111,9 @@ def parse_codes(spec: str | Iterable[PluginSpec] | None) -> list[PluginSpec]:
     into items. ``None``: the default list."""
     if spec is None:
         return list(DEFAULT_PLUGINS)
+    items: list[PluginSpec]
     if isinstance(spec, str):
-        items = spec.split(",")
+        items = list(spec.split(","))
     else:
         try:
             items = list(spec)

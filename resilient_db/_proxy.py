@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._pipeline import Call, ConnectionChanged, HostSpec, Op, Pipeline
+from ._pipeline import Call, Chains, ConnectionChanged, HostSpec, Op, Pipeline
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
@@ -35,6 +35,13 @@ class ConnectionProxy:
 
     __slots__ = ("__weakref__", "_chains", "_closed_by_us", "_driver", "_host", "_pipeline",
                  "_raw", "_session")
+    _raw: Any
+    _driver: DriverDialect
+    _pipeline: Pipeline
+    _chains: Chains
+    _host: HostSpec
+    _session: dict[str, Any]
+    _closed_by_us: bool
 
     def __init__(
         self, raw: Any, driver: DriverDialect, pipeline: Pipeline, host: HostSpec
@@ -180,6 +187,10 @@ class CursorProxy:
     cursor's own bound methods (stored in the instance, shadowing the class's), so reading
     rows costs nothing extra.
     """
+
+    _cur: Any
+    _conn: ConnectionProxy
+    _chains: Chains
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__

@@ -6,11 +6,11 @@ resilient_db raises its own errors only for its own outcomes::
 
     Exception
      └── Error                              base of everything resilient_db raises itself
-          ├── ConfigurationError (ValueError)  bad property, conninfo, plugin code or target
-          │    └── DialectMismatchError        a forced ``wrapper_dialect`` the server does not match
+          ├── ConfigurationError (ValueError)  bad property, conninfo, plugin or target
+          │    └── DialectMismatchError        forced ``wrapper_dialect`` the server fails
           ├── FailoverError                    the connection failed and resilient_db acted
           │    ├── FailoverSuccessError            replaced; no open transaction was lost
-          │    ├── TransactionResolutionUnknownError  replaced; an open transaction's fate is unknown
+          │    ├── TransactionResolutionUnknownError  replaced; open transaction's fate unknown
           │    └── FailoverFailedError             no usable connection within the budget
           └── QueryTimeoutError                a client-side statement deadline expired
 

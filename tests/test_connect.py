@@ -42,14 +42,14 @@ def test_connect_with_keywords(backend: Backend) -> None:
 
 
 def test_connect_with_keyvalue_string(backend: Backend) -> None:
-    extra = {"use_pure": True} if backend.name == "mysql" else {}
+    extra: dict[str, Any] = {"use_pure": True} if backend.name == "mysql" else {}
     conn = resilient_db.connect(backend.target, _keyvalue(backend), **extra)
     assert _one(conn) == 1
     conn.close()
 
 
 def test_connect_with_uri(backend: Backend) -> None:
-    extra = {"use_pure": True} if backend.name == "mysql" else {}
+    extra: dict[str, Any] = {"use_pure": True} if backend.name == "mysql" else {}
     conn = resilient_db.connect(backend.target, _uri(backend), **extra)
     assert _one(conn) == 1
     conn.close()
@@ -57,7 +57,7 @@ def test_connect_with_uri(backend: Backend) -> None:
 
 def test_keywords_win_over_conninfo(backend: Backend) -> None:
     key = "dbname" if backend.name == "pg" else "database"
-    extra = {"use_pure": True} if backend.name == "mysql" else {}
+    extra: dict[str, Any] = {"use_pure": True} if backend.name == "mysql" else {}
     wrong = _keyvalue(backend).replace(f"{key}='{backend.kwargs[key]}'", f"{key}='nope'")
     assert "nope" in wrong
     conn = resilient_db.connect(backend.target, wrong, **{key: backend.kwargs[key]}, **extra)
@@ -67,7 +67,7 @@ def test_keywords_win_over_conninfo(backend: Backend) -> None:
 
 def test_typed_driver_arguments_from_strings(backend: Backend) -> None:
     # Conninfo values are strings; typed driver arguments are converted for the driver.
-    extra = {"use_pure": "true"} if backend.name == "mysql" else {}
+    extra: dict[str, Any] = {"use_pure": "true"} if backend.name == "mysql" else {}
     conn = resilient_db.connect(backend.target, _uri(backend) + "?autocommit=true", **extra)
     cur = conn.cursor()
     cur.execute("SELECT 1")
@@ -91,7 +91,7 @@ def test_plugins_selection_forms(backend: Backend) -> None:
     conn = backend.connect(plugins=["dev", "execute_time"], auto_sort_wrapper_plugin_order=False)
     assert conn.resilient.plugins == ("dev", "execute_time")
     conn.close()
-    extra = {"use_pure": True} if backend.name == "mysql" else {}
+    extra: dict[str, Any] = {"use_pure": True} if backend.name == "mysql" else {}
     conn = resilient_db.connect(backend.target, _keyvalue(backend) + " plugins=connect_time",
                                 **extra)
     assert conn.resilient.plugins == ("connect_time",)

@@ -157,7 +157,7 @@ def test_parse_codes_forms() -> None:
 def test_parse_codes_rejects_wrong_types() -> None:
     with pytest.raises(ConfigurationError, match="plugins"):
         registry.parse_codes(42)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="must be a string"):
+    with pytest.raises(ConfigurationError, match="must be a plugin code"):
         registry.parse_codes(["dev", 3])  # type: ignore[list-item]
 
 
@@ -201,7 +201,9 @@ def third_party_plugin(tmp_path: Path) -> Iterator[str]:
     '''))
     dist = tmp_path / "rdb_thirdparty_demo-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rdb-thirdparty-demo\nVersion: 1.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: rdb-thirdparty-demo\nVersion: 1.0\n"
+    )
     (dist / "entry_points.txt").write_text(
         "[resilient_db.plugins]\naudit = rdb_thirdparty_demo:AuditPlugin\n"
         "broken = rdb_thirdparty_demo:NotAPlugin\n"

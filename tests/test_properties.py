@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from resilient_db import ConfigurationError
-from resilient_db import _docs, _params
+from resilient_db import ConfigurationError, _docs, _params
 from resilient_db._properties import REGISTRY, Settings, duration, parse_bool, unknown_name_error
 
 pytestmark = pytest.mark.unit

@@ -47,9 +47,9 @@ class DriverDialect(abc.ABC):
     connection_proxy: ClassVar[type[ConnectionProxy]]
     cursor_proxy: ClassVar[type[CursorProxy]]
 
-    OperationalError: type[Exception]
+    OperationalError: ClassVar[type[Exception]]
     #: resilient_db error class -> its subclass that is also the driver's OperationalError.
-    error_classes: Mapping[type[errors.Error], type[errors.Error]]
+    error_classes: ClassVar[Mapping[type[errors.Error], type[errors.Error]]]
 
     # --- arguments ---------------------------------------------------------------------
     @abc.abstractmethod

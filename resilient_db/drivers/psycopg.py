@@ -101,7 +101,7 @@ class PsycopgConnectionProxy(ConnectionProxy):
             self,
         )
 
-    def pipeline(self) -> PipelinedContext:  # type: ignore[override]
+    def pipeline(self) -> PipelinedContext:
         return PipelinedContext(self._raw.pipeline(), Op.PIPELINE, "Connection.pipeline", self)
 
     def set_autocommit(self, value: bool) -> None:

@@ -49,8 +49,7 @@ class ExecuteTimePlugin(Plugin):
             stats.count += 1
             stats.total += elapsed
             stats.last = elapsed
-            if elapsed > stats.slowest:
-                stats.slowest = elapsed
+            stats.slowest = max(stats.slowest, elapsed)
             if not ok:
                 stats.failures += 1
             if elapsed > self._slow:
