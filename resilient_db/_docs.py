@@ -1,7 +1,9 @@
-"""Generate ``docs/parameters.md`` from the property registry.
+"""Generate the parameter tables of the docs from the property registry.
 
-``python -m resilient_db._docs`` rewrites the file; ``--check`` exits 1 when it is stale
-(run in CI, so the docs cannot drift from the registry).
+``docs/parameters.md`` is generated whole; each plugin page ``docs/plugins/<code>.md`` gets
+its table between ``<!-- parameters:start -->`` and ``<!-- parameters:end -->``.
+``python -m resilient_db._docs`` rewrites them; ``--check`` exits 1 when any is stale (run in
+CI, so the docs cannot drift from the registry).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from . import _params
 from ._plugin_registry import ALIASES, BUILTIN, CANONICAL_ORDER, DEFAULT_PLUGINS
 from ._properties import REGISTRY, Property
 
-DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "parameters.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOC_PATH = DOCS / "parameters.md"
+PLUGIN_DOCS = DOCS / "plugins"
+START, END = "<!-- parameters:start -->", "<!-- parameters:end -->"
+_HEADER = ["| Name | Type | Unit | Default | Description |", "| --- | --- | --- | --- | --- |"]
 
 
 def _row(prop: Property[Any]) -> str:
@@ -74,13 +80,7 @@ def render() -> str:
     ]
     for group, props in groups.items():
         title = "Core" if group == "core" else f"Plugin `{group}`"
-        lines += [
-            f"## {title}",
-            "",
-            "| Name | Type | Unit | Default | Description |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [_row(p) for p in props]
+        lines += [f"## {title}", "", *_HEADER, *(_row(p) for p in props)]
         lines.append("")
     lines += [
         "## Database dialects (`wrapper_dialect`)",
@@ -91,21 +91,48 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def render_plugin_page(code: str, page: str) -> str:
+    """``page`` with its parameter table (between the markers) regenerated for ``code``."""
+    if START not in page or END not in page:
+        raise ValueError(f"docs/plugins/{code}.md lacks the {START} / {END} markers")
+    props = [p for p in REGISTRY.values() if p.plugin == code]
+    table = [*_HEADER, *(_row(p) for p in props)] if props else ["This plugin has no parameters."]
+    head, _, rest = page.partition(START)
+    _, _, tail = rest.partition(END)
+    return "\n".join([head + START, *table, END + tail])
+
+
+def expected_files() -> dict[Path, str]:
+    """Every generated file and the content it should have."""
+    files = {DOC_PATH: render()}
+    for code in BUILTIN:
+        path = PLUGIN_DOCS / f"{code}.md"
+        if not path.exists():
+            raise FileNotFoundError(f"built-in plugin {code!r} has no docs page {path}")
+        files[path] = render_plugin_page(code, path.read_text())
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the file is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a file is stale")
     args = parser.parse_args(argv)
-    text = render()
+    stale = []
+    for path, text in expected_files().items():
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        if args.check:
+            stale.append(path)
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        names = ", ".join(str(p.relative_to(DOCS.parent)) for p in stale)
+        print(f"stale docs: {names}; run python -m resilient_db._docs", file=sys.stderr)
+        return 1
     if args.check:
-        current = DOC_PATH.read_text() if DOC_PATH.exists() else ""
-        if current != text:
-            print(f"{DOC_PATH} is stale: run python -m resilient_db._docs", file=sys.stderr)
-            return 1
-        print(f"{DOC_PATH.name} is current")
-        return 0
-    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
-    DOC_PATH.write_text(text)
-    print(f"wrote {DOC_PATH}")
+        print("generated docs are current")
     return 0
 
 

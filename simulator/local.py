@@ -106,6 +106,7 @@ _META_VERSION = 1
 _ORPHAN_DIR_GRACE = 60.0
 
 _PR_SET_PDEATHSIG = 1
+_IPC_RMID = 0
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,62}")
 _OPTION_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
@@ -167,10 +168,14 @@ def _chown(path: Path, account: _Account) -> None:
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
 def _prctl() -> Callable[..., int]:
     """libc ``prctl``, resolved in the parent so that the forked child does no dlopen."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    function = libc.prctl
+    function = _libc().prctl
     function.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                          ctypes.c_ulong]
     function.restype = ctypes.c_int
@@ -411,6 +416,10 @@ class _EngineSpec(abc.ABC):
     def canonical_option(self, name: str) -> str:
         """Spelling used to compare option names."""
 
+    @abc.abstractmethod
+    def release_ipc(self, data_dir: Path) -> None:
+        """Free OS resources outside ``data_dir`` left by a killed server (before removal)."""
+
     def check_flavour(self, flavour: object) -> str:
         if flavour not in self.flavours:
             valid = ", ".join(repr(f) for f in self.flavours)
@@ -585,7 +594,8 @@ class _Postgres(_EngineSpec):
             "max_connections = 100",
             "shared_buffers = '16MB'",
             "huge_pages = off",
-            "dynamic_shared_memory_type = posix",
+            # Files in data_dir/pg_dynshmem, not in /dev/shm: a killed server leaks nothing.
+            "dynamic_shared_memory_type = mmap",
             "password_encryption = 'scram-sha-256'",
             # Ready for streaming replication and pg_rewind later on.
             "wal_level = replica",
@@ -626,6 +636,22 @@ class _Postgres(_EngineSpec):
 
     def argv(self, server: LocalServer) -> list[str]:
         return [str(server.binary), "-D", str(server.data_dir)]
+
+    def release_ipc(self, data_dir: Path) -> None:
+        # A clean shutdown removes the postmaster's small SysV segment; after SIGKILL it stays
+        # until a postmaster restarts on the same data directory. Dynamic shared memory needs
+        # nothing here: "mmap" keeps it in data_dir/pg_dynshmem.
+        try:
+            lines = (data_dir / "postmaster.pid").read_text().splitlines()
+            key, shmid = (int(field) for field in lines[6].split())
+            table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+        except (OSError, IndexError, ValueError):
+            return
+        for row in table:
+            fields = row.split()  # key shmid perms size cpid lpid nattch ...
+            orphaned = fields[:2] == [str(key), str(shmid)] and fields[6] == "0"
+            if orphaned and _libc().shmctl(shmid, _IPC_RMID, None) != 0:
+                LOGGER.warning("could not remove SysV segment %d of %s", shmid, data_dir)
 
     def probe(self, server: LocalServer, timeout: float) -> str | None:
         # The postmaster writes its state into line 8 of postmaster.pid (as pg_ctl reads
@@ -758,10 +784,22 @@ class _MariaDB(_EngineSpec):
             f"--datadir={data}", "--auth-root-authentication-method=normal", "--skip-test-db",
             f"--extra-file={bootstrap}",
         ], cwd=build_dir, what="mariadb-install-db")
-        if not _patch_version_comment(server, build_dir / _RDS_BINARY, self.compiled_comment(),
+        patched = build_dir / _RDS_BINARY
+        if not _patch_version_comment(server, patched, self.compiled_comment(),
                                       _RDS_VERSION_COMMENT):
             LOGGER.warning("cannot patch version_comment into %s; rds-mysql servers will "
                            "report %r", server, self.compiled_comment())
+            return
+        # The copy must run (the root may be on a noexec mount) and carry the new comment.
+        try:
+            banner = _run_as(account, [str(patched), "--version"], cwd=build_dir,
+                             what="patched mariadbd --version")
+        except (OSError, ServerStartError) as exc:
+            banner = str(exc)
+        if f"({_RDS_VERSION_COMMENT})" not in banner:
+            patched.unlink()
+            LOGGER.warning("patched mariadbd does not work (%s); rds-mysql servers will "
+                           "report %r", banner.strip(), self.compiled_comment())
 
     def write_config(self, server: LocalServer) -> None:
         address = int(ipaddress.IPv4Address(server.host))
@@ -812,6 +850,9 @@ class _MariaDB(_EngineSpec):
     def argv(self, server: LocalServer) -> list[str]:
         # --defaults-file must come first; it makes this file the only one read.
         return [str(server.binary), f"--defaults-file={server.base_dir / 'my.cnf'}"]
+
+    def release_ipc(self, data_dir: Path) -> None:
+        pass  # mariadbd uses no shared memory outside its data directory
 
     def probe(self, server: LocalServer, timeout: float) -> str | None:
         return _probe_mariadb(server.host, server.port, timeout)
@@ -1173,6 +1214,7 @@ class LocalServer:
         self._write_meta()
 
     def _remove_files(self) -> None:
+        self._spec.release_ipc(self.data_dir)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         if self._address_claimed:
             release_address(self.host, self.owner)
@@ -1313,6 +1355,9 @@ def _sweep_one(base_dir: Path) -> bool:
     if isinstance(server, dict):
         with contextlib.suppress(KeyError, TypeError, ValueError):
             _kill_group(int(server["pid"]), str(server["exe"]))
+    spec = _ENGINES.get(str(meta.get("engine")))
+    if spec is not None:
+        spec.release_ipc(base_dir / "data")
     shutil.rmtree(base_dir, ignore_errors=True)
     if meta.get("address_claimed") and isinstance(meta.get("host"), str):
         release_address_locked(meta["host"], owner)

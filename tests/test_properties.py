@@ -125,4 +125,15 @@ def test_every_property_is_documented_and_docs_are_current() -> None:
     text = _docs.render()
     for name in REGISTRY:
         assert f"`{name}`" in text
-    assert _docs.DOC_PATH.read_text() == text, "run: python -m resilient_db._docs"
+    for path, expected in _docs.expected_files().items():
+        assert path.read_text() == expected, f"{path} is stale: run python -m resilient_db._docs"
+
+
+def test_plugin_page_table_is_regenerated_between_markers() -> None:
+    page = "# x\n<!-- parameters:start -->\nSTALE-TABLE\n<!-- parameters:end -->\ntail\n"
+    out = _docs.render_plugin_page("execute_time", page)
+    assert "STALE-TABLE" not in out
+    assert "`execute_time_slow_threshold`" in out
+    assert out.endswith("<!-- parameters:end -->\ntail\n")
+    with pytest.raises(ValueError, match="markers"):
+        _docs.render_plugin_page("dev", "# no markers")

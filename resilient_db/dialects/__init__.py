@@ -199,7 +199,7 @@ def mismatch_error(verification: Verification) -> DialectMismatchError:
     seen = "; ".join(verification.verdict.seen) or "no check passed"
     detected = verification.detected
     message = (
-        f"wrapper_dialect={forced.code!r} but the server does not look like {forced.title}: "
+        f"wrapper_dialect={forced.code!r} but the server does not look like {forced.description}: "
         f"{seen}"
     )
     checks = tuple(f"{forced.code}: {line}" for line in verification.verdict.seen)
@@ -208,9 +208,9 @@ def mismatch_error(verification: Verification) -> DialectMismatchError:
         checks += tuple(line for line in detected.checks if line not in checks)
     message += (
         f". Remove wrapper_dialect (or set it to {detected.dialect.code!r}) or point at "
-        f"{_article(forced.title)} endpoint"
+        f"{_article(forced.description)} endpoint"
         if detected is not None
-        else f". Remove wrapper_dialect or point at {_article(forced.title)} endpoint"
+        else f". Remove wrapper_dialect or point at {_article(forced.description)} endpoint"
     )
     return DialectMismatchError(message, dialect=forced.code, checks=checks)
 

@@ -422,6 +422,11 @@ class DatabaseDialect:
     topology_query: str | None = field(default=None)
     writer_id_query: str | None = field(default=None)
 
+    @property
+    def description(self) -> str:
+        """What the server is, in words, for messages (``title`` unless configured otherwise)."""
+        return self.title
+
     # --- checks ------------------------------------------------------------------------------
     def probe(self) -> Probe:
         """This dialect's checks (see :data:`Probe`)."""
@@ -429,10 +434,15 @@ class DatabaseDialect:
 
     # --- parse helpers -----------------------------------------------------------------------
     def parse_instance_id(self, rows: Rows) -> str | None:
-        """The answer to ``instance_id_query``; ``None`` when the server gave none."""
-        if not rows or not rows[0]:
+        """The answer to ``instance_id_query``: one column is the id; two columns are an
+        address and a port, joined as ``address:port``. ``None`` when the server gave none
+        (an address is ``NULL`` over a Unix socket)."""
+        if not rows or not rows[0] or rows[0][0] is None:
             return None
-        return text(rows[0][0])
+        row = rows[0]
+        if len(row) >= 2:
+            return f"{text(row[0])}:{text(row[1])}"
+        return text(row[0])
 
     def parse_is_reader(self, rows: Rows) -> bool | None:
         """The answer to ``is_reader_query``; ``None`` when the server gave none."""

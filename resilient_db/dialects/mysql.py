@@ -130,12 +130,6 @@ class MysqlDialect(DatabaseDialect):
         comment = text(row[1]) if len(row) > 1 else None
         return Verdict(True, (f"version = {shown(text(row[0]))} ({shown(comment)})",))
 
-    def parse_instance_id(self, rows: Rows) -> str | None:
-        """``hostname:port`` as the server knows itself."""
-        if not rows or len(rows[0]) < 2 or rows[0][0] is None:
-            return None
-        return f"{text(rows[0][0])}:{text(rows[0][1])}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class RdsMysqlDialect(MysqlDialect):
@@ -185,6 +179,12 @@ class AuroraMysqlDialect(MysqlDialect):
     def is_lookalike(self) -> bool:
         """Reads a topology source other than Aurora's own (the simulator's)."""
         return self.topology_source != AURORA_TOPOLOGY_SOURCE
+
+    @property
+    def description(self) -> str:
+        if self.is_lookalike:
+            return f"an Aurora MySQL look-alike (topology in {self.topology_source})"
+        return self.title
 
     def probe(self) -> Probe:
         if self.is_lookalike:

@@ -123,12 +123,6 @@ class PgDialect(DatabaseDialect):
             return Verdict(True, (failed("version()", answer),))
         return Verdict(True, (f"version() = {shown(text(answer.first))}",))
 
-    def parse_instance_id(self, rows: Rows) -> str | None:
-        """``address:port`` of the server; ``None`` over a Unix socket."""
-        if not rows or len(rows[0]) < 2 or rows[0][0] is None:
-            return None
-        return f"{text(rows[0][0])}:{text(rows[0][1])}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class RdsPgDialect(PgDialect):
