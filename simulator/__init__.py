@@ -3,9 +3,17 @@
 from simulator.local import (
     LocalServer,
     ServerStartError,
+    SimulatorError,
     start_mariadb,
     start_postgres,
     sweep_stale,
 )
 
-__all__ = ["LocalServer", "ServerStartError", "start_mariadb", "start_postgres", "sweep_stale"]
+__all__ = [
+    "LocalServer",
+    "ServerStartError",
+    "SimulatorError",
+    "start_mariadb",
+    "start_postgres",
+    "sweep_stale",
+]

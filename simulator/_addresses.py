@@ -237,18 +237,32 @@ def claim_path(host: str) -> Path:
     return _claims_dir() / host
 
 
+def _candidates(start: int) -> Iterator[int]:
+    """Every allocatable address once, beginning at ``start`` and wrapping around."""
+    span = _LAST_ALLOCATED - _FIRST_ALLOCATED + 1
+    for offset in range(span):
+        value = _FIRST_ALLOCATED + (start - _FIRST_ALLOCATED + offset) % span
+        if value & 0xFF not in (0, 255):
+            yield value
+
+
 def claim_address(owner: ProcessIdentity, purpose: str) -> str:
-    """Claim and return the lowest free loopback address for ``owner``.
+    """Claim and return a free loopback address for ``owner``.
 
     Free means: no claim file (stale claims are swept first) and no listening socket on it.
-    ``purpose`` is recorded in the claim for whoever inspects the registry.
+    Addresses are handed out round-robin from a cursor shared by all processes, so a released
+    address is not reused soon: a client still retrying an old server's address must not
+    reach the next test's server. ``purpose`` is recorded in the claim for humans.
     """
     with registry_lock():
         _sweep_claims_locked()
         taken = {entry.name for entry in _claims_dir().iterdir()} | listening_addresses()
-        for value in range(_FIRST_ALLOCATED, _LAST_ALLOCATED + 1):
-            if value & 0xFF in (0, 255):
-                continue
+        cursor = sim_root() / ".next-address"
+        try:
+            start = int(ipaddress.IPv4Address(cursor.read_text().strip()))
+        except (OSError, ValueError):
+            start = _FIRST_ALLOCATED
+        for value in _candidates(start):
             host = str(ipaddress.IPv4Address(value))
             if host in taken:
                 continue
@@ -256,6 +270,8 @@ def claim_address(owner: ProcessIdentity, purpose: str) -> str:
             fd = os.open(claim_path(host), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as handle:
                 json.dump(record, handle)
+            following = value + 1 if value < _LAST_ALLOCATED else _FIRST_ALLOCATED
+            cursor.write_text(str(ipaddress.IPv4Address(following)) + "\n")
             LOGGER.debug("claimed address %s for %s (pid %d)", host, purpose, owner.pid)
             return host
     raise RuntimeError("no free loopback address left in 127.10.0.1-127.254.255.254")

@@ -13,11 +13,13 @@ Usage::
     with start_mariadb(flavour="rds-mysql") as srv:
         mysql.connector.connect(**srv.connect_kwargs(), use_pure=True)
 
-On-disk layout under the simulator root (``/tmp/resilient_db_sim`` when root, see
-:func:`simulator._addresses.sim_root`), world-traversable because the servers run as the
-unprivileged ``postgres`` / ``mysql`` users::
+On-disk layout under the simulator root (``/dev/shm/resilient_db_sim`` if that is a roomy
+tmpfs, else ``/tmp/resilient_db_sim``, see :func:`simulator._addresses.sim_root`),
+world-traversable because the servers run as the unprivileged ``postgres`` / ``mysql`` users::
 
-    templates/<key>/data      initialised data directory, copied for every server
+    templates/<key>/data      initialised data directory, copied for every server; <key> holds
+                              the engine, binary version and a hash of the recipe
+    templates/<key>/mariadbd-rds   (MariaDB) server binary for the rds-mysql flavour
     templates/<key>.lock      serialises building that template across processes
     servers/<host>-<port>/    one per server, owned by the server's OS user
         meta.json             owner process, server process, engine, address
@@ -520,6 +522,11 @@ CREATE OR REPLACE VIEW pg_catalog.pg_settings AS
 """
 
 
+# pg_hba.conf is rewritten for each server; --no-sync because templates are throwaway too.
+_INITDB_OPTIONS = ("--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+                   "--locale=C", "--no-sync", "--no-instructions")
+
+
 class _Postgres(_EngineSpec):
     engine: Engine = "postgresql"
     flavours = ("pg", "rds-pg")
@@ -544,8 +551,11 @@ class _Postgres(_EngineSpec):
         return "rds" if flavour == "rds-pg" else "plain"
 
     def template_recipe(self, variant: str) -> str:
-        return f"initdb C UTF8 scram trust-local; db {self.database}; " + (
-            _PG_RDS_SETTINGS_VIEW if variant == "rds" else "")
+        return "\0".join([*_INITDB_OPTIONS, self._create_database_sql(),
+                           _PG_RDS_SETTINGS_VIEW if variant == "rds" else ""])
+
+    def _create_database_sql(self) -> str:
+        return f"CREATE DATABASE {self.database};\n\n"
 
     def canonical_option(self, name: str) -> str:
         return name.lower()
@@ -559,18 +569,15 @@ class _Postgres(_EngineSpec):
         pwfile.write_text(self.password + "\n")
         os.chmod(pwfile, 0o600)
         _chown(pwfile, account)
-        _run_as(account, [
-            str(bindir / "initdb"), "-D", str(data), "-U", self.user, f"--pwfile={pwfile}",
-            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
-            "--no-sync", "--no-instructions",
-        ], cwd=build_dir, what="initdb")
+        _run_as(account, [str(bindir / "initdb"), "-D", str(data), "-U", self.user,
+                          f"--pwfile={pwfile}", *_INITDB_OPTIONS], cwd=build_dir, what="initdb")
         pwfile.unlink()
         if variant == "rds":
             # Modify template1 before creating the test database so that it inherits the view.
             for database in ("template0", "template1", "postgres"):
                 self._single_user(account, data, database, _PG_RDS_SETTINGS_VIEW,
                                   system_mods=True)
-        self._single_user(account, data, "postgres", f"CREATE DATABASE {self.database};\n\n")
+        self._single_user(account, data, "postgres", self._create_database_sql())
 
     def _single_user(self, account: _Account, data: Path, database: str, sql: str,
                      system_mods: bool = False) -> None:
@@ -708,6 +715,10 @@ def _patch_version_comment(source: Path, target: Path, old: str, new: str) -> bo
     return True
 
 
+# root gets a password (below) instead of unix_socket only; the test database is made below.
+_MARIADB_INSTALL_OPTIONS = ("--auth-root-authentication-method=normal", "--skip-test-db")
+
+
 class _MariaDB(_EngineSpec):
     engine: Engine = "mariadb"
     flavours = ("mysql", "rds-mysql")
@@ -738,7 +749,18 @@ class _MariaDB(_EngineSpec):
         return "all"  # both flavours share one data directory; rds-mysql adds a binary
 
     def template_recipe(self, variant: str) -> str:
-        return self._bootstrap_sql() + self.innodb_log_file_size + _RDS_VERSION_COMMENT
+        return "\0".join([*_MARIADB_INSTALL_OPTIONS, self._template_cnf(Path("/")),
+                           self._bootstrap_sql(), _RDS_VERSION_COMMENT])
+
+    def _template_cnf(self, build_dir: Path) -> str:
+        return (
+            "[mysqld]\n"
+            f"datadir={build_dir / 'data'}\n"
+            f"socket={build_dir / 'mysqld.sock'}\n"
+            f"innodb-log-file-size={self.innodb_log_file_size}\n"
+            "innodb-buffer-pool-size=16M\n"
+            "skip-name-resolve\n"
+        )
 
     def canonical_option(self, name: str) -> str:
         return name.lower().replace("-", "_")
@@ -767,22 +789,14 @@ class _MariaDB(_EngineSpec):
         data.mkdir(mode=0o700)
         _chown(data, account)
         cnf = build_dir / "template.cnf"
-        cnf.write_text(
-            "[mysqld]\n"
-            f"datadir={data}\n"
-            f"socket={build_dir / 'mysqld.sock'}\n"
-            f"innodb-log-file-size={self.innodb_log_file_size}\n"
-            "innodb-buffer-pool-size=16M\n"
-            "skip-name-resolve\n"
-        )
+        cnf.write_text(self._template_cnf(build_dir))
         bootstrap = build_dir / "bootstrap.sql"
         bootstrap.write_text(self._bootstrap_sql())
         for path in (cnf, bootstrap):
             os.chmod(path, 0o644)
         _run_as(account, [
             str(install), f"--defaults-file={cnf}", f"--basedir={server.parent.parent}",
-            f"--datadir={data}", "--auth-root-authentication-method=normal", "--skip-test-db",
-            f"--extra-file={bootstrap}",
+            f"--datadir={data}", f"--extra-file={bootstrap}", *_MARIADB_INSTALL_OPTIONS,
         ], cwd=build_dir, what="mariadb-install-db")
         patched = build_dir / _RDS_BINARY
         if not _patch_version_comment(server, patched, self.compiled_comment(),
@@ -1124,6 +1138,9 @@ class LocalServer:
         a full :meth:`stop` the server is gone and this raises ``SimulatorError``. On failure
         (the process exits, or is not ready within ``timeout`` seconds) the process is killed
         and :class:`ServerStartError` carries the tail of the server log.
+
+        The server dies with the *thread* that calls this (``PR_SET_PDEATHSIG``, see
+        :class:`_ChildSetup`): call it from a thread that outlives the server.
         """
         if self._removed:
             raise SimulatorError(f"{self.name} was stopped and removed; create a new server")
@@ -1211,7 +1228,8 @@ class LocalServer:
         # Children of the group (PostgreSQL backends) outlive a killed leader briefly.
         _kill_group(process.pid, str(self.binary.resolve()))
         self._process = None
-        self._write_meta()
+        with contextlib.suppress(FileNotFoundError):
+            self._write_meta()
 
     def _remove_files(self) -> None:
         self._spec.release_ipc(self.data_dir)

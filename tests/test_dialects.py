@@ -351,6 +351,13 @@ def test_forcing_a_matching_or_less_specific_dialect_is_accepted(forced: str, se
     assert verify(forced, fake, CONN) is get_dialect(forced)
 
 
+def test_forcing_rds_pg_on_plain_pg_reads_well() -> None:
+    with pytest.raises(errors.DialectMismatchError) as info:
+        verify("rds-pg", plain_pg(), CONN)
+    assert str(info.value).endswith(
+        "Remove wrapper_dialect (or set it to 'pg') or point at an RDS for PostgreSQL endpoint")
+
+
 def test_forcing_rds_pg_on_aurora_is_refused() -> None:
     with pytest.raises(errors.DialectMismatchError, match=r"Aurora, not RDS.*detected 'aurora-pg'"):
         verify("rds-pg", aurora_pg(), CONN)
@@ -575,9 +582,9 @@ def test_multi_az_topology_marks_the_writer_by_id() -> None:
     unknown = get_dialect("multi-az-mysql").parse_topology([(1, "h1", 3306), (2, "h2", 3306)])
     assert unknown.writer is None
     mysql_ids = get_dialect("multi-az-mysql").parse_topology(
-        [(1, "h1", 3306), (2, "h2", 3306)], writer_id="2")
-    assert mysql_ids.writer is not None
-    assert mysql_ids.writer.endpoint == "h2"
+        [(1, "h1", 3306), (2, b"h2", "3306"), (None, "h3", 3306)], writer_id="2")
+    assert mysql_ids.writer == TopologyRow("2", True, endpoint="h2", port=3306)
+    assert len(mysql_ids.rows) == 2
 
 
 def test_dialects_without_topology_say_so() -> None:

@@ -70,9 +70,11 @@ def mysql_conn(mysql_server: LocalServer) -> Iterator[Any]:
 
 @pytest.fixture
 def rds_mysql_conn(rds_mysql_server: LocalServer) -> Iterator[Any]:
-    if rds_mysql_server.binary.name != "mariadbd-rds":
-        pytest.skip("the launcher could not give this MariaDB an RDS version_comment "
-                    f"(runs {rds_mysql_server.binary})")
+    # On this machine kind the launcher must manage the rds-mysql look-alike; if a MariaDB
+    # release changes the binary layout, fail loudly rather than skip (simulator/local.py).
+    assert rds_mysql_server.binary.name == "mariadbd-rds", (
+        "the launcher could not patch an RDS version_comment into MariaDB "
+        f"(runs {rds_mysql_server.binary}); see _patch_version_comment in simulator/local.py")
     conn = mysql_connect(rds_mysql_server)
     yield conn
     conn.close()

@@ -85,6 +85,15 @@ def live_group_members(pgid: int) -> list[int]:
     return found
 
 
+def claimed_by(host: str, pid: int) -> bool:
+    """True if ``host`` is claimed by process ``pid`` (others may claim a released address)."""
+    try:
+        record = json.loads(_addresses.claim_path(host).read_text())
+    except FileNotFoundError:
+        return False
+    return bool(record["owner"]["pid"] == pid)
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -358,24 +367,40 @@ def test_start_after_removal_is_refused() -> None:
 def test_stop_leaves_nothing_behind(engine: Engine) -> None:
     start = start_postgres if engine == "postgresql" else start_mariadb
     with start() as srv:
-        pid, base_dir, claim = srv.pid, srv.base_dir, _addresses.claim_path(srv.host)
+        pid, base_dir = srv.pid, srv.base_dir
         assert pid is not None
         assert base_dir.is_dir()
-        assert claim.is_file()
+        assert claimed_by(srv.host, os.getpid())
     assert not srv.is_running()
     assert live_group_members(pid) == []
     assert not base_dir.exists()
-    assert not claim.exists()
+    assert not claimed_by(srv.host, os.getpid())
     srv.stop()  # idempotent
     srv.kill()
     assert "removed" in repr(srv)
+
+
+def sysv_segments() -> set[int]:
+    return {int(row.split()[1])
+            for row in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]}
+
+
+def test_removing_a_killed_postgres_frees_its_shared_memory() -> None:
+    srv = start_postgres()
+    shmid = int((srv.data_dir / "postmaster.pid").read_text().splitlines()[6].split()[1])
+    assert shmid in sysv_segments()
+    assert list((srv.data_dir / "pg_dynshmem").iterdir())  # not in /dev/shm
+    srv.kill()
+    assert shmid in sysv_segments()  # a killed postmaster leaves it behind
+    srv.stop()
+    assert shmid not in sysv_segments()
 
 
 def test_sweep_keeps_servers_of_live_owners(local_server_factory: LocalServerFactory) -> None:
     srv = local_server_factory("postgresql")
     assert srv.base_dir not in sweep_stale()
     assert srv.is_running()
-    assert _addresses.claim_path(srv.host).exists()
+    assert claimed_by(srv.host, os.getpid())
     assert pg_rows(srv, "SELECT 1") == [(1,)]
 
 
@@ -409,7 +434,7 @@ def test_exit_without_stop_cleans_up_at_exit() -> None:
         assert not server["identity"].is_alive()
         assert live_group_members(server["pid"]) == []
         assert not Path(server["base_dir"]).exists()
-        assert not _addresses.claim_path(server["host"]).exists()
+        assert not claimed_by(server["host"], child.pid)
 
 
 def test_sigkilled_owner_takes_its_servers_along_and_sweep_removes_the_rest() -> None:
@@ -425,10 +450,13 @@ def test_sigkilled_owner_takes_its_servers_along_and_sweep_removes_the_rest() ->
         # PR_SET_PDEATHSIG kills the server; PostgreSQL's backends follow their postmaster.
         assert wait_for(_is_dead(server["identity"]))
         assert wait_for(_group_is_empty(server["pid"]))
-    sweep_stale()  # (a start in a concurrent test process might have swept already)
+    postmaster_pid = Path(started[0]["base_dir"], "data", "postmaster.pid")
+    shmid = int(postmaster_pid.read_text().splitlines()[6].split()[1])
+    sweep_stale()
     for server in started:
         assert not Path(server["base_dir"]).exists()
-        assert not _addresses.claim_path(server["host"]).exists()
+        assert not claimed_by(server["host"], child.pid)
+    assert shmid not in sysv_segments()
 
 
 def _is_dead(identity: _addresses.ProcessIdentity) -> Callable[[], bool]:
@@ -455,5 +483,6 @@ def test_concurrent_processes_get_distinct_addresses() -> None:
             child.wait()
     assert len(set(hosts)) == 4
     assert all(host.startswith("127.") and host != "127.0.0.1" for host in hosts)
-    freed = _addresses.sweep_address_claims()
-    assert set(hosts) <= set(freed)
+    _addresses.sweep_address_claims()
+    for host, child in zip(hosts, children, strict=True):
+        assert not claimed_by(host, child.pid)

@@ -206,19 +206,18 @@ def mismatch_error(verification: Verification) -> DialectMismatchError:
     if detected is not None:
         message += f"; detected {detected.dialect.code!r}"
         checks += tuple(line for line in detected.checks if line not in checks)
+    instead = "" if detected is None else f" (or set it to {detected.dialect.code!r})"
     message += (
-        f". Remove wrapper_dialect (or set it to {detected.dialect.code!r}) or point at "
-        f"{_article(forced.description)} endpoint"
-        if detected is not None
-        else f". Remove wrapper_dialect or point at {_article(forced.description)} endpoint"
+        f". Remove wrapper_dialect{instead} or point at {_article(forced.description)} endpoint"
     )
     return DialectMismatchError(message, dialect=forced.code, checks=checks)
 
 
 def _article(title: str) -> str:
-    if title.startswith("an "):
+    if title.startswith(("a ", "an ")):
         return title
-    return ("an " if title[:1] in "AEIOU" else "a ") + title
+    # "an RDS ...": the article follows the sound ("ar-dee-ess"), not the letter.
+    return ("an " if title[:1] in "AEIOU" or title.startswith("RDS") else "a ") + title
 
 
 def _family_mismatch(forced: DatabaseDialect, driver: QueryDriver, family: Family) -> str:
@@ -304,14 +303,17 @@ def cached_detect(
             known = _known.get(slot)
         if known is not None:
             return known
-        if wanted is None:
-            detection = run_detection(driver, conn)
-            dialect, checks = detection.dialect, detection.checks
-        else:
-            dialect, checks = verify(wanted, driver, conn), ()
-        with _cache_lock:
-            _known[slot] = dialect
-            _in_flight.pop(slot, None)
+        try:
+            if wanted is None:
+                detection = run_detection(driver, conn)
+                dialect, checks = detection.dialect, detection.checks
+            else:
+                dialect, checks = verify(wanted, driver, conn), ()
+            with _cache_lock:
+                _known[slot] = dialect
+        finally:
+            with _cache_lock:
+                _in_flight.pop(slot, None)
     get_decision_sink().record(
         Decision(
             "dialect.detected",

@@ -287,17 +287,21 @@ def aurora_topology(rows: Rows, now: datetime | None, max_age: float) -> Topolog
 def multi_az_topology(rows: Rows, writer_id: str | None) -> Topology:
     """Parse Multi-AZ topology rows ``(id, endpoint, port)``; the row whose id is
     ``writer_id`` is the writer (Multi-AZ rows do not say; ``None``: no writer known)."""
-    parsed = tuple(
-        TopologyRow(
-            instance_id=instance_id,
-            is_writer=instance_id == writer_id,
-            endpoint=text(row[1]),
-            port=None if number(row[2]) is None else int(row[2]),
+    parsed: list[TopologyRow] = []
+    for row in rows:
+        instance_id = text(row[0])
+        if not instance_id:
+            continue
+        port = number(row[2])
+        parsed.append(
+            TopologyRow(
+                instance_id=instance_id,
+                is_writer=instance_id == writer_id,
+                endpoint=text(row[1]),
+                port=None if port is None else int(port),
+            )
         )
-        for row in rows
-        if (instance_id := text(row[0]))
-    )
-    return Topology(parsed)
+    return Topology(tuple(parsed))
 
 
 def age_filter(

@@ -1,0 +1,681 @@
+"""Simulated Aurora and RDS clusters on real server processes, with a control plane.
+
+A :class:`Cluster` owns its instances (real PostgreSQL or MariaDB servers from an instance
+runtime: the local launcher by default), their names in ``/etc/hosts`` and a log of
+timestamped events. The engine-neutral control plane here sequences realistic timelines
+(detect, promote the most advanced replica, publish topology, move DNS after a configurable
+staleness, let the old writer rejoin as a reader); the engine modules
+(:mod:`simulator.pg_cluster`, :mod:`simulator.mysql_cluster`) provide the primitives and the
+catalog interface of each flavour (``../shared/AURORA_INTERFACE.md``).
+
+    with Cluster.start("aurora-pg", readers=2) as cluster:
+        psycopg.connect(**cluster.connect_kwargs())          # through the cluster endpoint
+        events = cluster.failover()                          # crash the writer, promote
+        events = cluster.failover(target="instance-3")       # RDS FailoverDBCluster(target)
+
+Names (``Naming``): instance ``<id>.<cluster-id>.<region>.rds.amazonaws.com``, writer
+endpoint ``<name>.cluster-<cluster-id>...``, reader endpoint ``<name>.cluster-ro-<cluster-id>...``;
+``cluster.host_pattern`` is ``?.<cluster-id>.<region>.rds.amazonaws.com`` for
+``cluster_instance_host_pattern``. Every instance of a cluster listens on the same port, each
+on its own loopback address.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar, Literal
+
+from ._addresses import ProcessIdentity
+from .events import Event, EventLog
+from .names import HostsFile
+
+__all__ = [
+    "FLAVOURS",
+    "Cluster",
+    "ClusterEngine",
+    "ClusterError",
+    "Flavour",
+    "Instance",
+    "Naming",
+    "Timeline",
+]
+
+LOGGER = logging.getLogger("resilient_db.simulator")
+
+Role = Literal["writer", "reader", "stopped"]
+
+
+class ClusterError(RuntimeError):
+    """Bad input to the simulator or an action that cannot be carried out."""
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What a flavour is: engine, interface, and how many readers it allows."""
+
+    name: str
+    engine: Literal["postgresql", "mariadb"]
+    interface: Literal["aurora", "multi-az", "rds", "plain"]
+    min_readers: int
+    max_readers: int
+    default_readers: int
+    description: str
+
+
+FLAVOURS: dict[str, Flavour] = {
+    f.name: f
+    for f in (
+        Flavour("aurora-pg", "postgresql", "aurora", 0, 15, 2,
+                "Aurora PostgreSQL: writer + readers, synchronous streaming replication"),
+        Flavour("multi-az-pg", "postgresql", "multi-az", 2, 2, 2,
+                "RDS Multi-AZ DB cluster, PostgreSQL: writer + two readable standbys"),
+        Flavour("multi-az-mysql", "mariadb", "multi-az", 2, 2, 2,
+                "RDS Multi-AZ DB cluster, MySQL (on MariaDB): writer + two readable replicas"),
+        Flavour("aurora-mysql", "mariadb", "aurora", 0, 15, 2,
+                "Aurora MySQL look-alike on MariaDB (topology in aurora_sim.*, see docs)"),
+        Flavour("rds-pg", "postgresql", "rds", 0, 0, 0, "RDS PostgreSQL single instance"),
+        Flavour("rds-mysql", "mariadb", "rds", 0, 0, 0, "RDS MySQL single instance (MariaDB)"),
+        Flavour("pg", "postgresql", "plain", 0, 0, 0, "plain PostgreSQL single instance"),
+        Flavour("mysql", "mariadb", "plain", 0, 0, 0, "plain MySQL (MariaDB) single instance"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Delays of control-plane actions, in seconds. Defaults are quick (tests); use
+    :meth:`aurora_like` for realistic ones."""
+
+    #: writer failure -> promotion begins (the service noticing the failure)
+    detection_delay: float = 0.5
+    #: extra time the promotion itself takes
+    promotion_delay: float = 0.0
+    #: after promotion, the writer endpoint still resolves to the old writer this long
+    dns_staleness: float = 0.0
+    #: after promotion, the old writer comes back as a reader after this long (None: never)
+    rejoin_delay: float | None = 1.0
+    #: a reboot keeps the instance down this long
+    reboot_downtime: float = 0.5
+    #: each blue/green switchover phase lasts this long
+    switchover_phase: float = 0.5
+
+    @classmethod
+    def aurora_like(cls) -> Timeline:
+        """Delays in the range Aurora shows: detection ~ 10 s, DNS stale ~ 15 s."""
+        return cls(detection_delay=10.0, promotion_delay=5.0, dns_staleness=15.0,
+                   rejoin_delay=30.0, reboot_downtime=10.0, switchover_phase=5.0)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ClusterError(f"Timeline.{f.name}: expected seconds >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Naming:
+    """DNS names of a cluster, in the shape of RDS endpoints."""
+
+    name: str
+    cluster_id: str
+    region: str = "us-east-1"
+    domain: str = "rds.amazonaws.com"
+
+    @property
+    def suffix(self) -> str:
+        return f"{self.cluster_id}.{self.region}.{self.domain}"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{instance_id}.{self.suffix}"
+
+    @property
+    def writer(self) -> str:
+        return f"{self.name}.cluster-{self.suffix}"
+
+    @property
+    def reader(self) -> str:
+        return f"{self.name}.cluster-ro-{self.suffix}"
+
+    @property
+    def host_pattern(self) -> str:
+        return f"?.{self.suffix}"
+
+
+@dataclass
+class Instance:
+    """One instance of a cluster. ``runtime`` is the instance runtime (a LocalServer for the
+    local backend); ``address`` its loopback address; ``endpoint`` its DNS name."""
+
+    id: str
+    role: Role
+    runtime: Any
+    endpoint: str
+    lag: float = 0.0
+    promoted_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return str(self.runtime.host)
+
+    @property
+    def port(self) -> int:
+        return int(self.runtime.port)
+
+
+class ClusterEngine(abc.ABC):
+    """Engine primitives a cluster flavour provides; the control plane sequences them.
+
+    Every method acts on real servers and returns when done. ``cluster.instances`` and each
+    ``Instance.role`` are maintained by :class:`Cluster`, not by the engine.
+    """
+
+    flavours: ClassVar[frozenset[str]]
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    @abc.abstractmethod
+    def create_writer(self, instance_id: str) -> Any:
+        """Provision and start the first writer; return its runtime."""
+
+    @abc.abstractmethod
+    def create_replica(self, instance_id: str, source: Instance) -> Any:
+        """Provision a replica of ``source`` (the writer), start it replicating; return its
+        runtime."""
+
+    @abc.abstractmethod
+    def install_interface(self, writer: Instance) -> None:
+        """Create the flavour's catalog interface (functions, tables, users) on the writer;
+        it reaches readers through replication."""
+
+    @abc.abstractmethod
+    def publish_topology(self, writer: Instance) -> None:
+        """Write the current topology (``cluster.instances``) where the interface reads it."""
+
+    @abc.abstractmethod
+    def replication_position(self, instance: Instance) -> Any:
+        """A comparable position of what ``instance`` has received (``None``: unknown)."""
+
+    @abc.abstractmethod
+    def promote(self, instance: Instance) -> None:
+        """Make ``instance`` a writer (it was a replica)."""
+
+    @abc.abstractmethod
+    def follow(self, replica: Instance, writer: Instance) -> None:
+        """Point a replica at a new writer."""
+
+    @abc.abstractmethod
+    def rejoin(self, old_writer: Instance, writer: Instance) -> None:
+        """Bring a failed old writer back as a replica of ``writer`` (starting it)."""
+
+    @abc.abstractmethod
+    def set_read_only(self, instance: Instance, read_only: bool) -> None:
+        """Turn a running writer read-only (or back) under open connections."""
+
+    @abc.abstractmethod
+    def set_replica_lag(self, instance: Instance, seconds: float) -> None:
+        """Delay applying changes on a replica by ``seconds`` (0: no delay)."""
+
+    def stop_writes(self, instance: Instance) -> None:  # noqa: B027 - optional hook
+        """Before a graceful (targeted) failover: make sure nothing more is acknowledged by
+        ``instance`` so the target can catch up. Default: nothing."""
+
+
+EngineFactory = Callable[["Cluster"], ClusterEngine]
+_ENGINES: dict[str, EngineFactory] = {}
+
+
+def register_engine(flavours: Sequence[str], factory: EngineFactory) -> None:
+    """Engine modules register the flavours they implement."""
+    for name in flavours:
+        _ENGINES[name] = factory
+
+
+def _load_engines() -> None:
+    # Imported lazily: each engine module registers itself.
+    from . import mysql_cluster, pg_cluster  # noqa: F401
+
+
+class Cluster:
+    """A running simulated cluster. Create with :meth:`Cluster.start`; stop with :meth:`stop`
+    or a ``with`` block. Thread-safe: control-plane actions are serialised."""
+
+    def __init__(self, flavour: str, *, readers: int | None = None, name: str | None = None,
+                 cluster_id: str | None = None, timeline: Timeline | None = None,
+                 port: int | None = None, region: str = "us-east-1") -> None:
+        if flavour not in FLAVOURS:
+            raise ClusterError(
+                f"unknown flavour {flavour!r}; valid flavours: {', '.join(FLAVOURS)}")
+        self.flavour = FLAVOURS[flavour]
+        count = self.flavour.default_readers if readers is None else readers
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ClusterError(f"readers: expected a whole number, got {readers!r}")
+        if not self.flavour.min_readers <= count <= self.flavour.max_readers:
+            raise ClusterError(
+                f"readers={count}: flavour {flavour!r} needs between "
+                f"{self.flavour.min_readers} and {self.flavour.max_readers} readers")
+        self.reader_count = count
+        self.name = name or f"sim{secrets.token_hex(3)}"
+        if not self.name.isalnum() or not self.name[0].isalpha():
+            raise ClusterError(
+                f"name {self.name!r}: expected letters and digits, starting with a letter")
+        self.naming = Naming(self.name.lower(), cluster_id or f"c{secrets.token_hex(6)}",
+                             region)
+        self.timeline = timeline or Timeline()
+        self.port = port
+        self.events = EventLog()
+        self.instances: dict[str, Instance] = {}
+        self._lock = threading.RLock()
+        self._timers: list[threading.Timer] = []
+        self._hosts = HostsFile()
+        self._owner = ProcessIdentity.current()
+        self._writer_endpoint_target: str | None = None
+        self._stopped = False
+        _load_engines()
+        self.engine = _ENGINES[flavour](self)
+
+    # --- creation and teardown ------------------------------------------------------------
+    @classmethod
+    def start(cls, flavour: str, **kwargs: Any) -> Cluster:
+        cluster = cls(flavour, **kwargs)
+        try:
+            cluster._start()
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def _start(self) -> None:
+        self._hosts.sweep()
+        writer_id = "instance-1"
+        runtime = self.engine.create_writer(writer_id)
+        writer = self._add(writer_id, "writer", runtime)
+        self.events.record("instance_started", writer_id, role="writer")
+        self.engine.install_interface(writer)
+        for i in range(self.reader_count):
+            self._create_reader(f"instance-{i + 2}")
+        self.engine.publish_topology(writer)
+        self._writer_endpoint_target = writer.id
+        self._update_dns()
+        self.events.record("cluster_started", None, flavour=self.flavour.name,
+                           instances=list(self.instances))
+
+    def _create_reader(self, instance_id: str) -> Instance:
+        runtime = self.engine.create_replica(instance_id, self.writer)
+        reader = self._add(instance_id, "reader", runtime)
+        self.events.record("instance_started", instance_id, role="reader")
+        return reader
+
+    def _add(self, instance_id: str, role: Role, runtime: Any) -> Instance:
+        if self.port is None:
+            self.port = int(runtime.port)
+        instance = Instance(instance_id, role, runtime, self.naming.instance(instance_id))
+        self.instances[instance_id] = instance
+        return instance
+
+    def stop(self) -> None:
+        """Stop every instance and remove names, files and addresses. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            for timer in self._timers:
+                timer.cancel()
+            for instance in reversed(list(self.instances.values())):
+                with contextlib.suppress(Exception):
+                    instance.runtime.stop()
+            with contextlib.suppress(Exception):
+                self._hosts.remove_cluster(self.name, self._owner)
+            self.events.record("cluster_stopped")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # --- views ------------------------------------------------------------------------------
+    @property
+    def writer(self) -> Instance:
+        for instance in self.instances.values():
+            if instance.role == "writer":
+                return instance
+        raise ClusterError(f"cluster {self.name} has no writer right now")
+
+    @property
+    def readers(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.role == "reader"]
+
+    @property
+    def host_pattern(self) -> str:
+        return self.naming.host_pattern
+
+    @property
+    def writer_endpoint(self) -> str:
+        return self.naming.writer
+
+    @property
+    def reader_endpoint(self) -> str:
+        return self.naming.reader
+
+    def instance(self, instance_id: str) -> Instance:
+        try:
+            return self.instances[instance_id]
+        except KeyError:
+            raise ClusterError(
+                f"no instance {instance_id!r} in cluster {self.name}; instances: "
+                f"{', '.join(self.instances)}") from None
+
+    def connect_kwargs(self, endpoint: str | None = None) -> dict[str, Any]:
+        """Driver keyword arguments for ``endpoint`` (default: the writer endpoint)."""
+        kwargs = dict(self.writer.runtime.connect_kwargs())
+        kwargs["host"] = endpoint or self.writer_endpoint
+        kwargs["port"] = self.port
+        kwargs.update(self.credentials())
+        return kwargs
+
+    def credentials(self) -> dict[str, str]:
+        """The application user (not a superuser, so read-only replicas refuse its writes)."""
+        return dict(self.engine_credentials())
+
+    def engine_credentials(self) -> dict[str, str]:
+        return getattr(self.engine, "credentials", {})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "flavour": self.flavour.name,
+            "port": self.port,
+            "writer_endpoint": self.writer_endpoint,
+            "reader_endpoint": self.reader_endpoint,
+            "host_pattern": self.host_pattern,
+            "instances": [
+                {"id": i.id, "role": i.role, "address": i.address, "endpoint": i.endpoint,
+                 "lag": i.lag, "running": bool(i.runtime.is_running())}
+                for i in self.instances.values()
+            ],
+        }
+
+    # --- names ------------------------------------------------------------------------------
+    def _update_dns(self) -> None:
+        entries: list[tuple[str, str]] = []
+        target = self._writer_endpoint_target
+        if target is not None and target in self.instances:
+            entries.append((self.writer_endpoint, self.instances[target].address))
+        readers = self.readers or [self.writer]
+        entries += [(self.reader_endpoint, r.address) for r in readers]
+        entries += [(i.endpoint, i.address) for i in self.instances.values()]
+        self._hosts.set_cluster(self.name, entries, self._owner)
+
+    def _later(self, delay: float, action: Callable[[], None]) -> None:
+        def run() -> None:
+            with self._lock:
+                if not self._stopped:
+                    try:
+                        action()
+                    except Exception:
+                        LOGGER.exception("cluster %s: delayed action failed", self.name)
+
+        if delay <= 0:
+            run()
+            return
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _point_writer_endpoint(self, instance_id: str) -> None:
+        self._writer_endpoint_target = instance_id
+        self._update_dns()
+        self.events.record("dns_updated", instance_id, name=self.writer_endpoint)
+
+    # --- control plane ----------------------------------------------------------------------
+    def failover(self, target: str | None = None, *, mode: str = "crash") -> list[Event]:
+        """Fail the writer over.
+
+        ``mode="crash"``: the writer's process is killed; after ``detection_delay`` the most
+        advanced reader (or ``target``) is promoted. ``mode="graceful"`` (RDS
+        ``FailoverDBCluster``): the writer stops cleanly first. Other readers follow the new
+        writer; the writer endpoint moves after ``dns_staleness``; the old writer rejoins as a
+        reader after ``rejoin_delay``. Returns the events up to ``topology_updated``.
+        """
+        if mode not in ("crash", "graceful"):
+            raise ClusterError(f"mode={mode!r}: expected 'crash' or 'graceful'")
+        with self._lock:
+            since = time.monotonic()
+            old = self.writer
+            candidates = self.readers
+            if not candidates:
+                raise ClusterError(f"cluster {self.name} has no reader to fail over to")
+            if target is not None:
+                chosen = self.instance(target)
+                if chosen.role != "reader":
+                    raise ClusterError(
+                        f"failover target {target!r} is the {chosen.role}, not a reader")
+            self.events.record("failover_started", old.id, mode=mode, target=target)
+            if mode == "graceful":
+                self.engine.stop_writes(old)
+                for reader in candidates:
+                    self._wait_caught_up(reader, old)
+                old.runtime.stop(cleanup=False)
+            else:
+                old.runtime.kill()
+            old.role = "stopped"
+            self.events.record("writer_stopped", old.id, mode=mode)
+            time.sleep(self.timeline.detection_delay)
+            chosen = self.instance(target) if target else self._most_advanced(candidates)
+            time.sleep(self.timeline.promotion_delay)
+            self.engine.promote(chosen)
+            chosen.role = "writer"
+            chosen.promoted_at = time.monotonic()
+            self.events.record("promoted", chosen.id, previous=old.id)
+            for reader in self.readers:
+                self.engine.follow(reader, chosen)
+                self.events.record("replica_following", reader.id, writer=chosen.id)
+            self.engine.publish_topology(chosen)
+            self.events.record("topology_updated", chosen.id, writer=chosen.id)
+            result = self.events.events(since=since)
+            self._update_dns()  # instance and reader names; the writer name may lag
+            self._later(self.timeline.dns_staleness,
+                        lambda: self._point_writer_endpoint(chosen.id))
+            if self.timeline.rejoin_delay is not None:
+                self._later(self.timeline.rejoin_delay, lambda: self._rejoin(old.id))
+            return result
+
+    def _most_advanced(self, candidates: Sequence[Instance]) -> Instance:
+        best: Instance | None = None
+        best_position: Any = None
+        for reader in candidates:
+            try:
+                position = self.engine.replication_position(reader)
+            except Exception:
+                LOGGER.warning("cannot read replication position of %s", reader.id,
+                               exc_info=True)
+                continue
+            if position is not None and (best_position is None or position > best_position):
+                best, best_position = reader, position
+        if best is None:
+            raise ClusterError(f"cluster {self.name}: no reader reports a replication position")
+        return best
+
+    def _wait_caught_up(self, reader: Instance, writer: Instance, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        target = self.engine.replication_position(writer)
+        while time.monotonic() < deadline:
+            position = self.engine.replication_position(reader)
+            if position is not None and target is not None and position >= target:
+                return
+            time.sleep(0.02)
+        LOGGER.warning("%s did not catch up with %s within %.0f s", reader.id, writer.id,
+                       timeout)
+
+    def _rejoin(self, instance_id: str) -> None:
+        instance = self.instances.get(instance_id)
+        if instance is None or instance.role != "stopped":
+            return
+        writer = self.writer
+        self.engine.rejoin(instance, writer)
+        instance.role = "reader"
+        self.engine.publish_topology(writer)
+        self._update_dns()
+        self.events.record("rejoined_as_reader", instance_id, writer=writer.id)
+        self.events.record("topology_updated", writer.id, writer=writer.id)
+
+    def make_writer_read_only(self, read_only: bool = True) -> list[Event]:
+        """Turn the writer read-only under open connections (what a demoted writer looks
+        like to pooled connections), or back."""
+        with self._lock:
+            since = time.monotonic()
+            writer = self.writer
+            self.engine.set_read_only(writer, read_only)
+            self.events.record("writer_read_only", writer.id, read_only=read_only)
+            return self.events.events(since=since)
+
+    def kill_instance(self, instance_id: str) -> list[Event]:
+        """SIGKILL an instance (no promotion: use :meth:`failover` for the writer)."""
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            instance.runtime.kill()
+            instance.extra["previous_role"] = instance.role
+            instance.role = "stopped"
+            self.events.record("instance_killed", instance_id)
+            return self.events.events(since=since)
+
+    def stop_instance(self, instance_id: str) -> list[Event]:
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            instance.runtime.stop(cleanup=False)
+            instance.extra["previous_role"] = instance.role
+            instance.role = "stopped"
+            self.events.record("instance_stopped", instance_id)
+            return self.events.events(since=since)
+
+    def start_instance(self, instance_id: str) -> list[Event]:
+        """Start a stopped instance in the role it had (a stopped old writer that lost its
+        role rejoins as a reader)."""
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            if instance.role != "stopped":
+                raise ClusterError(f"instance {instance_id!r} is running ({instance.role})")
+            previous = instance.extra.pop("previous_role", "reader")
+            has_writer = any(i.role == "writer" for i in self.instances.values())
+            if previous == "writer" and not has_writer:
+                instance.runtime.start()
+                instance.role = "writer"
+            else:
+                self._rejoin(instance_id)
+                return self.events.events(since=since)
+            self.events.record("instance_started", instance_id, role=instance.role)
+            return self.events.events(since=since)
+
+    def reboot(self, instance_id: str) -> list[Event]:
+        """Restart an instance in place (``RebootDBInstance`` without failover): down for
+        ``reboot_downtime`` seconds, then back in the same role."""
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            self.events.record("reboot_started", instance_id)
+            instance.runtime.stop(cleanup=False)
+            time.sleep(self.timeline.reboot_downtime)
+            instance.runtime.start()
+            self.events.record("reboot_finished", instance_id, role=instance.role)
+            return self.events.events(since=since)
+
+    def add_reader(self, instance_id: str | None = None) -> list[Event]:
+        with self._lock:
+            since = time.monotonic()
+            if len(self.readers) + 1 > self.flavour.max_readers:
+                raise ClusterError(
+                    f"flavour {self.flavour.name!r} allows at most "
+                    f"{self.flavour.max_readers} readers")
+            if instance_id is None:
+                n = len(self.instances) + 1
+                while f"instance-{n}" in self.instances:
+                    n += 1
+                instance_id = f"instance-{n}"
+            elif instance_id in self.instances:
+                raise ClusterError(f"instance {instance_id!r} already exists")
+            self._create_reader(instance_id)
+            self.engine.publish_topology(self.writer)
+            self._update_dns()
+            self.events.record("reader_added", instance_id)
+            self.events.record("topology_updated", self.writer.id, writer=self.writer.id)
+            return self.events.events(since=since)
+
+    def remove_reader(self, instance_id: str) -> list[Event]:
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            if instance.role == "writer":
+                raise ClusterError(f"{instance_id!r} is the writer; fail over first")
+            if len(self.readers) - 1 < self.flavour.min_readers:
+                raise ClusterError(
+                    f"flavour {self.flavour.name!r} needs at least "
+                    f"{self.flavour.min_readers} readers")
+            instance.runtime.stop()
+            del self.instances[instance_id]
+            self.engine.publish_topology(self.writer)
+            self._update_dns()
+            self.events.record("reader_removed", instance_id)
+            self.events.record("topology_updated", self.writer.id, writer=self.writer.id)
+            return self.events.events(since=since)
+
+    def set_replica_lag(self, instance_id: str, seconds: float) -> list[Event]:
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            if instance.role != "reader":
+                raise ClusterError(f"{instance_id!r} is not a reader")
+            if seconds < 0:
+                raise ClusterError(f"lag: expected seconds >= 0, got {seconds!r}")
+            self.engine.set_replica_lag(instance, seconds)
+            instance.lag = seconds
+            self.engine.publish_topology(self.writer)
+            self.events.record("replica_lag_set", instance_id, seconds=seconds)
+            return self.events.events(since=since)
+
+    def set_dns_staleness(self, seconds: float) -> list[Event]:
+        """From now on the writer endpoint lags ``seconds`` behind a promotion."""
+        with self._lock:
+            if seconds < 0:
+                raise ClusterError(f"dns staleness: expected seconds >= 0, got {seconds!r}")
+            self.timeline = dataclasses.replace(self.timeline, dns_staleness=seconds)
+            event = self.events.record("dns_staleness_set", None, seconds=seconds)
+            return [event]
+
+    # --- helpers for tests and the CLI -------------------------------------------------------
+    @contextlib.contextmanager
+    def superuser(self, instance_id: str | None = None) -> Iterator[Any]:
+        """A superuser driver connection straight to an instance (default: the writer)."""
+        instance = self.instance(instance_id) if instance_id else self.writer
+        conn = connect_runtime(instance.runtime)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def connect_runtime(runtime: Any, **extra: Any) -> Any:
+    """A superuser connection to an instance runtime, by address (no DNS)."""
+    kwargs = {**runtime.connect_kwargs(), **extra}
+    if runtime.engine == "postgresql":
+        import psycopg
+
+        return psycopg.connect(**kwargs, autocommit=True)
+    import mysql.connector
+
+    return mysql.connector.connect(**kwargs, use_pure=True, autocommit=True)
