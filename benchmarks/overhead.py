@@ -1,9 +1,12 @@
 """Per-query overhead of resilient_db against the raw driver, measured in the same run.
 
-Method (CONVENTIONS.md): ``SELECT 1`` plus ``fetchone`` on one cursor, straight to the server
-(no proxy), raw and wrapped variants interleaved batch by batch in one process; each batch is
-2,000 queries; the median of at least 7 batches is reported in µs per query, with the ratio to
-the raw driver (the median of per-round ratios, so that drift of the machine cancels out).
+Method (CONVENTIONS.md): ``SELECT 1`` plus ``fetchone`` on one cursor per variant, straight to
+the server (no proxy), raw and wrapped variants interleaved in one process: within a batch the
+variants take turns query by query, so all of them see the same moments of a noisy machine.
+Each batch is 2,000 queries per variant; the median over batches (at least 7) is reported in µs
+per query (the cost of reading the clock is measured and subtracted). The ratio of a wrapped
+variant is the median over batches of (wrapped time / raw time on the *same* driver connection),
+which also cancels which server process or CPU a connection landed on.
 
     python benchmarks/overhead.py                 # starts throwaway PG and MariaDB servers
     python benchmarks/overhead.py --drivers pg --batches 15
@@ -44,14 +47,33 @@ class Result:
     ratio: float
 
 
-def _batch(cursor: Any, n: int) -> float:
-    execute = cursor.execute
-    fetchone = cursor.fetchone
-    start = time.perf_counter()
-    for _ in range(n):
-        execute("SELECT 1")
-        fetchone()
-    return (time.perf_counter() - start) / n * 1e6
+def _timer_cost(samples: int = 20000) -> float:
+    """Seconds one perf_counter() pair costs, subtracted from every timed query."""
+    total = 0.0
+    for _ in range(samples):
+        start = time.perf_counter()
+        total += time.perf_counter() - start
+    return total / samples
+
+
+def _round(cursors: dict[str, Any], batch_size: int, timer: float) -> dict[str, float]:
+    """One batch of ``batch_size`` queries per cursor, the cursors interleaved query by query
+    (rotating which goes first), so every variant sees the same moments of the machine.
+    Returns µs per query for each cursor."""
+    keys = list(cursors)
+    random.shuffle(keys)
+    steps = [(k, cursors[k].execute, cursors[k].fetchone) for k in keys]
+    totals = dict.fromkeys(keys, 0.0)
+    n = len(steps)
+    perf = time.perf_counter
+    for i in range(batch_size):
+        for j in range(n):
+            key, execute, fetchone = steps[(i + j) % n]
+            start = perf()
+            execute("SELECT 1")
+            fetchone()
+            totals[key] += perf() - start
+    return {k: (t / batch_size - timer) * 1e6 for k, t in totals.items()}
 
 
 def measure(
@@ -61,30 +83,41 @@ def measure(
     batches: int,
     batch_size: int,
 ) -> list[Result]:
-    conns: dict[str, Any] = {"raw driver": raw_connect()}
-    for variant, plugins in VARIANTS.items():
-        conns[variant] = wrapped_connect(plugins)
-    cursors = {k: c.cursor() for k, c in conns.items()}
-    for cur in cursors.values():  # warm up
-        _batch(cur, batch_size // 4)
+    """Each wrapped variant is compared with a raw cursor on *its own* driver connection (the
+    same socket and server backend), so the ratio measures resilient_db and not which server
+    process or CPU a connection happened to land on. A separate raw connection gives the
+    absolute baseline shown as "raw driver"."""
+    baseline = raw_connect()
+    wrapped = {variant: wrapped_connect(plugins) for variant, plugins in VARIANTS.items()}
+    cursors: dict[str, Any] = {"raw driver": baseline.cursor()}
+    twins: dict[str, str] = {}
+    for variant, conn in wrapped.items():
+        cursors[variant] = conn.cursor()
+        twins[variant] = f"{variant} (raw twin)"
+        cursors[twins[variant]] = conn.resilient.raw.cursor()
+    timer = _timer_cost()
+    _round(cursors, max(10, batch_size // 4), timer)  # warm up (psycopg prepares after 5)
     times: dict[str, list[float]] = {k: [] for k in cursors}
-    ratios: dict[str, list[float]] = {k: [] for k in cursors}
-    order = list(cursors)
+    ratios: dict[str, list[float]] = {k: [] for k in twins}
     gc.collect()
     for _ in range(batches):
-        random.shuffle(order)
-        round_times = {k: _batch(cursors[k], batch_size) for k in order}
+        round_times = _round(cursors, batch_size, timer)
         for k, t in round_times.items():
             times[k].append(t)
-            ratios[k].append(t / round_times["raw driver"])
+        for variant, twin in twins.items():
+            ratios[variant].append(round_times[variant] / round_times[twin])
     for cur in cursors.values():
         cur.close()
-    for conn in conns.values():
+    baseline.close()
+    for conn in wrapped.values():
         conn.close()
-    return [
-        Result(name, k, statistics.median(times[k]), statistics.median(ratios[k]))
-        for k in cursors
+    results = [Result(name, "raw driver", statistics.median(times["raw driver"]), 1.0)]
+    results += [
+        Result(name, variant, statistics.median(times[variant]),
+               statistics.median(ratios[variant]))
+        for variant in twins
     ]
+    return results
 
 
 @contextlib.contextmanager
@@ -107,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--drivers", default="pg,mysql", help="pg, mysql or pg,mysql")
-    parser.add_argument("--batches", type=int, default=9, help="batches per variant (>= 7)")
+    parser.add_argument("--batches", type=int, default=15, help="batches per variant (>= 7)")
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--budget", type=float, default=1.05, help="max ratio to raw")
     parser.add_argument("--pg-dsn", help="use this PostgreSQL server instead of starting one")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._decisions import Decision, get_decision_sink
@@ -64,30 +66,69 @@ class HostSpec:
         return self.host if self.port is None else f"{self.host}:{self.port}"
 
 
-class Call:
-    """One pipelined call. ``fn(*args, **kwargs)`` is what the driver will run.
+class Call(tuple[Any, ...]):
+    """One pipelined call (immutable): ``fn(*args, **kwargs)`` is what the driver will run.
 
-    Plugins may replace ``fn`` (e.g. to re-target a retried statement at a new cursor).
-    ``method`` is the public method name (``"Cursor.execute"``) for logs and telemetry only.
+    Fields: ``op`` (:class:`Op`), ``method`` (the public method name, e.g.
+    ``"Cursor.execute"``, for logs and telemetry only), ``fn``, ``args``, ``kwargs``,
+    ``connection`` (the resilient_db connection). A plugin that re-targets a call (e.g. a
+    retried statement on a new cursor) passes ``call.replace(fn=...)`` on.
+
+    A tuple subclass because a call object is created for every intercepted call: building
+    it costs one C-level allocation.
     """
 
-    __slots__ = ("args", "connection", "fn", "kwargs", "method", "op")
+    __slots__ = ()
 
-    def __init__(
-        self,
+    if TYPE_CHECKING:
+        op: Op
+        method: str
+        fn: Callable[..., Any]
+        args: tuple[Any, ...]
+        kwargs: dict[str, Any]
+        connection: Any
+    else:
+        op = property(itemgetter(0))
+        method = property(itemgetter(1))
+        fn = property(itemgetter(2))
+        args = property(itemgetter(3))
+        kwargs = property(itemgetter(4))
+        connection = property(itemgetter(5))
+
+    def __new__(
+        cls,
         op: Op,
         method: str,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         connection: Any,
-    ) -> None:
-        self.op = op
-        self.method = method
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.connection = connection
+    ) -> Call:
+        return tuple.__new__(cls, (op, method, fn, args, kwargs, connection))
+
+    def replace(self, **changes: Any) -> Call:
+        """A copy with some fields changed."""
+        fields = dict(zip(_CALL_FIELDS, self, strict=True))
+        unknown = set(changes) - set(_CALL_FIELDS)
+        if unknown:
+            raise TypeError(f"Call has no field(s) {sorted(unknown)}")
+        fields.update(changes)
+        return tuple.__new__(Call, tuple(fields[f] for f in _CALL_FIELDS))
+
+    def __repr__(self) -> str:
+        return f"Call({self.op.name}, {self.method!r}, args={self.args!r})"
+
+
+_CALL_FIELDS = ("op", "method", "fn", "args", "kwargs", "connection")
+if TYPE_CHECKING:
+
+    def new_call(cls: type[Call], fields: tuple[Any, ...], /) -> Call:
+        """Hot-path constructor: ``new_call(Call, (op, method, fn, args, kwargs, conn))``."""
+        ...
+
+else:
+    # A C-level allocation: no Python frame for __new__ on every intercepted call.
+    new_call = tuple.__new__
 
 
 Handler = Callable[[Call], Any]
@@ -149,6 +190,9 @@ class PluginContext:
     driver: DriverDialect
     host: HostSpec
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Rebuild this connection's chains (set by the pipeline; for plugins whose dormancy
+    #: changed).
+    rebuild: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def decide(self, kind: str, plugin: str | None, **attributes: Any) -> Decision:
         """Record a decision in the process-wide sink and return it."""
@@ -165,6 +209,14 @@ class Plugin:
     ``properties`` (third-party plugins only: built-in properties live in ``_params``).
     One instance serves one connection; process-wide state (monitors, caches) belongs in
     module-level managers that instances share.
+
+    Two optional refinements for plugins on the hot path:
+
+    - ``wrap_execute(proceed) -> handler``: build this plugin's layer of the execute chain
+      once (a closure over ``proceed``), instead of the default layer that calls
+      ``self.execute(call, proceed)``. Saves a Python frame per call.
+    - ``dormant() -> bool``: while true the plugin is left out of every chain (it costs
+      nothing). A plugin whose dormancy changes calls ``self.ctx.rebuild()``.
     """
 
     code: ClassVar[str] = ""
@@ -180,6 +232,14 @@ class Plugin:
     def execute(self, call: Call, proceed: Handler) -> Any:
         return proceed(call)
 
+    def wrap_execute(self, proceed: Handler) -> Handler:
+        hook = self.execute
+
+        def handler(call: Call) -> Any:
+            return hook(call, proceed)
+
+        return handler
+
     def hosts(self, ctx: HostsContext, proceed: HostsHandler) -> tuple[HostSpec, ...]:
         return proceed(ctx)
 
@@ -189,22 +249,25 @@ class Plugin:
     def on_host_changed(self, event: HostChanged) -> None:
         return None
 
+    def dormant(self) -> bool:
+        return False
+
 
 def _overrides(plugin: Plugin, name: str) -> bool:
     return getattr(type(plugin), name) is not getattr(Plugin, name)
 
 
+def _intercepts(plugin: Plugin, op: Op) -> bool:
+    return op in plugin.intercepts and (
+        _overrides(plugin, "execute") or _overrides(plugin, "wrap_execute")
+    )
+
+
 def _run_call(call: Call) -> Any:
-    return call.fn(*call.args, **call.kwargs)
-
-
-def _link_execute(plugin: Plugin, proceed: Handler) -> Handler:
-    hook = plugin.execute
-
-    def handler(call: Call) -> Any:
-        return hook(call, proceed)
-
-    return handler
+    _, _, fn, args, kwargs, _ = call
+    if kwargs:
+        return fn(*args, **kwargs)
+    return fn(*args)
 
 
 def _link_connect(plugin: Plugin, proceed: ConnectHandler) -> ConnectHandler:
@@ -225,8 +288,15 @@ def _link_hosts(plugin: Plugin, proceed: HostsHandler) -> HostsHandler:
     return handler
 
 
+_SLOT = {op: op.value for op in Op}  # enum .value is a slow property on Python 3.11
+
+
 class Chains:
-    """Per-connection handlers, one attribute per op; ``None`` when nobody intercepts it."""
+    """Per-connection handlers, one attribute per op; ``None`` when nobody intercepts it.
+
+    Proxies read ``chains.<op>`` on every call, so a rebuild (a plugin waking from dormancy)
+    takes effect on the next call, on every thread.
+    """
 
     __slots__ = (
         "callproc",
@@ -254,9 +324,12 @@ class Chains:
     transaction: Handler | None
 
     def __init__(self, plugins: Sequence[Plugin]) -> None:
+        self.build(plugins)
+
+    def build(self, plugins: Sequence[Plugin]) -> None:
         built: dict[tuple[int, ...], Handler] = {}
         for op in Op:
-            chosen = [p for p in plugins if op in p.intercepts and _overrides(p, "execute")]
+            chosen = [p for p in plugins if _intercepts(p, op)]
             handler: Handler | None = None
             if chosen:
                 key = tuple(id(p) for p in chosen)
@@ -264,37 +337,55 @@ class Chains:
                 if handler is None:
                     handler = _run_call
                     for plugin in reversed(chosen):
-                        handler = _link_execute(plugin, handler)
+                        handler = plugin.wrap_execute(handler)
                     built[key] = handler
             setattr(self, op.value, handler)
 
     def for_op(self, op: Op) -> Handler | None:
-        handler: Handler | None = getattr(self, op.value)
+        handler: Handler | None = getattr(self, _SLOT[op])
         return handler
 
 
 class Pipeline:
-    """The plugins of one connection and the chains built from them, once."""
+    """The plugins of one connection and the chains built from them, once (and again only
+    when a plugin's dormancy changes)."""
 
-    __slots__ = ("chains", "connect", "ctx", "hosts", "listeners", "plugins")
+    __slots__ = ("__weakref__", "chains", "connect", "ctx", "hosts", "listeners",
+                 "may_intercept", "plugins")
 
     def __init__(self, plugins: Sequence[Plugin], ctx: PluginContext) -> None:
         self.plugins = tuple(plugins)
         self.ctx = ctx
-        self.chains = Chains(self.plugins)
-        connect: ConnectHandler = _connect_terminal
-        for plugin in reversed([p for p in self.plugins if _overrides(p, "connect")]):
-            connect = _link_connect(plugin, connect)
-        self.connect = connect
-        hosts: HostsHandler = _hosts_terminal
-        for plugin in reversed([p for p in self.plugins if _overrides(p, "hosts")]):
-            hosts = _link_hosts(plugin, hosts)
-        self.hosts = hosts
+        #: Ops some plugin intercepts when awake: the others can never have a chain.
+        self.may_intercept = subscribed_ops(self.plugins)
+        self.chains = Chains(())
         self.listeners = tuple(
             p
             for p in self.plugins
             if _overrides(p, "on_connection_changed") or _overrides(p, "on_host_changed")
         )
+        self.rebuild()
+        ref = weakref.ref(self)
+
+        def rebuild() -> None:
+            pipeline = ref()
+            if pipeline is not None:
+                pipeline.rebuild()
+
+        ctx.rebuild = rebuild
+
+    def rebuild(self) -> None:
+        """(Re)build every chain from the plugins that are not dormant."""
+        awake = [p for p in self.plugins if not p.dormant()]
+        self.chains.build(awake)
+        connect: ConnectHandler = _connect_terminal
+        for plugin in reversed([p for p in awake if _overrides(p, "connect")]):
+            connect = _link_connect(plugin, connect)
+        self.connect = connect
+        hosts: HostsHandler = _hosts_terminal
+        for plugin in reversed([p for p in awake if _overrides(p, "hosts")]):
+            hosts = _link_hosts(plugin, hosts)
+        self.hosts = hosts
 
     def notify_connection_changed(self, event: ConnectionChanged) -> None:
         for plugin in self.listeners:
@@ -323,6 +414,5 @@ def subscribed_ops(plugins: Iterable[Plugin]) -> frozenset[Op]:
     """Every op at least one of ``plugins`` intercepts (for docs and tests)."""
     ops: set[Op] = set()
     for plugin in plugins:
-        if _overrides(plugin, "execute"):
-            ops |= plugin.intercepts
+        ops |= {op for op in plugin.intercepts if _intercepts(plugin, op)}
     return frozenset(ops)

@@ -16,7 +16,15 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._pipeline import Call, Chains, ConnectionChanged, HostSpec, Op, Pipeline
+from ._pipeline import (
+    Call,
+    Chains,
+    ConnectionChanged,
+    HostSpec,
+    Op,
+    Pipeline,
+    new_call,
+)
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
@@ -25,6 +33,15 @@ _OWN_CONNECTION_ATTRS = frozenset(
     {"_raw", "_driver", "_pipeline", "_chains", "_host", "_session", "_closed_by_us",
      "__weakref__"}
 )
+
+# Enum member lookups cost ~0.2 µs each on Python 3.11: the hot paths use these.
+_CLOSE = Op.CLOSE
+_COMMIT = Op.COMMIT
+_EXECUTE = Op.EXECUTE
+_EXECUTEMANY = Op.EXECUTEMANY
+_FETCH = Op.FETCH
+_ROLLBACK = Op.ROLLBACK
+_SESSION = Op.SESSION
 
 
 class ConnectionProxy:
@@ -80,7 +97,8 @@ class ConnectionProxy:
         if chain is None:
             setattr(raw, name, value)
         else:
-            chain(Call(Op.SESSION, f"Connection.{name}", setattr, (raw, name, value), {}, self))
+            chain(new_call(Call, (_SESSION, f"Connection.{name}", setattr, (raw, name, value),
+                                  {}, self)))
         self._session[name] = value
 
     def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
@@ -88,7 +106,7 @@ class ConnectionProxy:
         chain = self._chains.for_op(op)
         if chain is None:
             return fn(*args, **kwargs)
-        return chain(Call(op, method, fn, args, kwargs, self))
+        return chain(new_call(Call, (op, method, fn, args, kwargs, self)))
 
     def _wrap_cursor(self, raw_cursor: Any) -> CursorProxy:
         return self._driver.cursor_proxy(raw_cursor, self)
@@ -102,18 +120,19 @@ class ConnectionProxy:
         if chain is None:
             self._raw.commit()
         else:
-            chain(Call(Op.COMMIT, "Connection.commit", self._raw.commit, (), {}, self))
+            chain(new_call(Call, (_COMMIT, "Connection.commit", self._raw.commit, (), {}, self)))
 
     def rollback(self) -> None:
         chain = self._chains.rollback
         if chain is None:
             self._raw.rollback()
         else:
-            chain(Call(Op.ROLLBACK, "Connection.rollback", self._raw.rollback, (), {}, self))
+            chain(new_call(Call, (_ROLLBACK, "Connection.rollback", self._raw.rollback, (), {},
+                                  self)))
 
     def close(self) -> None:
         object.__setattr__(self, "_closed_by_us", True)
-        self._call(Op.CLOSE, "Connection.close", self._raw.close)
+        self._call(_CLOSE, "Connection.close", self._raw.close)
 
     def __enter__(self) -> ConnectionProxy:
         self._raw.__enter__()
@@ -126,7 +145,7 @@ class ConnectionProxy:
         tb: TracebackType | None,
     ) -> Any:
         object.__setattr__(self, "_closed_by_us", True)
-        return self._call(Op.CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc, tb)
+        return self._call(_CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc, tb)
 
     def __repr__(self) -> str:
         plugins = ",".join(p.code for p in self._pipeline.plugins) or "none"
@@ -191,13 +210,16 @@ class CursorProxy:
     _cur: Any
     _conn: ConnectionProxy
     _chains: Chains
+    _execute: Callable[..., Any]
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__
         state["_cur"] = raw
         state["_conn"] = connection
-        chains = state["_chains"] = connection._chains
-        if chains.fetch is None:
+        state["_chains"] = connection._chains
+        state["_execute"] = raw.execute  # the hot path skips the raw -> method lookup
+        if _FETCH not in connection._pipeline.may_intercept:
+            # No plugin of this connection, even a dormant one, intercepts fetches.
             state["fetchone"] = raw.fetchone
             state["fetchmany"] = raw.fetchmany
             state["fetchall"] = raw.fetchall
@@ -221,19 +243,21 @@ class CursorProxy:
         chain = self._chains.for_op(op)
         if chain is None:
             return fn(*args, **kwargs)
-        return chain(Call(op, method, fn, args, kwargs, self._conn))
+        return chain(new_call(Call, (op, method, fn, args, kwargs, self._conn)))
 
-    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        # The hottest path of the library: keep it to a handful of bytecodes.
         chain = self._chains.execute
         if chain is None:
-            result = self._cur.execute(query, *args, **kwargs)
+            result = self._execute(query, params, **kwargs) if kwargs else self._execute(
+                query, params)
         else:
-            result = chain(Call(Op.EXECUTE, "Cursor.execute", self._cur.execute,
-                                (query, *args), kwargs, self._conn))
+            result = chain(new_call(Call, (_EXECUTE, "Cursor.execute", self._execute,
+                                           (query, params), kwargs, self._conn)))
         return self if result is self._cur else result
 
     def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
-        result = self._call(Op.EXECUTEMANY, "Cursor.executemany", self._cur.executemany,
+        result = self._call(_EXECUTEMANY, "Cursor.executemany", self._cur.executemany,
                             query, *args, **kwargs)
         return self if result is self._cur else result
 
@@ -241,19 +265,21 @@ class CursorProxy:
         chain = self._chains.fetch
         if chain is None:
             return self._cur.fetchone()
-        return chain(Call(Op.FETCH, "Cursor.fetchone", self._cur.fetchone, (), {}, self._conn))
+        return chain(new_call(Call, (_FETCH, "Cursor.fetchone", self._cur.fetchone, (), {},
+                                     self._conn)))
 
     def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(Op.FETCH, "Cursor.fetchmany", self._cur.fetchmany, *args, **kwargs)
+        return self._call(_FETCH, "Cursor.fetchmany", self._cur.fetchmany, *args, **kwargs)
 
     def fetchall(self) -> Any:
         chain = self._chains.fetch
         if chain is None:
             return self._cur.fetchall()
-        return chain(Call(Op.FETCH, "Cursor.fetchall", self._cur.fetchall, (), {}, self._conn))
+        return chain(new_call(Call, (_FETCH, "Cursor.fetchall", self._cur.fetchall, (), {},
+                                     self._conn)))
 
     def nextset(self) -> Any:
-        return self._call(Op.FETCH, "Cursor.nextset", self._cur.nextset)
+        return self._call(_FETCH, "Cursor.nextset", self._cur.nextset)
 
     def __iter__(self) -> Iterator[Any]:
         if self._chains.fetch is None:
@@ -269,7 +295,7 @@ class CursorProxy:
             yield row
 
     def close(self) -> None:
-        self._call(Op.CLOSE, "Cursor.close", self._cur.close)
+        self._call(_CLOSE, "Cursor.close", self._cur.close)
 
     def __enter__(self) -> CursorProxy:
         return self

@@ -438,7 +438,7 @@ class Cluster:
     def _point_writer_endpoint(self, instance_id: str) -> None:
         self._writer_endpoint_target = instance_id
         self._update_dns()
-        self.events.record("dns_updated", instance_id, name=self.writer_endpoint)
+        self.events.record("dns_updated", instance_id, endpoint=self.writer_endpoint)
 
     # --- control plane ----------------------------------------------------------------------
     def failover(self, target: str | None = None, *, mode: str = "crash") -> list[Event]:

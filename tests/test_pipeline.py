@@ -111,8 +111,7 @@ def test_plugin_may_replace_the_call_target() -> None:
         intercepts = frozenset({Op.EXECUTE})
 
         def execute(self, call: Call, proceed: Handler) -> Any:
-            call.fn = lambda: "redirected"
-            return proceed(call)
+            return proceed(call.replace(fn=lambda: "redirected"))
 
     ctx = _ctx()
     chain = Pipeline([Redirect(ctx)], ctx).chains.execute

@@ -20,7 +20,7 @@ from .._pipeline import ConnectContext, ConnectHandler, Plugin, PluginContext
 log = logging.getLogger("resilient_db.plugins.connect_time")
 
 
-@dataclass
+@dataclass(slots=True)
 class TimingStats:
     """Totals for one connection's plugin instance. Durations in seconds."""
 

@@ -30,6 +30,7 @@ from .._pipeline import (
     Handler,
     Op,
     Plugin,
+    PluginContext,
 )
 
 __all__ = [
@@ -59,7 +60,8 @@ class _Fault:
 
 
 class _Armory:
-    """Process-wide armed faults. ``armed`` is read without the lock on the hot path."""
+    """Process-wide armed faults. While nothing is armed every dev plugin is dormant (left out
+    of its connection's chains); arming or disarming rebuilds those chains."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -68,12 +70,25 @@ class _Armory:
         self.connect_callback: ConnectCallback | None = None
         self.execute_callback: ExecuteCallback | None = None
         self.armed = False
+        self.plugins: weakref.WeakSet[DevPlugin] = weakref.WeakSet()
+        self.to_rebuild: list[DevPlugin] = []
 
     def update(self) -> None:
-        self.armed = bool(
+        """Recompute ``armed`` (caller holds the lock); when it changed, every dev plugin's
+        chains must be rebuilt (:meth:`rebuild`, called without the lock)."""
+        armed = bool(
             self.connect_faults or self.execute_faults or self.connect_callback
             or self.execute_callback
         )
+        changed, self.armed = armed != self.armed, armed
+        self.to_rebuild = list(self.plugins) if changed else []
+
+    def rebuild(self) -> None:
+        """Rebuild the chains of dev plugins whose dormancy changed (outside the lock)."""
+        with self.lock:
+            plugins, self.to_rebuild = self.to_rebuild, []
+        for plugin in plugins:
+            plugin.ctx.rebuild()
 
 
 _armory = _Armory()
@@ -92,6 +107,7 @@ def raise_on_next_connect(exc: ExceptionSpec) -> None:
     with _armory.lock:
         _armory.connect_faults.append(_check(exc))
         _armory.update()
+    _armory.rebuild()
 
 
 def raise_on_next_execute(
@@ -110,6 +126,7 @@ def raise_on_next_execute(
     with _armory.lock:
         _armory.execute_faults.append(fault)
         _armory.update()
+    _armory.rebuild()
 
 
 def set_connect_callback(callback: ConnectCallback | None) -> None:
@@ -117,6 +134,7 @@ def set_connect_callback(callback: ConnectCallback | None) -> None:
     with _armory.lock:
         _armory.connect_callback = callback
         _armory.update()
+    _armory.rebuild()
 
 
 def set_execute_callback(callback: ExecuteCallback | None) -> None:
@@ -124,6 +142,7 @@ def set_execute_callback(callback: ExecuteCallback | None) -> None:
     with _armory.lock:
         _armory.execute_callback = callback
         _armory.update()
+    _armory.rebuild()
 
 
 def reset() -> None:
@@ -134,20 +153,30 @@ def reset() -> None:
         _armory.connect_callback = None
         _armory.execute_callback = None
         _armory.update()
+    _armory.rebuild()
 
 
 class DevPlugin(Plugin):
     code = "dev"
     intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.PIPELINE}
 
+    def __init__(self, ctx: PluginContext) -> None:
+        super().__init__(ctx)
+        with _armory.lock:
+            _armory.plugins.add(self)
+
+    def dormant(self) -> bool:
+        return not _armory.armed
+
     def connect(self, ctx: ConnectContext, proceed: ConnectHandler) -> Any:
-        if _armory.armed:
+        if _armory.armed:  # a chain built while armed may outlive the last fault briefly
             exc: ExceptionSpec | None = None
             with _armory.lock:
                 if _armory.connect_faults:
                     exc = _armory.connect_faults.pop(0)
                     _armory.update()
                 callback = _armory.connect_callback
+            _armory.rebuild()
             if exc is None and callback is not None:
                 exc = callback(ctx)
             if exc is not None:
@@ -166,6 +195,7 @@ class DevPlugin(Plugin):
                         _armory.update()
                         break
                 callback = _armory.execute_callback
+            _armory.rebuild()
             if exc is None and callback is not None:
                 exc = callback(call)
             if exc is not None:
