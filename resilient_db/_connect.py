@@ -8,7 +8,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _conninfo
-from ._params import AUTO_SORT_PLUGINS, WRAPPER_DIALECT, WRAPPER_DRIVER_DIALECT
+from ._params import (
+    AURORA_MYSQL_LOOKALIKE_SCHEMA,
+    AUTO_SORT_PLUGINS,
+    WRAPPER_DIALECT,
+    WRAPPER_DRIVER_DIALECT,
+)
 from ._pipeline import ConnectContext, ConnectionChanged, Pipeline, Plugin, PluginContext
 from ._plugin_registry import parse_codes, resolve
 from ._properties import Property, Settings, lookup, unknown_name_error
@@ -87,7 +92,18 @@ def connect(
     pipeline = Pipeline([cls(ctx) for cls in classes], ctx)
     raw = pipeline.connect(ConnectContext(host, driver_args, settings, driver, target))
 
-    forced_dialect = settings[WRAPPER_DIALECT]
+    forced_dialect: Any = settings[WRAPPER_DIALECT]
+    lookalike = settings[AURORA_MYSQL_LOOKALIKE_SCHEMA]
+    if lookalike is not None:
+        from .dialects import aurora_mysql_lookalike
+
+        if forced_dialect not in (None, "aurora-mysql"):
+            raw.close()
+            raise ConfigurationError(
+                f"aurora_mysql_lookalike_schema is set, so the dialect is aurora-mysql; it "
+                f"conflicts with wrapper_dialect={forced_dialect!r}",
+                parameter="wrapper_dialect", value=forced_dialect)
+        forced_dialect = aurora_mysql_lookalike(lookalike)
     if forced_dialect is not None:
         from .dialects import verify
 

@@ -91,6 +91,24 @@ CONNECT_TIMEOUT = duration(
     aws_name=True,
 )
 
+def _schema_problem(value: str) -> str | None:
+    if not value.replace("_", "").isalnum() or value[0].isdigit():
+        return "a schema name (letters, digits and underscores)"
+    return None
+
+
+AURORA_MYSQL_LOOKALIKE_SCHEMA = text(
+    "aurora_mysql_lookalike_schema",
+    None,
+    "Simulator only. MariaDB cannot define `@@aurora_server_id` or new `information_schema` "
+    "tables, so the simulator's Aurora MySQL look-alike exposes the same columns in this "
+    "schema: `<schema>.replica_host_status` (topology) and `<schema>.aurora_server_id()` "
+    "(instance id; readers are told by `@@read_only`). Setting it makes the connection use "
+    "the aurora-mysql dialect on that source (verified at connect). Never set it against a "
+    "real Aurora cluster.",
+    validate=_schema_problem,
+)
+
 # --- execute_time plugin ---------------------------------------------------------------------
 
 EXECUTE_TIME_SLOW_THRESHOLD = duration(

@@ -46,6 +46,7 @@ from .pg import AuroraPgDialect, MultiAzPgDialect, PgDialect, RdsPgDialect
 
 __all__ = [
     "DETECTION_ORDER",
+    "aurora_mysql_lookalike",
     "STALE_AFTER",
     "Answer",
     "AuroraMysqlDialect",
@@ -339,3 +340,14 @@ def clear_cache(key: EndpointKey | None = None) -> None:
             for slot in [s for s in _known if s[0] == key]:
                 del _known[slot]
 
+
+
+def aurora_mysql_lookalike(schema: str) -> AuroraMysqlDialect:
+    """The aurora-mysql dialect reading the simulator's MariaDB look-alike in ``schema``
+    (property ``aurora_mysql_lookalike_schema``): topology in ``<schema>.replica_host_status``,
+    instance id from ``<schema>.aurora_server_id()``, readers by ``@@read_only``."""
+    return AuroraMysqlDialect(
+        topology_source=f"{schema}.replica_host_status",
+        instance_id_query=f"SELECT {schema}.aurora_server_id()",
+        is_reader_query="SELECT @@read_only",
+    )
