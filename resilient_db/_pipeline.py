@@ -22,7 +22,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._decisions import Decision, get_decision_sink
@@ -66,69 +65,52 @@ class HostSpec:
         return self.host if self.port is None else f"{self.host}:{self.port}"
 
 
-class Call(tuple[Any, ...]):
-    """One pipelined call (immutable): ``fn(*args, **kwargs)`` is what the driver will run.
+class Call:
+    """One pipelined call: ``fn(*args, **kwargs)`` is what the driver will run.
 
     Fields: ``op`` (:class:`Op`), ``method`` (the public method name, e.g.
     ``"Cursor.execute"``, for logs and telemetry only), ``fn``, ``args``, ``kwargs``,
-    ``connection`` (the resilient_db connection). A plugin that re-targets a call (e.g. a
-    retried statement on a new cursor) passes ``call.replace(fn=...)`` on.
+    ``connection`` (the resilient_db connection).
 
-    A tuple subclass because a call object is created for every intercepted call: building
-    it costs one C-level allocation.
+    A call object is valid for the duration of the hook only: a cursor reuses one object for
+    its successive statements (allocating one per statement is a measurable share of the
+    per-query budget), so copy what you need to keep. A plugin that re-targets a call (a
+    retried statement on a new cursor) passes ``call.replace(fn=...)`` on, never mutates it.
     """
 
-    __slots__ = ()
+    __slots__ = ("args", "busy", "connection", "fn", "kwargs", "method", "op")
 
-    if TYPE_CHECKING:
-        op: Op
-        method: str
-        fn: Callable[..., Any]
-        args: tuple[Any, ...]
-        kwargs: dict[str, Any]
-        connection: Any
-    else:
-        op = property(itemgetter(0))
-        method = property(itemgetter(1))
-        fn = property(itemgetter(2))
-        args = property(itemgetter(3))
-        kwargs = property(itemgetter(4))
-        connection = property(itemgetter(5))
-
-    def __new__(
-        cls,
+    def __init__(
+        self,
         op: Op,
         method: str,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         connection: Any,
-    ) -> Call:
-        return tuple.__new__(cls, (op, method, fn, args, kwargs, connection))
+    ) -> None:
+        self.op = op
+        self.method = method
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.connection = connection
+        self.busy = False
 
     def replace(self, **changes: Any) -> Call:
-        """A copy with some fields changed."""
-        fields = dict(zip(_CALL_FIELDS, self, strict=True))
+        """A new call with some fields changed."""
         unknown = set(changes) - set(_CALL_FIELDS)
         if unknown:
             raise TypeError(f"Call has no field(s) {sorted(unknown)}")
+        fields = {name: getattr(self, name) for name in _CALL_FIELDS}
         fields.update(changes)
-        return tuple.__new__(Call, tuple(fields[f] for f in _CALL_FIELDS))
+        return Call(**fields)
 
     def __repr__(self) -> str:
         return f"Call({self.op.name}, {self.method!r}, args={self.args!r})"
 
 
 _CALL_FIELDS = ("op", "method", "fn", "args", "kwargs", "connection")
-if TYPE_CHECKING:
-
-    def new_call(cls: type[Call], fields: tuple[Any, ...], /) -> Call:
-        """Hot-path constructor: ``new_call(Call, (op, method, fn, args, kwargs, conn))``."""
-        ...
-
-else:
-    # A C-level allocation: no Python frame for __new__ on every intercepted call.
-    new_call = tuple.__new__
 
 
 Handler = Callable[[Call], Any]
@@ -264,10 +246,14 @@ def _intercepts(plugin: Plugin, op: Op) -> bool:
 
 
 def _run_call(call: Call) -> Any:
-    _, _, fn, args, kwargs, _ = call
-    if kwargs:
-        return fn(*args, **kwargs)
-    return fn(*args)
+    if call.kwargs:
+        return call.fn(*call.args, **call.kwargs)
+    return call.fn(*call.args)
+
+
+#: The innermost handler of every execute chain: runs the driver call. A ``wrap_execute``
+#: layer whose ``proceed is RUN_CALL`` may call ``call.fn`` itself and save a frame.
+RUN_CALL: Handler = _run_call
 
 
 def _link_connect(plugin: Plugin, proceed: ConnectHandler) -> ConnectHandler:

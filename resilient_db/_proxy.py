@@ -23,7 +23,6 @@ from ._pipeline import (
     HostSpec,
     Op,
     Pipeline,
-    new_call,
 )
 
 if TYPE_CHECKING:
@@ -97,8 +96,8 @@ class ConnectionProxy:
         if chain is None:
             setattr(raw, name, value)
         else:
-            chain(new_call(Call, (_SESSION, f"Connection.{name}", setattr, (raw, name, value),
-                                  {}, self)))
+            chain(Call(_SESSION, f"Connection.{name}", setattr, (raw, name, value),
+                                  {}, self))
         self._session[name] = value
 
     def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
@@ -106,7 +105,7 @@ class ConnectionProxy:
         chain = self._chains.for_op(op)
         if chain is None:
             return fn(*args, **kwargs)
-        return chain(new_call(Call, (op, method, fn, args, kwargs, self)))
+        return chain(Call(op, method, fn, args, kwargs, self))
 
     def _wrap_cursor(self, raw_cursor: Any) -> CursorProxy:
         return self._driver.cursor_proxy(raw_cursor, self)
@@ -120,15 +119,15 @@ class ConnectionProxy:
         if chain is None:
             self._raw.commit()
         else:
-            chain(new_call(Call, (_COMMIT, "Connection.commit", self._raw.commit, (), {}, self)))
+            chain(Call(_COMMIT, "Connection.commit", self._raw.commit, (), {}, self))
 
     def rollback(self) -> None:
         chain = self._chains.rollback
         if chain is None:
             self._raw.rollback()
         else:
-            chain(new_call(Call, (_ROLLBACK, "Connection.rollback", self._raw.rollback, (), {},
-                                  self)))
+            chain(Call(_ROLLBACK, "Connection.rollback", self._raw.rollback, (), {},
+                                  self))
 
     def close(self) -> None:
         object.__setattr__(self, "_closed_by_us", True)
@@ -211,6 +210,7 @@ class CursorProxy:
     _conn: ConnectionProxy
     _chains: Chains
     _execute: Callable[..., Any]
+    _stmt_call: Call
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__
@@ -218,6 +218,8 @@ class CursorProxy:
         state["_conn"] = connection
         state["_chains"] = connection._chains
         state["_execute"] = raw.execute  # the hot path skips the raw -> method lookup
+        # One call object for this cursor's successive statements (see Call).
+        state["_stmt_call"] = Call(_EXECUTE, "Cursor.execute", raw.execute, (), {}, connection)
         if _FETCH not in connection._pipeline.may_intercept:
             # No plugin of this connection, even a dormant one, intercepts fetches.
             state["fetchone"] = raw.fetchone
@@ -243,7 +245,7 @@ class CursorProxy:
         chain = self._chains.for_op(op)
         if chain is None:
             return fn(*args, **kwargs)
-        return chain(new_call(Call, (op, method, fn, args, kwargs, self._conn)))
+        return chain(Call(op, method, fn, args, kwargs, self._conn))
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
         # The hottest path of the library: keep it to a handful of bytecodes.
@@ -252,8 +254,17 @@ class CursorProxy:
             result = self._execute(query, params, **kwargs) if kwargs else self._execute(
                 query, params)
         else:
-            result = chain(new_call(Call, (_EXECUTE, "Cursor.execute", self._execute,
-                                           (query, params), kwargs, self._conn)))
+            call = self._stmt_call
+            if call.busy:  # a plugin re-entered this cursor: give it its own call object
+                call = Call(_EXECUTE, "Cursor.execute", self._execute, (), {}, self._conn)
+            call.fn = self._execute
+            call.args = (query, params)
+            call.kwargs = kwargs
+            call.busy = True
+            try:
+                result = chain(call)
+            finally:
+                call.busy = False
         return self if result is self._cur else result
 
     def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
@@ -265,8 +276,8 @@ class CursorProxy:
         chain = self._chains.fetch
         if chain is None:
             return self._cur.fetchone()
-        return chain(new_call(Call, (_FETCH, "Cursor.fetchone", self._cur.fetchone, (), {},
-                                     self._conn)))
+        return chain(Call(_FETCH, "Cursor.fetchone", self._cur.fetchone, (), {},
+                                     self._conn))
 
     def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(_FETCH, "Cursor.fetchmany", self._cur.fetchmany, *args, **kwargs)
@@ -275,8 +286,8 @@ class CursorProxy:
         chain = self._chains.fetch
         if chain is None:
             return self._cur.fetchall()
-        return chain(new_call(Call, (_FETCH, "Cursor.fetchall", self._cur.fetchall, (), {},
-                                     self._conn)))
+        return chain(Call(_FETCH, "Cursor.fetchall", self._cur.fetchall, (), {},
+                                     self._conn))
 
     def nextset(self) -> Any:
         return self._call(_FETCH, "Cursor.nextset", self._cur.nextset)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import importlib
 import logging
 import secrets
 import threading
@@ -39,7 +40,9 @@ from .events import Event, EventLog
 from .names import HostsFile
 
 __all__ = [
+    "BLUE_GREEN_PHASES",
     "FLAVOURS",
+    "BlueGreenRow",
     "Cluster",
     "ClusterEngine",
     "ClusterError",
@@ -150,6 +153,15 @@ class Naming:
         return f"?.{self.suffix}"
 
 
+def _old_naming(naming: Naming) -> Naming:
+    """The names RDS gives the old blue cluster after a switchover (``<name>-old1``)."""
+    return dataclasses.replace(naming, name=f"{naming.name}-old1")
+
+
+def _old_instance(naming: Naming) -> Callable[[str], str]:
+    return lambda instance_id: naming.instance(f"{instance_id}-old1")
+
+
 @dataclass
 class Instance:
     """One instance of a cluster. ``runtime`` is the instance runtime (a LocalServer for the
@@ -162,6 +174,9 @@ class Instance:
     lag: float = 0.0
     promoted_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Age in seconds the topology reports for this instance's status row (``None``: fresh
+    #: while it runs; see :meth:`Cluster.set_status_age`).
+    status_age: float | None = None
 
     @property
     def address(self) -> str:
@@ -170,6 +185,31 @@ class Instance:
     @property
     def port(self) -> int:
         return int(self.runtime.port)
+
+
+#: Blue/green switchover phases, in order, as the metadata's ``status`` column shows them.
+BLUE_GREEN_PHASES = (
+    "AVAILABLE",
+    "SWITCHOVER_INITIATED",
+    "SWITCHOVER_IN_PROGRESS",
+    "SWITCHOVER_IN_POST_PROCESSING",
+    "SWITCHOVER_COMPLETED",
+)
+_BLUE_ROLE = "BLUE_GREEN_DEPLOYMENT_SOURCE"
+_GREEN_ROLE = "BLUE_GREEN_DEPLOYMENT_TARGET"
+
+
+@dataclass(frozen=True)
+class BlueGreenRow:
+    """One row of blue/green metadata: ``(version, endpoint, port, role, status)`` as
+    ``get_blue_green_fast_switchover_metadata()`` / ``mysql.rds_topology`` show it. ``role``
+    is ``BLUE_GREEN_DEPLOYMENT_SOURCE`` (blue) or ``BLUE_GREEN_DEPLOYMENT_TARGET`` (green)."""
+
+    version: str
+    endpoint: str
+    port: int
+    role: str
+    status: str
 
 
 class ClusterEngine(abc.ABC):
@@ -230,6 +270,13 @@ class ClusterEngine(abc.ABC):
         """Before a graceful (targeted) failover: make sure nothing more is acknowledged by
         ``instance`` so the target can catch up. Default: nothing."""
 
+    def publish_blue_green(self, writer: Instance, rows: Sequence[BlueGreenRow]) -> None:
+        """Write blue/green metadata where the flavour's interface reads it (replacing what
+        was there; no rows: no deployment). Optional hook (added with the PostgreSQL
+        flavours); the default refuses."""
+        raise ClusterError(
+            f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
+
 
 EngineFactory = Callable[["Cluster"], ClusterEngine]
 _ENGINES: dict[str, EngineFactory] = {}
@@ -241,9 +288,27 @@ def register_engine(flavours: Sequence[str], factory: EngineFactory) -> None:
         _ENGINES[name] = factory
 
 
-def _load_engines() -> None:
-    # Imported lazily: each engine module registers itself.
-    from . import mysql_cluster, pg_cluster  # noqa: F401
+_ENGINE_MODULES = {"postgresql": "simulator.pg_cluster", "mariadb": "simulator.mysql_cluster"}
+
+
+def _load_engine(flavour: Flavour) -> EngineFactory:
+    """The factory of ``flavour``'s engine, importing its module on first use (each engine
+    module registers itself), so that one engine's module is not needed for the other's."""
+    if flavour.name not in _ENGINES:
+        module = _ENGINE_MODULES[flavour.engine]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            raise ClusterError(
+                f"flavour {flavour.name!r} needs {module}, which is not available") from exc
+    try:
+        return _ENGINES[flavour.name]
+    except KeyError:
+        raise ClusterError(
+            f"flavour {flavour.name!r}: {_ENGINE_MODULES[flavour.engine]} does not "
+            "implement it") from None
 
 
 class Cluster:
@@ -281,8 +346,13 @@ class Cluster:
         self._owner = ProcessIdentity.current()
         self._writer_endpoint_target: str | None = None
         self._stopped = False
-        _load_engines()
-        self.engine = _ENGINES[flavour](self)
+        #: The green cluster of a blue/green deployment this cluster is the blue side of.
+        self._green: Cluster | None = None
+        #: After a switchover: the green cluster this cluster's names now resolve to.
+        self._switched_to: Cluster | None = None
+        #: The blue cluster whose names resolve to this (green) cluster after a switchover.
+        self._renamed_by: Cluster | None = None
+        self.engine = _load_engine(self.flavour)(self)
 
     # --- creation and teardown ------------------------------------------------------------
     @classmethod
@@ -408,15 +478,35 @@ class Cluster:
         }
 
     # --- names ------------------------------------------------------------------------------
-    def _update_dns(self) -> None:
+    def _entries(self, writer_name: str, reader_name: str,
+                 instance_name: Callable[[str], str]) -> list[tuple[str, str]]:
+        """This cluster's addresses under the given names."""
         entries: list[tuple[str, str]] = []
         target = self._writer_endpoint_target
         if target is not None and target in self.instances:
-            entries.append((self.writer_endpoint, self.instances[target].address))
-        readers = self.readers or [self.writer]
-        entries += [(self.reader_endpoint, r.address) for r in readers]
-        entries += [(i.endpoint, i.address) for i in self.instances.values()]
+            entries.append((writer_name, self.instances[target].address))
+        running = [i for i in self.instances.values() if i.role != "stopped"]
+        readers = self.readers or [i for i in running if i.role == "writer"]
+        entries += [(reader_name, r.address) for r in readers]
+        entries += [(instance_name(i.id), i.address) for i in self.instances.values()]
+        return entries
+
+    def _update_dns(self) -> None:
+        green = self._switched_to
+        if green is None:
+            entries = self._entries(self.writer_endpoint, self.reader_endpoint,
+                                    self.naming.instance)
+        else:
+            # After a blue/green switchover the green cluster answers to this cluster's names
+            # and this (old blue) cluster is renamed with the suffix "-old1", as RDS does.
+            old = _old_naming(self.naming)
+            entries = green._entries(self.writer_endpoint, self.reader_endpoint,
+                                     self.naming.instance)
+            entries += self._entries(old.writer, old.reader, _old_instance(self.naming))
         self._hosts.set_cluster(self.name, entries, self._owner)
+        blue = self._renamed_by
+        if blue is not None and not blue._stopped:
+            blue._update_dns()  # our addresses also stand behind the blue cluster's names
 
     def _later(self, delay: float, action: Callable[[], None]) -> None:
         def run() -> None:
@@ -439,6 +529,19 @@ class Cluster:
         self._writer_endpoint_target = instance_id
         self._update_dns()
         self.events.record("dns_updated", instance_id, endpoint=self.writer_endpoint)
+
+    def _running_writer(self) -> Instance | None:
+        return next((i for i in self.instances.values() if i.role == "writer"), None)
+
+    def _publish(self) -> bool:
+        """Publish the topology if a writer runs (it is where the topology is written);
+        returns whether it did."""
+        writer = self._running_writer()
+        if writer is None:
+            return False
+        self.engine.publish_topology(writer)
+        self.events.record("topology_updated", writer.id, writer=writer.id)
+        return True
 
     # --- control plane ----------------------------------------------------------------------
     def failover(self, target: str | None = None, *, mode: str = "crash") -> list[Event]:
@@ -548,9 +651,11 @@ class Cluster:
             since = time.monotonic()
             instance = self.instance(instance_id)
             instance.runtime.kill()
-            instance.extra["previous_role"] = instance.role
+            if instance.role != "stopped":
+                instance.extra["previous_role"] = instance.role
             instance.role = "stopped"
             self.events.record("instance_killed", instance_id)
+            self._publish()  # its status row stops being refreshed
             return self.events.events(since=since)
 
     def stop_instance(self, instance_id: str) -> list[Event]:
@@ -558,9 +663,11 @@ class Cluster:
             since = time.monotonic()
             instance = self.instance(instance_id)
             instance.runtime.stop(cleanup=False)
-            instance.extra["previous_role"] = instance.role
+            if instance.role != "stopped":
+                instance.extra["previous_role"] = instance.role
             instance.role = "stopped"
             self.events.record("instance_stopped", instance_id)
+            self._publish()
             return self.events.events(since=since)
 
     def start_instance(self, instance_id: str) -> list[Event]:
@@ -580,6 +687,8 @@ class Cluster:
                 self._rejoin(instance_id)
                 return self.events.events(since=since)
             self.events.record("instance_started", instance_id, role=instance.role)
+            self._publish()
+            self._update_dns()
             return self.events.events(since=since)
 
     def reboot(self, instance_id: str) -> list[Event]:
@@ -656,6 +765,111 @@ class Cluster:
             self.timeline = dataclasses.replace(self.timeline, dns_staleness=seconds)
             event = self.events.record("dns_staleness_set", None, seconds=seconds)
             return [event]
+
+    def set_status_age(self, instance_id: str, seconds: float | None) -> list[Event]:
+        """Make the topology report ``instance_id``'s status as last updated ``seconds`` ago
+        (Aurora ignores reader rows older than 300 s); ``None``: fresh again (while it runs).
+        The instance itself keeps running; only what the topology says about it changes."""
+        with self._lock:
+            since = time.monotonic()
+            instance = self.instance(instance_id)
+            if seconds is not None and (
+                    not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+                    or seconds < 0):
+                raise ClusterError(f"status age: expected seconds >= 0 or None, got {seconds!r}")
+            instance.status_age = None if seconds is None else float(seconds)
+            if not self._publish():
+                raise ClusterError(f"cluster {self.name} has no running writer to publish to")
+            return self.events.events(since=since)
+
+    # --- blue/green -----------------------------------------------------------------------------
+    def create_blue_green(self, green: Cluster) -> list[Event]:
+        """Make this cluster the blue side of a blue/green deployment whose green side is
+        ``green`` (another running cluster of the same engine, on the same port, e.g.
+        started with ``port=blue.port``). Both clusters' metadata then show every endpoint
+        of both sides with status ``AVAILABLE``. :meth:`switchover` switches over."""
+        with self._lock:
+            since = time.monotonic()
+            if green is self:
+                raise ClusterError("blue/green: the green cluster must be another cluster")
+            if green._stopped or self._stopped:
+                raise ClusterError("blue/green: both clusters must be running")
+            if green.flavour.engine != self.flavour.engine:
+                raise ClusterError(
+                    f"blue/green: green cluster {green.name} is {green.flavour.engine}, "
+                    f"blue cluster {self.name} is {self.flavour.engine}")
+            if green.port != self.port:
+                raise ClusterError(
+                    f"blue/green: green cluster {green.name} listens on port {green.port}, "
+                    f"blue cluster {self.name} on {self.port}; start it with port={self.port}")
+            if self._green is not None or self._switched_to is not None:
+                raise ClusterError(f"cluster {self.name} is already in a blue/green deployment")
+            if green._green is not None or green._renamed_by is not None:
+                raise ClusterError(f"cluster {green.name} is already in a blue/green deployment")
+            self._green = green
+            self._publish_blue_green(BLUE_GREEN_PHASES[0], renamed=False)
+            self.events.record("switchover_phase", None, phase=BLUE_GREEN_PHASES[0],
+                               green=green.name)
+            return self.events.events(since=since)
+
+    def switchover(self) -> list[Event]:
+        """Switch a blue/green deployment over (:meth:`create_blue_green` first): the
+        metadata goes through ``SWITCHOVER_INITIATED``, ``SWITCHOVER_IN_PROGRESS`` (the blue
+        writer turns read-only), ``SWITCHOVER_IN_POST_PROCESSING`` (the names move: this
+        cluster's endpoints now resolve to the green cluster, this one is renamed
+        ``...-old1``; ``dns_updated``) and ``SWITCHOVER_COMPLETED``, each phase lasting
+        ``timeline.switchover_phase`` seconds. Records a ``switchover_phase`` event per phase
+        and ``switchover_finished``; returns them."""
+        with self._lock:
+            since = time.monotonic()
+            green = self._green
+            if green is None:
+                raise ClusterError(
+                    f"cluster {self.name} has no blue/green deployment; call "
+                    "create_blue_green(green) first")
+            renamed = False
+            for phase in BLUE_GREEN_PHASES[1:]:
+                time.sleep(self.timeline.switchover_phase)
+                if phase == "SWITCHOVER_IN_PROGRESS":
+                    writer = self.writer
+                    self.engine.set_read_only(writer, True)
+                    self.events.record("writer_read_only", writer.id, read_only=True)
+                elif phase == "SWITCHOVER_IN_POST_PROCESSING":
+                    renamed = True
+                    self._switched_to = green
+                    green._renamed_by = self
+                    self._update_dns()
+                    self.events.record("dns_updated", None, endpoint=self.writer_endpoint,
+                                       cluster=green.name)
+                self._publish_blue_green(phase, renamed=renamed)
+                self.events.record("switchover_phase", None, phase=phase, green=green.name)
+            self._green = None
+            self.events.record("switchover_finished", None, green=green.name)
+            return self.events.events(since=since)
+
+    def _blue_green_rows(self, status: str, *, renamed: bool) -> list[BlueGreenRow]:
+        green = self._green
+        assert green is not None
+        blue_naming = _old_naming(self.naming) if renamed else self.naming
+        green_naming = self.naming if renamed else green.naming
+        rows: list[BlueGreenRow] = []
+        for role, cluster, naming in ((_BLUE_ROLE, self, blue_naming),
+                                      (_GREEN_ROLE, green, green_naming)):
+            assert cluster.port is not None
+            rows.append(BlueGreenRow("1.0", naming.writer, cluster.port, role, status))
+            for instance in cluster.instances.values():
+                name = naming.instance(instance.id) if not (renamed and cluster is self) \
+                    else _old_instance(self.naming)(instance.id)
+                rows.append(BlueGreenRow("1.0", name, cluster.port, role, status))
+        return rows
+
+    def _publish_blue_green(self, status: str, *, renamed: bool) -> None:
+        green = self._green
+        assert green is not None
+        rows = self._blue_green_rows(status, renamed=renamed)
+        self.engine.publish_blue_green(self.writer, rows)
+        with green._lock:
+            green.engine.publish_blue_green(green.writer, rows)
 
     # --- helpers for tests and the CLI -------------------------------------------------------
     @contextlib.contextmanager

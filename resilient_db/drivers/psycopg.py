@@ -16,7 +16,7 @@ from psycopg import pq
 from psycopg.rows import tuple_row
 
 from .. import errors
-from .._pipeline import Call, Op, new_call
+from .._pipeline import Call, Op
 from .._properties import parse_bool
 from .._proxy import ConnectionProxy, CursorProxy, PipelinedContext
 from .base import DriverDialect, TxStatus
@@ -100,8 +100,8 @@ class PsycopgConnectionProxy(ConnectionProxy):
             cursor = raw.execute(query, *args, **kwargs)
         else:
             cursor = chain(
-                new_call(Call, (_EXECUTE, "Connection.execute", raw.execute, (query, *args),
-                                kwargs, self))
+                Call(_EXECUTE, "Connection.execute", raw.execute, (query, *args),
+                                kwargs, self)
             )
         return PsycopgCursorProxy(cursor, self)
 

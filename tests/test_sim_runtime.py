@@ -1,0 +1,288 @@
+"""The instance-runtime interface (simulator.runtime) and the backends that implement it.
+
+:func:`check_runtime_contract` is the contract every backend must meet, exercised against
+real servers: the local launcher here always, the Docker backend wherever a Docker daemon
+answers (marker ``docker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mysql.connector
+import psycopg
+import pytest
+
+from simulator import _addresses
+from simulator.local import LocalServer, SimulatorError
+from simulator.runtime import Engine, InstanceRuntime
+from simulator.testcontainers_backend import DockerServer, docker_unavailable_reason
+
+ENGINES: list[Engine] = ["postgresql", "mariadb"]
+#: A container's first start pulls nothing here (done before the timer) but initialises a
+#: data directory; a local server starts in well under a second.
+START_TIMEOUT = 120.0
+
+RuntimeFactory = Callable[[Engine], InstanceRuntime]
+
+# Static proof that both backends implement the interface (mypy --strict checks these).
+_LOCAL: type[InstanceRuntime] = LocalServer
+_DOCKER: type[InstanceRuntime] = DockerServer
+
+
+# --------------------------------------------------------------------------------------------
+# The contract
+
+
+def _connect(runtime: InstanceRuntime, **extra: Any) -> Any:
+    kwargs = {**runtime.connect_kwargs(), **extra}
+    if runtime.engine == "postgresql":
+        return psycopg.connect(**kwargs, autocommit=True, connect_timeout=10)
+    return mysql.connector.connect(**kwargs, use_pure=True, autocommit=True,
+                                   connection_timeout=10)
+
+
+def _query(conn: Any, sql: str) -> list[tuple[Any, ...]]:
+    cursor = conn.cursor()
+    try:
+        cursor.execute(sql)
+        return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+    finally:
+        cursor.close()
+
+
+def _rows(runtime: InstanceRuntime, sql: str) -> list[tuple[Any, ...]]:
+    conn = _connect(runtime)
+    try:
+        return _query(conn, sql)
+    finally:
+        conn.close()
+
+
+def _refused(host: str, port: int) -> bool:
+    """True if nothing accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+def _check_connection_strings(runtime: InstanceRuntime) -> None:
+    kwargs = runtime.connect_kwargs()
+    database_key = "dbname" if runtime.engine == "postgresql" else "database"
+    assert kwargs == {"host": runtime.host, "port": runtime.port, database_key: runtime.database,
+                      "user": runtime.user, "password": runtime.password}
+    # conninfo: the same pairs, with the driver's own key names.
+    pairs = dict(item.split("=", 1) for item in runtime.conninfo().split())
+    assert pairs == {key: str(value) for key, value in kwargs.items()}
+    uri = urllib.parse.urlsplit(runtime.uri())
+    assert uri.scheme == ("postgresql" if runtime.engine == "postgresql" else "mysql")
+    assert (uri.hostname, uri.port, uri.username, uri.password, uri.path) == (
+        runtime.host, runtime.port, runtime.user, runtime.password, f"/{runtime.database}")
+    if runtime.engine == "postgresql":
+        # libpq accepts both forms as they are.
+        for dsn in (runtime.conninfo(), runtime.uri()):
+            with psycopg.connect(dsn, connect_timeout=10) as conn:
+                assert conn.execute("SELECT current_database()").fetchone() == (
+                    runtime.database,)
+
+
+def check_runtime_contract(factory: RuntimeFactory, engine: Engine) -> None:
+    """Drive one runtime from ``factory(engine)`` (created, not started) through its whole
+    lifecycle and check every member of :class:`InstanceRuntime` on the way.
+
+    The runtime is removed at the end, also when a check fails.
+    """
+    runtime = factory(engine)
+    try:
+        _check_contract(runtime, engine)
+    finally:
+        runtime.stop()
+
+
+def _check_contract(runtime: InstanceRuntime, engine: Engine) -> None:
+    # Identity: fixed, well-typed facts.
+    assert isinstance(runtime, InstanceRuntime)
+    assert runtime.engine == engine
+    assert isinstance(ipaddress.ip_address(runtime.host), ipaddress.IPv4Address)
+    assert isinstance(runtime.port, int) and 0 < runtime.port < 65536
+    for text in (runtime.user, runtime.password, runtime.database):
+        assert isinstance(text, str) and text
+    data_dir = runtime.data_dir
+    assert data_dir is None or isinstance(data_dir, Path)
+    address = (runtime.host, runtime.port)
+    assert not runtime.is_running()
+    assert isinstance(runtime.log_tail(), str)
+
+    # start: ready for connections when it returns; a second start changes nothing.
+    assert runtime.start(timeout=START_TIMEOUT) is runtime
+    assert runtime.is_running()
+    _check_connection_strings(runtime)
+    conn = _connect(runtime)
+    try:
+        _query(conn, "CREATE TABLE contract (id int primary key)")
+        _query(conn, "INSERT INTO contract VALUES (1)")
+        assert runtime.start(timeout=START_TIMEOUT) is runtime
+        assert _query(conn, "SELECT count(*) FROM contract") == [(1,)]  # not restarted
+    finally:
+        conn.close()
+    assert runtime.log_tail(5).count("\n") < 5
+
+    # kill: a crash. Connections break, nothing listens, committed data survives.
+    conn = _connect(runtime)
+    runtime.kill()
+    assert not runtime.is_running()
+    with pytest.raises((psycopg.Error, mysql.connector.Error)):
+        _query(conn, "SELECT 1")
+    with contextlib.suppress(Exception):
+        conn.close()
+    assert _refused(*address)
+    runtime.kill()  # a no-op when not running
+    assert isinstance(runtime.log_tail(), str)
+
+    runtime.start(timeout=START_TIMEOUT)
+    assert (runtime.host, runtime.port) == address
+    assert _rows(runtime, "SELECT id FROM contract") == [(1,)]
+    _rows(runtime, "INSERT INTO contract VALUES (2)")
+
+    # stop(cleanup=False): a clean shutdown that keeps everything for the next start.
+    runtime.stop(cleanup=False)
+    assert not runtime.is_running()
+    assert _refused(*address)
+    if data_dir is not None:
+        assert data_dir.is_dir()
+    runtime.start(timeout=START_TIMEOUT)
+    assert (runtime.host, runtime.port) == address
+    assert _rows(runtime, "SELECT id FROM contract ORDER BY id") == [(1,), (2,)]
+
+    # stop(): removed for good; idempotent; no way back.
+    runtime.stop()
+    assert not runtime.is_running()
+    assert _refused(*address)
+    if data_dir is not None:
+        assert not data_dir.exists()
+    runtime.stop()
+    runtime.kill()
+    with pytest.raises(SimulatorError):
+        runtime.start(timeout=START_TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------------
+# The interface itself
+
+
+class _Partial:
+    """Has the attributes but not the crash method: not a runtime."""
+
+    engine = "postgresql"
+    host = "127.0.0.1"
+    port = 5432
+    user = password = database = "x"
+    data_dir = None
+
+    def start(self, timeout: float = 1.0) -> _Partial:
+        return self
+
+    def stop(self, *, cleanup: bool = True, timeout: float = 1.0) -> None:
+        pass
+
+    def is_running(self) -> bool:
+        return False
+
+    def connect_kwargs(self) -> dict[str, str | int]:
+        return {}
+
+    def conninfo(self) -> str:
+        return ""
+
+    def uri(self) -> str:
+        return ""
+
+    def log_tail(self, lines: int = 1) -> str:
+        return ""
+
+
+@pytest.mark.unit
+def test_runtime_checkable_rejects_an_incomplete_object() -> None:
+    assert not isinstance(_Partial(), InstanceRuntime)
+
+
+@pytest.mark.unit
+def test_protocol_lists_exactly_the_members_the_cluster_uses() -> None:
+    members = {name for name in vars(InstanceRuntime) if not name.startswith("_")}
+    assert members == {"engine", "host", "port", "user", "password", "database", "data_dir",
+                       "start", "stop", "kill", "is_running", "connect_kwargs", "conninfo",
+                       "uri", "log_tail"}
+
+
+# --------------------------------------------------------------------------------------------
+# The local backend
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("engine", ENGINES)
+def test_local_server_meets_the_runtime_contract(engine: Engine) -> None:
+    check_runtime_contract(LocalServer.create, engine)
+
+
+@pytest.mark.real_server
+def test_local_server_is_an_instance_runtime() -> None:
+    server = LocalServer.create("postgresql")
+    try:
+        assert isinstance(server, InstanceRuntime)
+        assert server.data_dir is not None and server.data_dir.is_dir()
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The Docker backend (unverified where no Docker daemon answers)
+
+
+@pytest.fixture(scope="module")
+def docker_daemon() -> Iterator[None]:
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    yield
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("engine", ENGINES)
+def test_docker_server_meets_the_runtime_contract(docker_daemon: None, engine: Engine) -> None:
+    check_runtime_contract(DockerServer.create, engine)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("engine", "flavour"), [("postgresql", "rds-pg"),
+                                                 ("mariadb", "aurora-mysql"),
+                                                 ("oracle", None)])
+def test_docker_server_refuses_what_it_cannot_run(engine: Any, flavour: str | None) -> None:
+    with pytest.raises(ValueError, match=r"flavour|engine"):
+        DockerServer.create(engine, flavour)
+
+
+@pytest.mark.unit
+def test_docker_server_before_start_claims_an_address_and_stop_releases_it() -> None:
+    server = DockerServer.create("mariadb", settings={"max_connections": 50})
+    try:
+        assert isinstance(server, InstanceRuntime)
+        assert server.data_dir is None
+        assert (server.user, server.password, server.database, server.port) == (
+            "root", "root", "test", 3306)
+        assert server.connect_kwargs()["database"] == "test"
+        assert _addresses.claim_is_held(server.host)
+        assert not server.is_running()
+        assert server.log_tail() == ""
+    finally:
+        server.stop()  # nothing was created on Docker: only the claim goes
+    assert not _addresses.claim_is_held(server.host)
+    with pytest.raises(SimulatorError):
+        server.start()
