@@ -119,3 +119,15 @@ def test_dev_execute_callback_and_op_filter(backend: Backend) -> None:
 def test_dev_rejects_non_exceptions() -> None:
     with pytest.raises(TypeError, match="exception"):
         dev.raise_on_next_execute("boom")  # type: ignore[arg-type]
+
+
+def test_dev_is_dormant_until_armed(backend: Backend) -> None:
+    conn = backend.connect(plugins="dev")
+    chains = conn.resilient.pipeline.chains
+    assert chains.execute is None  # nothing armed: the dev plugin costs nothing
+    dev.raise_on_next_execute(RuntimeError("armed"), connection=conn)
+    assert chains.execute is not None
+    with pytest.raises(RuntimeError, match="armed"):
+        conn.cursor().execute("SELECT 1")
+    assert chains.execute is None  # the last fault fired: dormant again
+    conn.close()

@@ -261,3 +261,28 @@ def test_repr_names_host_and_plugins(backend: Backend) -> None:
     assert "execute_time" in repr(conn)
     assert backend.kwargs["host"] in repr(conn)
     conn.close()
+
+
+class Reentrant(Plugin):
+    """Runs another statement on the application's own cursor from inside its hook."""
+
+    code = "reentrant"
+    intercepts = frozenset({Op.EXECUTE})
+    cursor: Any = None
+
+    def execute(self, call: Call, proceed: Handler) -> Any:
+        if call.args[0] == "SELECT 1" and Reentrant.cursor is not None:
+            inner = Reentrant.cursor
+            Reentrant.cursor = None
+            inner.execute("SELECT 2")
+            assert inner.fetchone() == (2,)
+        return proceed(call)
+
+
+def test_reentrant_statement_gets_its_own_call(backend: Backend) -> None:
+    conn = backend.connect(plugins=[Reentrant])
+    cur = conn.cursor()
+    Reentrant.cursor = cur
+    cur.execute("SELECT 1")
+    assert cur.fetchone() == (1,)  # the outer call kept its own statement
+    conn.close()

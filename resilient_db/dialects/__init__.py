@@ -46,7 +46,6 @@ from .pg import AuroraPgDialect, MultiAzPgDialect, PgDialect, RdsPgDialect
 
 __all__ = [
     "DETECTION_ORDER",
-    "aurora_mysql_lookalike",
     "STALE_AFTER",
     "Answer",
     "AuroraMysqlDialect",
@@ -67,6 +66,7 @@ __all__ = [
     "TopologyRow",
     "Verdict",
     "Verification",
+    "aurora_mysql_lookalike",
     "cached_detect",
     "clear_cache",
     "detect",

@@ -68,8 +68,7 @@ class ExecuteTimePlugin(Plugin):
                 stats.last = elapsed
                 if not ok:
                     stats.failures += 1
-                if elapsed > stats.slowest:
-                    stats.slowest = elapsed
+                stats.slowest = max(stats.slowest, elapsed)
                 if elapsed > slow:
                     warn(call, elapsed)
                 if debug:
