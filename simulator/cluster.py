@@ -41,6 +41,7 @@ from .names import HostsFile
 
 __all__ = [
     "BLUE_GREEN_PHASES",
+    "FIRST_INSTANCE",
     "FLAVOURS",
     "BlueGreenRow",
     "Cluster",
@@ -55,6 +56,12 @@ __all__ = [
 LOGGER = logging.getLogger("resilient_db.simulator")
 
 Role = Literal["writer", "reader", "stopped"]
+
+
+#: Id of a cluster's first instance (its first writer).
+FIRST_INSTANCE = "instance-1"
+#: DNS domain of the plain flavours (pg, mysql), which are not RDS.
+_PLAIN_DOMAIN = "sim.internal"
 
 
 class ClusterError(RuntimeError):
@@ -334,8 +341,11 @@ class Cluster:
         if not self.name.isalnum() or not self.name[0].isalpha():
             raise ClusterError(
                 f"name {self.name!r}: expected letters and digits, starting with a letter")
+        # Plain PostgreSQL/MySQL are not RDS: their names must not look like RDS names,
+        # which clients (the AWS wrapper) take as proof of RDS or Aurora.
+        domain = _PLAIN_DOMAIN if self.flavour.interface == "plain" else Naming.domain
         self.naming = Naming(self.name.lower(), cluster_id or f"c{secrets.token_hex(6)}",
-                             region)
+                             region, domain)
         self.timeline = timeline or Timeline()
         self.port = port
         self.events = EventLog()
@@ -367,7 +377,7 @@ class Cluster:
 
     def _start(self) -> None:
         self._hosts.sweep()
-        writer_id = "instance-1"
+        writer_id = FIRST_INSTANCE
         runtime = self.engine.create_writer(writer_id)
         writer = self._add(writer_id, "writer", runtime)
         self.events.record("instance_started", writer_id, role="writer")
@@ -432,11 +442,23 @@ class Cluster:
         return self.naming.host_pattern
 
     @property
+    def single_instance(self) -> bool:
+        """True for the single-instance flavours (rds-pg, pg, rds-mysql, mysql)."""
+        return self.flavour.max_readers == 0
+
+    @property
     def writer_endpoint(self) -> str:
+        """The cluster (writer) endpoint; a single-instance flavour has none (RDS gives a
+        DB instance only its instance endpoint), so this is the instance's endpoint."""
+        if self.single_instance:
+            return self.naming.instance(FIRST_INSTANCE)
         return self.naming.writer
 
     @property
     def reader_endpoint(self) -> str:
+        """The reader endpoint (the instance endpoint for a single-instance flavour)."""
+        if self.single_instance:
+            return self.naming.instance(FIRST_INSTANCE)
         return self.naming.reader
 
     def instance(self, instance_id: str) -> Instance:
@@ -480,7 +502,10 @@ class Cluster:
     # --- names ------------------------------------------------------------------------------
     def _entries(self, writer_name: str, reader_name: str,
                  instance_name: Callable[[str], str]) -> list[tuple[str, str]]:
-        """This cluster's addresses under the given names."""
+        """This cluster's addresses under the given names (instance names only for a
+        single-instance flavour)."""
+        if self.single_instance:
+            return [(instance_name(i.id), i.address) for i in self.instances.values()]
         entries: list[tuple[str, str]] = []
         target = self._writer_endpoint_target
         if target is not None and target in self.instances:
@@ -856,7 +881,8 @@ class Cluster:
         for role, cluster, naming in ((_BLUE_ROLE, self, blue_naming),
                                       (_GREEN_ROLE, green, green_naming)):
             assert cluster.port is not None
-            rows.append(BlueGreenRow("1.0", naming.writer, cluster.port, role, status))
+            if not cluster.single_instance:
+                rows.append(BlueGreenRow("1.0", naming.writer, cluster.port, role, status))
             for instance in cluster.instances.values():
                 name = naming.instance(instance.id) if not (renamed and cluster is self) \
                     else _old_instance(self.naming)(instance.id)

@@ -9,7 +9,7 @@ Flavours (see :data:`simulator.cluster.FLAVOURS`):
   ``SHOW REPLICA STATUS`` on readers naming the writer's server id, ``report_host`` set and
   ``version_comment`` 'Source distribution' (the launcher's patched binary).
 - ``aurora-mysql``: writer + 0-15 readers; ``aurora_sim.replica_host_status`` (a view with
-  Aurora's columns) and ``aurora_sim.aurora_server_id()`` stand in for
+  the five columns of Aurora's that clients read) and ``aurora_sim.aurora_server_id()`` stand in for
   ``information_schema.replica_host_status`` and ``@@aurora_server_id``, which MariaDB cannot
   define. Read it with ``aurora_mysql_lookalike_schema="aurora_sim"``.
 - ``rds-mysql`` / ``mysql``: a single instance (no readers).
@@ -181,6 +181,9 @@ class MysqlClusterEngine(ClusterEngine):
         # Deposed writer -> sequence number the new writer had when promoted: anything the old
         # writer has beyond it was never acknowledged and must not come back.
         self._fork_points: dict[str, int] = {}
+        # Configured replica lag (MASTER_DELAY) per instance; promotion clears it (RESET SLAVE
+        # ALL forgets it), whatever Instance.lag still says.
+        self._delays: dict[str, float] = {}
 
     # --- servers ----------------------------------------------------------------------------
     def _settings(self, instance_id: str, *, replica: bool,
@@ -377,7 +380,7 @@ class MysqlClusterEngine(ClusterEngine):
             if instance.status_age is not None:  # Cluster.set_status_age
                 frozen = now - instance.status_age
             session = WRITER_SESSION_ID if role == "writer" else self._session_ids[instance.id]
-            lag_ms = 0.0 if role == "writer" else instance.lag * 1000.0
+            lag_ms = 0.0 if role == "writer" else self._delays.get(instance.id, 0.0) * 1000.0
             statements.append((
                 f"INSERT INTO {schema}.instance_status VALUES "
                 "(%s, %s, %s, %s, IF(%s IS NULL, NULL, FROM_UNIXTIME(%s)))",
@@ -408,7 +411,7 @@ class MysqlClusterEngine(ClusterEngine):
     def _forget(self, instance_id: str) -> None:
         tables: tuple[dict[str, Any], ...] = (
             self._server_ids, self._session_ids, self._reported_role, self._down_since,
-            self._fork_points)
+            self._fork_points, self._delays)
         for table in tables:
             table.pop(instance_id, None)
 
@@ -498,6 +501,7 @@ class MysqlClusterEngine(ClusterEngine):
                 sql.run("RESET SLAVE ALL")
                 sql.run("SET GLOBAL read_only = OFF")
                 fork = gtid_seq(sql.value("SELECT @@gtid_binlog_pos"))
+            self._delays.pop(instance.id, None)
             deposed = self._writer_id
             if deposed is not None and deposed != instance.id:
                 self._fork_points[deposed] = fork
@@ -509,7 +513,7 @@ class MysqlClusterEngine(ClusterEngine):
             return  # configured when it is started again (rejoin)
         with self._sql(server) as sql:
             sql.run("STOP SLAVE")
-            self._point_at(sql, writer, delay=replica.lag)
+            self._point_at(sql, writer, delay=self._delays.get(replica.id, 0.0))
             sql.run("START SLAVE")
         self._await_connected(server, writer)
 
@@ -587,7 +591,7 @@ class MysqlClusterEngine(ClusterEngine):
         instance = next(i for i in self.cluster.instances.values() if i.runtime is server)
         with self._sql(server) as sql:
             sql.run("STOP SLAVE")
-            self._point_at(sql, writer, delay=instance.lag)
+            self._point_at(sql, writer, delay=self._delays.get(instance.id, 0.0))
             sql.run("START SLAVE")
         return self._await_joined(server, writer, applied=False)
 
@@ -613,6 +617,10 @@ class MysqlClusterEngine(ClusterEngine):
             sql.run("STOP SLAVE")
             sql.run("CHANGE MASTER TO MASTER_DELAY = %s", (math.ceil(seconds),))
             sql.run("START SLAVE")
+        if seconds:
+            self._delays[instance.id] = seconds
+        else:
+            self._delays.pop(instance.id, None)
 
     def stop_writes(self, instance: Instance) -> None:
         with self._sql(self._server(instance)) as sql:

@@ -607,7 +607,8 @@ class PgClusterEngine(ClusterEngine):
         self._apply(replica)
         self._wait_streaming(replica, writer)
 
-    def _wait_streaming(self, replica: Instance, writer: Instance) -> None:
+    def _wait_streaming(self, replica: Instance, writer: Instance,
+                        timeout: float = _SETTLE_TIMEOUT) -> None:
         address = writer.address
 
         def streaming() -> bool:
@@ -617,14 +618,48 @@ class PgClusterEngine(ClusterEngine):
                     "SELECT status, sender_host FROM pg_catalog.pg_stat_wal_receiver").fetchone()
             return row is not None and row[0] == "streaming" and row[1] == address
 
-        self._wait_for(f"{replica.id} to stream from {writer.id}", streaming)
+        self._wait_for(f"{replica.id} to stream from {writer.id}", streaming, timeout)
 
     def rejoin(self, old_writer: Instance, writer: Instance) -> None:
+        """Bring a stopped instance back as a reader of ``writer``.
+
+        A former writer is rewound first (``pg_rewind``: its last WAL may never have reached
+        the new writer). A former reader just starts again as a standby: running
+        ``pg_rewind`` on a crashed standby would first finish its crash recovery in
+        single-user mode, which writes a checkpoint of its own on the writer's timeline that
+        ``pg_rewind`` cannot see as a divergence. Only if the reader then cannot stream (it
+        had received WAL the new writer never got) is it stopped cleanly and rewound.
+        """
         server: LocalServer = old_writer.runtime
         if server.is_running():
             server.stop(cleanup=False)
-        # pg_rewind first finishes crash recovery in single-user mode, which refuses to run
-        # with a standby.signal; the signal file is written again below.
+        state = self._state(old_writer.id)
+        was_writer = state.upstream is None
+        if was_writer:
+            self._rewind(old_writer, writer)
+        state.upstream = writer.id
+        state.read_only = False
+        state.lag = old_writer.lag
+        state.sync_readers = ()
+        state.session_id = str(uuid.uuid4())
+        self._start_standby(old_writer)
+        try:
+            self._wait_streaming(old_writer, writer, timeout=3.0 if not was_writer else
+                                 _SETTLE_TIMEOUT)
+        except ClusterError:
+            if was_writer:
+                raise
+            LOGGER.info("%s cannot stream from %s; rewinding it", old_writer.id, writer.id)
+            server.stop(cleanup=False)
+            self._rewind(old_writer, writer)
+            self._start_standby(old_writer)
+            self._wait_streaming(old_writer, writer)
+
+    def _rewind(self, instance: Instance, writer: Instance) -> None:
+        """``pg_rewind`` the stopped ``instance`` to ``writer``'s history."""
+        server: LocalServer = instance.runtime
+        # pg_rewind finishes the crash recovery of a killed server in single-user mode,
+        # which refuses to run with a standby.signal (written again when it starts).
         for signal_file in ("standby.signal", "recovery.signal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(server.data_dir / signal_file)
@@ -634,18 +669,14 @@ class PgClusterEngine(ClusterEngine):
             "--source-server",
             f"host={source.socket_dir} port={source.port} user={_SUPERUSER} dbname=postgres",
             "--no-sync",
-        ], what=f"pg_rewind of {old_writer.id} from {writer.id}")
-        LOGGER.debug("pg_rewind %s: %s", old_writer.id, output.strip().splitlines()[-1:])
-        state = self._state(old_writer.id)
-        state.upstream = writer.id
-        state.read_only = False
-        state.lag = old_writer.lag
-        state.sync_readers = ()
-        state.session_id = str(uuid.uuid4())
-        self._apply(old_writer, reload=False)
+        ], what=f"pg_rewind of {instance.id} from {writer.id}")
+        LOGGER.debug("pg_rewind %s: %s", instance.id, output.strip().splitlines()[-1:])
+
+    def _start_standby(self, instance: Instance) -> None:
+        server: LocalServer = instance.runtime
+        self._apply(instance, reload=False)  # also replaces what pg_rewind copied
         server.write_data_file("standby.signal", "")
         server.start()
-        self._wait_streaming(old_writer, writer)
 
     # ---- writer and replica behaviour ------------------------------------------------------
     def set_read_only(self, instance: Instance, read_only: bool) -> None:

@@ -221,11 +221,15 @@ def with_suppressed_close(conn: Any) -> None:
 # fixtures: one cluster per flavour for the module, settled before each test
 
 
+#: Seconds each module cluster took to start, by flavour.
+STARTUP: dict[str, float] = {}
+
+
 @pytest.fixture(scope="module")
 def multi_az_cluster() -> Iterator[Cluster]:
     started = time.monotonic()
     with Cluster.start("multi-az-mysql") as cluster:
-        cluster.startup_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+        STARTUP[cluster.flavour.name] = time.monotonic() - started
         yield cluster
 
 
@@ -250,7 +254,7 @@ def au(aurora_cluster: Cluster) -> Cluster:
 
 
 def test_three_instance_cluster_starts_quickly(multi_az_cluster: Cluster) -> None:
-    assert multi_az_cluster.startup_seconds < 10.0  # type: ignore[attr-defined]
+    assert STARTUP["multi-az-mysql"] < 10.0
     assert [i.role for i in multi_az_cluster.instances.values()].count("reader") == 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -343,13 +344,24 @@ def test_explicit_host_and_port(local_server_factory: LocalServerFactory) -> Non
     assert mysql_rows(fixed, "SELECT @@port") == [(port,)]
 
 
+def _named_dirs(name: str) -> list[Path]:
+    """Server directories whose metadata names ``name`` (other tests' servers may come and
+    go in the shared directory meanwhile)."""
+    found = []
+    for meta in (_addresses.sim_root() / "servers").glob("*/meta.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(meta.read_text()).get("name") == name:
+                found.append(meta.parent)
+    return found
+
+
 def test_start_failure_reports_the_log_and_cleans_up() -> None:
-    before = set(os.listdir(_addresses.sim_root() / "servers"))
+    name = f"failing-start-{os.getpid()}"
     with pytest.raises(ServerStartError, match="shared_buffers") as caught:
-        start_postgres(settings={"shared_buffers": "plenty"}, timeout=10)
+        start_postgres(settings={"shared_buffers": "plenty"}, timeout=10, name=name)
     assert "exited with status" in caught.value.message
     assert "invalid value for parameter" in caught.value.log_tail
-    assert set(os.listdir(_addresses.sim_root() / "servers")) == before
+    assert _named_dirs(name) == []
 
 
 def test_start_after_removal_is_refused() -> None:

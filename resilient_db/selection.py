@@ -1,0 +1,295 @@
+"""Reader selection strategies, shared by failover and (later) read/write splitting.
+
+Each strategy is a small frozen object with one method, ``select(candidates, ctx)``, that
+returns one of ``candidates`` or ``None`` when there are none. Everything that varies between
+calls is injected through one :class:`SelectionContext`: the random generator, the
+round-robin cursor, open-connection counts, measured response times and the clock. So
+strategies are pure given their context, and tests seed the generator.
+
+The names are the AWS Advanced Python Wrapper's (``reader_host_selector_strategy``):
+``random``, ``round_robin``, ``least_connections``, ``highest_weight``, ``weighted_random``,
+``fastest_response``. :func:`strategy_from_name` turns a name into a strategy.
+
+Replica lag is handled once, outside the strategies, by :func:`within_lag` (and
+:func:`choose`, which records the choice as a decision value).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar, Protocol
+
+from ._decisions import Decision
+from .errors import ConfigurationError
+from .hosts import Host
+
+__all__ = [
+    "STRATEGY_NAMES",
+    "FastestResponse",
+    "HighestWeight",
+    "LeastConnections",
+    "Random",
+    "ReaderChoice",
+    "RoundRobin",
+    "RoundRobinCursor",
+    "SelectionContext",
+    "Strategy",
+    "WeightedRandom",
+    "choose",
+    "strategy_from_name",
+    "within_lag",
+]
+
+_NO_COUNTS: Mapping[str, int] = MappingProxyType({})
+_NO_TIMES: Mapping[str, tuple[float, float]] = MappingProxyType({})
+
+
+class RoundRobinCursor:
+    """Where a round robin stands: the last address chosen and how many turns it has had.
+    Shared by every selection for one cluster (so it is mutable, and thread-safe)."""
+
+    __slots__ = ("_last", "_lock", "_turns")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: str | None = None
+        self._turns = 0
+
+    def advance(self, candidates: Sequence[Host]) -> Host:
+        """The next host in address order after the last one chosen (wrapping round); a host
+        of weight ``w`` gets ``max(1, int(w))`` consecutive turns. Hosts that joined or left
+        since the last call are simply in or out of the cycle."""
+        ring = sorted(candidates, key=lambda h: h.address)
+        with self._lock:
+            current = next((h for h in ring if h.address == self._last), None)
+            if current is not None and self._turns < max(1, int(current.weight)):
+                self._turns += 1
+                return current
+            last = self._last
+            chosen = ring[0] if last is None else next(
+                (h for h in ring if h.address > last), ring[0]
+            )
+            self._last, self._turns = chosen.address, 1
+            return chosen
+
+    @property
+    def last(self) -> str | None:
+        """The address chosen last (``None``: nothing chosen yet)."""
+        return self._last
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a strategy may look at besides the candidates.
+
+    ``rng``: the random generator (seed it in tests). ``now``: the injected clock (monotonic
+    seconds). ``cursor``: the round-robin state (``None``: round robin is not in use).
+    ``connections``: open connections per address (absent: 0). ``response_times``: per
+    address, ``(seconds, measured_at)`` from the fastest-response monitor (absent: not
+    measured).
+    """
+
+    rng: random.Random = field(default_factory=random.Random)
+    now: float = 0.0
+    cursor: RoundRobinCursor | None = None
+    connections: Mapping[str, int] = field(default_factory=lambda: _NO_COUNTS)
+    response_times: Mapping[str, tuple[float, float]] = field(default_factory=lambda: _NO_TIMES)
+
+
+class Strategy(Protocol):
+    """A reader selection strategy."""
+
+    name: ClassVar[str]
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        """One of ``candidates``; ``None`` only when ``candidates`` is empty."""
+        ...
+
+
+def _pick(ties: Sequence[Host], ctx: SelectionContext) -> Host:
+    # Ties are broken at random so that equal hosts share the load.
+    return ties[0] if len(ties) == 1 else ctx.rng.choice(list(ties))
+
+
+def _best(candidates: Sequence[Host], score: Callable[[Host], float], ctx: SelectionContext,
+          ) -> Host | None:
+    """The candidate with the lowest score (ties at random)."""
+    if not candidates:
+        return None
+    low = min(score(h) for h in candidates)
+    return _pick([h for h in candidates if score(h) == low], ctx)
+
+
+@dataclass(frozen=True)
+class Random:
+    """Uniformly at random."""
+
+    name: ClassVar[str] = "random"
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        return ctx.rng.choice(list(candidates)) if candidates else None
+
+
+@dataclass(frozen=True)
+class RoundRobin:
+    """In turn, in address order, through ``ctx.cursor`` (required); weights give
+    consecutive turns (see :meth:`RoundRobinCursor.advance`)."""
+
+    name: ClassVar[str] = "round_robin"
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        if not candidates:
+            return None
+        if ctx.cursor is None:
+            raise ValueError("round_robin needs a RoundRobinCursor in SelectionContext.cursor")
+        return ctx.cursor.advance(candidates)
+
+
+@dataclass(frozen=True)
+class LeastConnections:
+    """The host with the fewest open connections (``ctx.connections``)."""
+
+    name: ClassVar[str] = "least_connections"
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        return _best(candidates, lambda h: ctx.connections.get(h.address, 0), ctx)
+
+
+@dataclass(frozen=True)
+class HighestWeight:
+    """The host with the highest weight."""
+
+    name: ClassVar[str] = "highest_weight"
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        return _best(candidates, lambda h: -h.weight, ctx)
+
+
+@dataclass(frozen=True)
+class WeightedRandom:
+    """At random, in proportion to weight; uniformly when every weight is 0."""
+
+    name: ClassVar[str] = "weighted_random"
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        if not candidates:
+            return None
+        weights = [h.weight for h in candidates]
+        if sum(weights) <= 0:
+            return ctx.rng.choice(list(candidates))
+        return ctx.rng.choices(list(candidates), weights=weights)[0]
+
+
+@dataclass(frozen=True)
+class FastestResponse:
+    """The host with the lowest measured response time. Measurements older than
+    ``max_age`` seconds (at ``ctx.now``) are ignored; when no host has a usable measurement,
+    the choice is random."""
+
+    max_age: float = 60.0
+    name: ClassVar[str] = "fastest_response"
+
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        def seconds(host: Host) -> float:
+            measured = ctx.response_times.get(host.address)
+            if measured is None or ctx.now - measured[1] > self.max_age:
+                return float("inf")
+            return measured[0]
+
+        return _best(candidates, seconds, ctx)
+
+
+_STRATEGIES: dict[str, Callable[[], Strategy]] = {
+    cls.name: cls
+    for cls in (Random, RoundRobin, LeastConnections, HighestWeight, WeightedRandom,
+                FastestResponse)
+}
+STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGIES)
+
+
+def strategy_from_name(name: str, *, parameter: str = "reader_host_selector_strategy",
+                       ) -> Strategy:
+    """The strategy called ``name`` (case-insensitive, ``-`` or ``_``); a
+    ``ConfigurationError`` naming ``parameter`` and the valid names otherwise."""
+    key = name.strip().lower().replace("-", "_")
+    factory = _STRATEGIES.get(key)
+    if factory is None:
+        raise ConfigurationError(
+            f"{parameter}: unknown strategy {name!r}; expected one of "
+            f"{', '.join(STRATEGY_NAMES)}",
+            parameter=parameter,
+            value=name,
+        )
+    return factory()
+
+
+# --- replica lag and the recorded choice -------------------------------------------------
+
+
+def within_lag(candidates: Sequence[Host], max_lag: float | None,
+               ) -> tuple[tuple[Host, ...], tuple[Host, ...]]:
+    """Split ``candidates`` into (eligible, skipped) by the replica lag cap ``max_lag``
+    (seconds; ``None``: no cap).
+
+    A host whose lag is unknown (``None``) counts as within the cap: Aurora does not report the
+    writer's lag and Multi-AZ reports none, and excluding them would exclude everything.
+    When *no* host is within the cap, the least-lagged hosts are eligible (all hosts sharing
+    the lowest lag) rather than none: a slightly stale reader beats failing the
+    connection, and choosing the least stale keeps the cap's intent.
+    """
+    if max_lag is None or not candidates:
+        return tuple(candidates), ()
+    under = tuple(h for h in candidates if h.lag is None or h.lag <= max_lag)
+    if not under:
+        low = min(h.lag for h in candidates if h.lag is not None)
+        under = tuple(h for h in candidates if h.lag == low)
+    eligible = {h.address for h in under}
+    return under, tuple(h for h in candidates if h.address not in eligible)
+
+
+@dataclass(frozen=True)
+class ReaderChoice:
+    """One reader selection, for telemetry. ``host`` ``None``: no candidate. ``skipped`` are
+    the addresses left out for lag; ``over_cap`` says every candidate was over the cap and the
+    least-lagged was taken anyway."""
+
+    host: Host | None
+    strategy: str
+    candidates: int
+    skipped: tuple[str, ...] = ()
+    over_cap: bool = False
+
+    def to_decision(self) -> Decision:
+        attributes: dict[str, object] = {
+            "resilient_db.selection.strategy": self.strategy,
+            "resilient_db.selection.candidates": self.candidates,
+            "resilient_db.selection.skipped_for_lag": self.skipped,
+            "resilient_db.selection.over_lag_cap": self.over_cap,
+        }
+        if self.host is not None:
+            attributes["server.address"] = self.host.host
+            if self.host.port is not None:
+                attributes["server.port"] = self.host.port
+            if self.host.instance_id is not None:
+                attributes["resilient_db.instance.id"] = self.host.instance_id
+        return Decision("reader.selected", None, MappingProxyType(attributes))
+
+
+def choose(strategy: Strategy, candidates: Sequence[Host], ctx: SelectionContext, *,
+           max_lag: float | None = None) -> ReaderChoice:
+    """Apply the lag cap (:func:`within_lag`), then ``strategy``."""
+    eligible, skipped = within_lag(candidates, max_lag)
+    over_cap = bool(eligible) and max_lag is not None and all(
+        h.lag is not None and h.lag > max_lag for h in eligible
+    )
+    return ReaderChoice(
+        strategy.select(eligible, ctx),
+        strategy.name,
+        len(candidates),
+        tuple(h.address for h in skipped),
+        over_cap,
+    )
