@@ -470,8 +470,10 @@ class Cluster:
                 f"{', '.join(self.instances)}") from None
 
     def connect_kwargs(self, endpoint: str | None = None) -> dict[str, Any]:
-        """Driver keyword arguments for ``endpoint`` (default: the writer endpoint)."""
-        kwargs = dict(self.writer.runtime.connect_kwargs())
+        """Driver keyword arguments for ``endpoint`` (default: the writer endpoint). Works
+        at any time, also while the cluster has no writer (during a failover)."""
+        first = next(iter(self.instances.values()))  # any instance: same database, port
+        kwargs = dict(first.runtime.connect_kwargs())
         kwargs["host"] = endpoint or self.writer_endpoint
         kwargs["port"] = self.port
         kwargs.update(self.credentials())
@@ -810,7 +812,7 @@ class Cluster:
     # --- blue/green -----------------------------------------------------------------------------
     def create_blue_green(self, green: Cluster) -> list[Event]:
         """Make this cluster the blue side of a blue/green deployment whose green side is
-        ``green`` (another running cluster of the same engine, on the same port, e.g.
+        ``green`` (another running cluster of the same flavour, on the same port, e.g.
         started with ``port=blue.port``). Both clusters' metadata then show every endpoint
         of both sides with status ``AVAILABLE``. :meth:`switchover` switches over."""
         with self._lock:
@@ -819,10 +821,10 @@ class Cluster:
                 raise ClusterError("blue/green: the green cluster must be another cluster")
             if green._stopped or self._stopped:
                 raise ClusterError("blue/green: both clusters must be running")
-            if green.flavour.engine != self.flavour.engine:
+            if green.flavour is not self.flavour:
                 raise ClusterError(
-                    f"blue/green: green cluster {green.name} is {green.flavour.engine}, "
-                    f"blue cluster {self.name} is {self.flavour.engine}")
+                    f"blue/green: green cluster {green.name} is {green.flavour.name}, "
+                    f"blue cluster {self.name} is {self.flavour.name}; they must match")
             if green.port != self.port:
                 raise ClusterError(
                     f"blue/green: green cluster {green.name} listens on port {green.port}, "
@@ -832,7 +834,11 @@ class Cluster:
             if green._green is not None or green._renamed_by is not None:
                 raise ClusterError(f"cluster {green.name} is already in a blue/green deployment")
             self._green = green
-            self._publish_blue_green(BLUE_GREEN_PHASES[0], renamed=False)
+            try:
+                self._publish_blue_green(BLUE_GREEN_PHASES[0], renamed=False)
+            except BaseException:
+                self._green = None
+                raise
             self.events.record("switchover_phase", None, phase=BLUE_GREEN_PHASES[0],
                                green=green.name)
             return self.events.events(since=since)

@@ -663,6 +663,11 @@ class PgClusterEngine(ClusterEngine):
         for signal_file in ("standby.signal", "recovery.signal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(server.data_dir / signal_file)
+        # A freshly promoted writer's pg_control names its new timeline only after the
+        # end-of-recovery checkpoint, which promotion requests without waiting for it;
+        # pg_rewind reads the timeline there and would find "no rewind required".
+        with self._connect(writer) as conn:
+            conn.execute("CHECKPOINT")
         source: LocalServer = writer.runtime
         output = server.run_tool([
             str(server.tool_path("pg_rewind")), "--target-pgdata", str(server.data_dir),
