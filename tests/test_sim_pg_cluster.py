@@ -404,7 +404,9 @@ def test_crash_failover_timeline_with_stale_dns(aurora: Cluster) -> None:
         conn.execute("INSERT INTO after_failover VALUES (1)")
     wait_until("the row on the old writer",
                lambda: count(aurora, "after_failover", old.endpoint) > 0)
-    assert query(aurora, "SELECT pg_catalog.pg_is_in_recovery()", old.endpoint) == [(True,)]
+    assert query(aurora, "SELECT pg_catalog.pg_is_in_recovery(), "
+                         "pg_catalog.aurora_db_instance_identifier()", old.endpoint) == [
+        (True, old.id)]  # its own identity, although pg_rewind copied the new writer's files
     assert old.id in streaming_readers(aurora)
     topology = get_dialect("aurora-pg").parse_topology(
         query(aurora, get_dialect("aurora-pg").topology_query or ""))
@@ -424,6 +426,26 @@ def test_graceful_targeted_failover(aurora: Cluster) -> None:
     aurora.events.wait_for("rejoined_as_reader", since=events[0].mono, timeout=15)
     assert old.role == "reader"
     assert streaming_readers(aurora) == {r.id for r in aurora.readers}
+
+
+def test_multi_az_failover_moves_the_writer_everywhere(multi_az: Cluster) -> None:
+    old = multi_az.writer
+    events = multi_az.failover()
+    multi_az.events.wait_for("rejoined_as_reader", since=events[0].mono, timeout=15)
+    dialect = get_dialect("multi-az-pg")
+    new_id = resource_id(multi_az.naming.cluster_id, multi_az.writer.id)
+    for instance in multi_az.instances.values():
+        with connect(multi_az, instance.endpoint) as conn:
+            writer_id = dialect.parse_writer_id(
+                DRIVER.query(conn, dialect.writer_id_query or ""))
+            topology = dialect.parse_topology(
+                DRIVER.query(conn, dialect.topology_query or ""), writer_id=writer_id)
+            assert dialect.parse_is_reader(DRIVER.query(conn, dialect.is_reader_query)) is (
+                instance is not multi_az.writer)
+        assert writer_id == new_id, instance.id
+        assert topology.writer is not None and topology.writer.instance_id == new_id
+    assert old.role == "reader"
+    assert streaming_readers(multi_az) == {r.id for r in multi_az.readers}
 
 
 def test_writer_turns_read_only_under_open_connections(aurora: Cluster) -> None:
@@ -717,6 +739,15 @@ def test_sigkilled_owner_leaves_nothing_after_the_next_start() -> None:
                      started["name"]) == []
     assert not any(started["name"] in line and MARK in line
                    for line in Path("/etc/hosts").read_text().splitlines())
+
+
+def test_exit_without_stop_leaves_nothing() -> None:
+    code = _CHILD.replace("time.sleep(600)", "")  # exits with the cluster still running
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=60, check=True)
+    started = json.loads(result.stdout.splitlines()[0])
+    assert leftovers([Path(d) for d in started["dirs"]], started["addresses"],
+                     started["name"]) == []
 
 
 @pytest.mark.parametrize(("kwargs", "culprit"), [
