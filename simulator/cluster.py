@@ -16,13 +16,19 @@ catalog interface of each flavour (``../shared/AURORA_INTERFACE.md``).
 Names (``Naming``): instance ``<id>.<cluster-id>.<region>.rds.amazonaws.com``, writer
 endpoint ``<name>.cluster-<cluster-id>...``, reader endpoint ``<name>.cluster-ro-<cluster-id>...``;
 ``cluster.host_pattern`` is ``?.<cluster-id>.<region>.rds.amazonaws.com`` for
-``cluster_instance_host_pattern``. Every instance of a cluster listens on the same port, each
-on its own loopback address.
+``cluster_instance_host_pattern``. Single-instance flavours have no cluster endpoints (their
+writer and reader endpoints are the instance endpoint) and the plain ones (pg, mysql) are not
+RDS (domain ``sim.internal``). Every instance of a cluster listens on the same port, each on
+its own loopback address.
+
+Blue/green: ``blue.create_blue_green(green)`` then ``blue.switchover()`` (see
+:meth:`Cluster.switchover`). Documentation: ``docs/simulator.md``.
 """
 
 from __future__ import annotations
 
 import abc
+import atexit
 import contextlib
 import dataclasses
 import importlib
@@ -247,7 +253,11 @@ class ClusterEngine(abc.ABC):
 
     @abc.abstractmethod
     def publish_topology(self, writer: Instance) -> None:
-        """Write the current topology (``cluster.instances``) where the interface reads it."""
+        """Write the current topology (``cluster.instances``) where the interface reads it.
+
+        Called after every change of membership or role: start, failover, rejoin, reader
+        added or removed, lag or status age changed, and an instance killed, stopped or
+        started (a stopped instance stays in ``cluster.instances`` with role ``stopped``)."""
 
     @abc.abstractmethod
     def replication_position(self, instance: Instance) -> Any:
@@ -318,6 +328,33 @@ def _load_engine(flavour: Flavour) -> EngineFactory:
             "implement it") from None
 
 
+# Clusters of this process not stopped yet, for the exit hook (which has nowhere else to look).
+# Strong references: a cluster dropped without stop() still has servers and names to remove.
+_live_clusters: set[Cluster] = set()
+_exit_hook_registered = False
+
+
+def _stop_clusters_at_exit() -> None:
+    """Stop what the program left running: servers and names. (The launcher's own exit hook
+    stops servers too; whichever runs first, the other finds nothing left to do.)"""
+    me = ProcessIdentity.current()
+    for cluster in list(_live_clusters):
+        if cluster._owner != me:
+            continue  # inherited through fork: the parent owns it
+        try:
+            cluster.stop()
+        except Exception:  # exiting: report and go on with the others
+            LOGGER.exception("could not stop cluster %s at exit", cluster.name)
+
+
+def _track(cluster: Cluster) -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_stop_clusters_at_exit)
+        _exit_hook_registered = True
+    _live_clusters.add(cluster)
+
+
 class Cluster:
     """A running simulated cluster. Create with :meth:`Cluster.start`; stop with :meth:`stop`
     or a ``with`` block. Thread-safe: control-plane actions are serialised."""
@@ -377,6 +414,7 @@ class Cluster:
 
     def _start(self) -> None:
         self._hosts.sweep()
+        _track(self)
         writer_id = FIRST_INSTANCE
         runtime = self.engine.create_writer(writer_id)
         writer = self._add(writer_id, "writer", runtime)
@@ -416,6 +454,7 @@ class Cluster:
                     instance.runtime.stop()
             with contextlib.suppress(Exception):
                 self._hosts.remove_cluster(self.name, self._owner)
+            _live_clusters.discard(self)
             self.events.record("cluster_stopped")
 
     def __enter__(self) -> Cluster:

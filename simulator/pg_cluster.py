@@ -605,7 +605,16 @@ class PgClusterEngine(ClusterEngine):
         state = self._state(replica.id)
         state.upstream = writer.id
         self._apply(replica)
-        self._wait_streaming(replica, writer)
+        try:
+            self._wait_streaming(replica, writer, timeout=5.0)
+        except ClusterError:
+            # It received WAL the new writer never got (promotion catches the target up, so
+            # only if the reader that had more died meanwhile): rewind it like an old writer.
+            LOGGER.warning("%s cannot follow %s; rewinding it", replica.id, writer.id)
+            replica.runtime.stop(cleanup=False)
+            self._rewind(replica, writer)
+            self._start_standby(replica)
+            self._wait_streaming(replica, writer)
 
     def _wait_streaming(self, replica: Instance, writer: Instance,
                         timeout: float = _SETTLE_TIMEOUT) -> None:
