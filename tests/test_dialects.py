@@ -816,3 +816,17 @@ def test_shared_helpers() -> None:
     assert isinstance(PgDialect(), DatabaseDialect)
     assert isinstance(MultiAzPgDialect(), PgDialect)
     assert isinstance(MultiAzMysqlDialect(), mysql.MysqlDialect)
+
+
+def test_single_writer_prefers_the_answering_instances_own_claim() -> None:
+    # Aurora PostgreSQL 13.9+ reports NULL last_update_timestamp for the instance you are
+    # connected to; during a failover the new writer's own (NULL) row must beat the old
+    # writer's stale one.
+    from resilient_db.dialects.base import TopologyRow, single_writer
+
+    old = TopologyRow("instance-1", True, last_update=datetime.now(timezone.utc))
+    mine = TopologyRow("instance-2", True, last_update=None)
+    reader = TopologyRow("instance-3", False, last_update=datetime.now(timezone.utc))
+    kept, superseded = single_writer([old, mine, reader])
+    assert kept == (mine, reader)
+    assert superseded == (old,)

@@ -235,17 +235,20 @@ def single_writer(
     rows: Iterable[TopologyRow],
 ) -> tuple[tuple[TopologyRow, ...], tuple[TopologyRow, ...]]:
     """Split ``rows`` into (kept, superseded): when several rows claim to be the writer (briefly
-    possible during an Aurora failover), the most recently updated one is kept. Pure."""
+    possible during an Aurora failover), the most recently updated one is kept. A row without
+    ``last_update`` is the answering instance's own row (Aurora PostgreSQL 13.9+ leaves its
+    own timestamp NULL): an instance claiming the writer role for itself is the freshest
+    claim there is, so it wins. Pure."""
     rows = tuple(rows)
     writers = [row for row in rows if row.is_writer]
     if len(writers) <= 1:
         return rows, ()
-    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    own = datetime.max.replace(tzinfo=timezone.utc)
 
     def updated(row: TopologyRow) -> datetime:
         ts = row.last_update
         if ts is None:
-            return oldest
+            return own
         return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
 
     newest = max(writers, key=updated)
