@@ -5,7 +5,7 @@ simulator writes them into ``/etc/hosts`` (glibc re-reads the file on every look
 Debian's ``/etc/host.conf`` has ``multi on``, so a name listed on several lines resolves to
 all of its addresses, in file order). Every line the simulator writes is marked::
 
-    127.10.0.5  db1.cluster-c0ffee.us-east-1.rds.amazonaws.com  # resilient_db-sim owner=1234:5678 cluster=db1
+    127.10.0.5  db1.cluster-c0ffee...  # resilient_db-sim owner=1234:5678 cluster=db1
 
 - each line names its owner process (pid and kernel start time) and cluster, so concurrent
   clusters (in one process or several) replace only their own lines;
