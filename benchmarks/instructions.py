@@ -1,0 +1,100 @@
+"""Client-side CPU instructions per query, raw driver vs resilient_db (deterministic).
+
+Wall-clock ratios on a small shared VM move by several percent between runs; instruction
+counts from ``valgrind --tool=callgrind`` do not. This runs ``SELECT 1`` + ``fetchone`` N and 3N
+times in a fresh interpreter per variant under callgrind and reports the difference per query
+(start-up cancels out). It counts only the client process: server time, the kernel and the
+network are not in it, so an instruction ratio overstates the wall-clock ratio.
+
+    python benchmarks/instructions.py [--drivers pg,mysql] [--queries 1000]
+
+Needs valgrind (Debian package ``valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+VARIANTS = {
+    "raw driver": None,
+    "resilient_db, no plugins": "",
+    "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
+}
+
+_CHILD = r"""
+import json, os, sys
+driver, plugins, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kw = json.loads(os.environ["RDB_KW"])
+if driver == "pg":
+    import psycopg
+    target = psycopg.Connection.connect
+else:
+    import mysql.connector
+    target = mysql.connector.connect
+    kw["use_pure"] = True
+if plugins == "-":
+    conn = target(autocommit=True, **kw)
+else:
+    import resilient_db
+    conn = resilient_db.connect(target, plugins=plugins, autocommit=True, **kw)
+cur = conn.cursor()
+for _ in range(n):
+    cur.execute("SELECT 1")
+    cur.fetchone()
+"""
+
+
+def _count(driver: str, plugins: str | None, n: int, kw: dict[str, Any]) -> int:
+    env = dict(os.environ, RDB_KW=json.dumps(kw), PYTHONHASHSEED="0")
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         "-c", _CHILD, driver, "-" if plugins is None else plugins, str(n)],
+        env=env, capture_output=True, text=True, check=False, timeout=600,
+    )
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind gave no count:\n{out.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+@contextlib.contextmanager
+def _server(driver: str) -> Iterator[dict[str, Any]]:
+    from simulator.local import start_mariadb, start_postgres
+
+    with (start_postgres() if driver == "pg" else start_mariadb()) as srv:
+        yield dict(srv.connect_kwargs())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drivers", default="pg,mysql")
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (apt-get install valgrind)")
+    n = args.queries
+    print(f"client instructions per SELECT 1 + fetchone (callgrind, {n} vs {3 * n} queries)")
+    print(f"{'driver':<10} {'variant':<46} {'instr/query':>12} {'ratio':>7}")
+    for driver in (d.strip() for d in args.drivers.split(",")):
+        with _server(driver) as kw:
+            base = None
+            for variant, plugins in VARIANTS.items():
+                per = (_count(driver, plugins, 3 * n, kw) - _count(driver, plugins, n, kw)) / (
+                    2 * n)
+                base = base or per
+                print(f"{driver:<10} {variant:<46} {per:12.0f} {per / base:7.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
