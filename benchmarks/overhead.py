@@ -36,6 +36,7 @@ import resilient_db
 VARIANTS: dict[str, str] = {
     "resilient_db, no plugins": "",
     "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
+    "resilient_db, failover": "failover",
 }
 
 

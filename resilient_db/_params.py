@@ -8,7 +8,10 @@ Group order here is the order of the generated docs.
 
 from __future__ import annotations
 
-from ._properties import boolean, choice, duration, text
+from collections.abc import Callable
+from typing import Any
+
+from ._properties import Property, _register, boolean, choice, duration, text
 
 DIALECT_CODES = (
     "aurora-pg",
@@ -130,3 +133,140 @@ CONNECT_TIME_SLOW_THRESHOLD = duration(
     plugin="connect_time",
     allow_zero=False,
 )
+
+# --- failover plugin and topology monitoring -------------------------------------------------
+
+FAILOVER_MODES = ("strict_writer", "strict_reader", "reader_or_writer")
+#: Reader selection strategies (``resilient_db.selection.STRATEGY_NAMES``; a test keeps the two
+#: in step without importing the selection module here).
+READER_STRATEGIES = (
+    "random",
+    "round_robin",
+    "least_connections",
+    "highest_weight",
+    "weighted_random",
+    "fastest_response",
+)
+
+ENABLE_FAILOVER = boolean(
+    "enable_failover",
+    True,
+    "Turn the `failover` plugin on or off without changing `plugins` (false: the plugin is "
+    "left out of every chain and costs nothing).",
+    plugin="failover",
+    aws_name=True,
+)
+FAILOVER_MODE = choice(
+    "failover_mode",
+    None,
+    FAILOVER_MODES,
+    "Which role failover connects to: the new writer only, a reader (the writer only in a "
+    "cluster without readers), or a reader else the writer. Unset: `reader_or_writer` when "
+    "connecting through a reader endpoint, `strict_writer` otherwise (cluster endpoint, "
+    "instance endpoint, IP address or custom domain).",
+    plugin="failover",
+    aws_name=True,
+)
+FAILOVER_TIMEOUT = duration(
+    "failover_timeout_sec",
+    300.0,
+    "Budget of one failover: no usable connection within it raises `FailoverFailedError` "
+    "listing every attempt.",
+    unit="s",
+    plugin="failover",
+    aws_name=True,
+)
+FAILOVER_READER_CONNECT_TIMEOUT = duration(
+    "failover_reader_connect_timeout_sec",
+    30.0,
+    "Connect timeout of each connection failover opens (to a reader or to the new writer), "
+    "capped by what is left of `failover_timeout_sec`.",
+    unit="s",
+    plugin="failover",
+    allow_zero=False,
+    aws_name=True,
+)
+FAILOVER_WRITER_RECONNECT_INTERVAL = duration(
+    "failover_writer_reconnect_interval_sec",
+    2.0,
+    "Longest pause between failover rounds after a failed attempt (pauses start at 0.1 s "
+    "and double up to this).",
+    unit="s",
+    plugin="failover",
+    allow_zero=False,
+    aws_name=True,
+)
+FAILOVER_READER_HOST_SELECTOR_STRATEGY = choice(
+    "failover_reader_host_selector_strategy",
+    "random",
+    READER_STRATEGIES,
+    "How failover in a reader mode picks the reader to try first.",
+    plugin="failover",
+    aws_name=True,
+)
+FAILOVER_HOST_COOLDOWN = duration(
+    "failover_host_cooldown",
+    30.0,
+    "How long a host that failed (connection lost, connect refused) is tried last by reader "
+    "failover. The writer verified by the topology monitor is always tried.",
+    plugin="failover",
+)
+MAX_REPLICA_LAG = duration(
+    "max_replica_lag",
+    None,
+    "Readers lagging more than this many seconds are tried only when no reader is within "
+    "the cap (then the least lagged first). Unset: no cap.",
+    plugin="failover",
+)
+TOPOLOGY_REFRESH = duration(
+    "topology_refresh_ms",
+    30.0,
+    "How often the cluster's topology monitor re-reads the topology while all is well (one "
+    "monitor and one server connection per cluster, shared by every connection of the "
+    "process; the fastest rate any open connection asks for applies).",
+    unit="ms",
+    plugin="failover",
+    allow_zero=False,
+    aws_name=True,
+)
+TOPOLOGY_HIGH_REFRESH = duration(
+    "cluster_topology_high_refresh_rate_ms",
+    0.1,
+    "How often each instance is probed while the monitor looks for a verified writer (after "
+    "a failure, until the new writer confirms its role on its own connection).",
+    unit="ms",
+    plugin="failover",
+    allow_zero=False,
+    aws_name=True,
+)
+TOPOLOGY_PROBE_TIMEOUT = duration(
+    "topology_probe_timeout",
+    2.0,
+    "Connect and read timeout of the topology monitor's connections, so that an unreachable "
+    "(blackholed) instance cannot stall the search for the writer: instances are probed in "
+    "parallel and a probe gives up after this long (PostgreSQL rounds connect timeouts up to "
+    "whole seconds, at least 2).",
+    plugin="failover",
+    allow_zero=False,
+)
+
+
+def _to_callable(prop: Property[Any], value: object) -> Any:
+    if value is None or callable(value):
+        return value
+    raise prop.fail(value, "a callable taking the driver connection (pass it as a keyword "
+                           "argument of resilient_db.connect, not in a conninfo string)")
+
+
+ON_CONNECT: Property[Callable[[Any], None] | None] = _register(Property(
+    "on_connect",
+    "callable",
+    None,
+    "Called as `on_connect(driver_connection)` on every new physical connection the "
+    "application will use: the initial one and each one failover opens (after autocommit, "
+    "read only and isolation level are restored), before it is handed over. Use it for "
+    "session setup (`SET search_path`, time zone, ...). Not called for the topology "
+    "monitor's own connections. An exception raised by the hook fails that connection.",
+    _to_callable,
+    plugin="failover",
+))

@@ -12,6 +12,7 @@ the subclasses each driver dialect names.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 _OWN_CONNECTION_ATTRS = frozenset(
     {"_raw", "_driver", "_pipeline", "_chains", "_host", "_session", "_closed_by_us",
-     "__weakref__"}
+     "_cursors", "__weakref__"}
 )
 
 # Enum member lookups cost ~0.2 µs each on Python 3.11: the hot paths use these.
@@ -41,6 +42,11 @@ _EXECUTEMANY = Op.EXECUTEMANY
 _FETCH = Op.FETCH
 _ROLLBACK = Op.ROLLBACK
 _SESSION = Op.SESSION
+_RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC})
+# Cursor attributes bound to the driver cursor: after the physical connection is replaced they
+# are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
+_BOUND_ATTRS = frozenset({"_cur", "_execute"})
+_FETCH_METHODS = ("fetchone", "fetchmany", "fetchall")
 
 
 class ConnectionProxy:
@@ -49,8 +55,8 @@ class ConnectionProxy:
     ``raw`` is the current driver connection (it changes after a failover: do not keep it).
     """
 
-    __slots__ = ("__weakref__", "_chains", "_closed_by_us", "_driver", "_host", "_pipeline",
-                 "_raw", "_session")
+    __slots__ = ("__weakref__", "_chains", "_closed_by_us", "_cursors", "_driver", "_host",
+                 "_pipeline", "_raw", "_session")
     _raw: Any
     _driver: DriverDialect
     _pipeline: Pipeline
@@ -58,6 +64,7 @@ class ConnectionProxy:
     _host: HostSpec
     _session: dict[str, Any]
     _closed_by_us: bool
+    _cursors: weakref.WeakSet[CursorProxy]
 
     def __init__(
         self, raw: Any, driver: DriverDialect, pipeline: Pipeline, host: HostSpec
@@ -70,6 +77,8 @@ class ConnectionProxy:
         # Session attributes the application set, to restore on a new physical connection.
         object.__setattr__(self, "_session", {})
         object.__setattr__(self, "_closed_by_us", False)
+        # Live cursor proxies, rebound lazily after the physical connection is replaced.
+        object.__setattr__(self, "_cursors", weakref.WeakSet())
 
     # --- resilient_db surface -----------------------------------------------------------------
     @property
@@ -112,7 +121,10 @@ class ConnectionProxy:
 
     # --- PEP 249 ------------------------------------------------------------------------------
     def cursor(self, *args: Any, **kwargs: Any) -> CursorProxy:
-        return self._driver.cursor_proxy(self._raw.cursor(*args, **kwargs), self)
+        proxy = self._driver.cursor_proxy(self._raw.cursor(*args, **kwargs), self)
+        if args or kwargs:  # remembered to open the same kind of cursor after a failover
+            proxy.__dict__["_cursor_args"] = (args, kwargs)
+        return proxy
 
     def commit(self) -> None:
         chain = self._chains.commit
@@ -189,13 +201,42 @@ class ResilientView:
 
     def replace_raw(self, raw: Any, host: HostSpec, reason: str) -> None:
         """Swap the physical connection (failover, reconnect): session state is re-applied and
-        plugins are notified. The old connection is not closed here."""
+        plugins are notified. The old connection is not closed here.
+
+        Cursors opened before keep working: each is rebound to a new driver cursor (opened
+        with the same arguments, with the attributes set on it since) the first time it is
+        used again."""
         proxy = self._proxy
         proxy._driver.apply_session_state(raw, proxy._session)
         old = proxy._host
         object.__setattr__(proxy, "_raw", raw)
         object.__setattr__(proxy, "_host", host)
+        for cursor in list(proxy._cursors):
+            cursor._mark_stale()
         proxy._pipeline.notify_connection_changed(ConnectionChanged(old, host, reason))
+
+    def retarget(self, call: Call) -> Call | None:
+        """``call`` re-aimed at the current physical connection (after :meth:`replace_raw`),
+        for a plugin that runs an interrupted statement again: a ``Connection.*`` method of
+        the new driver connection, or a ``Cursor.*`` method of the rebound cursor that made
+        the call. ``None`` when the call cannot be re-aimed (not a statement, or its cursor
+        is gone)."""
+        if call.op not in _RETARGETABLE:
+            return None
+        kind, _, name = call.method.partition(".")
+        proxy = self._proxy
+        if kind == "Connection":
+            fn = getattr(proxy._raw, name, None)
+        elif kind == "Cursor":
+            owner = getattr(call.fn, "__self__", None)
+            fn = None
+            for cursor in list(proxy._cursors):
+                if cursor._bound_to(owner):
+                    fn = getattr(cursor._cur, name, None)
+                    break
+        else:
+            fn = None
+        return None if fn is None else call.replace(fn=fn)
 
 
 class CursorProxy:
@@ -214,17 +255,55 @@ class CursorProxy:
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__
-        state["_cur"] = raw
         state["_conn"] = connection
         state["_chains"] = connection._chains
-        state["_execute"] = raw.execute  # the hot path skips the raw -> method lookup
         # One call object for this cursor's successive statements (see Call).
         state["_stmt_call"] = Call(_EXECUTE, "Cursor.execute", raw.execute, (), {}, connection)
-        if _FETCH not in connection._pipeline.may_intercept:
+        self._bind(raw)
+        cursors = getattr(connection, "_cursors", None)
+        if cursors is not None:
+            cursors.add(self)
+
+    def _bind(self, raw: Any) -> None:
+        state = self.__dict__
+        state["_cur"] = raw
+        state["_execute"] = raw.execute  # the hot path skips the raw -> method lookup
+        if _FETCH not in state["_conn"]._pipeline.may_intercept:
             # No plugin of this connection, even a dormant one, intercepts fetches.
             state["fetchone"] = raw.fetchone
             state["fetchmany"] = raw.fetchmany
             state["fetchall"] = raw.fetchall
+
+    # --- rebinding after the connection's physical connection was replaced -------------------
+    def _mark_stale(self) -> None:
+        """Forget the driver cursor (it belongs to the old physical connection); the next use
+        of this cursor opens a new one (:meth:`_rebind`). The hot path is untouched: the
+        attributes it reads are simply missing until then, which routes the first access
+        through ``__getattr__``."""
+        state = self.__dict__
+        if "_cur" not in state:
+            return
+        state["_stale_cur"] = state.pop("_cur")
+        state.pop("_execute", None)
+        for name in _FETCH_METHODS:
+            state.pop(name, None)
+
+    def _rebind(self) -> None:
+        state = self.__dict__
+        state.pop("_stale_cur", None)
+        conn: ConnectionProxy = state["_conn"]
+        args, kwargs = state.get("_cursor_args", ((), {}))
+        raw = conn._raw.cursor(*args, **kwargs)
+        for name, value in state.get("_cursor_attrs", {}).items():
+            setattr(raw, name, value)
+        if state.get("_closed"):
+            raw.close()
+        self._bind(raw)
+
+    def _bound_to(self, raw: Any) -> bool:
+        """Whether ``raw`` is (or, before a rebind, was) this proxy's driver cursor."""
+        state = self.__dict__
+        return raw is not None and (state.get("_cur") is raw or state.get("_stale_cur") is raw)
 
     @property
     def connection(self) -> ConnectionProxy:
@@ -232,10 +311,18 @@ class CursorProxy:
         return self._conn
 
     def __getattr__(self, name: str) -> Any:
+        state = self.__dict__
+        if name in _BOUND_ATTRS:
+            if "_stale_cur" not in state:
+                raise AttributeError(name)
+            self._rebind()
+            return state[name]
         return getattr(self._cur, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._cur, name, value)
+        # Kept to set again on the driver cursor that replaces this one after a failover.
+        self.__dict__.setdefault("_cursor_attrs", {})[name] = value
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self._cur)))
@@ -306,6 +393,10 @@ class CursorProxy:
             yield row
 
     def close(self) -> None:
+        state = self.__dict__
+        state["_closed"] = True
+        if "_stale_cur" in state:
+            return  # its connection is gone; a new cursor would be opened only to be closed
         self._call(_CLOSE, "Cursor.close", self._cur.close)
 
     def __enter__(self) -> CursorProxy:

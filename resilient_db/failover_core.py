@@ -226,7 +226,12 @@ def elect_writer(reports: Iterable[SelfReport]) -> Election:
     if not claims:
         return Election(None, (), tuple(rejected))
     claimants = tuple(sorted({c.who for c in claims}))
-    winner = max(claims, key=lambda c: (_own_update(c), c.reported_at, _desc(c.who)))
+    # Two reports of one instance at the same moment (probed twice) tie on all of the above:
+    # the one that carries more of the topology wins, then a stable text order, so the verdict
+    # never depends on the order reports arrive in.
+    winner = max(claims, key=lambda c: (
+        _own_update(c), c.reported_at, _desc(c.who),
+        len(c.topology.hosts) if c.topology is not None else -1, _desc(repr(c.topology))))
     for claim in claims:
         if claim.who != winner.who:
             rejected.append((claim.who, f"superseded by the newer claim of {winner.who}"))

@@ -1,0 +1,670 @@
+"""``failover``: when the instance behind a connection fails, move the connection to the new
+writer (or a reader) as soon as the cluster has one, without waiting for DNS.
+
+What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback and
+transaction blocks. The no-failure path is a ``try`` around the rest of the chain (plus, on
+psycopg, reading the transaction status libpq already holds: after a lost connection it no
+longer tells). Fetches are not intercepted: a connection lost while reading rows fails over
+at the next statement.
+
+Triggers (CONVENTIONS.md): a network error (``DriverDialect.is_disconnect``); in
+``strict_writer`` mode also a read-only error, but only once a role check on that connection's
+instance confirms it is no longer the writer (:func:`~resilient_db.topology.confirmed_role`):
+a user's ``BEGIN READ ONLY`` on a healthy writer re-raises the driver's error untouched.
+
+Failing over: the cluster's shared :class:`~resilient_db.topology.TopologyMonitor` searches
+for a writer that confirms its role on its own connection; the plugin connects to that
+instance's own address (never through the cluster endpoint's DNS) through the connection's
+connect chain (credentials plugins apply), verifies the role, swaps the physical connection
+(``conn.resilient.replace_raw``: session state restored, cursors rebound lazily), runs the
+``on_connect`` hook, and raises the outcome as the driver-flavoured error
+(:func:`~resilient_db.failover_core.classify_outcome`):
+
+- ``FailoverSuccessError``: no transaction was open; retry the statement if safe;
+- ``TransactionResolutionUnknownError``: a transaction was open; its fate is unknown;
+- ``FailoverFailedError``: nothing usable within ``failover_timeout_sec``; ``attempts``.
+
+Inside ``with resilient_db.call_options(idempotent=True):`` a statement interrupted outside a
+transaction is run once on the new connection instead (transparent retry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from typing import Any, Final
+
+from .. import topology
+from .._decisions import get_decision_sink
+from .._options import current_options
+from .._params import (
+    CLUSTER_ID,
+    CLUSTER_INSTANCE_HOST_PATTERN,
+    ENABLE_FAILOVER,
+    FAILOVER_HOST_COOLDOWN,
+    FAILOVER_MODE,
+    FAILOVER_READER_CONNECT_TIMEOUT,
+    FAILOVER_READER_HOST_SELECTOR_STRATEGY,
+    FAILOVER_TIMEOUT,
+    FAILOVER_WRITER_RECONNECT_INTERVAL,
+    MAX_REPLICA_LAG,
+    ON_CONNECT,
+    TOPOLOGY_HIGH_REFRESH,
+    TOPOLOGY_PROBE_TIMEOUT,
+    TOPOLOGY_REFRESH,
+)
+from .._pipeline import (
+    RUN_CALL,
+    STATEMENT_OPS,
+    Call,
+    ConnectContext,
+    ConnectHandler,
+    ConnectionChanged,
+    Handler,
+    HostSpec,
+    Op,
+    Plugin,
+    PluginContext,
+)
+from ..dialects import cached_detect, get_dialect
+from ..dialects.base import DatabaseDialect
+from ..drivers.base import TxStatus
+from ..errors import ConnectAttempt, Error, FailoverFailedError, FailoverSuccessError
+from ..failover_core import (
+    Attempt,
+    FailoverMode,
+    FailoverPlan,
+    RetrySchedule,
+    SelfReport,
+    classify_outcome,
+    default_mode,
+    plan_attempts,
+    read_only_triggers_failover,
+)
+from ..hosts import Host, Role, TopologySnapshot
+from ..rds import classify, cluster_identity
+from ..selection import SelectionContext, strategy_from_name
+from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
+
+__all__ = ["FailoverPlugin"]
+
+log = logging.getLogger("resilient_db.plugins.failover")
+
+_RERAISE: Final = object()
+_COMMIT = Op.COMMIT
+_ROLLBACK = Op.ROLLBACK
+_TRANSACTION = Op.TRANSACTION
+#: psycopg's libpq transaction status values that mean "inside a transaction" (INTRANS,
+#: INERROR); IDLE is 0, ACTIVE 1, UNKNOWN 4.
+_PG_IN_TRANSACTION = frozenset({2, 3})
+#: Connect arguments that would bypass the address failover chose.
+_ADDRESS_ARGS = ("hostaddr", "unix_socket")
+
+
+class _NoConnectionError(Exception):
+    """Internal: the failover budget ran out."""
+
+    def __init__(self, attempts: list[ConnectAttempt]) -> None:
+        super().__init__("no usable connection")
+        self.attempts = attempts
+
+
+def _connect_timeout_args(driver_code: str, args: dict[str, Any], seconds: float) -> None:
+    """Bound connecting (and, for monitoring, reading) by ``seconds``, in the driver's own
+    argument names and units."""
+    whole = max(1, int(-(-seconds // 1)))  # ceil; both drivers take whole seconds
+    if driver_code == "psycopg":
+        args["connect_timeout"] = whole
+    else:
+        args.pop("connect_timeout", None)
+        args["connection_timeout"] = whole
+
+
+class FailoverPlugin(Plugin):
+    """See the module docstring. ``instance_id``/``role``: the instance the connection is on
+    now and the role it confirmed (``None``/``UNKNOWN`` until known); ``epoch``: the topology
+    epoch it was opened under (``stale`` once the writer changed since); ``failovers``: how
+    many times this connection failed over."""
+
+    code = "failover"
+    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION}
+
+    def __init__(self, ctx: PluginContext) -> None:
+        super().__init__(ctx)
+        settings = ctx.settings
+        self.enabled = settings[ENABLE_FAILOVER]
+        self.refresh_interval: float = settings[TOPOLOGY_REFRESH] or 30.0
+        self.high_refresh_interval: float = settings[TOPOLOGY_HIGH_REFRESH] or 0.1
+        self.probe_timeout: float = settings[TOPOLOGY_PROBE_TIMEOUT] or 2.0
+        self.timeout = settings[FAILOVER_TIMEOUT]
+        self.connect_timeout: float = settings[FAILOVER_READER_CONNECT_TIMEOUT] or 30.0
+        self.reconnect_interval: float = settings[FAILOVER_WRITER_RECONNECT_INTERVAL] or 2.0
+        self.strategy = strategy_from_name(
+            settings[FAILOVER_READER_HOST_SELECTOR_STRATEGY] or "random",
+            parameter=FAILOVER_READER_HOST_SELECTOR_STRATEGY.name)
+        self.max_lag = settings[MAX_REPLICA_LAG]
+        self.cooldown = settings[FAILOVER_HOST_COOLDOWN] or 0.0
+        self.on_connect = settings[ON_CONNECT]
+        self.endpoint = classify(ctx.host.host)
+        mode = settings[FAILOVER_MODE]
+        self.mode = FailoverMode.parse(mode) if mode else default_mode(self.endpoint.kind)
+
+        self.instance_id: str | None = None
+        self.role = Role.UNKNOWN
+        self.epoch = 0
+        self.failovers = 0
+        self._psycopg = ctx.driver.code == "psycopg"
+        self._tx_before = 0  # psycopg: libpq transaction status before the current call
+        self._swaps = 0
+        self._lock = threading.RLock()
+        self._rng = random.Random()
+        self._pending_raw: Any = None
+        self._inner_connect: ConnectHandler | None = None
+        self._args: dict[str, Any] = {}
+        self._target: Any = None
+        self._monitor: TopologyMonitor | None = None
+        self._monitor_key: tuple[str, tuple[Any, ...]] | None = None
+        self._dialect: DatabaseDialect | None = None
+        self._addressing: Addressing | None = None
+
+    def dormant(self) -> bool:
+        return not self.enabled
+
+    # --- connect phase -------------------------------------------------------------------------
+    def connect(self, ctx: ConnectContext, proceed: ConnectHandler) -> Any:
+        raw = proceed(ctx)
+        if not ctx.initial:
+            return raw  # failover and monitoring connections: the caller verifies them
+        self._inner_connect = proceed
+        self._args = dict(ctx.args)
+        self._target = ctx.target
+        if self.on_connect is not None:
+            try:
+                self.on_connect(raw)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    raw.close()
+                raise
+        # The topology is read once the connection is complete (the dialect may be forced and
+        # verified after this hook): see on_connection_changed.
+        self._pending_raw = raw
+        return raw
+
+    def on_connection_changed(self, event: ConnectionChanged) -> None:
+        raw, self._pending_raw = self._pending_raw, None
+        if event.reason != "connect" or raw is None:
+            return
+        try:
+            self._attach(raw, event.new_host or self.ctx.host)
+        except Exception as exc:
+            if self.ctx.driver.is_disconnect(exc):
+                log.info("connection lost while reading the topology; failover will handle it")
+            else:
+                log.warning("cannot read the cluster topology (%s); failover will reconnect to "
+                            "%s only", exc, self.ctx.host, exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def _attach(self, raw: Any, host: HostSpec) -> None:
+        """Find (or start) the cluster's monitor and learn which instance this is."""
+        ctx = self.ctx
+        driver = ctx.driver
+        port = host.port if host.port is not None else driver.default_port
+        dialect = ctx.extra.get("dialect")
+        if not isinstance(dialect, DatabaseDialect):
+            dialect = cached_detect((driver.code, host.host, host.port), driver, raw)
+            ctx.extra["dialect"] = dialect
+        self._dialect = dialect
+        self._addressing = addressing = Addressing.for_host(
+            host.host, port, ctx.settings[CLUSTER_INSTANCE_HOST_PATTERN])
+        seed = Host(host.host, port)
+        cluster_id = ctx.settings[CLUSTER_ID]
+        endpoint = topology.endpoint_key(driver.code, dialect.code, host.host, port, cluster_id)
+        monitor = topology.known_monitor(endpoint)
+        if monitor is None:
+            report = read_self_report(driver, dialect, raw, seed, addressing)
+            identity = cluster_identity(
+                host.host, port, cluster_id=cluster_id,
+                server_identity=topology.server_identity(driver, dialect, raw, report))
+            key = f"{dialect.code}|{identity.value}"
+            monitor = self._register(key, endpoint)
+            monitor.offer(report)
+        else:
+            report = read_self_report(driver, dialect, raw, seed, addressing,
+                                      with_topology=False)
+            self._monitor_key = (monitor.key, endpoint)
+            self._monitor = monitor
+        monitor.subscribe(self, seed)
+        self._learn(report, monitor)
+
+    def _register(self, key: str, endpoint: tuple[Any, ...]) -> TopologyMonitor:
+        driver, dialect, addressing = self.ctx.driver, self._dialect, self._addressing
+        assert dialect is not None and addressing is not None
+        cooldown = self.cooldown
+
+        def create() -> TopologyMonitor:
+            return TopologyMonitor(key, driver, dialect, addressing, cooldown=cooldown)
+
+        monitor = topology.monitor_for(key, create, endpoint)
+        self._monitor_key = (key, endpoint)
+        self._monitor = monitor
+        return monitor
+
+    def _learn(self, report: SelfReport, monitor: TopologyMonitor) -> None:
+        self.instance_id = report.instance_id
+        self.role = (Role.UNKNOWN if report.is_reader is None
+                     else Role.READER if report.is_reader else Role.WRITER)
+        self.epoch = monitor.epoch
+
+    def monitor(self) -> TopologyMonitor:
+        """The cluster's monitor (started again if ``resilient_db.shutdown`` stopped it).
+        A connection whose topology could not be read gets a monitor that only knows the
+        address it connected to (failover then means reconnecting there)."""
+        monitor = self._monitor
+        if monitor is not None and not monitor.stopped:
+            return monitor
+        if self._monitor_key is not None:
+            key, endpoint = self._monitor_key
+            monitor = self._register(key, endpoint)
+        else:
+            driver = self.ctx.driver
+            family = "pg" if self._psycopg else "mysql"
+            self._dialect = self._dialect or get_dialect(family)
+            host = self.ctx.host
+            port = host.port if host.port is not None else driver.default_port
+            self._addressing = self._addressing or Addressing(None, False, port)
+            identity = cluster_identity(host.host, port, cluster_id=self.ctx.settings[CLUSTER_ID])
+            endpoint = topology.endpoint_key(driver.code, self._dialect.code, host.host, port,
+                                              self.ctx.settings[CLUSTER_ID])
+            monitor = self._register(f"{self._dialect.code}|{identity.value}", endpoint)
+        monitor.subscribe(self, Host(self.ctx.host.host, self._addressing.default_port
+                                     if self._addressing else None))
+        return monitor
+
+    @property
+    def stale(self) -> bool:
+        """The writer changed since this connection was opened (topology epoch moved on)."""
+        monitor = self._monitor
+        return monitor is not None and monitor.epoch != self.epoch
+
+    def open_monitoring_connection(self, host: HostSpec, timeout: float) -> Any:
+        """For the topology monitor: an autocommit connection through this connection's inner
+        connect chain (credentials plugins apply), with connect and read timeouts."""
+        driver = self.ctx.driver
+        args = self._address_args(host)
+        _connect_timeout_args(driver.code, args, timeout)
+        args["autocommit"] = True
+        if self._psycopg:
+            args["application_name"] = topology.MONITOR_APPLICATION_NAME
+            # A read stuck on an unreachable instance fails after the timeout.
+            args["tcp_user_timeout"] = int(timeout * 1000)
+            args["keepalives"] = 1
+            args["keepalives_idle"] = max(1, int(timeout))
+            args["keepalives_interval"] = 1
+            args["keepalives_count"] = 2
+            # Internal SQL is schema-qualified; the session pins search_path too (DESIGN §10).
+            options = str(args.get("options") or "")
+            args["options"] = f"{options} -c search_path=pg_catalog,pg_temp".strip()
+        else:
+            args["read_timeout"] = max(1, int(-(-timeout // 1)))
+            args["write_timeout"] = args["read_timeout"]
+        connect = self._inner_connect
+        ctx = ConnectContext(host, args, self.ctx.settings, driver, self._target, initial=False)
+        if connect is None:
+            return driver.connect(self._target, args)
+        return connect(ctx)
+
+    def _address_args(self, host: HostSpec) -> dict[str, Any]:
+        args = dict(self._args)
+        for name in _ADDRESS_ARGS:
+            args.pop(name, None)
+        args["host"] = host.host
+        if host.port is not None:
+            args["port"] = host.port
+        return args
+
+    # --- execute phase -------------------------------------------------------------------------
+    def wrap_execute(self, proceed: Handler) -> Handler:
+        # The no-failure path: a try around the rest of the chain (psycopg: plus one read of
+        # the transaction status, which libpq no longer reports once the connection is lost).
+        on_error = self._on_error
+        state = self
+        if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
+            if self._psycopg:
+                def handler(call: Call) -> Any:
+                    state._tx_before = call.connection._raw.pgconn.transaction_status
+                    try:
+                        kwargs = call.kwargs
+                        return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                    except Exception as exc:
+                        result = on_error(call, exc, proceed)
+                        if result is _RERAISE:
+                            raise
+                        return result
+            else:
+                def handler(call: Call) -> Any:
+                    try:
+                        kwargs = call.kwargs
+                        return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                    except Exception as exc:
+                        result = on_error(call, exc, proceed)
+                        if result is _RERAISE:
+                            raise
+                        return result
+            return handler
+        if self._psycopg:
+            def chained(call: Call) -> Any:
+                state._tx_before = call.connection._raw.pgconn.transaction_status
+                try:
+                    return proceed(call)
+                except Exception as exc:
+                    result = on_error(call, exc, proceed)
+                    if result is _RERAISE:
+                        raise
+                    return result
+        else:
+            def chained(call: Call) -> Any:
+                try:
+                    return proceed(call)
+                except Exception as exc:
+                    result = on_error(call, exc, proceed)
+                    if result is _RERAISE:
+                        raise
+                    return result
+        return chained
+
+    def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
+                  retry: bool = True) -> Any:
+        """Decide what an error means; returns ``_RERAISE`` (the driver's error goes up
+        untouched) or the result of a transparent retry, or raises the failover outcome."""
+        driver = self.ctx.driver
+        if isinstance(exc, Error):
+            return _RERAISE  # resilient_db's own outcome from an inner plugin
+        swaps = self._swaps
+        trigger: str | None = None
+        if driver.is_disconnect(exc):
+            trigger = "network"
+        elif self.mode is FailoverMode.STRICT_WRITER and driver.is_read_only_error(exc):
+            trigger = self._read_only_trigger(call)
+        if trigger is None:
+            return _RERAISE
+        return self._fail_over(call, exc, proceed, trigger, swaps, retry)
+
+    def _read_only_trigger(self, call: Call) -> str | None:
+        """The role check of CONVENTIONS.md: ``"read-only"`` when the instance is confirmed no
+        longer the writer, ``"network"`` when the check found the connection gone, ``None``
+        when the error is the application's own (or the role cannot be confirmed)."""
+        driver = self.ctx.driver
+        proxy = call.connection
+        try:
+            report = self._role_report(proxy._raw)
+        except Exception as exc:
+            if driver.is_disconnect(exc):
+                return "network"
+            log.debug("role check failed: %r", exc)
+            report = None
+        dialect = self._dialect
+        role = Role.UNKNOWN if report is None else confirmed_role(
+            report, has_topology=dialect is not None and dialect.topology_query is not None)
+        verdict = read_only_triggers_failover(self.mode, role)
+        get_decision_sink().record(verdict.to_decision())
+        if not verdict.failover:
+            log.debug("read-only error on %s not failed over: %s", proxy._host, verdict.reason)
+            return None
+        return "read-only"
+
+    def _role_report(self, raw: Any) -> SelfReport | None:
+        """What the instance of this connection says about itself: asked on the connection
+        when it can still run a statement, else on a short connection to its own address."""
+        driver = self.ctx.driver
+        dialect, addressing = self._dialect, self._addressing
+        if dialect is None or addressing is None:
+            return None
+        status = driver.transaction_status(raw)
+        here = Host(self.ctx.host.host, addressing.default_port, instance_id=self.instance_id)
+        if status in (TxStatus.IDLE, TxStatus.IN_TRANSACTION):
+            return read_self_report(driver, dialect, raw, here, addressing)
+        # PostgreSQL after an error inside a transaction: ask the same instance on the side.
+        monitor = self._monitor
+        snapshot = monitor.snapshot if monitor is not None else None
+        listed = snapshot.by_instance(self.instance_id) if (
+            snapshot is not None and self.instance_id) else None
+        target = listed or here
+        conn = self.open_monitoring_connection(target.spec, self.probe_timeout)
+        try:
+            report = read_self_report(driver, dialect, conn, target, addressing)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if self.instance_id is not None and report.instance_id != self.instance_id:
+            return None  # reached another instance: proves nothing about ours
+        return report
+
+    def _in_transaction(self, call: Call, raw: Any) -> bool:
+        """Whether a transaction was open when ``call`` failed."""
+        op = call.op
+        if op is _COMMIT:
+            return True
+        if op is _ROLLBACK:
+            return False  # the server rolls back a lost session's transaction: known outcome
+        if op is _TRANSACTION and call.method.endswith("__exit__"):
+            return True  # leaving a transaction block commits (or rolls back): unknown
+        if self._psycopg:
+            return self._tx_before in _PG_IN_TRANSACTION
+        flag = getattr(raw, "in_transaction", None)  # mysql-connector: kept from the server
+        if isinstance(flag, bool):
+            return flag
+        return self.ctx.driver.transaction_status(raw) in (
+            TxStatus.IN_TRANSACTION, TxStatus.IN_ERROR)
+
+    # --- failing over ----------------------------------------------------------------------------
+    def _fail_over(self, call: Call, exc: Exception, proceed: Handler, trigger: str,
+                   swaps: int, retry: bool) -> Any:
+        driver = self.ctx.driver
+        proxy = call.connection
+        started = time.monotonic()
+        statement_sent = trigger == "network"
+        idempotent = current_options().idempotent is True
+        with self._lock:
+            old_raw = proxy._raw
+            failed = proxy._host
+            in_transaction = self._in_transaction(call, old_raw)
+            if self._swaps != swaps:
+                # Another thread failed this connection over while this call was failing.
+                host = proxy._host
+                log.info("connection already failed over to %s by another thread", host)
+            else:
+                self.ctx.decide("failover.started", self.code, **{
+                    "server.address": failed.host, "error.type": type(exc).__name__,
+                    "resilient_db.failover.trigger": trigger,
+                    "resilient_db.failover.mode": self.mode.value,
+                    "resilient_db.failover.in_transaction": in_transaction})
+                log.info("%s on %s (%s): failing over (%s)",
+                         "connection lost" if trigger == "network" else "instance is read-only",
+                         failed, type(exc).__name__, self.mode.value)
+                monitor = self.monitor()
+                if trigger == "network":
+                    monitor.mark_down(self._failed_host(failed, monitor))
+                try:
+                    self._reconnect(proxy, monitor, started)
+                except _NoConnectionError as none:
+                    outcome = classify_outcome(in_transaction=in_transaction,
+                                               statement_sent=statement_sent, reconnected=False)
+                    get_decision_sink().record(outcome.to_decision())
+                    elapsed = time.monotonic() - started
+                    log.warning("failover from %s failed after %.1f s (%d attempts)", failed,
+                                elapsed, len(none.attempts))
+                    error = driver.error(
+                        FailoverFailedError,
+                        f"the connection to {failed} failed ({type(exc).__name__}: {exc}) and "
+                        f"no usable {self._wanted()} was found within {elapsed:.1f} s "
+                        f"(failover_timeout_sec={self.timeout}); {len(none.attempts)} attempts: "
+                        + "; ".join(f"{a.host}:{a.port} {a.outcome}"
+                                    + (f" ({a.error})" if a.error else "")
+                                    for a in none.attempts),
+                        failed_host=str(failed), statement_sent=statement_sent,
+                        attempts=tuple(none.attempts))
+                    raise error from exc
+                with contextlib.suppress(Exception):
+                    driver.abort(old_raw)
+                with contextlib.suppress(Exception):
+                    old_raw.close()
+                host = proxy._host
+                log.info("failed over from %s to %s (instance %s) in %.0f ms", failed, host,
+                         self.instance_id, (time.monotonic() - started) * 1000)
+            outcome = classify_outcome(in_transaction=in_transaction,
+                                       statement_sent=statement_sent, reconnected=True,
+                                       idempotent=idempotent)
+            get_decision_sink().record(outcome.to_decision())
+        if retry and idempotent and outcome.error is FailoverSuccessError:
+            again = proxy.resilient.retarget(call)
+            if again is not None:
+                log.info("running the interrupted %s again on %s (idempotent)", call.method,
+                         host)
+                try:
+                    return proceed(again)
+                except Exception as second:
+                    result = self._on_error(again, second, proceed, retry=False)
+                    if result is _RERAISE:
+                        raise
+                    return result
+        if outcome.error is FailoverSuccessError:
+            applied = "may have been applied" if statement_sent else "was not applied"
+            message = (f"the connection to {failed} failed ({type(exc).__name__}: {exc}); it "
+                       f"now uses {host} (instance {self.instance_id}). No transaction was "
+                       f"open; the interrupted statement {applied}: run it again if that is "
+                       "safe")
+        else:
+            message = (f"the connection to {failed} failed ({type(exc).__name__}: {exc}) while "
+                       f"a transaction was open; it now uses {host} (instance "
+                       f"{self.instance_id}). Whether the transaction committed is unknown: "
+                       "do not replay it blindly")
+        raise driver.error(outcome.error, message, host=str(host), failed_host=str(failed),
+                           statement_sent=statement_sent) from exc
+
+    def _wanted(self) -> str:
+        return {FailoverMode.STRICT_WRITER: "writer", FailoverMode.STRICT_READER: "reader",
+                FailoverMode.READER_OR_WRITER: "reader or writer"}[self.mode]
+
+    def _failed_host(self, failed: HostSpec, monitor: TopologyMonitor) -> Host | HostSpec:
+        snapshot = monitor.snapshot
+        listed = snapshot.by_instance(self.instance_id) if (
+            snapshot is not None and self.instance_id) else None
+        return listed or failed
+
+    def _reconnect(self, proxy: Any, monitor: TopologyMonitor, started: float) -> None:
+        """Connect to a verified instance of the wanted role and install it in ``proxy``;
+        ``_NoConnectionError`` when the budget runs out."""
+        schedule = RetrySchedule.for_failover(self.timeout, self.reconnect_interval)
+        state = schedule.start(started)
+        attempts: list[ConnectAttempt] = []
+        since = started
+        sink = get_decision_sink()
+        while True:
+            remaining = state.remaining(time.monotonic())
+            plan = self._plan(monitor, since, remaining)
+            if plan is None:
+                attempts.extend(monitor.probe_attempts())
+                raise _NoConnectionError(attempts)
+            sink.record(plan.to_decision())
+            for attempt in plan.attempts:
+                if self._try(proxy, monitor, attempt, state.remaining(time.monotonic()),
+                             attempts):
+                    return
+            since = time.monotonic()
+            state = state.increment(since, "failed")
+            step = state.next_step(since, self._rng)
+            sink.record(step.to_decision())
+            if not step.retry:
+                raise _NoConnectionError(attempts)
+            time.sleep(step.delay)
+
+    def _plan(self, monitor: TopologyMonitor, since: float,
+              remaining: float | None) -> FailoverPlan | None:
+        """The hosts to try now; ``None`` when the budget ran out waiting for the monitor."""
+        now = time.monotonic()
+        ctx = SelectionContext(rng=monitor.rng, now=now, cursor=monitor.round_robin)
+        if self.mode is FailoverMode.STRICT_WRITER:
+            writer = monitor.wait_for_writer(since, remaining)
+            if writer is None:
+                return None
+            snapshot = monitor.snapshot
+            if snapshot is None or snapshot.writer is None or (
+                    snapshot.writer.address != writer.address):
+                snapshot = TopologySnapshot((writer,))
+            return plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy,
+                                 ctx, max_lag=self.max_lag)
+        snapshot = monitor.snapshot
+        if snapshot is None or not snapshot.hosts:
+            monitor.request_refresh()
+            if monitor.wait_for_writer(since, remaining) is None:
+                return None
+            snapshot = monitor.snapshot or TopologySnapshot(())
+        plan = plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy, ctx,
+                             max_lag=self.max_lag)
+        if not plan.attempts:
+            monitor.request_refresh()
+        return plan
+
+    def _try(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
+             remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
+        """Connect to ``attempt.host``, verify its role, install it. Records a failure."""
+        driver = self.ctx.driver
+        host = attempt.host
+        start = time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        timeout = self.connect_timeout if remaining is None else min(self.connect_timeout,
+                                                                     remaining)
+        spec = HostSpec(host.host, host.port)
+        args = self._address_args(spec)
+        _connect_timeout_args(driver.code, args, timeout)
+        try:
+            raw = proxy.resilient.pipeline.connect(ConnectContext(
+                spec, args, self.ctx.settings, driver, self._target, initial=False))
+        except Exception as exc:
+            attempts.append(ConnectAttempt(host.host, host.port, "connect failed", repr(exc),
+                                           time.monotonic() - start))
+            monitor.mark_down(host)
+            return False
+        try:
+            assert self._dialect is not None and self._addressing is not None
+            report = read_self_report(driver, self._dialect, raw, host, self._addressing,
+                                      with_topology=False)
+            problem = self._role_problem(report, attempt)
+            if problem is None:
+                driver.apply_session_state(raw, proxy._session)
+                if self.on_connect is not None:
+                    self.on_connect(raw)
+        except Exception as exc:
+            problem, report = f"failed after connecting: {exc!r}", None
+        if problem is not None:
+            attempts.append(ConnectAttempt(host.host, host.port, problem, None,
+                                           time.monotonic() - start))
+            with contextlib.suppress(Exception):
+                raw.close()
+            return False
+        assert report is not None
+        proxy.resilient.replace_raw(raw, spec, "failover")
+        self._swaps += 1
+        self.failovers += 1
+        self._learn(report, monitor)
+        return True
+
+    @staticmethod
+    def _role_problem(report: SelfReport, attempt: Attempt) -> str | None:
+        expected = attempt.host.instance_id
+        if expected is not None and report.instance_id not in (None, expected):
+            return f"reached instance {report.instance_id}, not {expected}"
+        if report.is_reader is None:
+            return "did not say whether it is a reader"
+        if attempt.required is Role.WRITER and report.is_reader:
+            return "is a reader, not the writer"
+        if attempt.required is Role.READER and not report.is_reader:
+            return "is the writer, not a reader"
+        return None
+
+    def __repr__(self) -> str:
+        return (f"<FailoverPlugin mode={self.mode.value} instance={self.instance_id} "
+                f"role={self.role.value} epoch={self.epoch}>")
