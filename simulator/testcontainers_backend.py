@@ -53,7 +53,6 @@ import functools
 import logging
 import re
 import time
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,10 +61,10 @@ from simulator._addresses import ProcessIdentity, claim_address, release_address
 from simulator.local import (
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
+    LocalServer,
     ServerStartError,
     SettingValue,
     SimulatorError,
-    _conninfo_value,
     _probe_mariadb,
     _probe_postgres,
 )
@@ -313,17 +312,9 @@ class DockerServer:
         return {"host": self.host, "port": self.port, database_key: self.database,
                 "user": self.user, "password": self.password}
 
-    def conninfo(self) -> str:
-        """``key=value`` connection string with the driver's own key names."""
-        return " ".join(f"{key}={_conninfo_value(str(value))}"
-                        for key, value in self.connect_kwargs().items())
-
-    def uri(self) -> str:
-        """``postgresql://`` or ``mysql://`` URI with credentials and database."""
-        scheme = "postgresql" if self.engine == "postgresql" else "mysql"
-        quote = functools.partial(urllib.parse.quote, safe="")
-        return (f"{scheme}://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.port}"
-                f"/{quote(self.database)}")
+    # Same formats as the local runtime: they only read connect_kwargs() and the credentials.
+    conninfo = LocalServer.conninfo
+    uri = LocalServer.uri
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the container's output ("" if there is none)."""
