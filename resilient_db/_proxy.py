@@ -34,14 +34,19 @@ _OWN_CONNECTION_ATTRS = frozenset(
      "_cursors", "__weakref__"}
 )
 
-# Enum member lookups cost ~0.2 µs each on Python 3.11: the hot paths use these.
+# Enum member lookups cost ~0.2 µs each on Python 3.11: the hot paths (here and in the driver
+# modules, which import these) use plain module constants.
+_CALLPROC = Op.CALLPROC
 _CLOSE = Op.CLOSE
 _COMMIT = Op.COMMIT
+_COPY = Op.COPY
 _EXECUTE = Op.EXECUTE
 _EXECUTEMANY = Op.EXECUTEMANY
 _FETCH = Op.FETCH
+_PIPELINE = Op.PIPELINE
 _ROLLBACK = Op.ROLLBACK
 _SESSION = Op.SESSION
+_TRANSACTION = Op.TRANSACTION
 _RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC})
 # Cursor attributes bound to the driver cursor: after the physical connection is replaced they
 # are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
