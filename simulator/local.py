@@ -639,7 +639,8 @@ class _Postgres(_EngineSpec):
             f"port = {server.port}",
             f"unix_socket_directories = {_quote_pg(str(server.socket_dir))}",
             f"cluster_name = {_quote_pg(server.name)}",
-            "max_connections = 100",
+            # Room for the 200-application-connection budget checks plus monitors and probes.
+            "max_connections = 400",
             "shared_buffers = '16MB'",
             "huge_pages = off",
             # Files in data_dir/pg_dynshmem, not in /dev/shm: a killed server leaks nothing.
@@ -893,6 +894,8 @@ class _MariaDB(_EngineSpec):
             # Probes, kills and blackholes abort many handshakes: never block a client host,
             # and keep "Aborted connection" notes out of the log.
             "max-connect-errors=4294967295",
+            # Room for the 200-application-connection budget checks plus monitors and probes.
+            "max-connections=400",
             "log-warnings=1",
         ]
         if server.flavour == "rds-mysql":
