@@ -254,6 +254,44 @@ def test_targeted_failover(env: Env) -> None:
     assert env.rows(table)[3] == target
 
 
+def _topology_writer(env: Env, instance_id: str) -> str:
+    """The writer named by the topology as ``instance_id`` itself serves it."""
+    sql = ("SELECT server_id FROM pg_catalog.aurora_replica_status() "
+           "WHERE session_id = 'MASTER_SESSION_ID'" if env.name == "pg" else
+           "SELECT server_id FROM aurora_sim.replica_host_status "
+           "WHERE session_id = 'MASTER_SESSION_ID'")
+    with env.cluster.superuser(instance_id) as conn:
+        cur = conn.cursor()
+        cur.execute(sql)
+        return str(cur.fetchone()[0])
+
+
+def test_stale_topology_on_a_lagging_reader_does_not_mislead_failover(env: Env) -> None:
+    """A reader that applies changes late still names the dead writer as the writer after
+    the failover; the application must land on the instance that is the writer by its own
+    account, never on the one a stale view names."""
+    cluster = env.cluster
+    table = env.table()
+    conn = env.connect()
+    cur = conn.cursor()
+    insert(env, cur, table, 1)
+    old = cluster.writer.id
+    lagging = cluster.readers[-1].id
+    cluster.set_replica_lag(lagging, 8.0)
+    try:
+        new = promoted(cluster.failover(target=cluster.readers[0].id))
+        assert new != lagging
+        # The lagging reader's view is stale: it still names the old writer.
+        assert _topology_writer(env, lagging) == old
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            insert(env, cur, table, 2)
+        insert(env, cur, table, 3)
+        assert env.instance(conn) == new
+    finally:
+        cluster.set_replica_lag(lagging, 0.0)
+    assert env.rows(table)[3] == new
+
+
 def test_failover_inside_a_transaction(env: Env) -> None:
     cluster = env.cluster
     table = env.table()
