@@ -58,7 +58,6 @@ log = logging.getLogger("resilient_db.plugins.aurora_connection_tracker")
 _lock = threading.Lock()
 _trackers: weakref.WeakSet[ConnectionTrackerPlugin] = weakref.WeakSet()
 _warned = False
-_IN_TRANSACTION = frozenset({TxStatus.IN_TRANSACTION, TxStatus.IN_ERROR})
 
 
 def tracked() -> int:
@@ -165,9 +164,8 @@ class ConnectionTrackerPlugin(Plugin):
         if plugin is None or plugin.instance_id != old or not plugin.stale:
             return call  # moved already (its own failover), or nothing to move it with
         proxy = call.connection
-        driver = self.ctx.driver
         raw = proxy._raw
-        if driver.transaction_status(raw) in _IN_TRANSACTION:
+        if self._may_be_in_transaction(raw):
             self._abort(raw, old, "a transaction is open")
             return call
         if not plugin.recycle(proxy):
@@ -183,6 +181,18 @@ class ConnectionTrackerPlugin(Plugin):
                  proxy._host, plugin.instance_id)
         again = proxy.resilient.retarget(call)
         return again if again is not None else call
+
+    def _may_be_in_transaction(self, raw: Any) -> bool:
+        """Whether a transaction may be open on ``raw``; only a known "no" allows moving the
+        connection silently. mysql-connector keeps the server's flag even once it noticed the
+        connection is gone (its status then says "unknown"); libpq's status is kept until the
+        next I/O."""
+        driver = self.ctx.driver
+        if driver.code == "mysql-connector":
+            flag = getattr(raw, "in_transaction", None)
+            if isinstance(flag, bool):
+                return flag
+        return driver.transaction_status(raw) is not TxStatus.IDLE
 
     def _abort(self, raw: Any, old: str, why: str) -> None:
         self.ctx.driver.abort(raw)

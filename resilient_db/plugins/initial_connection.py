@@ -13,7 +13,9 @@ One connect is a series of rounds within ``open_connection_retry_timeout_ms``, p
    DNS: the verified writer, or a reader picked with
    ``initial_connection_host_selector_strategy`` (the cluster's shared round-robin cursor and
    random generator; ``max_replica_lag`` respected), then the other readers, the writer last.
-2. Otherwise (or when none of those worked) through the endpoint, as DNS resolves it now.
+2. Otherwise (or when none of those worked) through the endpoint, as DNS resolves it now;
+   when that fails too, through the cluster's other endpoint (the reader endpoint for a
+   cluster endpoint and vice versa), only to learn the topology from whatever it reaches.
 3. Every connection is verified: the instance says whether it is a reader. Wrong role: the
    topology that instance reports names the instances to try next (a demoted writer follows
    the new writer, so its view names it; whatever it names is verified in turn).
@@ -49,6 +51,8 @@ from ..dialects.base import DatabaseDialect
 from ..errors import ConnectAttempt, Error, FailoverFailedError
 from ..hosts import Host, Role, TopologySnapshot
 from ..rds import EndpointKind, classify
+from ..rds import reader_endpoint as rds_reader_endpoint
+from ..rds import writer_endpoint as rds_writer_endpoint
 from ..selection import ReaderChoice, SelectionContext, Strategy, choose, strategy_from_name
 from ..topology import TopologyMonitor
 from . import _cluster_connect as cc
@@ -126,6 +130,13 @@ class InitialConnectionPlugin(Plugin):
         self.window = settings[OPEN_CONNECTION_RETRY_TIMEOUT]
         self.interval: float = settings[OPEN_CONNECTION_RETRY_INTERVAL] or 1.0
         self.max_lag = settings[MAX_REPLICA_LAG]
+        #: The cluster's other endpoint (reader endpoint of a writer endpoint and vice versa):
+        #: where to learn the topology when the endpoint itself leads nowhere.
+        self.sibling: str | None = None
+        if self.endpoint.kind is EndpointKind.CLUSTER_WRITER:
+            self.sibling = rds_reader_endpoint(self.endpoint)
+        elif self.endpoint.kind is EndpointKind.CLUSTER_READER:
+            self.sibling = rds_writer_endpoint(self.endpoint)
         self._rng = random.Random()
 
     def dormant(self) -> bool:
@@ -199,7 +210,10 @@ class _Opening:
         tried: set[str] = set()
         fallback: tuple[Any, HostSpec, str | None] | None = None  # a writer, if a reader fails
         queue = list(self._from_topology(monitor.snapshot if monitor else None, monitor, tried))
-        endpoint_tried = False
+        names = [self.ctx.host]
+        if self.plugin.sibling is not None:
+            names.append(HostSpec(self.plugin.sibling, self.ctx.host.port))
+        by_names = tuple(names)
         while True:
             if queue:
                 host = queue.pop(0)
@@ -207,16 +221,16 @@ class _Opening:
                 if host.address in tried:
                     continue
                 tried.add(host.address)
-            elif not endpoint_tried:
-                endpoint_tried = True
-                spec = self.ctx.host
+            elif names:
+                spec = names.pop(0)
             else:
                 break
+            by_name = any(spec is name for name in by_names)
             via_dns = spec is self.ctx.host
             raw, report = self._open(spec)
             if raw is None or report is None:
                 continue
-            if via_dns:
+            if by_name:
                 tried.add(Host(spec.host, spec.port).address)
                 if report.instance_id is not None and report.topology is not None:
                     listed = report.topology.by_instance(report.instance_id)
