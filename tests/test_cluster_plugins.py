@@ -9,6 +9,7 @@ that no write reached a reader; the pure parts have unit tests at the end."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import random
 import socket
@@ -339,6 +340,37 @@ def test_initial_connection_through_stale_cluster_endpoint_lands_on_the_writer(
     assert redirected.attributes["resilient_db.instance.id"] == new
     assert any("is a reader" in a
                for a in redirected.attributes["resilient_db.initial_connection.attempts"])
+    assert env.rows(table) == {1: new}
+
+
+@pytest.mark.real_server
+def test_initial_connection_while_the_old_writer_is_still_down(
+        env: Env, sink: resilient_db.CollectingSink) -> None:
+    """The cluster endpoint names a writer that is gone and no topology is known in the
+    process: the reader endpoint leads to a reader whose topology names the new writer."""
+    cluster = env.cluster
+    table = env.table()
+    resilient_db.shutdown()
+    old = cluster.writer
+    timeline = cluster.timeline
+    cluster.timeline = dataclasses.replace(timeline, rejoin_delay=None)  # stays down
+    try:
+        with stale_cluster_dns(cluster):
+            new = promoted(cluster.failover())
+            assert resolve_name(cluster.writer_endpoint) == old.address
+            assert cluster.instance(old.id).role == "stopped"
+            conn = env.connect(cluster.writer_endpoint, plugins="initial_connection")
+            assert env.instance(conn) == new
+            insert(env, conn.cursor(), table, 1)
+            redirected = sink.of_kind("initial_connection.redirected")[-1]
+            attempts = redirected.attributes["resilient_db.initial_connection.attempts"]
+            assert attempts[0] == f"{cluster.writer_endpoint}:{cluster.port} connect failed"
+            assert f"{cluster.reader_endpoint}:{cluster.port} connected, but is a reader" in (
+                attempts)
+    finally:
+        cluster.timeline = timeline
+        if cluster.instance(old.id).role == "stopped":
+            cluster.start_instance(old.id)  # rejoins as a reader
     assert env.rows(table) == {1: new}
 
 
