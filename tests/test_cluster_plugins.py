@@ -476,7 +476,8 @@ def test_stale_dns_connects_to_the_verified_writer(
         wait_until("the monitor verifying the new writer",
                    lambda: monitor.writer is not None and monitor.writer.instance_id == new)
         # The monitor knows the writer: DNS is compared with it before connecting.
-        assert resolve_name(cluster.writer_endpoint) == old.address
+        assert resolve_name(cluster.writer_endpoint) == old.address, (
+            time.monotonic() - since, cluster.events.events(since=since))
         conn = env.connect(cluster.writer_endpoint, plugins="stale_dns,failover")
         assert env.instance(conn) == new
         insert(env, conn.cursor(), table, 1)

@@ -214,7 +214,10 @@ class _Opening:
         if self.plugin.sibling is not None:
             names.append(HostSpec(self.plugin.sibling, self.ctx.host.port))
         by_names = tuple(names)
+        attempted = False
         while True:
+            if attempted and self.deadline is not None and time.monotonic() >= self.deadline:
+                break  # the window is over: no new attempt (a fallback writer still counts)
             if queue:
                 host = queue.pop(0)
                 spec = host.spec
@@ -227,6 +230,7 @@ class _Opening:
                 break
             by_name = any(spec is name for name in by_names)
             via_dns = spec is self.ctx.host
+            attempted = True
             raw, report = self._open(spec)
             if raw is None or report is None:
                 continue
