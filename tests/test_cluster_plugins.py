@@ -122,6 +122,12 @@ def tracker_of(conn: resilient_db.ConnectionProxy) -> ConnectionTrackerPlugin:
     return found
 
 
+def tracker_in_chain(conn: resilient_db.ConnectionProxy) -> bool:
+    """Whether the tracker's layer is the outermost of the connection's statement chain."""
+    handler = conn.resilient.pipeline.chains.execute
+    return handler is not None and "ConnectionTrackerPlugin" in handler.__qualname__
+
+
 def settle(env: Env) -> None:
     """Undo what a test left: every instance back in a role, readers following the writer,
     a writable writer, connections closed."""
@@ -259,6 +265,8 @@ def test_tracker_recycles_connections_left_on_the_old_writer(
     assert {env.instance(c) for c in [*idle, untracked]} == {old}
     monitor = failover_of(idle[0]).monitor()
     epoch = monitor.epoch
+    # Zero cost while the writer stays: the tracker is not in the statement chain at all.
+    assert not any(tracker_in_chain(c) for c in idle)
 
     new = promoted(cluster.failover())
     wait_until("the monitor publishing the new writer",
@@ -268,6 +276,7 @@ def test_tracker_recycles_connections_left_on_the_old_writer(
               if d.attributes["resilient_db.topology.writer"] == new]
     assert marked and marked[-1].attributes["resilient_db.topology.writer_before"] == old
     assert marked[-1].attributes["resilient_db.tracker.marked"] >= 5
+    assert all(tracker_in_chain(c) for c in idle)  # marked: in the chain until settled
 
     # Idle connections: moved before their next statement, which runs on the new writer.
     for key, (conn, cur) in enumerate(zip(idle, cursors, strict=True)):
@@ -297,6 +306,7 @@ def test_tracker_recycles_connections_left_on_the_old_writer(
     assert {d.attributes["resilient_db.instance.id"] for d in recycled} == {new}
     # Settled connections left the execute chain again: no per-statement cost.
     assert all(tracker_of(c).dormant() for c in [*idle, in_tx])
+    assert not any(tracker_in_chain(c) for c in [*idle, in_tx])
 
 
 @pytest.mark.real_server
