@@ -16,8 +16,9 @@ One connect is a series of rounds within ``open_connection_retry_timeout_ms``, p
 2. Otherwise (or when none of those worked) through the endpoint, as DNS resolves it now;
    when that fails too, through the cluster's other endpoint (the reader endpoint for a
    cluster endpoint and vice versa), only to learn the topology from whatever it reaches.
-3. Every connection is verified: the instance says whether it is a reader. Wrong role: the
-   topology that instance reports names the instances to try next (a demoted writer follows
+3. Every connection is verified: the instance says who it is and whether it is a reader (two
+   short internal statements). Wrong role: the topology that instance reports (read only
+   then) names the instances to try next (a demoted writer follows
    the new writer, so its view names it; whatever it names is verified in turn).
 4. A reader was wanted and none could be reached: the writer (first-hand verified) is used.
 
@@ -236,10 +237,6 @@ class _Opening:
                 continue
             if by_name:
                 tried.add(Host(spec.host, spec.port).address)
-                if report.instance_id is not None and report.topology is not None:
-                    listed = report.topology.by_instance(report.instance_id)
-                    if listed is not None:
-                        tried.add(listed.address)
             if cc.has_role(report, self.wanted):
                 if fallback is not None:
                     cc.close_quietly(fallback[0])
@@ -249,12 +246,17 @@ class _Opening:
                 return raw
             outcome = cc.role_text(report)
             self.attempts.append(cc.attempt(spec, f"connected, but {outcome}", None, 0.0))
+            topology = self._topology(raw, spec)  # only now: the right role needs no topology
+            if by_name and topology is not None and report.instance_id is not None:
+                listed = topology.by_instance(report.instance_id)
+                if listed is not None:
+                    tried.add(listed.address)
             if self.wanted is Role.READER and report.is_reader is False and fallback is None:
                 fallback = (raw, spec, report.instance_id)
             else:
                 cc.close_quietly(raw)
-            if report.topology is not None:
-                learned = self._from_topology(report.topology, monitor, tried)
+            if topology is not None:
+                learned = self._from_topology(topology, monitor, tried)
                 queue.extend(h for h in learned if h.address not in tried)
         if fallback is not None:
             return self._fall_back(*fallback)
@@ -317,7 +319,7 @@ class _Opening:
             if self.dialect is None:
                 self.dialect = cc.dialect_for(self.ctx, self.plugin.ctx.extra, raw)
             report = cc.report_on(self.ctx, self.dialect, raw, spec, self.addressing,
-                                  with_topology=self.dialect.topology_query is not None)
+                                  with_topology=False)
         except Error:
             cc.close_quietly(raw)
             raise
@@ -328,6 +330,23 @@ class _Opening:
             cc.close_quietly(raw)
             return None, None
         return raw, report
+
+    def _topology(self, raw: Any, spec: HostSpec) -> TopologySnapshot | None:
+        """The topology the instance behind ``raw`` sees (``None``: none, or it failed)."""
+        dialect = self.dialect
+        if dialect is None or dialect.topology_query is None:
+            return None
+        try:
+            report = cc.report_on(self.ctx, dialect, raw, spec, self.addressing,
+                                  with_topology=True)
+        except Error:
+            cc.close_quietly(raw)
+            raise
+        except Exception as exc:
+            self.last_error = exc
+            log.debug("cannot read the topology on %s: %r", spec, exc)
+            return None
+        return report.topology
 
     # --- reporting ---------------------------------------------------------------------------
     def _role(self) -> str:
