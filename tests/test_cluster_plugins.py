@@ -310,20 +310,29 @@ def test_tracker_recycles_connections_left_on_the_old_writer(
 
 
 @pytest.mark.real_server
-def test_tracker_leaves_connections_its_failover_already_moved(env: Env) -> None:
+def test_tracker_leaves_connections_its_failover_already_moved(
+        env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
+    # A fresh monitor at the normal rate (30 s): it learns of the new writer only when this
+    # connection's failover asks it to search, so the tracker cannot move the connection first.
+    resilient_db.shutdown()
     conn = env.connect(plugins=TRACKED)
     cur = conn.cursor()
     cur.execute("SELECT 1")
     cur.fetchall()
+    time.sleep(0.3)  # let the monitor's first (immediate) refresh finish before the crash
     new = promoted(cluster.failover())
     with pytest.raises(resilient_db.FailoverSuccessError):
         cur.execute("SELECT 1")  # this connection's own failover moved it
     cur.execute("SELECT 1")
     cur.fetchall()
     assert env.instance(conn) == new
+    # It was marked while failing over (still on the old writer then), and then left alone.
+    assert any(d.attributes["resilient_db.topology.writer"] == new
+               and d.attributes["resilient_db.tracker.marked"] >= 1
+               for d in sink.of_kind("tracker.marked"))
     assert tracker_of(conn).recycled == 0 and tracker_of(conn).aborted == 0
-    assert tracker_of(conn).dormant()
+    assert tracker_of(conn).dormant() and not tracker_in_chain(conn)
 
 
 # --- initial_connection ---------------------------------------------------------------------------
