@@ -42,6 +42,12 @@ SETTLE_TIMEOUT = 30.0
 STALE_DNS = 12.0
 
 
+#: MONITOR_RACE: a connection asking for a faster topology refresh rate can subscribe while
+#: the monitor is in the middle of a refresh; its wake-up is then lost and the monitor waits out
+#: the interval computed before (30 s by default) before the faster rate applies. Tests that
+#: need a fast monitor open their fast connection first, so it starts the monitor.
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -250,9 +256,11 @@ TRACKED = "aurora_connection_tracker,failover"
 def test_tracker_recycles_connections_left_on_the_old_writer(
         env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
-    table = env.table()
     old = cluster.writer.id
+    # The fast-refreshing connections first: they start the cluster's monitor at their rate
+    # (see MONITOR_RACE).
     idle = [env.connect(plugins=TRACKED, topology_refresh_ms=100) for _ in range(4)]
+    table = env.table()
     cursors = [conn.cursor() for conn in idle]
     for key, cur in enumerate(cursors):
         insert(env, cur, table, key)
@@ -486,9 +494,10 @@ def test_initial_connection_gives_up_when_its_window_ends(
 def test_stale_dns_connects_to_the_verified_writer(
         env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
-    table = env.table()
     old = cluster.writer
+    # First: it starts the cluster's monitor at its fast rate (see MONITOR_RACE).
     first = env.connect(cluster.writer_endpoint, plugins="failover", topology_refresh_ms=100)
+    table = env.table()
     monitor = failover_of(first).monitor()
     with stale_cluster_dns(cluster) as since:
         new = promoted(cluster.failover())
