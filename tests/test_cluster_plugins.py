@@ -257,8 +257,9 @@ def test_tracker_recycles_connections_left_on_the_old_writer(
         env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
     old = cluster.writer.id
-    # The fast-refreshing connections first: they start the cluster's monitor at their rate
+    # The fast-refreshing connections first: they start a fresh monitor at their rate
     # (see MONITOR_RACE).
+    resilient_db.shutdown()
     idle = [env.connect(plugins=TRACKED, topology_refresh_ms=100) for _ in range(4)]
     table = env.table()
     cursors = [conn.cursor() for conn in idle]
@@ -495,7 +496,8 @@ def test_stale_dns_connects_to_the_verified_writer(
         env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
     old = cluster.writer
-    # First: it starts the cluster's monitor at its fast rate (see MONITOR_RACE).
+    # First: it starts a fresh monitor at its fast rate (see MONITOR_RACE).
+    resilient_db.shutdown()
     first = env.connect(cluster.writer_endpoint, plugins="failover", topology_refresh_ms=100)
     table = env.table()
     monitor = failover_of(first).monitor()
