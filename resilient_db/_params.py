@@ -270,3 +270,57 @@ ON_CONNECT: Property[Callable[[Any], None] | None] = _register(Property(
     _to_callable,
     plugin="failover",
 ))
+
+# --- initial_connection plugin ---------------------------------------------------------------
+
+OPENED_CONNECTION_TYPES = ("writer", "reader", "none")
+
+INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY = choice(
+    "initial_connection_host_selector_strategy",
+    "random",
+    READER_STRATEGIES,
+    "How `initial_connection` picks the reader to connect to when a reader is wanted (reader "
+    "endpoint) and the cluster's topology is known, or when the instance DNS gave is not a "
+    "reader.",
+    plugin="initial_connection",
+    aws_name=True,
+)
+READER_INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY = choice(
+    "reader_initial_connection_host_selector_strategy",
+    None,
+    READER_STRATEGIES,
+    "Older AWS name of `initial_connection_host_selector_strategy`, used only when that one is "
+    "not set.",
+    plugin="initial_connection",
+    aws_name=True,
+)
+VERIFY_OPENED_CONNECTION_TYPE = choice(
+    "verify_opened_connection_type",
+    None,
+    OPENED_CONNECTION_TYPES,
+    "The role the instance behind a new connection must have: `writer`, `reader` (the writer "
+    "only when no reader can be reached) or `none` (no check). Unset: `writer` through a "
+    "cluster (writer) endpoint, `reader` through a reader endpoint, `none` otherwise.",
+    plugin="initial_connection",
+    aws_name=True,
+)
+OPEN_CONNECTION_RETRY_TIMEOUT = duration(
+    "open_connection_retry_timeout_ms",
+    30.0,
+    "Window within which `initial_connection` keeps trying to open a connection of the "
+    "wanted role; when it ends without one, `connect` raises `FailoverFailedError` listing "
+    "every attempt. Each connect attempt's timeout is capped by what is left of the window.",
+    unit="ms",
+    plugin="initial_connection",
+    aws_name=True,
+)
+OPEN_CONNECTION_RETRY_INTERVAL = duration(
+    "open_connection_retry_interval_ms",
+    1.0,
+    "Pause between two rounds of `initial_connection` attempts (capped by what is left of "
+    "`open_connection_retry_timeout_ms`).",
+    unit="ms",
+    plugin="initial_connection",
+    allow_zero=False,
+    aws_name=True,
+)

@@ -29,13 +29,16 @@ BUILTIN: dict[str, str] = {
     "execute_time": "resilient_db.plugins.execute_time:ExecuteTimePlugin",
     "dev": "resilient_db.plugins.dev:DevPlugin",
     "failover": "resilient_db.plugins.failover:FailoverPlugin",
+    "aurora_connection_tracker":
+        "resilient_db.plugins.aurora_connection_tracker:ConnectionTrackerPlugin",
+    "initial_connection": "resilient_db.plugins.initial_connection:InitialConnectionPlugin",
+    "stale_dns": "resilient_db.plugins.stale_dns:StaleDnsPlugin",
 }
 
 #: Built-in codes announced for later releases: selecting one gives a clear error, not a typo
 #: suggestion.
 PLANNED = frozenset(
-    {"efm", "aurora_connection_tracker", "initial_connection", "stale_dns",
-     "read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
+    {"efm", "read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
      "federated_auth", "okta", "limitless", "fastest_response_strategy"}
 )
 

@@ -50,6 +50,7 @@ from .hosts import (
     BadHostMemory,
     Host,
     Role,
+    TopologyChange,
     TopologySnapshot,
     address_of,
     advance,
@@ -62,6 +63,7 @@ __all__ = [
     "Addressing",
     "MonitorSubscriber",
     "TopologyMonitor",
+    "add_writer_listener",
     "confirmed_role",
     "known_monitor",
     "monitor_for",
@@ -457,6 +459,7 @@ class TopologyMonitor:
             if step.change.writer_changed:
                 log.info("cluster %s: writer is now %s (topology epoch %d)", self.key,
                          self._writer, step.epoch)
+                _notify_writer_changed(self, step.change)
         if not quiet:
             sink.record(election.to_decision())
         self._cond.notify_all()
@@ -663,6 +666,27 @@ class TopologyMonitor:
                         self._conn, conn = conn, None
                 if conn is not None:
                     _close_quietly(self.driver, conn)
+
+
+#: Called as ``listener(monitor, change)`` when a monitor publishes a new writer (the
+#: connection tracker). Runs on the thread that verified the writer, with the monitor's lock
+#: held: a listener must be quick, do no I/O and not wait for other threads.
+_writer_listeners: list[Callable[[TopologyMonitor, TopologyChange], None]] = []
+
+
+def add_writer_listener(listener: Callable[[TopologyMonitor, TopologyChange], None]) -> None:
+    """Register ``listener`` (once) to hear of every writer change of every monitor."""
+    with _registry_lock:
+        if listener not in _writer_listeners:
+            _writer_listeners.append(listener)
+
+
+def _notify_writer_changed(monitor: TopologyMonitor, change: TopologyChange) -> None:
+    for listener in list(_writer_listeners):
+        try:
+            listener(monitor, change)
+        except Exception:  # a listener never takes the monitor down
+            log.warning("writer-change listener %r failed", listener, exc_info=True)
 
 
 def _close_quietly(driver: Any, conn: Any) -> None:

@@ -35,6 +35,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from typing import Any, Final
 
 from .. import topology
@@ -169,6 +170,8 @@ class FailoverPlugin(Plugin):
         self._monitor_key: tuple[str, tuple[Any, ...]] | None = None
         self._dialect: DatabaseDialect | None = None
         self._addressing: Addressing | None = None
+        # Found by plugins of the same connection (the connection tracker); weak: no cycle.
+        ctx.extra["failover"] = weakref.ref(self)
 
     def dormant(self) -> bool:
         return not self.enabled
@@ -553,13 +556,34 @@ class FailoverPlugin(Plugin):
             snapshot is not None and self.instance_id) else None
         return listed or failed
 
-    def _reconnect(self, proxy: Any, monitor: TopologyMonitor, started: float) -> None:
+    def recycle(self, proxy: Any) -> bool:
+        """Move ``proxy`` to a verified instance of this connection's role now, without raising
+        an outcome (the connection tracker, for an idle connection left on a demoted writer).
+        A writer the monitor already verified is used as is. Returns whether it moved; the
+        old physical connection is aborted and closed."""
+        with self._lock:
+            old_raw = proxy._raw
+            monitor = self.monitor()
+            try:
+                self._reconnect(proxy, monitor, time.monotonic(),
+                                since=monitor.verified_at - 1e-9)
+            except _NoConnectionError:
+                return False
+            with contextlib.suppress(Exception):
+                self.ctx.driver.abort(old_raw)
+            with contextlib.suppress(Exception):
+                old_raw.close()
+            return True
+
+    def _reconnect(self, proxy: Any, monitor: TopologyMonitor, started: float, *,
+                   since: float | None = None) -> None:
         """Connect to a verified instance of the wanted role and install it in ``proxy``;
-        ``_NoConnectionError`` when the budget runs out."""
+        ``_NoConnectionError`` when the budget runs out. ``since``: accept a writer verified
+        after this moment (default ``started``)."""
         schedule = RetrySchedule.for_failover(self.timeout, self.reconnect_interval)
         state = schedule.start(started)
         attempts: list[ConnectAttempt] = []
-        since = started
+        since = started if since is None else since
         sink = get_decision_sink()
         while True:
             remaining = state.remaining(time.monotonic())
