@@ -27,7 +27,7 @@ from .context import suppress_instrumentation
 if TYPE_CHECKING:
     from .._pipeline import Plugin
     from .._properties import Settings
-    from .setup import Telemetry
+    from .sdk import Telemetry
 
 __all__ = [
     "Telemetry",
@@ -90,8 +90,8 @@ def disable() -> None:
 
 def setup(**kwargs: Any) -> Telemetry:
     """Configure the OpenTelemetry SDK and turn telemetry on: see
-    :func:`resilient_db.telemetry.setup.setup` (needs the ``otel`` extra)."""
-    from .setup import setup as _setup
+    :func:`resilient_db.telemetry.sdk.setup` (needs the ``otel`` extra)."""
+    from .sdk import setup as _setup
 
     return _setup(**kwargs)
 
@@ -128,7 +128,7 @@ def _activate(settings: Settings) -> type[Plugin]:
 
 def __getattr__(name: str) -> Any:
     if name == "Telemetry":
-        from .setup import Telemetry
+        from .sdk import Telemetry
 
         return Telemetry
     raise AttributeError(name)
