@@ -279,8 +279,11 @@ def test_failover_span_tree_over_otlp_http(settled: Cluster) -> None:
             promoted = fail_over(settled, conn)
         conn.close()
         new = settled.instances[promoted]
-        wait_until("the topology search span", lambda: (
-            handle.flush() is None and bool(receiver.named(n.SPAN_TOPOLOGY_SEARCH))))
+        def search_exported() -> bool:
+            handle.flush()
+            return bool(receiver.named(n.SPAN_TOPOLOGY_SEARCH))
+
+        wait_until("the topology search span", search_exported)
         handle.flush()
         wait_until("metrics exported", lambda: receiver.metric_requests > 0)
     finally:
