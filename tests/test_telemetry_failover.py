@@ -136,11 +136,17 @@ def test_names_emitted_during_a_failover_match_the_doc(settled: Cluster) -> None
                              set_global=False)
     try:
         conn = connect(settled, telemetry_query_spans=True)
+        # On the writer too, but failing over to a reader: a reader is selected.
+        to_reader = connect(settled, failover_mode="reader_or_writer")
         tracer = handle.tracer_provider.get_tracer("app")
         select(conn)
+        select(to_reader)
         with tracer.start_as_current_span("app.request"):
             fail_over(settled, conn)
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            select(to_reader)
         conn.close()
+        to_reader.close()
         wait_until("the new writer's topology read", lambda: any(
             s.name == n.SPAN_TOPOLOGY_SEARCH for s in spans.get_finished_spans()))
         handle.flush()
@@ -185,11 +191,13 @@ def test_names_emitted_during_a_failover_match_the_doc(settled: Cluster) -> None
     # What a failover must produce.
     assert {n.SPAN_FAILOVER, n.SPAN_FAILOVER_ATTEMPT, n.SPAN_CONNECT,
             n.SPAN_TOPOLOGY_SEARCH} <= emitted_spans
-    assert {"failover.plan", "failover.outcome", "topology.changed"} <= emitted_events
+    assert {"failover.plan", "failover.outcome", "topology.changed",
+            "reader.selected"} <= emitted_events
     assert {n.METRIC_FAILOVERS, n.METRIC_FAILOVER_DURATION, n.METRIC_HOST_STATE,
             n.METRIC_DETECTION_TIME, n.METRIC_TOPOLOGY_REFRESHES, n.METRIC_TOPOLOGY_CHANGES,
             n.METRIC_CONNECTION_COUNT, n.METRIC_CONNECTION_CREATE_TIME,
-            n.METRIC_OPERATION_DURATION, n.METRIC_DECISIONS} <= metrics
+            n.METRIC_OPERATION_DURATION, n.METRIC_DECISIONS,
+            n.METRIC_READER_SELECTIONS} <= metrics
     # Internal statements are not traced as queries: only the application's statements are.
     queries = [s for s in finished if n.DB_QUERY_TEXT in dict(s.attributes or {})]
     assert {dict(s.attributes or {})[n.DB_QUERY_TEXT] for s in queries} <= {

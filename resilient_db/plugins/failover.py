@@ -87,6 +87,7 @@ from ..failover_core import (
 from ..hosts import Host, Role, TopologySnapshot
 from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, strategy_from_name
+from ..telemetry.context import suppress_instrumentation
 from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
 
 __all__ = ["FailoverPlugin"]
@@ -198,7 +199,8 @@ class FailoverPlugin(Plugin):
         if event.reason != "connect" or raw is None:
             return
         try:
-            self._attach(raw, event.new_host or self.ctx.host)
+            with suppress_instrumentation():  # internal statements: not the application's
+                self._attach(raw, event.new_host or self.ctx.host)
         except Exception as exc:
             if self.ctx.driver.is_disconnect(exc):
                 log.info("connection lost while reading the topology; failover will handle it")
@@ -580,6 +582,8 @@ class FailoverPlugin(Plugin):
                 attempts.extend(monitor.probe_attempts())
                 raise _NoConnectionError(attempts)
             sink.record(plan.to_decision())
+            if plan.choice is not None:
+                sink.record(plan.choice.to_decision())
             for attempt in plan.attempts:
                 if self._try(proxy, monitor, attempt, state.remaining(time.monotonic()),
                              attempts):
