@@ -430,3 +430,51 @@ def test_suppression_is_scoped_and_per_thread() -> None:
         thread.join()
         assert seen == [False]
     assert not is_suppressed()
+
+
+# --- OTLP over gRPC (the set-up helper's other protocol) -------------------------------------
+
+
+@pytest.mark.unit
+def test_setup_exports_decision_spans_over_otlp_grpc() -> None:
+    from concurrent import futures
+
+    import grpc  # type: ignore[import-untyped]
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[Any] = []
+
+    class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    received.extend(scope_spans.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        Traces(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        handle = telemetry.setup(otlp_endpoint=f"127.0.0.1:{port}", otlp_protocol="grpc",
+                                 set_global=False)
+        try:
+            with decision_span("failover", "failover", {n.ATTR_FAILOVER_MODE: "strict-reader"}):
+                record("reader.selected", None, **{n.ATTR_STRATEGY: "random"})
+            handle.flush()
+        finally:
+            handle.shutdown()
+    finally:
+        server.stop(None)
+    (span,) = [s for s in received if s.name == n.SPAN_FAILOVER]
+    assert [e.name for e in span.events] == ["reader.selected"]
+    assert {kv.key: kv.value.string_value for kv in span.attributes}[
+        n.ATTR_FAILOVER_MODE] == "strict-reader"
+
+
+@pytest.mark.unit
+def test_setup_rejects_an_unknown_protocol() -> None:
+    with pytest.raises(ValueError, match="otlp_protocol"):
+        telemetry.setup(otlp_endpoint="x", otlp_protocol="thrift", set_global=False)
+    assert telemetry.active() is None
