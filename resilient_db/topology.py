@@ -360,6 +360,8 @@ class TopologyMonitor:
             address, port = host, None
         else:
             address, port = host.host, host.port
+        if port is None:
+            port = self.addressing.default_port
         key = f"{address}:{port}"
         if self._up.get(key) is up:
             return

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import _lifecycle
 from . import disable, enable
 from ._sink import TelemetrySink
 
 log = logging.getLogger("resilient_db.telemetry")
 
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+_LIFECYCLE_NAME = "telemetry.prometheus"
 
 
 @dataclass
@@ -36,8 +38,9 @@ class Telemetry:
         self.tracer_provider.force_flush(timeout_millis)
         self.meter_provider.force_flush(timeout_millis)
 
-    def shutdown(self) -> None:
-        disable()
+    def stop_endpoint(self) -> None:
+        """Stop the Prometheus endpoint (bounded; also run by ``resilient_db.shutdown``)."""
+        _lifecycle.unregister(_LIFECYCLE_NAME)
         for server in self._servers:
             try:
                 server.shutdown()
@@ -45,6 +48,12 @@ class Telemetry:
             except Exception:
                 log.debug("cannot stop the Prometheus endpoint", exc_info=True)
         self._servers.clear()
+
+    def shutdown(self) -> None:
+        """Telemetry off, the endpoint stopped, the providers flushed and shut down (the
+        providers' exporters bound how long that takes)."""
+        disable()
+        self.stop_endpoint()
         for provider in (self.tracer_provider, self.meter_provider):
             try:
                 provider.shutdown()
@@ -112,7 +121,10 @@ def setup(
         metrics.set_meter_provider(meter_provider)
     sink = enable(tracer_provider=tracer_provider, meter_provider=meter_provider,
                   submit_toplevel=submit_toplevel)
-    return Telemetry(tracer_provider, meter_provider, sink, port, servers)
+    handle = Telemetry(tracer_provider, meter_provider, sink, port, servers)
+    if servers:
+        _lifecycle.register(_LIFECYCLE_NAME, handle.stop_endpoint)
+    return handle
 
 
 def _otlp(endpoint: str, protocol: str) -> tuple[Any, Any]:
