@@ -407,6 +407,8 @@ def test_sanitize_and_describe(sql: str, text: str, operation: str,
                                collection: str | None) -> None:
     assert _sql.sanitize(sql) == text
     assert _sql.describe(sql) == (operation, collection)
+    assert _sql.analyse(sql) == _sql.analyse(sql) == (operation, collection, text)
+    assert len(_sql._cache) <= _sql.CACHE_SIZE
 
 
 @pytest.mark.unit

@@ -247,8 +247,7 @@ class QueryTelemetryPlugin(TelemetryPlugin):
         elif call.args:
             text = _sql.query_text(call.args[0])
             if text is not None:
-                operation, collection = _sql.describe(text)
-                attributes[n.DB_QUERY_TEXT] = _sql.sanitize(text)
+                operation, collection, attributes[n.DB_QUERY_TEXT] = _sql.analyse(text)
         if call.op is Op.EXECUTEMANY and operation is not None:
             operation = f"BATCH {operation}"
         if operation is not None:

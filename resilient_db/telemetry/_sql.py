@@ -18,6 +18,9 @@ _TARGET = {
     "UPDATE": re.compile(r"^\s*UPDATE\s+" + _IDENT, re.I),
 }
 MAX_TEXT = 2048
+#: Statements repeat: their analysis is kept for this many distinct texts.
+CACHE_SIZE = 512
+_cache: dict[str, tuple[str | None, str | None, str]] = {}
 
 
 def query_text(statement: Any) -> str | None:
@@ -59,3 +62,15 @@ def describe(text: str) -> tuple[str | None, str | None]:
         if found is not None:
             collection = found.group(1)
     return operation, collection
+
+
+def analyse(text: str) -> tuple[str | None, str | None, str]:
+    """``(operation, collection, sanitized text)``, cached per statement text."""
+    found = _cache.get(text)
+    if found is None:
+        operation, collection = describe(text)
+        found = (operation, collection, sanitize(text))
+        if len(_cache) >= CACHE_SIZE:
+            _cache.clear()
+        _cache[text] = found
+    return found
