@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         flag = ""
         if r.compared_to is not None and r.ratio_to_compared is not None:
             flag = f"  ({r.ratio_to_compared:.3f} over {r.compared_to!r})"
-            if r.budget is not None and r.ratio_to_compared > r.budget:
+            if (r.budget is not None and r.ratio_to_compared > r.budget) or (
+                    r.ratio > args.budget):
                 flag, over = flag + "  over budget", True
         elif r.variant != "raw driver" and r.ratio > (
                 args.budget if r.budget is None else r.budget):
