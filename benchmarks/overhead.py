@@ -12,8 +12,15 @@ which also cancels which server process or CPU a connection landed on.
     python benchmarks/overhead.py --drivers pg --batches 15
     python benchmarks/overhead.py --pg-dsn "host=... dbname=... user=..."   # existing server
 
-Exit status 1 if any ratio exceeds ``--budget`` (default 1.05), so CI or a user can gate on it;
-the test suite does not run this (speed goals live in benchmarks, not timed tests).
+Exit status 1 if any ratio exceeds ``--budget`` (default 1.05), or a variant's own budget,
+so CI or a user can gate on it; the test suite does not run this (speed goals live in
+benchmarks, not timed tests).
+
+Telemetry variants: "telemetry disabled" (``enable_telemetry=false``) is also compared with
+the same plugins without it (budget 1.02); each variant with telemetry on is measured in a
+pass of its own, after the others, because decision telemetry is process-wide (SDK providers
+with a discarding span exporter and an in-memory metric reader); query spans are reported
+only.
 """
 
 from __future__ import annotations
@@ -22,22 +29,51 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import resilient_db
 
-#: Wrapped variants: name -> plugins. Later plugins add rows here.
-VARIANTS: dict[str, str] = {
+
+@dataclass(frozen=True)
+class Variant:
+    """A wrapped variant: ``plugins``, more connect ``kwargs``; ``compare_to``: another
+    variant its ratio is also reported over (ratio of the two ratios to their raw twins);
+    ``budget``: its own limit (``None``: ``--budget``; ``math.inf``: reported only);
+    ``telemetry``: measured in the second pass, with decision telemetry on."""
+
+    plugins: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    compare_to: str | None = None
+    budget: float | None = None
+    telemetry: bool = False
+
+
+FAILOVER = "resilient_db, failover"
+
+#: Wrapped variants: name -> plugins (or a Variant). Later plugins add rows here.
+VARIANTS: dict[str, str | Variant] = {
     "resilient_db, no plugins": "",
     "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
-    "resilient_db, failover": "failover",
+    FAILOVER: "failover",
+    "resilient_db, failover, telemetry disabled": Variant(
+        "failover", {"enable_telemetry": False}, compare_to=FAILOVER, budget=1.02),
+    "resilient_db, failover + decision telemetry": Variant(
+        "failover", {"enable_telemetry": True}, telemetry=True),
+    "resilient_db, failover + telemetry query spans": Variant(
+        "failover", {"enable_telemetry": True, "telemetry_query_spans": True},
+        telemetry=True, budget=math.inf),
 }
+
+
+def _variant(spec: str | Variant) -> Variant:
+    return spec if isinstance(spec, Variant) else Variant(spec)
 
 
 @dataclass
@@ -46,6 +82,9 @@ class Result:
     variant: str
     us_per_query: float
     ratio: float
+    compared_to: str | None = None
+    ratio_to_compared: float | None = None
+    budget: float | None = None
 
 
 def _timer_cost(samples: int = 20000) -> float:
@@ -80,16 +119,19 @@ def _round(cursors: dict[str, Any], batch_size: int, timer: float) -> dict[str, 
 def measure(
     name: str,
     raw_connect: Callable[[], Any],
-    wrapped_connect: Callable[[str], Any],
+    wrapped_connect: Callable[[str, dict[str, Any]], Any],
     batches: int,
     batch_size: int,
+    variants: dict[str, Variant],
+    extra: dict[str, Any] | None = None,
 ) -> list[Result]:
     """Each wrapped variant is compared with a raw cursor on *its own* driver connection (the
     same socket and server backend), so the ratio measures resilient_db and not which server
     process or CPU a connection happened to land on. A separate raw connection gives the
     absolute baseline shown as "raw driver"."""
     baseline = raw_connect()
-    wrapped = {variant: wrapped_connect(plugins) for variant, plugins in VARIANTS.items()}
+    wrapped = {name_: wrapped_connect(v.plugins, {**v.kwargs, **(extra or {})})
+               for name_, v in variants.items()}
     cursors: dict[str, Any] = {"raw driver": baseline.cursor()}
     twins: dict[str, str] = {}
     for variant, conn in wrapped.items():
@@ -113,11 +155,63 @@ def measure(
     for conn in wrapped.values():
         conn.close()
     results = [Result(name, "raw driver", statistics.median(times["raw driver"]), 1.0)]
-    results += [
-        Result(name, variant, statistics.median(times[variant]),
-               statistics.median(ratios[variant]))
-        for variant in twins
-    ]
+    for variant in twins:
+        spec = variants[variant]
+        other = spec.compare_to if spec.compare_to in ratios else None
+        results.append(Result(
+            name, variant, statistics.median(times[variant]),
+            statistics.median(ratios[variant]), other,
+            None if other is None else statistics.median(
+                a / b for a, b in zip(ratios[variant], ratios[other], strict=True)),
+            spec.budget))
+    return results
+
+
+def _telemetry_providers() -> dict[str, Any]:
+    """SDK providers for the telemetry pass: spans go through a batch processor to an
+    exporter that discards them, metrics are aggregated in memory."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
+    return {"tracer_provider": tracer_provider,
+            "meter_provider": MeterProvider(metric_readers=[InMemoryMetricReader()])}
+
+
+def measure_all(
+    name: str,
+    raw_connect: Callable[[], Any],
+    wrapped_connect: Callable[[str, dict[str, Any]], Any],
+    batches: int,
+    batch_size: int,
+) -> list[Result]:
+    """The variants without telemetry, then (decision telemetry being process-wide) each
+    variant with it in a pass of its own."""
+    from resilient_db import telemetry
+
+    specs = {k: _variant(v) for k, v in VARIANTS.items()}
+    plain = {k: v for k, v in specs.items() if not v.telemetry}
+    traced = {k: v for k, v in specs.items() if v.telemetry}
+    results = measure(name, raw_connect, wrapped_connect, batches, batch_size, plain)
+    for variant, spec in traced.items():  # each alone: query spans' garbage and export
+        try:                              # thread would disturb the others
+            results += [r for r in measure(name, raw_connect, wrapped_connect, batches,
+                                           batch_size, {variant: spec},
+                                           _telemetry_providers())
+                        if r.variant != "raw driver"]
+        finally:
+            telemetry.disable()
     return results
 
 
@@ -158,33 +252,42 @@ def main(argv: list[str] | None = None) -> int:
             import psycopg
 
             pg_dsn = dsn
-            results += measure(
+            results += measure_all(
                 "psycopg",
                 lambda: psycopg.Connection.connect(pg_dsn, autocommit=True),
-                lambda plugins: resilient_db.connect(
-                    psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True),
+                lambda plugins, extra: resilient_db.connect(
+                    psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True,
+                    **extra),
                 args.batches, args.batch_size,
             )
         if mykw is not None:
             import mysql.connector
 
             kw = dict(mykw)
-            results += measure(
+            results += measure_all(
                 "mysql-connector (pure)",
                 lambda: mysql.connector.connect(use_pure=True, autocommit=True, **kw),
-                lambda plugins: resilient_db.connect(
+                lambda plugins, extra: resilient_db.connect(
                     mysql.connector.connect, plugins=plugins, use_pure=True, autocommit=True,
-                    **kw),
+                    **kw, **extra),
                 args.batches, args.batch_size,
             )
     print(f"SELECT 1 + fetchone, median of {args.batches} batches of {args.batch_size}")
-    print(f"{'driver':<24} {'variant':<46} {'µs/query':>9} {'ratio':>7}")
+    print(f"{'driver':<24} {'variant':<48} {'µs/query':>9} {'ratio':>7}")
     over = False
     for r in results:
         flag = ""
-        if r.variant != "raw driver" and r.ratio > args.budget:
+        if r.compared_to is not None and r.ratio_to_compared is not None:
+            flag = f"  ({r.ratio_to_compared:.3f} over {r.compared_to!r})"
+            if (r.budget is not None and r.ratio_to_compared > r.budget) or (
+                    r.ratio > args.budget):
+                flag, over = flag + "  over budget", True
+        elif r.variant != "raw driver" and r.ratio > (
+                args.budget if r.budget is None else r.budget):
             flag, over = "  over budget", True
-        print(f"{r.driver:<24} {r.variant:<46} {r.us_per_query:9.1f} {r.ratio:7.3f}{flag}")
+        elif r.budget == math.inf:
+            flag = "  (reported only)"
+        print(f"{r.driver:<24} {r.variant:<48} {r.us_per_query:9.1f} {r.ratio:7.3f}{flag}")
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     resilient_db.shutdown()

@@ -11,6 +11,7 @@ from . import _conninfo
 from ._params import (
     AURORA_MYSQL_LOOKALIKE_SCHEMA,
     AUTO_SORT_PLUGINS,
+    ENABLE_TELEMETRY,
     WRAPPER_DIALECT,
     WRAPPER_DRIVER_DIALECT,
 )
@@ -86,6 +87,10 @@ def connect(
             raise unknown_name_error(name, value, accepted, driver.code, extra, driver.renames)
     settings = Settings(values)
     _note_inactive(settings, {cls.code for cls in classes})
+    if settings[ENABLE_TELEMETRY]:  # outermost: its connect span covers every other plugin
+        from .telemetry import _activate
+
+        classes = [_activate(settings), *classes]
 
     host = driver.host_of(driver_args)
     ctx = PluginContext(settings, driver, host)

@@ -12,6 +12,7 @@ one attribute read on the hot path.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -21,10 +22,13 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 __all__ = [
+    "SPAN_ID",
     "CollectingSink",
     "Decision",
     "DecisionSink",
+    "DecisionSpan",
     "NullSink",
+    "decision_span",
     "get_decision_sink",
     "set_decision_sink",
 ]
@@ -118,3 +122,62 @@ def set_decision_sink(sink: DecisionSink | None) -> DecisionSink:
 def get_decision_sink() -> DecisionSink:
     """The sink in force now. Read it at the moment of recording, not once at import."""
     return _sink
+
+
+# --- decision spans ----------------------------------------------------------------------------
+
+#: Attribute that pairs a ``<kind>.started`` decision with its ``<kind>.finished`` decision.
+SPAN_ID = "resilient_db.span.id"
+_span_ids = itertools.count(1)
+
+
+class DecisionSpan:
+    """A decision with a duration: ``<kind>.started`` when opened, ``<kind>.finished`` when
+    closed, both carrying the same :data:`SPAN_ID`. Decisions recorded on the same thread in
+    between belong to it (the telemetry layer makes it a span and nests them in it).
+
+    Use it as a context manager; :meth:`set` adds attributes to the finishing decision (the
+    outcome); an exception leaving the block adds ``error.type``. Build with
+    :func:`decision_span`."""
+
+    __slots__ = ("attributes", "finished", "id", "kind", "plugin")
+
+    def __init__(self, kind: str, plugin: str | None, span_id: int) -> None:
+        self.kind = kind
+        self.plugin = plugin
+        self.id = span_id
+        self.attributes: dict[str, Any] = {}
+        self.finished = False
+
+    def set(self, **attributes: Any) -> None:
+        """Attributes of the finishing decision (outcome, new host, ...)."""
+        self.attributes.update(attributes)
+
+    def finish(self) -> None:
+        """Record ``<kind>.finished`` (once; later calls do nothing)."""
+        if self.finished:
+            return
+        self.finished = True
+        _sink.record(Decision(f"{self.kind}.finished", self.plugin,
+                              {**self.attributes, SPAN_ID: self.id}))
+
+    def __enter__(self) -> DecisionSpan:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc_type is not None and "error.type" not in self.attributes:
+            self.attributes["error.type"] = exc_type.__name__
+        self.finish()
+
+
+def decision_span(kind: str, plugin: str | None, attributes: Mapping[str, Any] | None = None,
+                  **more: Any) -> DecisionSpan:
+    """Record ``<kind>.started`` with ``attributes`` (a mapping, for dotted names, and/or
+    keywords) and return the :class:`DecisionSpan` that records ``<kind>.finished``."""
+    span = DecisionSpan(kind, plugin, next(_span_ids))
+    started = dict(attributes) if attributes else {}
+    started.update(more)
+    started[SPAN_ID] = span.id
+    _sink.record(Decision(f"{kind}.started", plugin, started))
+    return span

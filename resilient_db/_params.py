@@ -324,3 +324,79 @@ OPEN_CONNECTION_RETRY_INTERVAL = duration(
     allow_zero=False,
     aws_name=True,
 )
+
+# --- telemetry (resilient_db.telemetry; docs/telemetry.md) -----------------------------------
+
+ENABLE_TELEMETRY = boolean(
+    "enable_telemetry",
+    False,
+    "Emit OpenTelemetry traces and metrics (docs/telemetry.md): a span per connect attempt, "
+    "connection metrics for this connection, and, process-wide from then on, spans, events "
+    "and metrics for every plugin decision (failover, host state, topology, reader choice). "
+    "Uses `tracer_provider`/`meter_provider` when given, else the global providers; needs "
+    "only the OpenTelemetry API (install the SDK and exporters with the `otel` extra).",
+    aws_name=True,
+)
+TELEMETRY_TRACES_BACKEND = choice(
+    "telemetry_traces_backend",
+    "otlp",
+    ("otlp", "xray", "none"),
+    "Where traces go when `enable_telemetry` is true: `otlp` (and `xray`, accepted for "
+    "compatibility) send them to the OpenTelemetry tracer provider, whose exporters decide "
+    "the destination (OTLP, or X-Ray through a collector); `none` turns traces off.",
+    aws_name=True,
+)
+TELEMETRY_METRICS_BACKEND = choice(
+    "telemetry_metrics_backend",
+    "otlp",
+    ("otlp", "none"),
+    "Where metrics go when `enable_telemetry` is true: `otlp` sends them to the OpenTelemetry "
+    "meter provider (whose readers export over OTLP or serve Prometheus); `none` turns "
+    "metrics off.",
+    aws_name=True,
+)
+TELEMETRY_SUBMIT_TOPLEVEL = boolean(
+    "telemetry_submit_toplevel",
+    False,
+    "Start resilient_db's decision spans (failover, topology search) as traces of their own, "
+    "linked to the application's current span, instead of nesting them in it.",
+    aws_name=True,
+)
+TELEMETRY_QUERY_SPANS = boolean(
+    "telemetry_query_spans",
+    False,
+    "With `enable_telemetry`: a CLIENT span per statement (named from the operation and "
+    "table, sanitized `db.query.text`) and the `db.client.operation.duration` metric. Off by "
+    "default: it costs a span per statement; leave it off when "
+    "`opentelemetry-instrumentation-psycopg` already traces statements.",
+)
+
+
+def _to_provider(method: str) -> Callable[[Property[Any], object], Any]:
+    def convert(prop: Property[Any], value: object) -> Any:
+        if value is None or callable(getattr(value, method, None)):
+            return value
+        raise prop.fail(value, f"an OpenTelemetry provider with a {method}() method (pass it "
+                               "as a keyword argument of resilient_db.connect, not in a "
+                               "conninfo string)")
+    return convert
+
+
+TRACER_PROVIDER: Property[Any] = _register(Property(
+    "tracer_provider",
+    "TracerProvider",
+    None,
+    "The OpenTelemetry tracer provider telemetry uses (keyword argument only). Unset: the "
+    "global one (`opentelemetry.trace.set_tracer_provider`). Decision telemetry is "
+    "process-wide: the last connection that enables telemetry with explicit providers sets "
+    "them for every decision.",
+    _to_provider("get_tracer"),
+))
+METER_PROVIDER: Property[Any] = _register(Property(
+    "meter_provider",
+    "MeterProvider",
+    None,
+    "The OpenTelemetry meter provider telemetry uses (keyword argument only). Unset: the "
+    "global one (`opentelemetry.metrics.set_meter_provider`).",
+    _to_provider("get_meter"),
+))

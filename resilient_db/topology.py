@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _lifecycle
-from ._decisions import Decision, get_decision_sink
+from ._decisions import Decision, decision_span, get_decision_sink
 from ._pipeline import HostSpec
 from .dialects.base import DatabaseDialect, QueryDriver, Topology
 from .errors import ConnectAttempt
@@ -148,7 +148,18 @@ def read_self_report(
     """Ask the instance behind ``conn`` who it is, whether it is a reader and (when
     ``with_topology`` and the dialect has one) which topology it sees. Internal statements
     only (schema-qualified, ``DriverDialect.query``: the application's transaction state is
-    left as it was). Driver errors propagate."""
+    left as it was). Driver errors propagate. Runs with OpenTelemetry instrumentation
+    suppressed (internal statements stay out of the application's traces)."""
+    from .telemetry.context import suppress_instrumentation
+
+    with suppress_instrumentation():
+        return _read_self_report(driver, dialect, conn, host, addressing,
+                                 with_topology=with_topology, clock=clock)
+
+
+def _read_self_report(driver: QueryDriver, dialect: DatabaseDialect, conn: Any, host: Host,
+                      addressing: Addressing, *, with_topology: bool,
+                      clock: Callable[[], float]) -> SelfReport:
     instance_id = dialect.parse_instance_id(driver.query(conn, dialect.instance_id_query))
     is_reader = dialect.parse_is_reader(driver.query(conn, dialect.is_reader_query))
     snapshot: TopologySnapshot | None = None
@@ -289,6 +300,8 @@ class TopologyMonitor:
         self._stopping = threading.Event()
         #: Times the monitor thread crashed and was restarted (supervision metric).
         self.crashes = 0
+        #: Last recorded state of each host ("address:port" -> up), for host-state decisions.
+        self._up: dict[str, bool] = {}
         #: High-rate episodes run so far.
         self.episodes = 0
         #: Reader selection state shared by every connection to this cluster.
@@ -341,6 +354,24 @@ class TopologyMonitor:
     def mark_down(self, host: Host | HostSpec | str) -> None:
         with self._cond:
             self._bad = self._bad.prune(self._clock()).mark_down(host, self._clock())
+        self._host_state(host, False)
+
+    def _host_state(self, host: Host | HostSpec | str, up: bool) -> None:
+        """Record ``topology.host_up``/``host_down`` when a host's state changes."""
+        if isinstance(host, str):
+            address, port = host, None
+        else:
+            address, port = host.host, host.port
+        if port is None:
+            port = self.addressing.default_port
+        key = f"{address}:{port}"
+        if self._up.get(key) is up:
+            return
+        self._up[key] = up
+        get_decision_sink().record(Decision(
+            "topology.host_up" if up else "topology.host_down", "failover",
+            {"server.address": address, "server.port": port,
+             "resilient_db.topology.cluster": self.key}))
 
     def last_election(self) -> Election | None:
         return self._last_election
@@ -454,6 +485,16 @@ class TopologyMonitor:
         self._panic = False
         self._bad = self._bad.mark_up(self._writer)
         sink = get_decision_sink()
+        self._host_state(self._writer, True)
+        if sink.enabled:
+            snapshot = step.snapshot
+            sink.record(Decision("topology.refreshed", "failover", {
+                "resilient_db.topology.source": "refresh" if quiet else "search",
+                "resilient_db.topology.cluster": self.key,
+                "resilient_db.topology.epoch": step.epoch,
+                "resilient_db.topology.writer": self._writer.address,
+                "resilient_db.topology.readers": tuple(
+                    h.address for h in snapshot.hosts if h.role is Role.READER)}))
         if step.changed:
             sink.record(step.change.to_decision())
             if step.change.writer_changed:
@@ -476,6 +517,9 @@ class TopologyMonitor:
         thread.start()
 
     def _supervise(self) -> None:
+        from .telemetry.context import suppress_for_thread
+
+        suppress_for_thread()  # internal statements only on this thread
         backoff = 0.1
         while not self._stopping.is_set():
             try:
@@ -483,6 +527,10 @@ class TopologyMonitor:
                 return
             except Exception:
                 self.crashes += 1
+                get_decision_sink().record(Decision(
+                    "topology.monitor_restarted", "failover",
+                    {"resilient_db.topology.cluster": self.key,
+                     "resilient_db.monitor.crashes": self.crashes}))
                 log.warning("topology monitor %s crashed (%d so far); restarting in %.1f s",
                             self.key, self.crashes, backoff, exc_info=True)
                 self._close_main()
@@ -514,7 +562,13 @@ class TopologyMonitor:
                 panic = self._panic
             refresh, _, timeout = self._intervals(subscribers)
             if panic:
-                found = self._search()
+                with decision_span("topology.search", "failover",
+                                   {"resilient_db.topology.cluster": self.key}) as search:
+                    found = self._search()
+                    writer = self._writer
+                    if found and writer is not None:
+                        search.set(**{"resilient_db.topology.writer": writer.address,
+                                      "resilient_db.topology.epoch": self.epoch})
                 if not found:
                     continue
             elif not self._refresh(subscribers, timeout):
@@ -637,6 +691,9 @@ class TopologyMonitor:
     def _probe(self, episode: _Episode, host: Host, interval: float, timeout: float) -> None:
         """One instance's probe for one episode: its own short-lived connection (handed over
         to the monitor if this instance wins), a report every ``interval`` seconds."""
+        from .telemetry.context import suppress_for_thread
+
+        suppress_for_thread()  # internal statements only on this thread
         conn: Any = None
         try:
             while not episode.done.is_set() and not self._stopping.is_set():
@@ -655,6 +712,7 @@ class TopologyMonitor:
                         break
                     episode.reports[host.address] = report
                     self._cond.notify_all()
+                self._host_state(host, report.error is None)
                 episode.done.wait(interval)
         except Exception:  # a probe never takes the monitor down
             log.warning("probe of %s failed unexpectedly", host, exc_info=True)

@@ -39,7 +39,7 @@ import weakref
 from typing import Any, Final
 
 from .. import topology
-from .._decisions import get_decision_sink
+from .._decisions import decision_span, get_decision_sink
 from .._options import current_options
 from .._params import (
     CLUSTER_ID,
@@ -88,6 +88,7 @@ from ..failover_core import (
 from ..hosts import Host, Role, TopologySnapshot
 from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, strategy_from_name
+from ..telemetry.context import suppress_instrumentation
 from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
 
 __all__ = ["FailoverPlugin"]
@@ -201,7 +202,8 @@ class FailoverPlugin(Plugin):
         if event.reason != "connect" or raw is None:
             return
         try:
-            self._attach(raw, event.new_host or self.ctx.host)
+            with suppress_instrumentation():  # internal statements: not the application's
+                self._attach(raw, event.new_host or self.ctx.host)
         except Exception as exc:
             if self.ctx.driver.is_disconnect(exc):
                 log.info("connection lost while reading the topology; failover will handle it")
@@ -477,49 +479,61 @@ class FailoverPlugin(Plugin):
                 # Another thread failed this connection over while this call was failing.
                 host = proxy._host
                 log.info("connection already failed over to %s by another thread", host)
+                outcome = classify_outcome(in_transaction=in_transaction,
+                                           statement_sent=statement_sent, reconnected=True,
+                                           idempotent=idempotent)
+                get_decision_sink().record(outcome.to_decision())
             else:
-                self.ctx.decide("failover.started", self.code, **{
+                span = decision_span("failover", self.code, {
                     "server.address": failed.host, "error.type": type(exc).__name__,
                     "resilient_db.failover.trigger": trigger,
                     "resilient_db.failover.mode": self.mode.value,
                     "resilient_db.failover.in_transaction": in_transaction})
-                log.info("%s on %s (%s): failing over (%s)",
-                         "connection lost" if trigger == "network" else "instance is read-only",
-                         failed, type(exc).__name__, self.mode.value)
-                monitor = self.monitor()
-                if trigger == "network":
-                    monitor.mark_down(self._failed_host(failed, monitor))
-                try:
-                    self._reconnect(proxy, monitor, started)
-                except _NoConnectionError as none:
+                with span:
+                    log.info("%s on %s (%s): failing over (%s)", "connection lost"
+                             if trigger == "network" else "instance is read-only",
+                             failed, type(exc).__name__, self.mode.value)
+                    monitor = self.monitor()
+                    if trigger == "network":
+                        monitor.mark_down(self._failed_host(failed, monitor))
+                    try:
+                        self._reconnect(proxy, monitor, started)
+                    except _NoConnectionError as none:
+                        outcome = classify_outcome(in_transaction=in_transaction,
+                                                   statement_sent=statement_sent,
+                                                   reconnected=False)
+                        get_decision_sink().record(outcome.to_decision())
+                        span.set(**{"resilient_db.failover.outcome": outcome.error.__name__,
+                                    "resilient_db.failover.attempt_count": len(none.attempts)})
+                        elapsed = time.monotonic() - started
+                        log.warning("failover from %s failed after %.1f s (%d attempts)",
+                                    failed, elapsed, len(none.attempts))
+                        error = driver.error(
+                            FailoverFailedError,
+                            f"the connection to {failed} failed ({type(exc).__name__}: {exc}) "
+                            f"and no usable {self._wanted()} was found within {elapsed:.1f} s "
+                            f"(failover_timeout_sec={self.timeout}); {len(none.attempts)} "
+                            "attempts: "
+                            + "; ".join(f"{a.host}:{a.port} {a.outcome}"
+                                        + (f" ({a.error})" if a.error else "")
+                                        for a in none.attempts),
+                            failed_host=str(failed), statement_sent=statement_sent,
+                            attempts=tuple(none.attempts))
+                        raise error from exc
+                    with contextlib.suppress(Exception):
+                        driver.abort(old_raw)
+                    with contextlib.suppress(Exception):
+                        old_raw.close()
+                    host = proxy._host
+                    log.info("failed over from %s to %s (instance %s) in %.0f ms", failed,
+                             host, self.instance_id, (time.monotonic() - started) * 1000)
                     outcome = classify_outcome(in_transaction=in_transaction,
-                                               statement_sent=statement_sent, reconnected=False)
+                                               statement_sent=statement_sent,
+                                               reconnected=True, idempotent=idempotent)
                     get_decision_sink().record(outcome.to_decision())
-                    elapsed = time.monotonic() - started
-                    log.warning("failover from %s failed after %.1f s (%d attempts)", failed,
-                                elapsed, len(none.attempts))
-                    error = driver.error(
-                        FailoverFailedError,
-                        f"the connection to {failed} failed ({type(exc).__name__}: {exc}) and "
-                        f"no usable {self._wanted()} was found within {elapsed:.1f} s "
-                        f"(failover_timeout_sec={self.timeout}); {len(none.attempts)} attempts: "
-                        + "; ".join(f"{a.host}:{a.port} {a.outcome}"
-                                    + (f" ({a.error})" if a.error else "")
-                                    for a in none.attempts),
-                        failed_host=str(failed), statement_sent=statement_sent,
-                        attempts=tuple(none.attempts))
-                    raise error from exc
-                with contextlib.suppress(Exception):
-                    driver.abort(old_raw)
-                with contextlib.suppress(Exception):
-                    old_raw.close()
-                host = proxy._host
-                log.info("failed over from %s to %s (instance %s) in %.0f ms", failed, host,
-                         self.instance_id, (time.monotonic() - started) * 1000)
-            outcome = classify_outcome(in_transaction=in_transaction,
-                                       statement_sent=statement_sent, reconnected=True,
-                                       idempotent=idempotent)
-            get_decision_sink().record(outcome.to_decision())
+                    span.set(**{"resilient_db.failover.outcome": outcome.error.__name__,
+                                "server.address": host.host, "server.port": host.port,
+                                "resilient_db.instance.id": self.instance_id})
         if retry and idempotent and outcome.error is FailoverSuccessError:
             again = proxy.resilient.retarget(call)
             if again is not None:
@@ -592,6 +606,8 @@ class FailoverPlugin(Plugin):
                 attempts.extend(monitor.probe_attempts())
                 raise _NoConnectionError(attempts)
             sink.record(plan.to_decision())
+            if plan.choice is not None:
+                sink.record(plan.choice.to_decision())
             for attempt in plan.attempts:
                 if self._try(proxy, monitor, attempt, state.remaining(time.monotonic()),
                              attempts):
@@ -633,6 +649,22 @@ class FailoverPlugin(Plugin):
 
     def _try(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
              remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
+        """:meth:`_try_once` as a ``failover.attempt`` decision span."""
+        host = attempt.host
+        with decision_span("failover.attempt", self.code, {
+                "server.address": host.host, "server.port": host.port,
+                "resilient_db.instance.id": host.instance_id,
+                "resilient_db.failover.attempt.reason": attempt.reason,
+                "resilient_db.failover.attempt.role":
+                    attempt.required.value if attempt.required else "any"}) as span:
+            before = len(attempts)
+            ok = self._try_once(proxy, monitor, attempt, remaining, attempts)
+            span.set(**{"resilient_db.failover.attempt.result": "connected" if ok else (
+                attempts[-1].outcome if len(attempts) > before else "no time left")})
+            return ok
+
+    def _try_once(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
+                  remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
         """Connect to ``attempt.host``, verify its role, install it. Records a failure."""
         driver = self.ctx.driver
         host = attempt.host
