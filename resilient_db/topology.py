@@ -578,8 +578,13 @@ class TopologyMonitor:
             del subscribers  # hold no strong reference while waiting
             with self._cond:
                 if not self._panic and not self._stopping.is_set():
-                    self._waiting = refresh
-                    self._cond.wait(refresh)
+                    # Recomputed under the lock: a subscriber asking for a faster rate while
+                    # the refresh ran found nobody waiting to notify.
+                    live = self._live()
+                    wait = self._intervals(live)[0] if live else refresh
+                    del live
+                    self._waiting = wait
+                    self._cond.wait(wait)
                     self._waiting = float("inf")
         self._close_main()
 

@@ -42,10 +42,10 @@ SETTLE_TIMEOUT = 30.0
 STALE_DNS = 12.0
 
 
-#: MONITOR_RACE: a connection asking for a faster topology refresh rate can subscribe while
-#: the monitor is in the middle of a refresh; its wake-up is then lost and the monitor waits out
-#: the interval computed before (30 s by default) before the faster rate applies. Tests that
-#: need a fast monitor open their fast connection first, so it starts the monitor.
+#: MONITOR_RACE: a connection asking for a faster topology refresh rate used to lose its wake-up
+#: when it subscribed during a refresh (fixed: TopologyMonitor._run recomputes the rate under
+#: its lock before waiting). Tests that need a fast monitor still open their fast connection
+#: first, so each starts from a fresh monitor at a known rate.
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
