@@ -131,6 +131,10 @@ def analyse(*, requests: Sequence[Request], acked: Mapping[int, float],
                            "recovery": None if first is None else round(first - mono, 4)})
     errors = Counter(r.error for r in requests if r.error is not None)
     errors_by_kind = Counter(f"{r.kind}:{r.error}" for r in requests if r.error is not None)
+    samples: dict[str, str] = {}
+    for r in requests:
+        if r.error is not None and r.message:
+            samples.setdefault(f"{r.kind}:{r.error}", r.message)
     fault_start = min((w.start for w in windows), default=None)
     fault_end = max((w.end for w in windows), default=None)
     before = [r for r in requests if fault_start is None or r.start - t0 < fault_start]
@@ -193,6 +197,7 @@ def analyse(*, requests: Sequence[Request], acked: Mapping[int, float],
             "recoveries": recoveries,
             "errors_by_type": dict(sorted(errors.items())),
             "errors_by_kind": dict(sorted(errors_by_kind.items())),
+            "error_samples": dict(sorted(samples.items())),
             "latency": {"before": _latency(before), "during": _latency(during),
                         "after": _latency(after)},
             "fault_window": None if fault_start is None else [fault_start, fault_end],

@@ -168,8 +168,10 @@ def render_html(data: Mapping[str, Any]) -> str:
     latency = "".join(
         f"<tr><td>{phase}</td><td>{v['count']}</td><td>{_fmt(v['p50_ms'], 'ms')}</td>"
         f"<td>{_fmt(v['p99_ms'], 'ms')}</td></tr>" for phase, v in m["latency"].items())
-    errors = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>"
-                     for k, v in m["errors_by_kind"].items()) or "<tr><td>none</td><td></td></tr>"
+    samples = m.get("error_samples", {})
+    errors = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td><td><code>{esc(samples.get(k, ''))}"
+                     f"</code></td></tr>" for k, v in m["errors_by_kind"].items()) \
+        or "<tr><td>none</td><td></td><td></td></tr>"
     events = "".join(
         f"<tr><td>{e['t']:.3f}</td><td>{esc(e['name'])}</td><td>{esc(str(e.get('instance')))}"
         f"</td><td><code>{esc(json.dumps(e.get('detail') or {}))}</code></td></tr>"
@@ -209,7 +211,7 @@ def render_html(data: Mapping[str, Any]) -> str:
 <h2>Latency of successful requests</h2>
 <table><tr><th>phase</th><th>requests</th><th>p50</th><th>p99</th></tr>{latency}</table>
 <h2>Errors by request kind and type</h2>
-<table><tr><th>kind:type</th><th>count</th></tr>{errors}</table>
+<table><tr><th>kind:type</th><th>count</th><th>first message</th></tr>{errors}</table>
 <h2>Cluster and fault events</h2>
 <table><tr><th>t (s)</th><th>event</th><th>instance</th><th>detail</th></tr>{events}</table>
 <script>{_SCRIPT}</script>

@@ -156,7 +156,9 @@ class FaultStep:
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["toxic"] = self.toxic.to_json() if self.toxic else None
-        return {k: v for k, v in data.items() if v is not None}
+        keep = ("at", "action", *ACTIONS[self.action])
+        return {k: v for k, v in data.items()
+                if v is not None and k in keep and not (k == "repeat" and v == 1)}
 
 
 @dataclasses.dataclass(frozen=True)

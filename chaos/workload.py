@@ -51,6 +51,8 @@ class Request:
     documented: bool = True
     ids: tuple[int, ...] = ()
     instance: str | None = None
+    #: the error's message (first 300 characters)
+    message: str | None = None
 
 
 def is_documented(exc: BaseException, kind: str) -> bool:
@@ -62,6 +64,10 @@ def is_documented(exc: BaseException, kind: str) -> bool:
     if kind == "connect":
         return _is_driver_operational(exc)
     return False
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"[:300]
 
 
 def _is_driver_operational(exc: BaseException) -> bool:
@@ -135,7 +141,8 @@ class Workload:
                                             **{**kwargs, "autocommit": autocommit})
             except Exception as exc:
                 self._record(Request(thread, "connect", start, time.monotonic(),
-                                     type(exc).__name__, is_documented(exc, "connect")))
+                                     type(exc).__name__, is_documented(exc, "connect"),
+                                     message=_message(exc)))
                 self.stop_event.wait(0.1)
                 continue
             return conn
@@ -223,7 +230,8 @@ class Workload:
         except Exception as exc:
             end = time.monotonic()
             self._record(Request(thread, "write", start, end, type(exc).__name__,
-                                 is_documented(exc, "write"), tuple(ids)))
+                                 is_documented(exc, "write"), tuple(ids),
+                                 message=_message(exc)))
             if isinstance(exc, resilient_db.FailoverSuccessError):
                 return "retry"
             if not autocommit:
@@ -263,7 +271,7 @@ class Workload:
                 cur.close()
         except Exception as exc:
             self._record(Request(thread, "read", start, time.monotonic(), type(exc).__name__,
-                                 is_documented(exc, "read")))
+                                 is_documented(exc, "read"), message=_message(exc)))
             return isinstance(exc, resilient_db.Error) and not isinstance(
                 exc, resilient_db.FailoverFailedError)
         self._record(Request(thread, "read", start, time.monotonic(), None, True, (),
