@@ -18,6 +18,7 @@ failures in buckets for the plot.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -116,8 +117,12 @@ def analyse(*, requests: Sequence[Request], acked: Mapping[int, float],
     # -- measurements -----------------------------------------------------------------------
     writes_ok = sorted(r.end for r in requests if r.kind == "write" and r.error is None)
     points = [t0, *writes_ok, t_end]
-    gaps = [(b - a, a) for a, b in zip(points, points[1:], strict=False)]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(points)]
     downtime, downtime_at = max(gaps) if gaps else (t_end - t0, t0)
+    reads_ok = sorted(r.end for r in requests if r.kind == "read" and r.error is None)
+    read_points = [t0, *reads_ok, t_end]
+    read_downtime = max((b - a for a, b in itertools.pairwise(read_points)),
+                        default=0.0) if reads_ok else None
     recoveries: list[dict[str, Any]] = []
     executed_on = {i: rows[i] for i in acked if i in rows}
     acks_sorted = sorted((ack, i) for i, ack in acked.items())
@@ -170,7 +175,7 @@ def analyse(*, requests: Sequence[Request], acked: Mapping[int, float],
     # -- timeline buckets -------------------------------------------------------------------
     span = max(t_end - t0, 0.001)
     size = bucket or max(0.05, round(span / 150, 2))
-    count = int(math.ceil(span / size))
+    count = math.ceil(span / size)
     ok_w, ok_r, failed = [0] * count, [0] * count, [0] * count
     for r in requests:
         index = min(count - 1, max(0, int((r.end - t0) / size)))
@@ -194,6 +199,7 @@ def analyse(*, requests: Sequence[Request], acked: Mapping[int, float],
             "failed_requests": sum(errors.values()),
             "downtime": round(downtime, 4),
             "downtime_from": rel(downtime_at),
+            "read_downtime": None if read_downtime is None else round(read_downtime, 4),
             "recoveries": recoveries,
             "errors_by_type": dict(sorted(errors.items())),
             "errors_by_kind": dict(sorted(errors_by_kind.items())),

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,7 +84,7 @@ class WriterSpan:
     end: float
 
 
-def writer_spans(first_writer: str, events: list[Mapping[str, Any]]) -> list[WriterSpan]:
+def writer_spans(first_writer: str, events: Sequence[Mapping[str, Any]]) -> list[WriterSpan]:
     """Writer history from control-plane events (``failover_started``, ``promoted``)."""
     spans: list[WriterSpan] = []
     current, since = first_writer, -math.inf
@@ -169,7 +169,7 @@ class SimulatorControl:
         self._owned = owned
         self.engine = "pg" if cluster.flavour.engine == "postgresql" else "mysql"
         self.description = f"simulated {cluster.flavour.name} ({cluster.name})"
-        self._first = cluster.writer.id
+        self._first = str(cluster.writer.id)
 
     @classmethod
     def start(cls, flavour: str, readers: int, timeline: Mapping[str, Any],
@@ -217,7 +217,8 @@ class SimulatorControl:
                 raise ControlError(f"instance {selector!r}: the cluster has {len(readers)} "
                                    "reader(s) right now")
             return str(readers[index - 1])
-        return str(self.cluster.instance(selector).id)
+        found: str = self.cluster.instance(selector).id
+        return found
 
     def address(self, instance_id: str) -> tuple[str, int]:
         instance = self.cluster.instance(instance_id)

@@ -156,7 +156,7 @@ class LocalFaultBackend:
             from chaos.netfault import NetworkFaults
 
             faults = NetworkFaults()
-        self._faults = faults
+        self._faults: Any = faults
         self._lock = threading.Lock()
 
     def supports(self, toxic: Toxic) -> str | None:

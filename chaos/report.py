@@ -29,7 +29,7 @@ _EVENT_COLOURS = {"promoted": "#7b1fa2", "writer_stopped": "#d32f2f",
 
 def _fmt(value: Any, unit: str = "s") -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         return f"{value:.3f} {unit}".strip()
     return f"{value} {unit}".strip()
@@ -79,7 +79,7 @@ def render_svg(data: Mapping[str, Any]) -> str:
     plot_w = width - left - right
     total = max(len(ok_w) * size, float(data["duration"]), 0.001)
     peak = max([a + b for a, b in zip(ok_w, ok_r, strict=False)] + [1])
-    peak_f = max(failed + [1])
+    peak_f = max([*failed, 1])
 
     def x(t: float) -> float:
         return left + plot_w * max(0.0, min(t, total)) / total
@@ -95,7 +95,7 @@ def render_svg(data: Mapping[str, Any]) -> str:
         x0, x1 = x(w["start"]), x(max(w["end"], w["start"] + size))
         parts.append(f'<rect class="fault" x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" '
                      f'height="{axis_y + 60 - top}" fill="#ffcc80" fill-opacity="0.35">'
-                     f'<title>{html.escape(w["label"])} ({w["start"]:.2f}–{w["end"]:.2f} s)'
+                     f'<title>{html.escape(w["label"])} ({w["start"]:.2f}-{w["end"]:.2f} s)'
                      f'</title></rect>')
     for i, (w_ok, r_ok, bad) in enumerate(zip(ok_w, ok_r, failed, strict=False)):
         bx = x(i * size)
@@ -176,7 +176,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         f"<tr><td>{e['t']:.3f}</td><td>{esc(e['name'])}</td><td>{esc(str(e.get('instance')))}"
         f"</td><td><code>{esc(json.dumps(e.get('detail') or {}))}</code></td></tr>"
         for e in data["events"])
-    steps = "".join(f"<li>{esc(w['label'])}: {w['start']:.2f}–{w['end']:.2f} s</li>"
+    steps = "".join(f"<li>{esc(w['label'])}: {w['start']:.2f}-{w['end']:.2f} s</li>"
                     for w in data["windows"]) or "<li>none</li>"
     overview = _rows([
         ("scenario", esc(data["scenario"]["name"])),
@@ -191,6 +191,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         ("reads ok", str(m["reads_ok"])),
         ("failed requests", str(m["failed_requests"])),
         ("downtime (longest write gap)", f"{_fmt(m['downtime'])} from {m['downtime_from']:.2f} s"),
+        ("read downtime (longest read gap)", _fmt(m.get("read_downtime"))),
         ("recovery after promoted", esc(recoveries)),
         ("bars drawn", '<span id="bars">?</span>'),
     ])

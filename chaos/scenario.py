@@ -273,7 +273,7 @@ def _step(index: int, data: Any) -> FaultStep:
     where = f"faults[{index}]"
     d = _mapping(where, data)
     action = d.get("action")
-    if action not in ACTIONS:
+    if not isinstance(action, str) or action not in ACTIONS:
         raise ScenarioError(f"{where}.action {action!r}: expected one of {', '.join(ACTIONS)}")
     _only(where, d, ("at", "action", *ACTIONS[action]))
     at = _number(f"{where}.at", d.get("at", 0.0))

@@ -156,31 +156,44 @@ class Workload:
             return None if found is None else str(found)
         return None
 
+    def role(self, thread: int) -> str:
+        """``mixed`` (reads and writes on the writer endpoint); with a reader endpoint each
+        thread only ``write``s or only ``read``s there, so a stuck read never delays a write:
+        threads ``1..round(threads * write_ratio)`` write (at least one of each)."""
+        if self.reader_kwargs is None:
+            return "mixed"
+        writers = min(max(1, round(self.threads * self.write_ratio)), self.threads - 1)
+        return "write" if thread <= max(writers, 1) else "read"
+
     def _run(self, thread: int) -> None:
         rng = random.Random(self.seed * 1000 + thread)
+        role = self.role(thread)
         autocommit = self.tx_size == 1
-        writer = self._connect(thread, self.kwargs, autocommit)
-        reader = None
-        if self.reader_kwargs is not None and writer is not None:
-            reader = self._connect(thread, self.reader_kwargs, True)
+        if role == "read":
+            kwargs, autocommit = self.reader_kwargs or {}, True
+        else:
+            kwargs = self.kwargs
+        conn = self._connect(thread, kwargs, autocommit)
         sequence = 0
         pending: list[int] = []  # ids of a write to retry (same ids)
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         next_at = time.monotonic()
         last_acked = 0
         try:
-            while not self.stop_event.is_set() and writer is not None:
+            while not self.stop_event.is_set() and conn is not None:
                 if interval:
                     now = time.monotonic()
                     if next_at > now:
                         self.stop_event.wait(next_at - now)
                     next_at = max(next_at + interval, time.monotonic() - interval)
-                if pending or rng.random() < self.write_ratio:
+                write = role == "write" or (role == "mixed" and (
+                    bool(pending) or rng.random() < self.write_ratio))
+                if write:
                     if not pending:
                         for _ in range(self.tx_size):
                             sequence += 1
                             pending.append(thread * ID_STRIDE + sequence)
-                    outcome = self._write(thread, writer, pending, autocommit)
+                    outcome = self._write(thread, conn, pending, autocommit)
                     if outcome == "acked":
                         last_acked = pending[-1]
                         pending = []
@@ -189,20 +202,13 @@ class Workload:
                             self.unresolved.update(pending)
                         pending = []
                     elif outcome == "reconnect":
-                        writer = self._reconnect(thread, writer, self.kwargs, autocommit)
-                else:
-                    conn = reader if reader is not None else writer
-                    if not self._read_once(thread, conn, last_acked):
-                        if reader is not None:
-                            reader = self._reconnect(thread, reader, self.reader_kwargs or {},
-                                                     True)
-                        else:
-                            writer = self._reconnect(thread, writer, self.kwargs, autocommit)
+                        conn = self._reconnect(thread, conn, kwargs, autocommit)
+                elif not self._read_once(thread, conn, last_acked):
+                    conn = self._reconnect(thread, conn, kwargs, autocommit)
         finally:
-            for conn in (writer, reader):
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def _reconnect(self, thread: int, conn: Any, kwargs: dict[str, Any],
                    autocommit: bool) -> Any | None:

@@ -127,8 +127,9 @@ def test_percentile() -> None:
 
 
 def test_writer_spans_start_at_failover_started() -> None:
-    events = [{"name": "failover_started", "mono": 10.0, "instance": "instance-1"},
-              {"name": "promoted", "mono": 11.0, "instance": "instance-3"}]
+    events: list[dict[str, Any]] = [
+        {"name": "failover_started", "mono": 10.0, "instance": "instance-1"},
+        {"name": "promoted", "mono": 11.0, "instance": "instance-3"}]
     assert writer_spans("instance-1", events) == [
         WriterSpan("instance-1", -math.inf, 11.0), WriterSpan("instance-3", 10.0, math.inf)]
 
@@ -184,7 +185,7 @@ def test_analysis_catches_a_lost_write_a_reader_write_and_an_undocumented_error(
 
 
 def test_analysis_measures_downtime_and_missing_recovery() -> None:
-    requests, acked, rows = _writes()
+    requests, acked, _ = _writes()
     keep = [r for r in requests if not 3.0 < r.end < 7.0]
     acked = {i: t for i, t in acked.items() if not 3.0 < t < 7.0}
     result = _analyse(keep, acked, {i: "instance-1" for i in acked})
