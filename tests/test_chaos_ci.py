@@ -26,7 +26,16 @@ needs_netfault = pytest.mark.skipif(unavailable_reason() is not None,
                                     reason=f"network faults: {unavailable_reason()}")
 
 
-@pytest.mark.parametrize("flavour", ["pg", "mysql"])
+# Found by this suite: after a crash (or a reset) an idle mysql-connector connection raises
+# the driver's "OperationalError: MySQL Connection not available" on its next statement and
+# the failover plugin does not take it for a disconnect (it neither fails over nor recovers).
+MYSQL_NOT_AVAILABLE = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="failover plugin: mysql-connector 'MySQL Connection not available' is not treated "
+           "as a disconnect (raw OperationalError reaches the application)")
+
+
+@pytest.mark.parametrize("flavour", ["pg", pytest.param("mysql", marks=MYSQL_NOT_AVAILABLE)])
 def test_writer_crash(chaos_run: ChaosRun, flavour: str) -> None:
     result = chaos_run("writer-crash", flavour=flavour)
     assert_invariants(result)
