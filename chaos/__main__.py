@@ -6,6 +6,9 @@
     python -m chaos run my-scenario.yaml --out reports/x  # your own scenario file
     python -m chaos run writer-crash --flavour pg,mysql   # several flavours, one after another
     python -m chaos report reports/x/report.json          # re-render HTML and PNG from JSON
+    python -m chaos run targeted-failover --flavour pg --rds-cluster my-aurora \
+        --region eu-west-1 --db-user app --db-name app    # a real Aurora cluster (boto3);
+                                                          # password in CHAOS_DB_PASSWORD
 
 Exit status of ``run``: 0 every run passed, 1 an invariant was violated (an acknowledged
 write lost, a write accepted by a reader, an undocumented error type), 3 the steady-state
@@ -20,6 +23,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -36,6 +40,7 @@ def _list() -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import resilient_db
+    from chaos.control import ControlError
     from chaos.faults import FaultError
     from chaos.report import TerminalProgress
     from chaos.runner import EXIT_CODES, run
@@ -49,10 +54,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.out:
             out = Path(args.out) / (flavour or "") if len(flavours) > 1 else Path(args.out)
         try:
+            control = _rds_control(args, flavour)
             result = run(args.scenario, flavour=flavour, faults=args.faults,
-                         simulator=args.simulator, out_dir=out,
+                         simulator=args.simulator, out_dir=out, control=control,
                          progress=None if args.quiet else TerminalProgress())
-        except (ScenarioError, FaultError) as exc:
+        except (ScenarioError, FaultError, ControlError) as exc:
             print(f"chaos: {exc}", file=sys.stderr)
             return 2
         finally:
@@ -64,6 +70,29 @@ def _run(args: argparse.Namespace) -> int:
         code = EXIT_CODES[result.verdict]
         worst = code if worst == 0 or code == 1 else worst
     return worst
+
+
+def _rds_control(args: argparse.Namespace, flavour: str | None) -> Any:
+    """An RDS control for ``--rds-cluster`` (``None`` without it: the simulator)."""
+    if not args.rds_cluster:
+        return None
+    import os
+
+    from chaos.control import ControlError
+    from chaos.rds import RdsControl
+
+    engine = {"pg": "pg", "aurora-pg": "pg", "mysql": "mysql",
+              "aurora-mysql": "mysql"}.get(flavour or "")
+    if engine is None:
+        raise ControlError("--rds-cluster needs --flavour pg or --flavour mysql (the engine "
+                           "of the cluster)")
+    password = os.environ.get("CHAOS_DB_PASSWORD")
+    if not args.db_user or not args.db_name or password is None:
+        raise ControlError("--rds-cluster needs --db-user, --db-name and the password in "
+                           "the environment variable CHAOS_DB_PASSWORD")
+    return RdsControl(args.rds_cluster, engine=engine, user=args.db_user, password=password,
+                      database=args.db_name, region=args.region,
+                      endpoint_url=args.endpoint_url)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -102,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="instance runtime of the simulated cluster")
     run_p.add_argument("--out", help="report directory (default: chaos-reports/<run>)")
     run_p.add_argument("-q", "--quiet", action="store_true", help="no live progress line")
+    rds = run_p.add_argument_group("real Aurora/RDS cluster (boto3) instead of the simulator")
+    rds.add_argument("--rds-cluster", help="DB cluster identifier")
+    rds.add_argument("--region", help="AWS region (default: boto3's)")
+    rds.add_argument("--endpoint-url", help="RDS API endpoint (e.g. a moto server)")
+    rds.add_argument("--db-user", help="application user")
+    rds.add_argument("--db-name", help="database name")
     rep = sub.add_parser("report", help="re-render the HTML and PNG of a JSON report")
     rep.add_argument("json")
     rep.add_argument("--out", help="directory for the HTML and PNG (default: beside the JSON)")

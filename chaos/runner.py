@@ -244,7 +244,7 @@ def run(scenario: Scenario | str | Path | Mapping[str, Any], *, flavour: str | N
         if control is None:
             control = SimulatorControl.start(scenario.cluster.flavour, scenario.cluster.readers,
                                              scenario.cluster.timeline, simulator)
-        data = _run(scenario, control, backend, progress)
+        data = _run(scenario, control, backend, progress, drop_table=not owned)
     finally:
         if backend is not None:
             with contextlib.suppress(Exception):
@@ -266,8 +266,23 @@ def run(scenario: Scenario | str | Path | Mapping[str, Any], *, flavour: str | N
     return result
 
 
+def _drop_table(control: ClusterControl, kwargs: dict[str, Any], table: str) -> None:
+    """Remove the workload's table from a cluster that outlives the run (best effort)."""
+    try:
+        conn = resilient_db.connect(control.sql().target, plugins="",
+                                    **{**kwargs, "autocommit": True})
+        try:
+            cur = conn.cursor()
+            cur.execute(f"DROP TABLE {table}")
+            cur.close()
+        finally:
+            conn.close()
+    except Exception as exc:
+        LOGGER.warning("could not drop the workload table %s: %s", table, exc)
+
+
 def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | None,
-         progress: Progress | None) -> dict[str, Any]:
+         progress: Progress | None, *, drop_table: bool = False) -> dict[str, Any]:
     sql = control.sql()
     spec = scenario.workload
     kwargs = {**control.connect_kwargs(), **sql.extra, "connect_timeout": 5,
@@ -303,6 +318,8 @@ def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | No
         progress(scenario.duration, scenario.duration, ok_w, ok_r, failed, "checking")
     control.settle(120)
     rows = _final_rows(control, kwargs, table)
+    if drop_table:
+        _drop_table(control, kwargs, table)
     events = control.events()
     spans = writer_spans(control.first_writer(), events)
     with workload._lock:

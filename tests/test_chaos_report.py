@@ -146,6 +146,10 @@ def test_run_command_rejects_bad_input(tmp_path: Path,
                    "attributes: {rate: 10}}, duration: 1}\n")
     assert main(["run", str(bad), "-q"]) == 2
     assert "bandwidth: the local backend" in capsys.readouterr().err
+    assert main(["run", "writer-crash", "--rds-cluster", "my-aurora"]) == 2
+    assert "--rds-cluster needs --flavour pg" in capsys.readouterr().err
+    assert main(["run", "writer-crash", "--rds-cluster", "my-aurora", "--flavour", "pg"]) == 2
+    assert "CHAOS_DB_PASSWORD" in capsys.readouterr().err
 
 
 def test_terminal_progress_without_a_tty() -> None:
