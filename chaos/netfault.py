@@ -49,13 +49,17 @@ from chaos._netfilter import (
     sweep_dead_owners,
     unavailable_reason,
 )
+from chaos._toxic_proxy import UPSTREAM_MARK, Stream, ToxicProxy, Toxics
 
 __all__ = [
     "CHAIN",
+    "TOXIC_NAMES",
+    "ClusterLike",
     "Fault",
     "FaultKind",
     "NetworkFaultError",
     "NetworkFaults",
+    "Stream",
     "heal_injected",
     "inject",
     "leftover_rules",
@@ -65,11 +69,12 @@ __all__ = [
 
 LOGGER = logging.getLogger("chaos.netfault")
 
-FaultKind = Literal["blackhole", "reset", "down"]
+FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth"]
 
 #: Toxiproxy's name for each kind of fault (``down`` is a disabled proxy there, not a toxic).
 TOXIC_NAMES: Mapping[str, str] = MappingProxyType(
-    {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency"})
+    {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency",
+     "bandwidth": "bandwidth"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Fault ids are unique within a process, so that a rule comment names exactly one fault.
@@ -230,6 +235,9 @@ class NetworkFaults:
         self._active: dict[int, Fault] = {}
         self._rules: dict[int, list[Rule]] = {}
         self._tables: set[str] = set()
+        # Proxies of latency/bandwidth faults, healed or not: closed by clear().
+        self._proxies: dict[int, ToxicProxy] = {}
+        self._anchor: Rule | None = None
         #: Every fault this object applied, in order, healed or not.
         self.history: list[Fault] = []
         if sweep:
@@ -279,6 +287,39 @@ class NetworkFaults:
         specs = [[*_tcp(_to(address, port)), "--syn", *comment, *_REJECT]]
         return self._apply("down", address, port, specs)
 
+    def latency(self, address: str, port: int, delay: float, jitter: float = 0.0, *,
+                stream: Stream = "downstream") -> Fault:
+        """Delay the bytes of *new* TCP connections to ``address:port`` by ``delay`` seconds,
+        ± a uniformly random ``jitter`` per chunk (never below zero, never reordering), in
+        ``stream`` (Toxiproxy's words: ``downstream`` is server to client, the default, so a
+        round trip takes ``delay`` longer; ``upstream`` client to server; ``both``).
+
+        Connections are transparently redirected (``nat`` DNAT) through a threaded proxy of
+        this process; connections that were established before stay direct and undelayed.
+        Healing removes the redirect and lets connections already proxied flow undelayed.
+        """
+        address, checked_port = _check_address(address), _check_port(port, required=True)
+        assert checked_port is not None
+        delay, jitter = _check_seconds("delay", delay), _check_seconds("jitter", jitter)
+        toxics = Toxics(delay=delay, jitter=jitter)
+        return self._proxy_fault("latency", address, checked_port, stream, toxics,
+                                 {"delay": delay, "jitter": jitter, "stream": stream})
+
+    def bandwidth(self, address: str, port: int, bytes_per_second: float, *,
+                  stream: Stream = "downstream") -> Fault:
+        """Limit *new* TCP connections to ``address:port`` to ``bytes_per_second`` in
+        ``stream`` (see :meth:`latency` for streams and how connections are redirected)."""
+        address, checked_port = _check_address(address), _check_port(port, required=True)
+        assert checked_port is not None
+        if isinstance(bytes_per_second, bool) or not isinstance(bytes_per_second, (int, float)) \
+                or not math.isfinite(bytes_per_second) or bytes_per_second <= 0:
+            raise NetworkFaultError(f"bytes_per_second must be a finite number > 0, got "
+                                    f"{bytes_per_second!r}")
+        toxics = Toxics(rate=float(bytes_per_second))
+        return self._proxy_fault("bandwidth", address, checked_port, stream, toxics,
+                                 {"bytes_per_second": float(bytes_per_second),
+                                  "stream": stream})
+
     def heal(self, fault: Fault) -> None:
         """Remove ``fault``. Healing a healed fault does nothing; a fault of another
         :class:`NetworkFaults` is an error."""
@@ -302,6 +343,15 @@ class NetworkFaults:
                     self._remove(fault)
                 except Exception as exc:
                     errors.append(exc)
+            for proxy in self._proxies.values():
+                proxy.close()
+            self._proxies.clear()
+            if self._anchor is not None:
+                try:
+                    self._anchor.delete()
+                except NetfilterError as exc:
+                    errors.append(exc)
+                self._anchor = None
             if self._tables:
                 with chain_lock():
                     for table in TABLES:
@@ -330,6 +380,71 @@ class NetworkFaults:
     @staticmethod
     def _comment_placeholder() -> list[str]:
         return ["-m", "comment", "--comment", "{comment}"]
+
+    def _proxy_fault(self, kind: str, address: str, port: int, stream: object,
+                     toxics: Toxics, params: Mapping[str, Any]) -> Fault:
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
+        with self._lock:
+            for other in self._active.values():
+                if other.id in self._proxies and (other.address, other.port) == (address, port):
+                    raise NetworkFaultError(
+                        f"{address}:{port} already has a {other.kind} fault (id {other.id}); "
+                        f"heal it first (one proxy per address and port)")
+            upstream = toxics if stream in ("upstream", "both") else Toxics()
+            downstream = toxics if stream in ("downstream", "both") else Toxics()
+            try:
+                proxy = ToxicProxy((address, port), address, upstream_toxics=upstream,
+                                   downstream_toxics=downstream)
+            except OSError:  # not a local address: listen on the usual loopback one
+                proxy = ToxicProxy((address, port), "127.0.0.1", upstream_toxics=upstream,
+                                   downstream_toxics=downstream)
+            host, proxy_port = proxy.listen_address
+            # Only a SYN starts a redirected connection: a connection that conntrack first
+            # sees mid-stream (made before NAT was in use) must not be turned towards the
+            # proxy halfway. The proxy's own upstream connections go straight through.
+            spec = ["-p", "tcp", "-d", address, "--dport", str(port), "--syn",
+                    "-m", "mark", "!", "--mark", hex(UPSTREAM_MARK),
+                    *self._comment_placeholder(),
+                    "-j", "DNAT", "--to-destination", f"{host}:{proxy_port}"]
+            try:
+                self._ensure_anchor()
+                fault = self._apply(kind, address, port, [spec], "nat", params)
+            except BaseException:
+                proxy.close()
+                raise
+            self._proxies[fault.id] = proxy
+            return fault
+
+    def _ensure_anchor(self) -> None:
+        """Keep a DNAT rule of ours that matches nothing while our proxies live.
+
+        Measured here (iptables-nft, kernel 6.x): when the last DNAT rule of the ``nat`` table
+        is deleted, packets of connections that were redirected earlier stop being translated
+        and the kernel resets them, although conntrack still holds their mapping. A healed
+        latency fault must leave its proxied connections working, so an inert DNAT rule (TCP
+        from and to 0.0.0.0, which never exists) stays until :meth:`clear` closes the proxies.
+        """
+        if self._anchor is not None:
+            return
+        anchor = Rule("nat", ("-p", "tcp", "-s", "0.0.0.0/32", "-d", "0.0.0.0/32",
+                              "-m", "comment", "--comment", self._owner.comment(next(_fault_ids)),
+                              "-j", "DNAT", "--to-destination", "0.0.0.0:9"))
+        try:
+            with chain_lock():
+                ensure_chain("nat")
+                self._tables.add("nat")
+                anchor.add()
+        except NetfilterError as exc:
+            raise NetworkFaultError(f"cannot prepare the nat table for a proxy: {exc}") from exc
+        self._anchor = anchor
+
+    @property
+    def proxied_connections(self) -> int:
+        """Connections currently going through this object's proxies."""
+        with self._lock:
+            return sum(proxy.connections for proxy in self._proxies.values())
 
     def _apply(self, kind: str, address: str, port: int | None, specs: list[list[str]],
                table: Literal["filter", "nat"] = "filter",
@@ -370,6 +485,10 @@ class NetworkFaults:
                 errors.append(exc)
         self._rules.pop(fault.id, None)
         self._active.pop(fault.id, None)
+        proxy = self._proxies.get(fault.id)
+        if proxy is not None:  # connections already proxied go on, undelayed
+            proxy.stop_accepting()
+            proxy.neutralise()
         fault.healed_at, fault.healed_mono = time.time(), time.monotonic()
         LOGGER.info("network fault %d healed: %s %s", fault.id, fault.kind, fault.address)
         if errors:
@@ -407,22 +526,33 @@ class ClusterLike(Protocol):
 
 
 def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: NetworkFaults,
-           port: int | None = None) -> Fault:
-    """Apply ``kind`` to a simulated instance's address (every port unless ``port`` is given)
-    and record a ``network_fault`` event (``action="applied"``) in the cluster's log."""
-    address = cluster.instance(instance_id).address
-    if kind == "blackhole":
-        fault = faults.blackhole(address, port)
-    elif kind == "reset":
-        fault = faults.reset(address, port)
-    elif kind == "down":
-        fault = faults.down(address, port)
+           port: int | None = None, **params: Any) -> Fault:
+    """Apply ``kind`` to a simulated instance and record a ``network_fault`` event
+    (``action="applied"``, with kind, toxic, address, port, fault id and ``params``) in the
+    cluster's event log.
+
+    ``blackhole``, ``reset`` and ``down`` hit every port of the instance's address unless
+    ``port`` is given; ``latency`` (``delay``, ``jitter``, ``stream``) and ``bandwidth``
+    (``bytes_per_second``, ``stream``) hit ``port``, by default the instance's port.
+    """
+    instance = cluster.instance(instance_id)
+    address = instance.address
+    if kind in ("blackhole", "reset", "down"):
+        if params:
+            raise NetworkFaultError(f"{kind} takes no parameters, got {sorted(params)}")
+        apply = {"blackhole": faults.blackhole, "reset": faults.reset, "down": faults.down}
+        fault = apply[kind](address, port)
+    elif kind == "latency":
+        fault = faults.latency(address, port or instance.port, **params)
+    elif kind == "bandwidth":
+        fault = faults.bandwidth(address, port or instance.port, **params)
     else:
-        raise NetworkFaultError(f"kind must be one of blackhole, reset, down; got {kind!r}")
+        raise NetworkFaultError(f"kind must be one of blackhole, reset, down, latency, "
+                                f"bandwidth; got {kind!r}")
     fault.instance = instance_id
     cluster.events.record("network_fault", instance_id, action="applied", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,
-                          fault_id=fault.id, **dict(fault.params))
+                          fault_id=fault.id, params=dict(fault.params))
     return fault
 
 

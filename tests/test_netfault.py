@@ -258,6 +258,141 @@ def test_down_refuses_postgres(pg_server: LocalServer, network_faults: NetworkFa
         pg_connect(pg_server, connect_timeout=5)
 
 
+# -- latency and bandwidth ---------------------------------------------------------------------
+
+
+def timed_round_trip(sock: socket.socket, payload: bytes = b"ping") -> float:
+    started = time.monotonic()
+    assert round_trip(sock, payload) == payload
+    return time.monotonic() - started
+
+
+def eventually(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def proxy_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("netfault-proxy")]
+
+
+def test_latency_delays_new_connections_and_heals(echo: EchoServer,
+                                                  network_faults: NetworkFaults) -> None:
+    before = echo.connect()
+    fault = network_faults.latency(echo.host, echo.port, delay=1.0)
+    assert fault.toxic == "latency" and fault.params["delay"] == 1.0
+    delayed = echo.connect()
+    assert eventually(lambda: network_faults.proxied_connections == 1)
+    assert 1.0 <= timed_round_trip(delayed) < 10.0
+    assert 1.0 <= timed_round_trip(delayed, b"x" * 200_000) < 10.0
+    # Connections established before the fault stay direct.
+    assert timed_round_trip(before) < 1.0
+    network_faults.heal(fault)
+    # The proxied connection survives the heal, without delay; new ones go direct.
+    assert timed_round_trip(delayed) < 1.0
+    with echo.connect() as fresh:
+        assert timed_round_trip(fresh) < 1.0
+    assert network_faults.proxied_connections == 1
+    delayed.close()
+    before.close()
+
+
+def test_latency_streams(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    fault = network_faults.latency(echo.host, echo.port, delay=0.4, stream="upstream")
+    with echo.connect() as conn:
+        assert 0.4 <= timed_round_trip(conn) < 10.0
+    network_faults.heal(fault)
+    network_faults.latency(echo.host, echo.port, delay=0.4, stream="both")
+    with echo.connect() as conn:
+        assert 0.8 <= timed_round_trip(conn) < 10.0
+
+
+def test_latency_jitter(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    network_faults.latency(echo.host, echo.port, delay=0.3, jitter=0.2)
+    with echo.connect() as conn:
+        times = [timed_round_trip(conn) for _ in range(6)]
+    assert all(0.1 <= t < 10.0 for t in times), times
+    assert max(times) - min(times) > 0.01, times  # six equal draws from ±0.2 s: impossible
+
+
+def test_latency_on_postgres(pg_server: LocalServer, network_faults: NetworkFaults) -> None:
+    with pg_connect(pg_server) as direct:
+        started = time.monotonic()
+        direct.execute("SELECT 1").fetchone()
+        direct_time = time.monotonic() - started
+        fault = network_faults.latency(pg_server.host, pg_server.port, delay=0.5)
+        with pg_connect(pg_server, connect_timeout=30) as slow:
+            started = time.monotonic()
+            assert slow.execute("SELECT 1").fetchone() == (1,)
+            assert 0.5 <= time.monotonic() - started < 10.0
+            # The server sees the proxy's connection as an ordinary client.
+            assert slow.execute("SELECT pg_catalog.inet_server_addr()::text").fetchone() \
+                == (f"{pg_server.host}/32",)
+            network_faults.heal(fault)
+            started = time.monotonic()
+            slow.execute("SELECT 1").fetchone()
+            assert time.monotonic() - started < 0.5
+        started = time.monotonic()
+        direct.execute("SELECT 1").fetchone()
+        assert time.monotonic() - started < 0.5
+    assert direct_time < 0.5
+
+
+def test_bandwidth_limits_throughput(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    fault = network_faults.bandwidth(echo.host, echo.port, bytes_per_second=100_000)
+    assert fault.toxic == "bandwidth"
+    with echo.connect(timeout=30) as conn:
+        # 200 kB at 100 kB/s: the first chunk (up to 64 kB) goes at once, the rest is paced.
+        assert 1.0 <= timed_round_trip(conn, b"y" * 200_000) < 30.0
+
+
+def test_one_proxy_per_address_and_port(echo: EchoServer,
+                                        network_faults: NetworkFaults) -> None:
+    fault = network_faults.latency(echo.host, echo.port, delay=0.1)
+    with pytest.raises(NetworkFaultError, match="heal it first"):
+        network_faults.bandwidth(echo.host, echo.port, 1000)
+    network_faults.heal(fault)
+    network_faults.bandwidth(echo.host, echo.port, 1_000_000)
+
+
+def test_latency_cleanup_closes_proxies(echo: EchoServer) -> None:
+    with NetworkFaults() as faults:
+        faults.latency(echo.host, echo.port, delay=0.2)
+        assert any(rule.startswith("nat: ") for rule in faults.rules())
+        conn = echo.connect()
+        assert timed_round_trip(conn) >= 0.2
+        assert proxy_threads()
+    assert my_rules() == []
+    assert eventually(lambda: proxy_threads() == []), proxy_threads()
+    # The proxied connection was cut; new connections go straight to the server.
+    conn.settimeout(5)
+    with pytest.raises(ConnectionError):
+        round_trip(conn)
+    conn.close()
+    with echo.connect() as fresh:
+        assert timed_round_trip(fresh) < 0.2
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"delay": -1}, "delay must be"),
+    ({"delay": float("nan")}, "delay must be"),
+    ({"delay": 0.1, "jitter": -0.1}, "jitter must be"),
+    ({"delay": 0.1, "stream": "sideways"}, "stream must be"),
+])
+def test_bad_latency_arguments(echo: EchoServer, kwargs: dict[str, Any], message: str) -> None:
+    with NetworkFaults(sweep=False) as faults:
+        with pytest.raises(NetworkFaultError, match=message):
+            faults.latency(echo.host, echo.port, **kwargs)
+        with pytest.raises(NetworkFaultError, match="port must be"):
+            faults.latency(echo.host, None, 0.1)  # type: ignore[arg-type]
+        assert faults.rules() == []
+        assert faults.proxied_connections == 0
+
+
 # -- cleanup -----------------------------------------------------------------------------------
 
 
