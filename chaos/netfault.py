@@ -20,6 +20,7 @@ This module is test tooling: it does not import :mod:`resilient_db`.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import dataclasses
 import ipaddress
@@ -32,7 +33,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
 
@@ -44,6 +45,7 @@ from chaos._netfilter import (
     Rule,
     chain_lock,
     ensure_chain,
+    owner_of,
     remove_chain_if_empty,
     rules_of,
     sweep_dead_owners,
@@ -563,3 +565,32 @@ def heal_injected(cluster: ClusterLike, fault: Fault, *, faults: NetworkFaults) 
     cluster.events.record("network_fault", fault.instance, action="healed", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,
                           fault_id=fault.id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m chaos.netfault list|sweep``: show our rules, or remove dead owners' rules."""
+    parser = argparse.ArgumentParser(prog="python -m chaos.netfault",
+                                     description="Inspect and clean the network fault rules.")
+    parser.add_argument("command", choices=["list", "sweep"],
+                        help="list: print every rule in our chains with its owner's state; "
+                             "sweep: remove the rules of dead processes")
+    args = parser.parse_args(argv)
+    reason = unavailable_reason()
+    if reason is not None:
+        parser.error(reason)
+    if args.command == "sweep":
+        removed = sweep_dead_owners()
+        print(f"removed {len(removed)} rule(s)")
+        for rule in removed:
+            print(f"  {rule}")
+        return 0
+    for rule in leftover_rules():
+        tagged = owner_of(rule.partition(": ")[2])
+        state = "unowned" if tagged is None else (
+            f"owner pid {tagged[0].pid} {'alive' if tagged[0].is_alive() else 'DEAD'}")
+        print(f"{state:<24} {rule}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

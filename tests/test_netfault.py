@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mysql.connector
 import psycopg
 import pytest
 
@@ -26,6 +27,7 @@ from chaos import netfault
 from chaos._netfilter import Owner, rules_of
 from chaos.netfault import Fault, NetworkFaultError, NetworkFaults
 from simulator._addresses import ProcessIdentity, claim_address, release_address
+from simulator.cluster import Cluster, Instance
 from simulator.local import LocalServer
 
 pytestmark = pytest.mark.real_server
@@ -151,6 +153,31 @@ def test_blackhole_hangs_in_flight_query_then_heals(pg_server: LocalServer,
         assert conn.execute("SELECT 2").fetchone() == (2,)
         with pg_connect(pg_server, connect_timeout=5) as fresh:
             assert fresh.execute("SELECT 3").fetchone() == (3,)
+    finally:
+        conn.close()
+
+
+def test_blackhole_hangs_mysql_query_then_heals(mysql_server: LocalServer,
+                                                network_faults: NetworkFaults) -> None:
+    conn = mysql.connector.connect(**mysql_server.connect_kwargs(), use_pure=True,
+                                   autocommit=True)
+    try:
+        cur = conn.cursor()
+
+        def query() -> Any:
+            cur.execute("SELECT SLEEP(0.5), 42")
+            return cur.fetchone()
+
+        call = Call(query)
+        time.sleep(0.1)
+        fault = network_faults.blackhole(mysql_server.host, mysql_server.port)
+        assert not call.wait(3.0), "the in-flight query finished through a blackhole"
+        with pytest.raises(mysql.connector.Error, match=r"(?i)timed out"):
+            mysql.connector.connect(**mysql_server.connect_kwargs(), use_pure=True,
+                                    connection_timeout=2)
+        network_faults.heal(fault)
+        assert call.wait(30.0), "the query did not finish after the blackhole was healed"
+        assert call.error is None and call.result == (0, 42)
     finally:
         conn.close()
 
@@ -562,3 +589,66 @@ def test_fault_record(echo: EchoServer, network_faults: NetworkFaults) -> None:
     data = fault.to_json()
     assert data["healed_mono"] >= data["applied_mono"]
     assert data["address"] == echo.host and data["port"] == echo.port
+
+
+# -- simulated clusters ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    with Cluster.start("aurora-pg", readers=1) as cluster:
+        yield cluster
+
+
+def test_inject_into_cluster_records_events(pg_cluster: Cluster,
+                                            network_faults: NetworkFaults) -> None:
+    reader = pg_cluster.readers[0]
+    writer = pg_cluster.writer
+    kwargs = pg_cluster.connect_kwargs()
+
+    def connect(instance: Instance, timeout: int = 5) -> psycopg.Connection[Any]:
+        return psycopg.Connection.connect(**{**kwargs, "host": instance.address,
+                                             "connect_timeout": timeout, "autocommit": True})
+
+    since = time.monotonic()
+    fault = netfault.inject(pg_cluster, reader.id, "blackhole", faults=network_faults)
+    assert fault.instance == reader.id and fault.address == reader.address
+    event = pg_cluster.events.wait_for("network_fault", since=since, timeout=1)
+    assert event.instance == reader.id
+    assert event.detail["action"] == "applied" and event.detail["kind"] == "blackhole"
+    assert event.detail["toxic"] == "timeout" and event.detail["fault_id"] == fault.id
+    assert abs(event.mono - fault.applied_mono) < 1.0
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        connect(reader, timeout=2)
+    with connect(writer) as conn:  # the other instance is unaffected
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    netfault.heal_injected(pg_cluster, fault, faults=network_faults)
+    healed = pg_cluster.events.events("network_fault", since=since)[-1]
+    assert healed.detail["action"] == "healed" and healed.mono >= event.mono
+    with connect(reader) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    # Latency defaults to the instance's port.
+    slow = netfault.inject(pg_cluster, writer.id, "latency", faults=network_faults, delay=0.3)
+    assert slow.port == writer.port and slow.params["delay"] == 0.3
+    assert pg_cluster.events.last("network_fault") is not None
+    with connect(writer, timeout=30) as conn:
+        started = time.monotonic()
+        conn.execute("SELECT 1").fetchone()
+        assert time.monotonic() - started >= 0.3
+    with pytest.raises(NetworkFaultError, match="takes no parameters"):
+        netfault.inject(pg_cluster, writer.id, "down", faults=network_faults, delay=1)
+    with pytest.raises(NetworkFaultError, match="kind must be"):
+        netfault.inject(pg_cluster, writer.id, "slicer", faults=network_faults)  # type: ignore[arg-type]
+
+
+def test_cli_lists_and_sweeps(echo: EchoServer, network_faults: NetworkFaults,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    network_faults.blackhole(echo.host)
+    assert netfault.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    mine = [line for line in listed.splitlines() if f"owner={os.getpid()}:" in line]
+    assert len(mine) == 2 and all("alive" in line and echo.host in line for line in mine)
+    assert netfault.main(["sweep"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert len(network_faults.rules()) == 2  # a live owner's rules are left alone
