@@ -198,6 +198,11 @@ class ToxicProxy:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; close won't
         self._listener.close()
 
+    def set_toxics(self, upstream: Toxics, downstream: Toxics) -> None:
+        """Apply new toxics to every connection, existing and future."""
+        for mine, new in ((self.upstream, upstream), (self.downstream, downstream)):
+            mine.delay, mine.jitter, mine.rate = new.delay, new.jitter, new.rate
+
     def neutralise(self) -> None:
         """Forward without delay or rate limit from now on (chunks already queued keep their
         due time)."""

@@ -219,6 +219,12 @@ def _track(faults: NetworkFaults) -> None:
             _atexit_registered = True
 
 
+@dataclasses.dataclass(frozen=True)
+class _Intercept:
+    proxy: ToxicProxy
+    rule: Rule
+
+
 class NetworkFaults:
     """Creates faults and removes every rule it created when the ``with`` block ends, on
     :meth:`clear`, or at interpreter exit.
@@ -237,8 +243,10 @@ class NetworkFaults:
         self._active: dict[int, Fault] = {}
         self._rules: dict[int, list[Rule]] = {}
         self._tables: set[str] = set()
-        # Proxies of latency/bandwidth faults, healed or not: closed by clear().
+        # The proxy of each active latency/bandwidth fault.
         self._proxies: dict[int, ToxicProxy] = {}
+        self._owned_proxies: list[ToxicProxy] = []  # started for one fault each
+        self._intercepts: dict[tuple[str, int], _Intercept] = {}
         self._anchor: Rule | None = None
         #: Every fault this object applied, in order, healed or not.
         self.history: list[Fault] = []
@@ -345,8 +353,14 @@ class NetworkFaults:
                     self._remove(fault)
                 except Exception as exc:
                     errors.append(exc)
-            for proxy in self._proxies.values():
+            for key in list(self._intercepts):
+                try:
+                    self.release(*key)
+                except Exception as exc:
+                    errors.append(exc)
+            for proxy in self._owned_proxies:
                 proxy.close()
+            self._owned_proxies.clear()
             self._proxies.clear()
             if self._anchor is not None:
                 try:
@@ -383,33 +397,46 @@ class NetworkFaults:
     def _comment_placeholder() -> list[str]:
         return ["-m", "comment", "--comment", "{comment}"]
 
+    def _start_proxy(self, address: str, port: int, upstream: Toxics,
+                     downstream: Toxics) -> tuple[ToxicProxy, list[str]]:
+        """A proxy to ``address:port`` and the spec of the rule redirecting to it."""
+        try:
+            proxy = ToxicProxy((address, port), address, upstream_toxics=upstream,
+                               downstream_toxics=downstream)
+        except OSError:  # not a local address: listen on the usual loopback one
+            proxy = ToxicProxy((address, port), "127.0.0.1", upstream_toxics=upstream,
+                               downstream_toxics=downstream)
+        host, proxy_port = proxy.listen_address
+        # Only a SYN starts a redirected connection: a connection that conntrack first sees
+        # mid-stream (made before NAT was in use) must not be turned towards the proxy
+        # halfway. The proxy's own upstream connections go straight through.
+        spec = ["-p", "tcp", "-d", address, "--dport", str(port), "--syn",
+                "-m", "mark", "!", "--mark", hex(UPSTREAM_MARK),
+                *self._comment_placeholder(),
+                "-j", "DNAT", "--to-destination", f"{host}:{proxy_port}"]
+        return proxy, spec
+
     def _proxy_fault(self, kind: str, address: str, port: int, stream: object,
                      toxics: Toxics, params: Mapping[str, Any]) -> Fault:
         if stream not in ("upstream", "downstream", "both"):
             raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
                                     f"{stream!r}")
+        upstream = toxics if stream in ("upstream", "both") else Toxics()
+        downstream = toxics if stream in ("downstream", "both") else Toxics()
         with self._lock:
             for other in self._active.values():
                 if other.id in self._proxies and (other.address, other.port) == (address, port):
                     raise NetworkFaultError(
                         f"{address}:{port} already has a {other.kind} fault (id {other.id}); "
-                        f"heal it first (one proxy per address and port)")
-            upstream = toxics if stream in ("upstream", "both") else Toxics()
-            downstream = toxics if stream in ("downstream", "both") else Toxics()
-            try:
-                proxy = ToxicProxy((address, port), address, upstream_toxics=upstream,
-                                   downstream_toxics=downstream)
-            except OSError:  # not a local address: listen on the usual loopback one
-                proxy = ToxicProxy((address, port), "127.0.0.1", upstream_toxics=upstream,
-                                   downstream_toxics=downstream)
-            host, proxy_port = proxy.listen_address
-            # Only a SYN starts a redirected connection: a connection that conntrack first
-            # sees mid-stream (made before NAT was in use) must not be turned towards the
-            # proxy halfway. The proxy's own upstream connections go straight through.
-            spec = ["-p", "tcp", "-d", address, "--dport", str(port), "--syn",
-                    "-m", "mark", "!", "--mark", hex(UPSTREAM_MARK),
-                    *self._comment_placeholder(),
-                    "-j", "DNAT", "--to-destination", f"{host}:{proxy_port}"]
+                        f"heal it first (one proxy fault per address and port)")
+            intercepted = self._intercepts.get((address, port))
+            if intercepted is not None:
+                # Toxiproxy's way: the proxy is already in the path of every connection.
+                intercepted.proxy.set_toxics(upstream, downstream)
+                fault = self._apply(kind, address, port, [], "nat", params)
+                self._proxies[fault.id] = intercepted.proxy
+                return fault
+            proxy, spec = self._start_proxy(address, port, upstream, downstream)
             try:
                 self._ensure_anchor()
                 fault = self._apply(kind, address, port, [spec], "nat", params)
@@ -417,7 +444,54 @@ class NetworkFaults:
                 proxy.close()
                 raise
             self._proxies[fault.id] = proxy
+            self._owned_proxies.append(proxy)
             return fault
+
+    def intercept(self, address: str, port: int) -> None:
+        """Put a pass-through proxy in the path of new connections to ``address:port`` now,
+        so that a later :meth:`latency` or :meth:`bandwidth` on it also hits the connections
+        opened in between (as with Toxiproxy, where every connection goes through the proxy
+        from the start). Call it before the application connects. Removed by
+        :meth:`release` or :meth:`clear`. Intercepting twice does nothing."""
+        address, checked_port = _check_address(address), _check_port(port, required=True)
+        assert checked_port is not None
+        with self._lock:
+            if (address, checked_port) in self._intercepts:
+                return
+            proxy, spec = self._start_proxy(address, checked_port, Toxics(), Toxics())
+            rule_id = next(_fault_ids)
+            rule = Rule("nat", tuple(self._owner.comment(rule_id) if arg == "{comment}"
+                                     else arg for arg in spec))
+            try:
+                self._ensure_anchor()
+                with chain_lock():
+                    ensure_chain("nat")
+                    self._tables.add("nat")
+                    rule.add()
+            except BaseException as exc:
+                proxy.close()
+                if isinstance(exc, NetfilterError):
+                    raise NetworkFaultError(f"cannot intercept {address}:{checked_port}: "
+                                            f"{exc}") from exc
+                raise
+            self._intercepts[(address, checked_port)] = _Intercept(proxy, rule)
+
+    def release(self, address: str, port: int) -> None:
+        """Undo :meth:`intercept`: heal its proxy faults, remove the redirect and close the
+        proxy, cutting the connections that go through it. Unknown address: no-op."""
+        address = _check_address(address)
+        with self._lock:
+            intercepted = self._intercepts.get((address, port))
+            if intercepted is None:
+                return
+            for fault in list(self._active.values()):
+                if self._proxies.get(fault.id) is intercepted.proxy:
+                    self._remove(fault)
+            del self._intercepts[(address, port)]
+            try:
+                intercepted.rule.delete()
+            finally:
+                intercepted.proxy.close()
 
     def _ensure_anchor(self) -> None:
         """Keep a DNAT rule of ours that matches nothing while our proxies live.
@@ -446,7 +520,8 @@ class NetworkFaults:
     def proxied_connections(self) -> int:
         """Connections currently going through this object's proxies."""
         with self._lock:
-            return sum(proxy.connections for proxy in self._proxies.values())
+            proxies = {*self._owned_proxies, *(i.proxy for i in self._intercepts.values())}
+            return sum(proxy.connections for proxy in proxies)
 
     def _apply(self, kind: str, address: str, port: int | None, specs: list[list[str]],
                table: Literal["filter", "nat"] = "filter",
@@ -458,12 +533,13 @@ class NetworkFaults:
         with self._lock:
             added: list[Rule] = []
             try:
-                with chain_lock():
-                    ensure_chain(table)
-                    self._tables.add(table)
-                    for rule in rules:
-                        rule.add()
-                        added.append(rule)
+                if rules:
+                    with chain_lock():
+                        ensure_chain(table)
+                        self._tables.add(table)
+                        for rule in rules:
+                            rule.add()
+                            added.append(rule)
             except NetfilterError as exc:
                 for rule in added:
                     rule.delete()
@@ -487,10 +563,11 @@ class NetworkFaults:
                 errors.append(exc)
         self._rules.pop(fault.id, None)
         self._active.pop(fault.id, None)
-        proxy = self._proxies.get(fault.id)
+        proxy = self._proxies.pop(fault.id, None)
         if proxy is not None:  # connections already proxied go on, undelayed
-            proxy.stop_accepting()
             proxy.neutralise()
+            if proxy in self._owned_proxies:
+                proxy.stop_accepting()
         fault.healed_at, fault.healed_mono = time.time(), time.monotonic()
         LOGGER.info("network fault %d healed: %s %s", fault.id, fault.kind, fault.address)
         if errors:

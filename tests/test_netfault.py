@@ -404,6 +404,45 @@ def test_latency_cleanup_closes_proxies(echo: EchoServer) -> None:
         assert timed_round_trip(fresh) < 0.2
 
 
+def test_intercept_then_latency_hits_existing_connections(
+        echo: EchoServer, network_faults: NetworkFaults) -> None:
+    direct = echo.connect()
+    network_faults.intercept(echo.host, echo.port)
+    network_faults.intercept(echo.host, echo.port)  # idempotent
+    conn = echo.connect()
+    assert eventually(lambda: network_faults.proxied_connections == 1)
+    assert timed_round_trip(conn) < 0.5
+    fault = network_faults.latency(echo.host, echo.port, delay=0.5)
+    assert 0.5 <= timed_round_trip(conn) < 10.0  # opened before the fault, still delayed
+    assert timed_round_trip(direct) < 0.5  # opened before intercept(): never proxied
+    network_faults.heal(fault)
+    assert timed_round_trip(conn) < 0.5
+    network_faults.bandwidth(echo.host, echo.port, bytes_per_second=100_000)
+    assert 1.0 <= timed_round_trip(conn, b"z" * 200_000) < 30.0
+    network_faults.release(echo.host, echo.port)
+    assert not network_faults.active
+    conn.settimeout(5)
+    with pytest.raises(ConnectionError):
+        round_trip(conn)
+    conn.close()
+    with echo.connect() as fresh:
+        assert timed_round_trip(fresh) < 0.5
+    assert network_faults.proxied_connections == 0
+    assert [r for r in network_faults.rules() if "DNAT" in r and echo.host in r] == []
+    direct.close()
+
+
+def test_intercept_cleared_with_the_rest(echo: EchoServer) -> None:
+    with NetworkFaults() as faults:
+        faults.intercept(echo.host, echo.port)
+        faults.latency(echo.host, echo.port, delay=0.2)
+        conn = echo.connect()
+        assert timed_round_trip(conn) >= 0.2
+    assert my_rules() == []
+    assert eventually(lambda: proxy_threads() == []), proxy_threads()
+    conn.close()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"delay": -1}, "delay must be"),
     ({"delay": float("nan")}, "delay must be"),
