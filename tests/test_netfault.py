@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mysql.connector
 import psycopg
 import pytest
 
@@ -26,6 +27,7 @@ from chaos import netfault
 from chaos._netfilter import Owner, rules_of
 from chaos.netfault import Fault, NetworkFaultError, NetworkFaults
 from simulator._addresses import ProcessIdentity, claim_address, release_address
+from simulator.cluster import Cluster, Instance
 from simulator.local import LocalServer
 
 pytestmark = pytest.mark.real_server
@@ -155,6 +157,31 @@ def test_blackhole_hangs_in_flight_query_then_heals(pg_server: LocalServer,
         conn.close()
 
 
+def test_blackhole_hangs_mysql_query_then_heals(mysql_server: LocalServer,
+                                                network_faults: NetworkFaults) -> None:
+    conn = mysql.connector.connect(**mysql_server.connect_kwargs(), use_pure=True,
+                                   autocommit=True)
+    try:
+        cur = conn.cursor()
+
+        def query() -> Any:
+            cur.execute("SELECT SLEEP(0.5), 42")
+            return cur.fetchone()
+
+        call = Call(query)
+        time.sleep(0.1)
+        fault = network_faults.blackhole(mysql_server.host, mysql_server.port)
+        assert not call.wait(3.0), "the in-flight query finished through a blackhole"
+        with pytest.raises(mysql.connector.Error, match=r"(?i)timed out"):
+            mysql.connector.connect(**mysql_server.connect_kwargs(), use_pure=True,
+                                    connection_timeout=2)
+        network_faults.heal(fault)
+        assert call.wait(30.0), "the query did not finish after the blackhole was healed"
+        assert call.error is None and call.result == (0, 42)
+    finally:
+        conn.close()
+
+
 def test_blackhole_new_connect_times_out(echo: EchoServer,
                                          network_faults: NetworkFaults) -> None:
     network_faults.blackhole(echo.host, echo.port)
@@ -256,6 +283,180 @@ def test_down_refuses_postgres(pg_server: LocalServer, network_faults: NetworkFa
     network_faults.down(pg_server.host)
     with pytest.raises(psycopg.OperationalError, match=r"(?i)refused"):
         pg_connect(pg_server, connect_timeout=5)
+
+
+# -- latency and bandwidth ---------------------------------------------------------------------
+
+
+def timed_round_trip(sock: socket.socket, payload: bytes = b"ping") -> float:
+    started = time.monotonic()
+    assert round_trip(sock, payload) == payload
+    return time.monotonic() - started
+
+
+def eventually(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def proxy_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("netfault-proxy")]
+
+
+def test_latency_delays_new_connections_and_heals(echo: EchoServer,
+                                                  network_faults: NetworkFaults) -> None:
+    before = echo.connect()
+    fault = network_faults.latency(echo.host, echo.port, delay=1.0)
+    assert fault.toxic == "latency" and fault.params["delay"] == 1.0
+    delayed = echo.connect()
+    assert eventually(lambda: network_faults.proxied_connections == 1)
+    assert 1.0 <= timed_round_trip(delayed) < 10.0
+    assert 1.0 <= timed_round_trip(delayed, b"x" * 200_000) < 10.0
+    # Connections established before the fault stay direct.
+    assert timed_round_trip(before) < 1.0
+    network_faults.heal(fault)
+    # The proxied connection survives the heal, without delay; new ones go direct.
+    assert timed_round_trip(delayed) < 1.0
+    with echo.connect() as fresh:
+        assert timed_round_trip(fresh) < 1.0
+    assert network_faults.proxied_connections == 1
+    delayed.close()
+    before.close()
+
+
+def test_latency_streams(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    fault = network_faults.latency(echo.host, echo.port, delay=0.4, stream="upstream")
+    with echo.connect() as conn:
+        assert 0.4 <= timed_round_trip(conn) < 10.0
+    network_faults.heal(fault)
+    network_faults.latency(echo.host, echo.port, delay=0.4, stream="both")
+    with echo.connect() as conn:
+        assert 0.8 <= timed_round_trip(conn) < 10.0
+
+
+def test_latency_jitter(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    network_faults.latency(echo.host, echo.port, delay=0.3, jitter=0.2)
+    with echo.connect() as conn:
+        times = [timed_round_trip(conn) for _ in range(6)]
+    assert all(0.1 <= t < 10.0 for t in times), times
+    assert max(times) - min(times) > 0.01, times  # six equal draws from ±0.2 s: impossible
+
+
+def test_latency_on_postgres(pg_server: LocalServer, network_faults: NetworkFaults) -> None:
+    with pg_connect(pg_server) as direct:
+        started = time.monotonic()
+        direct.execute("SELECT 1").fetchone()
+        direct_time = time.monotonic() - started
+        fault = network_faults.latency(pg_server.host, pg_server.port, delay=0.5)
+        with pg_connect(pg_server, connect_timeout=30) as slow:
+            started = time.monotonic()
+            assert slow.execute("SELECT 1").fetchone() == (1,)
+            assert 0.5 <= time.monotonic() - started < 10.0
+            # The server sees the proxy's connection as an ordinary client.
+            assert slow.execute("SELECT pg_catalog.inet_server_addr()::text").fetchone() \
+                == (f"{pg_server.host}/32",)
+            network_faults.heal(fault)
+            started = time.monotonic()
+            slow.execute("SELECT 1").fetchone()
+            assert time.monotonic() - started < 0.5
+        started = time.monotonic()
+        direct.execute("SELECT 1").fetchone()
+        assert time.monotonic() - started < 0.5
+    assert direct_time < 0.5
+
+
+def test_bandwidth_limits_throughput(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    fault = network_faults.bandwidth(echo.host, echo.port, bytes_per_second=100_000)
+    assert fault.toxic == "bandwidth"
+    with echo.connect(timeout=30) as conn:
+        # 200 kB at 100 kB/s: the first chunk (up to 64 kB) goes at once, the rest is paced.
+        assert 1.0 <= timed_round_trip(conn, b"y" * 200_000) < 30.0
+
+
+def test_one_proxy_per_address_and_port(echo: EchoServer,
+                                        network_faults: NetworkFaults) -> None:
+    fault = network_faults.latency(echo.host, echo.port, delay=0.1)
+    with pytest.raises(NetworkFaultError, match="heal it first"):
+        network_faults.bandwidth(echo.host, echo.port, 1000)
+    network_faults.heal(fault)
+    network_faults.bandwidth(echo.host, echo.port, 1_000_000)
+
+
+def test_latency_cleanup_closes_proxies(echo: EchoServer) -> None:
+    with NetworkFaults() as faults:
+        faults.latency(echo.host, echo.port, delay=0.2)
+        assert any(rule.startswith("nat: ") for rule in faults.rules())
+        conn = echo.connect()
+        assert timed_round_trip(conn) >= 0.2
+        assert proxy_threads()
+    assert my_rules() == []
+    assert eventually(lambda: proxy_threads() == []), proxy_threads()
+    # The proxied connection was cut; new connections go straight to the server.
+    conn.settimeout(5)
+    with pytest.raises(ConnectionError):
+        round_trip(conn)
+    conn.close()
+    with echo.connect() as fresh:
+        assert timed_round_trip(fresh) < 0.2
+
+
+def test_intercept_then_latency_hits_existing_connections(
+        echo: EchoServer, network_faults: NetworkFaults) -> None:
+    direct = echo.connect()
+    network_faults.intercept(echo.host, echo.port)
+    network_faults.intercept(echo.host, echo.port)  # idempotent
+    conn = echo.connect()
+    assert eventually(lambda: network_faults.proxied_connections == 1)
+    assert timed_round_trip(conn) < 0.5
+    fault = network_faults.latency(echo.host, echo.port, delay=0.5)
+    assert 0.5 <= timed_round_trip(conn) < 10.0  # opened before the fault, still delayed
+    assert timed_round_trip(direct) < 0.5  # opened before intercept(): never proxied
+    network_faults.heal(fault)
+    assert timed_round_trip(conn) < 0.5
+    network_faults.bandwidth(echo.host, echo.port, bytes_per_second=100_000)
+    assert 1.0 <= timed_round_trip(conn, b"z" * 200_000) < 30.0
+    network_faults.release(echo.host, echo.port)
+    assert not network_faults.active
+    conn.settimeout(5)
+    with pytest.raises(ConnectionError):
+        round_trip(conn)
+    conn.close()
+    with echo.connect() as fresh:
+        assert timed_round_trip(fresh) < 0.5
+    assert network_faults.proxied_connections == 0
+    assert [r for r in network_faults.rules() if "DNAT" in r and echo.host in r] == []
+    direct.close()
+
+
+def test_intercept_cleared_with_the_rest(echo: EchoServer) -> None:
+    with NetworkFaults() as faults:
+        faults.intercept(echo.host, echo.port)
+        faults.latency(echo.host, echo.port, delay=0.2)
+        conn = echo.connect()
+        assert timed_round_trip(conn) >= 0.2
+    assert my_rules() == []
+    assert eventually(lambda: proxy_threads() == []), proxy_threads()
+    conn.close()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"delay": -1}, "delay must be"),
+    ({"delay": float("nan")}, "delay must be"),
+    ({"delay": 0.1, "jitter": -0.1}, "jitter must be"),
+    ({"delay": 0.1, "stream": "sideways"}, "stream must be"),
+])
+def test_bad_latency_arguments(echo: EchoServer, kwargs: dict[str, Any], message: str) -> None:
+    with NetworkFaults(sweep=False) as faults:
+        with pytest.raises(NetworkFaultError, match=message):
+            faults.latency(echo.host, echo.port, **kwargs)
+        with pytest.raises(NetworkFaultError, match="port must be"):
+            faults.latency(echo.host, None, 0.1)  # type: ignore[arg-type]
+        assert faults.rules() == []
+        assert faults.proxied_connections == 0
 
 
 # -- cleanup -----------------------------------------------------------------------------------
@@ -427,3 +628,66 @@ def test_fault_record(echo: EchoServer, network_faults: NetworkFaults) -> None:
     data = fault.to_json()
     assert data["healed_mono"] >= data["applied_mono"]
     assert data["address"] == echo.host and data["port"] == echo.port
+
+
+# -- simulated clusters ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    with Cluster.start("aurora-pg", readers=1) as cluster:
+        yield cluster
+
+
+def test_inject_into_cluster_records_events(pg_cluster: Cluster,
+                                            network_faults: NetworkFaults) -> None:
+    reader = pg_cluster.readers[0]
+    writer = pg_cluster.writer
+    kwargs = pg_cluster.connect_kwargs()
+
+    def connect(instance: Instance, timeout: int = 5) -> psycopg.Connection[Any]:
+        return psycopg.Connection.connect(**{**kwargs, "host": instance.address,
+                                             "connect_timeout": timeout, "autocommit": True})
+
+    since = time.monotonic()
+    fault = netfault.inject(pg_cluster, reader.id, "blackhole", faults=network_faults)
+    assert fault.instance == reader.id and fault.address == reader.address
+    event = pg_cluster.events.wait_for("network_fault", since=since, timeout=1)
+    assert event.instance == reader.id
+    assert event.detail["action"] == "applied" and event.detail["kind"] == "blackhole"
+    assert event.detail["toxic"] == "timeout" and event.detail["fault_id"] == fault.id
+    assert abs(event.mono - fault.applied_mono) < 1.0
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        connect(reader, timeout=2)
+    with connect(writer) as conn:  # the other instance is unaffected
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    netfault.heal_injected(pg_cluster, fault, faults=network_faults)
+    healed = pg_cluster.events.events("network_fault", since=since)[-1]
+    assert healed.detail["action"] == "healed" and healed.mono >= event.mono
+    with connect(reader) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    # Latency defaults to the instance's port.
+    slow = netfault.inject(pg_cluster, writer.id, "latency", faults=network_faults, delay=0.3)
+    assert slow.port == writer.port and slow.params["delay"] == 0.3
+    assert pg_cluster.events.last("network_fault") is not None
+    with connect(writer, timeout=30) as conn:
+        started = time.monotonic()
+        conn.execute("SELECT 1").fetchone()
+        assert time.monotonic() - started >= 0.3
+    with pytest.raises(NetworkFaultError, match="takes no parameters"):
+        netfault.inject(pg_cluster, writer.id, "down", faults=network_faults, delay=1)
+    with pytest.raises(NetworkFaultError, match="kind must be"):
+        netfault.inject(pg_cluster, writer.id, "slicer", faults=network_faults)  # type: ignore[arg-type]
+
+
+def test_cli_lists_and_sweeps(echo: EchoServer, network_faults: NetworkFaults,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    network_faults.blackhole(echo.host)
+    assert netfault.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    mine = [line for line in listed.splitlines() if f"owner={os.getpid()}:" in line]
+    assert len(mine) == 2 and all("alive" in line and echo.host in line for line in mine)
+    assert netfault.main(["sweep"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert len(network_faults.rules()) == 2  # a live owner's rules are left alone
