@@ -123,6 +123,10 @@ class ClusterControl(Protocol):
 
     def writer_id(self) -> str: ...
 
+    def instance_ids(self) -> list[str]:
+        """Every instance of the cluster."""
+        ...
+
     def resolve(self, selector: str) -> str:
         """``writer``, ``reader`` (first reader), ``reader-N`` or an instance id -> id."""
         ...
@@ -203,6 +207,9 @@ class SimulatorControl:
 
     def writer_id(self) -> str:
         return str(self.cluster.writer.id)
+
+    def instance_ids(self) -> list[str]:
+        return [str(i) for i in self.cluster.instances]
 
     def first_writer(self) -> str:
         return self._first

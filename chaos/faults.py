@@ -14,7 +14,8 @@ Backends (:class:`FaultBackend`):
 - :class:`LocalFaultBackend`: this machine, no Docker, built on :mod:`chaos.netfault`
   (iptables rules per instance address, as root). It does what the kernel rules do and the
   injector offers: ``down``, ``timeout`` (``timeout=0``), ``reset_peer`` (``timeout=0``),
-  each on both directions at toxicity 1, plus ``latency`` when the injector provides it.
+  each on both directions, and ``latency`` and ``bandwidth`` per stream (through the
+  injector's in-process proxy), all at toxicity 1.
   Anything else raises :class:`UnsupportedToxicError` naming the toxic and the way out.
 - :class:`chaos.toxiproxy.ToxiproxyBackend`: a real Toxiproxy through its HTTP API (every
   toxic, per direction, with toxicity).
@@ -159,16 +160,22 @@ class LocalFaultBackend:
         self._faults: Any = faults
         self._lock = threading.Lock()
 
+    #: Toxics served by the injector's in-process proxy (connections must be intercepted
+    #: before the application connects for them to hit existing connections).
+    PROXY_TOXICS = ("latency", "bandwidth")
+
     def supports(self, toxic: Toxic) -> str | None:
         """``None`` if this backend can apply ``toxic``, else why not."""
         way_out = "use the toxiproxy backend (--faults toxiproxy) for it"
         if toxic.toxicity != 1:
             return f"toxicity {toxic.toxicity:g}: the local backend affects every connection " \
                    f"(toxicity 1); {way_out}"
-        if toxic.type == "latency":
-            if not hasattr(self._faults, "latency"):
-                return ("latency: this machine's network fault injector (chaos.netfault) has "
-                        f"no latency support yet; {way_out}")
+        if toxic.type in self.PROXY_TOXICS:
+            if not hasattr(self._faults, toxic.type):
+                return (f"{toxic.type}: this machine's network fault injector (chaos.netfault) "
+                        f"has no {toxic.type} support; {way_out}")
+            if toxic.type == "bandwidth" and not toxic.attributes["rate"]:
+                return "bandwidth with rate=0: give a rate in KB/s > 0"
             return None
         if toxic.stream != "both":
             return f"{toxic.type} on the {toxic.stream} stream only: the local backend " \
@@ -183,11 +190,20 @@ class LocalFaultBackend:
         return f"{toxic.type}: the local backend (iptables) cannot shape traffic this way; " \
                f"{way_out}"
 
+    def prepare(self, address: str, port: int) -> None:
+        """Put the injector's pass-through proxy in front of ``address:port`` before the
+        application connects, so that a later latency or bandwidth toxic also hits the
+        connections already open (Toxiproxy's model: every connection goes through it)."""
+        intercept = getattr(self._faults, "intercept", None)
+        if intercept is not None:
+            intercept(address, port)
+
     def apply(self, instance: str, address: str, port: int, toxic: Toxic) -> AppliedFault:
         reason = self.supports(toxic)
         if reason is not None:
             raise UnsupportedToxicError(reason)
         with self._lock:
+            attrs = toxic.attributes
             if toxic.type == "timeout":
                 handle = self._faults.blackhole(address)
             elif toxic.type == "reset_peer":
@@ -195,10 +211,12 @@ class LocalFaultBackend:
             elif toxic.type == "down":
                 # Toxiproxy's disabled proxy refuses new connections and closes the open ones.
                 handle = [self._faults.down(address, port), self._faults.reset(address, port)]
-            else:  # latency
-                attrs = toxic.attributes
+            elif toxic.type == "latency":
                 handle = self._faults.latency(address, port, attrs["latency"] / 1000.0,
-                                              attrs["jitter"] / 1000.0)
+                                              attrs["jitter"] / 1000.0, stream=toxic.stream)
+            else:  # bandwidth: Toxiproxy's rate is in KB/s
+                handle = self._faults.bandwidth(address, port, attrs["rate"] * 1000.0,
+                                                stream=toxic.stream)
         return AppliedFault(instance, address, port, toxic, handle)
 
     def heal(self, fault: AppliedFault) -> None:

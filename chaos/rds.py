@@ -115,6 +115,9 @@ class RdsControl:
     def first_writer(self) -> str:
         return self._first
 
+    def instance_ids(self) -> list[str]:
+        return [str(m["DBInstanceIdentifier"]) for m in self._members()]
+
     def resolve(self, selector: str) -> str:
         members = self._members()
         if selector == "writer":

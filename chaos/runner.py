@@ -288,6 +288,15 @@ def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | No
     kwargs = {**control.connect_kwargs(), **sql.extra, "connect_timeout": 5,
               **dict(spec.properties)}
     table = _setup_table(control, kwargs)
+    prepare = getattr(backend, "prepare", None)
+    if prepare is not None and any(
+            s.toxic is not None and s.toxic.type in ("latency", "bandwidth", "slicer",
+                                                     "slow_close", "limit_data")
+            for s in scenario.faults):
+        # Proxy-served toxics hit only connections that go through the proxy: put it in
+        # front of every instance before the application connects.
+        for instance in getattr(control, "instance_ids", list)():
+            prepare(*control.address(instance))
     reader_kwargs = None
     if spec.reads == "reader":
         reader_kwargs = {**kwargs, **control.connect_kwargs(control.reader_endpoint)}

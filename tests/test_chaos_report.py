@@ -142,10 +142,10 @@ def test_run_command_rejects_bad_input(tmp_path: Path,
     assert main(["run", "no-such-scenario"]) == 2
     assert "unknown scenario" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\nfaults:\n  - {at: 1, action: toxic, toxic: {type: bandwidth, "
-                   "attributes: {rate: 10}}, duration: 1}\n")
+    bad.write_text("name: bad\nfaults:\n  - {at: 1, action: toxic, toxic: {type: slicer, "
+                   "attributes: {average_size: 10}}, duration: 1}\n")
     assert main(["run", str(bad), "-q"]) == 2
-    assert "bandwidth: the local backend" in capsys.readouterr().err
+    assert "slicer: the local backend" in capsys.readouterr().err
     assert main(["run", "writer-crash", "--rds-cluster", "my-aurora"]) == 2
     assert "--rds-cluster needs --flavour pg" in capsys.readouterr().err
     assert main(["run", "writer-crash", "--rds-cluster", "my-aurora", "--flavour", "pg"]) == 2

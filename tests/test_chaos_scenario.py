@@ -102,7 +102,8 @@ class _NoLatencyInjector:
 
 
 @pytest.mark.parametrize(("toxic", "reason"), [
-    (Toxic("bandwidth", {"rate": 10}), "bandwidth: the local backend (iptables) cannot"),
+    (Toxic("bandwidth", {"rate": 10}), "no bandwidth support"),
+    (Toxic("slicer", {"average_size": 10}), "slicer: the local backend (iptables) cannot"),
     (Toxic("slow_close"), "slow_close"),
     (Toxic("limit_data", {"bytes": 10}), "limit_data"),
     (Toxic("timeout", stream="upstream"), "upstream stream only"),
@@ -118,6 +119,27 @@ def test_local_backend_refuses_what_it_cannot_do(toxic: Toxic, reason: str) -> N
         backend.apply("instance-1", "127.0.0.1", 5432, toxic)
     for ok in (Toxic("timeout"), Toxic("reset_peer"), Toxic("down")):
         assert backend.supports(ok) is None
+
+
+class _ProxyInjector(_NoLatencyInjector):
+    def latency(self, address: str, port: int, delay: float, jitter: float = 0.0, *,
+                stream: str = "downstream") -> Any:
+        return ("latency", address, port, delay, jitter, stream)
+
+    def bandwidth(self, address: str, port: int, rate: float, *,
+                  stream: str = "downstream") -> Any:
+        return ("bandwidth", address, port, rate, stream)
+
+
+def test_local_backend_maps_proxy_toxics_to_the_injector() -> None:
+    backend = LocalFaultBackend(_ProxyInjector())
+    fault = backend.apply("instance-1", "127.0.0.9", 5432,
+                          Toxic("latency", {"latency": 200, "jitter": 50}, "upstream"))
+    assert fault.handle == ("latency", "127.0.0.9", 5432, 0.2, 0.05, "upstream")
+    fault = backend.apply("instance-1", "127.0.0.9", 5432, Toxic("bandwidth", {"rate": 64}))
+    assert fault.handle == ("bandwidth", "127.0.0.9", 5432, 64000.0, "both")
+    assert backend.supports(Toxic("bandwidth")) == "bandwidth with rate=0: give a rate in " \
+                                                   "KB/s > 0"
 
 
 def test_percentile() -> None:
