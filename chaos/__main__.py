@@ -6,6 +6,7 @@
     python -m chaos run my-scenario.yaml --out reports/x  # your own scenario file
     python -m chaos run writer-crash --flavour pg,mysql   # several flavours, one after another
     python -m chaos report reports/x/report.json          # re-render HTML and PNG from JSON
+    python -m chaos table reports/*/report.json           # a Markdown table of several runs
     python -m chaos run targeted-failover --flavour pg --rds-cluster my-aurora \
         --region eu-west-1 --db-user app --db-name app    # a real Aurora cluster (boto3);
                                                           # password in CHAOS_DB_PASSWORD
@@ -115,6 +116,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(args: argparse.Namespace) -> int:
+    from chaos.report import markdown_table
+
+    reports = []
+    for name in args.json:
+        try:
+            reports.append(json.loads(Path(name).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"chaos: cannot read {name}: {exc}", file=sys.stderr)
+            return 2
+    print(markdown_table(reports))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="re-render the HTML and PNG of a JSON report")
     rep.add_argument("json")
     rep.add_argument("--out", help="directory for the HTML and PNG (default: beside the JSON)")
+    table = sub.add_parser("table", help="a Markdown table of several JSON reports")
+    table.add_argument("json", nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(relativeCreated)7.0f %(name)s %(message)s")
@@ -149,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list()
     if args.command == "run":
         return _run(args)
+    if args.command == "table":
+        return _table(args)
     return _report(args)
 
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["TerminalProgress", "render_html", "render_png", "summary", "write_reports"]
+__all__ = ["TerminalProgress", "markdown_table", "render_html", "render_png", "summary",
+           "write_reports"]
 
 #: Event names drawn on the timeline (the others are listed in the table only).
 PLOTTED_EVENTS = ("failover_started", "writer_stopped", "promoted", "topology_updated",
@@ -50,6 +51,23 @@ def summary(data: Mapping[str, Any]) -> str:
     ]
     for check in [*data["invariants"], *data["hypothesis"]]:
         lines.append(f"  [{'ok' if check['ok'] else 'FAIL'}] {check['name']}: {check['detail']}")
+    return "\n".join(lines)
+
+
+def markdown_table(reports: list[Mapping[str, Any]]) -> str:
+    """One row per report: scenario, flavour, downtime, recovery, errors, verdicts."""
+    lines = ["| scenario | flavour | downtime (s) | recovery after promoted (s) | "
+             "errors seen by the application | invariants | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for data in reports:
+        m = data["metrics"]
+        rec = ", ".join("not recovered" if r["recovery"] is None else f"{r['recovery']:.3f}"
+                        for r in m["recoveries"]) or "-"
+        errors = ", ".join(f"{k} x{v}" for k, v in m["errors_by_kind"].items()) or "none"
+        failed = [c["name"] for c in data["invariants"] if not c["ok"]]
+        invariants = "all hold" if not failed else "FAIL: " + ", ".join(failed)
+        lines.append(f"| {data['scenario']['name']} | {data['flavour']} | {m['downtime']:.3f} | "
+                     f"{rec} | {errors} | {invariants} | {data['verdict']} |")
     return "\n".join(lines)
 
 
@@ -182,6 +200,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         ("scenario", esc(data["scenario"]["name"])),
         ("description", esc(data["scenario"].get("description", ""))),
         ("cluster", esc(data["cluster"])),
+        ("plugins", esc(str(data.get("plugins", "")))),
         ("fault backend", esc(str(data.get("fault_backend")))),
         ("started", esc(str(data.get("started_at", "")))),
         ("duration", _fmt(data["duration"])),

@@ -192,6 +192,19 @@ def make_fault_backend(name: str, scenario: Scenario) -> FaultBackend | None:
     raise ValueError(f"fault backend {name!r}: expected local or toxiproxy")
 
 
+def effective_plugins(spec: str) -> str:
+    """``spec`` with optional codes (``efm?``: only if this resilient_db has it) resolved."""
+    from resilient_db._plugin_registry import ALIASES, available
+
+    have = set(available())
+    codes = []
+    for item in (c.strip() for c in spec.split(",")):
+        code = item.rstrip("?")
+        if code and (item == code or ALIASES.get(code, code) in have):
+            codes.append(code)
+    return ",".join(codes)
+
+
 def _setup_table(control: ClusterControl, kwargs: dict[str, Any]) -> str:
     sql = control.sql()
     table = f"chaos_{secrets.token_hex(4)}"
@@ -300,8 +313,9 @@ def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | No
     reader_kwargs = None
     if spec.reads == "reader":
         reader_kwargs = {**kwargs, **control.connect_kwargs(control.reader_endpoint)}
+    plugins = effective_plugins(spec.plugins)
     workload = Workload(sql, table, kwargs, spec.threads, spec.write_ratio, spec.rate,
-                        spec.tx_size, spec.plugins, reader_kwargs)
+                        spec.tx_size, plugins, reader_kwargs)
     workload.start()
     warm_deadline = time.monotonic() + 60
     while not workload.acked:
@@ -362,6 +376,7 @@ def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | No
         "engine": control.engine,
         "flavour": scenario.cluster.flavour,
         "cluster": control.description,
+        "plugins": plugins,
         "table": table,
         "duration": round(t_end - t0, 4),
         "verdict": verdict,

@@ -103,7 +103,8 @@ class WorkloadSpec:
     """The application: ``threads`` connections, each doing ``rate`` operations a second
     (0: as fast as it can), a fraction ``write_ratio`` of them writes of ``tx_size`` rows in
     one transaction (1: autocommit), reads on the ``reads`` endpoint (``writer`` or
-    ``reader``), through resilient_db with ``plugins`` and ``properties``."""
+    ``reader``), through resilient_db with ``plugins`` (a code ending in ``?`` is used only
+    if this resilient_db has it, e.g. ``failover,efm?``) and ``properties``."""
 
     threads: int = 2
     write_ratio: float = 0.8

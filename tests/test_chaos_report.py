@@ -131,6 +131,15 @@ def test_report_command_rerenders(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "not a chaos report" in capsys.readouterr().err
 
 
+def test_table_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = write_reports(report_data(), tmp_path)
+    assert main(["table", str(paths["json"]), str(paths["json"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[0].startswith("| scenario | flavour | downtime")
+    assert out[2].startswith("| writer-crash | aurora-pg | 1.000 | 0.100 | "
+                             "write:FailoverSuccessError x19 | all hold | pass |")
+
+
 def test_list_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -142,6 +142,14 @@ def test_local_backend_maps_proxy_toxics_to_the_injector() -> None:
                                                    "KB/s > 0"
 
 
+def test_optional_plugins() -> None:
+    from chaos.runner import effective_plugins
+
+    assert effective_plugins("failover, no_such_plugin?") == "failover"
+    assert effective_plugins("failover,failover_v2?") == "failover,failover_v2"
+    assert effective_plugins("") == ""
+
+
 def test_percentile() -> None:
     assert percentile([], 0.5) is None
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
