@@ -29,10 +29,13 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _list() -> int:
+def _list(names_only: bool) -> int:
     from chaos.scenario import library
 
     for name, scenario in library().items():
+        if names_only:
+            print(name)
+            continue
         steps = "; ".join(step.describe() for step in scenario.faults) or "no faults"
         print(f"{name:<20} {steps}")
         print(f"{'':<20} {scenario.description}")
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the scenario library")
+    list_p = sub.add_parser("list", help="list the scenario library")
+    list_p.add_argument("--names", action="store_true", help="names only, one a line")
     run_p = sub.add_parser("run", help="run a scenario (library name or YAML file)")
     run_p.add_argument("scenario")
     run_p.add_argument("--flavour", help="pg, mysql, aurora-pg or aurora-mysql; several "
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("resilient_db.simulator").setLevel(logging.ERROR)
     if args.command == "list":
-        return _list()
+        return _list(args.names)
     if args.command == "run":
         return _run(args)
     if args.command == "table":

@@ -26,13 +26,15 @@ needs_netfault = pytest.mark.skipif(unavailable_reason() is not None,
                                     reason=f"network faults: {unavailable_reason()}")
 
 
-# Found by this suite: after a crash (or a reset) an idle mysql-connector connection raises
-# the driver's "OperationalError: MySQL Connection not available" on its next statement and
-# the failover plugin does not take it for a disconnect (it neither fails over nor recovers).
+# Found by this suite: after the server ends a mysql-connector connection (crash, reboot,
+# reset), the application's next `conn.cursor()` raises the driver's "OperationalError: MySQL
+# Connection not available": mysql-connector's cursor() pings the server (is_connected()),
+# and ConnectionProxy.cursor() calls it outside the pipeline, so the failover plugin never
+# sees the error and the connection stays broken (every later cursor() fails the same way).
 MYSQL_NOT_AVAILABLE = pytest.mark.xfail(
     strict=True, raises=AssertionError,
-    reason="failover plugin: mysql-connector 'MySQL Connection not available' is not treated "
-           "as a disconnect (raw OperationalError reaches the application)")
+    reason="resilient_db: mysql-connector's cursor() pings the server outside the pipeline; "
+           "a dead connection raises a raw OperationalError and never fails over")
 
 
 @pytest.mark.parametrize("flavour", ["pg", pytest.param("mysql", marks=MYSQL_NOT_AVAILABLE)])

@@ -27,10 +27,11 @@ pytestmark = [
                               "(CI runs tests/test_chaos_ci.py)"),
 ]
 
-MYSQL_NOT_AVAILABLE = ("failover plugin: after the server ends a mysql-connector connection "
-                       "(crash, reboot, reset), its next statement raises the driver's "
-                       "'OperationalError: MySQL Connection not available', which is not "
-                       "taken for a disconnect")
+MYSQL_NOT_AVAILABLE = ("resilient_db: after the server ends a mysql-connector connection "
+                       "(crash, reboot, reset), conn.cursor() pings it outside the pipeline "
+                       "and raises a raw 'OperationalError: MySQL Connection not available'; "
+                       "no failover. Also seen: a raw MySQL 1290 (DatabaseError) on a "
+                       "connection opened through stale DNS to the old writer as it rejoins")
 READ_ONLY_DURING_GRACEFUL = ("failover plugin: a write that reaches the writer after a graceful "
                              "failover turned it read-only, before the promotion, gets the "
                              "raw read-only error (the topology still names it the writer)")

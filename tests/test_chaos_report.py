@@ -144,6 +144,9 @@ def test_list_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "writer-crash" in out and "dns-staleness" in out
+    assert main(["list", "--names"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names[0] == "default" and len(names) == 11
 
 
 def test_run_command_rejects_bad_input(tmp_path: Path,
