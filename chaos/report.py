@@ -142,8 +142,7 @@ def render_svg(data: Mapping[str, Any]) -> str:
         parts.append(f'<line class="event" x1="{ex:.1f}" y1="{top}" x2="{ex:.1f}" '
                      f'y2="{axis_y + 60}" stroke="{colour}" stroke-dasharray="3,2">'
                      f'<title>{event["t"]:.3f} s {label}</title></line>')
-        if event["name"] in ("promoted", "writer_stopped", "network_fault", "dns_updated",
-                             "reboot_started"):
+        if event["name"] in ("promoted", "writer_stopped", "dns_updated", "reboot_started"):
             parts.append(f'<text x="{ex + 2:.1f}" y="{top + 10 + (n % 5) * 11}" '
                          f'font-size="9" fill="{colour}">{label}</text>')
     parts.append(f'<text x="4" y="{top + 8}" font-size="10">{peak}/bucket</text>'
@@ -260,7 +259,7 @@ def render_png(data: Mapping[str, Any], path: Path) -> None:
         for event in _plotted_events(data):
             colour = _EVENT_COLOURS.get(event["name"], "#757575")
             ax.axvline(float(event["t"]), color=colour, linestyle="--", linewidth=0.8)
-            if event["name"] in ("promoted", "writer_stopped", "network_fault"):
+            if event["name"] in ("promoted", "writer_stopped", "reboot_started"):
                 ax.annotate(_event_label(event), (float(event["t"]), 1.0),
                             xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                             va="top", ha="right", color=colour)

@@ -115,6 +115,8 @@ class _Timeline:
             LOGGER.exception("fault step %d (%s) failed", index, label)
             with self._lock:
                 self.errors.append(f"faults[{index}] {label}: {type(exc).__name__}: {exc}")
+        if step.action == "toxic":
+            return  # one window per application, recorded by _toxic
         end = self.end if step.action == "kill" else self.rel()
         with self._lock:
             self.windows.append(Window(label, round(start, 4), round(end, 4)))
@@ -126,16 +128,22 @@ class _Timeline:
                 return
             instance = self.control.resolve(step.instance or "writer")
             address, port = self.control.address(instance)
+            applied = self.rel()
             fault = self.backend.apply(instance, address, port, step.toxic)
             with self._lock:
                 self._active.append(fault)
             self.control.record("network_fault", instance, action="applied",
                                 toxic=step.toxic.type, stream=step.toxic.stream,
                                 address=address, port=port)
+            label = f"{step.toxic.describe()} on {instance}"
             if step.duration is None:
+                with self._lock:
+                    self.windows.append(Window(label, round(applied, 4), round(self.end, 4)))
                 return
             self._wait_until(step.at + n * (step.every or 0.0) + step.duration)
             self._heal(fault)
+            with self._lock:
+                self.windows.append(Window(label, round(applied, 4), round(self.rel(), 4)))
 
     def _heal(self, fault: AppliedFault) -> None:
         assert self.backend is not None

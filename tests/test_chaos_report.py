@@ -162,6 +162,8 @@ def test_run_command_rejects_bad_input(tmp_path: Path,
     assert "--rds-cluster needs --flavour pg" in capsys.readouterr().err
     assert main(["run", "writer-crash", "--rds-cluster", "my-aurora", "--flavour", "pg"]) == 2
     assert "CHAOS_DB_PASSWORD" in capsys.readouterr().err
+    assert main(["run", "writer-crash", "--simulator", "testcontainers", "-q"]) == 2
+    assert "Testcontainers runtime cannot be chosen" in capsys.readouterr().err
 
 
 def test_terminal_progress_without_a_tty() -> None:
