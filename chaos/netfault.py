@@ -71,12 +71,12 @@ __all__ = [
 
 LOGGER = logging.getLogger("chaos.netfault")
 
-FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth"]
+FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss"]
 
 #: Toxiproxy's name for each kind of fault (``down`` is a disabled proxy there, not a toxic).
 TOXIC_NAMES: Mapping[str, str] = MappingProxyType(
     {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency",
-     "bandwidth": "bandwidth"})
+     "bandwidth": "bandwidth", "packet_loss": "packet_loss"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Fault ids are unique within a process, so that a rule comment names exactly one fault.
@@ -265,15 +265,48 @@ class NetworkFaults:
 
     # -- faults ----------------------------------------------------------------------------
 
-    def blackhole(self, address: str, port: int | None = None) -> Fault:
-        """Drop every packet to and from ``address`` (only TCP ``port`` on it, if given), in
-        both directions: established connections hang without a RST, new connects time out.
-        Toxiproxy's ``timeout`` toxic with no timeout."""
+    def blackhole(self, address: str, port: int | None = None, *,
+                  stream: Stream = "both") -> Fault:
+        """Drop every packet to and from ``address`` (only TCP ``port`` on it, if given):
+        established connections hang without a RST, new connects time out. Toxiproxy's
+        ``timeout`` toxic with no timeout. ``stream="upstream"`` drops only packets to the
+        address, ``"downstream"`` only packets from it (requests arrive, replies do not)."""
         address, port = _check_address(address), _check_port(port)
+        specs = self._drop_specs(address, port, stream, [])
+        return self._apply("blackhole", address, port, specs,
+                           params={} if stream == "both" else {"stream": stream})
+
+    def packet_loss(self, address: str, port: int | None = None, *, probability: float,
+                    stream: Stream = "both") -> Fault:
+        """Drop each packet to or from ``address`` (``port``) independently with
+        ``probability`` (0 < p <= 1; 1 is a blackhole): TCP retransmits, so connections slow
+        down and stall now and then rather than fail. No Toxiproxy equivalent (its toxics work
+        on connections, not packets)."""
+        address, port = _check_address(address), _check_port(port)
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) \
+                or not 0 < probability <= 1:
+            raise NetworkFaultError(f"probability must be a number in (0, 1], got "
+                                    f"{probability!r}")
+        # A loopback packet passes OUTPUT and then INPUT (incoming interface lo): count it
+        # once, where it leaves, or the loss would compound to 1 - (1 - p)**2.
+        match = ["!", "-i", "lo",
+                 "-m", "statistic", "--mode", "random", "--probability", f"{probability:.6f}"]
+        specs = self._drop_specs(address, port, stream, match)
+        return self._apply("packet_loss", address, port, specs,
+                           params={"probability": float(probability), "stream": stream})
+
+    def _drop_specs(self, address: str, port: int | None, stream: object,
+                    extra: list[str]) -> list[list[str]]:
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
         comment = self._comment_placeholder()
-        specs = [[*_to(address, port), *comment, "-j", "DROP"],
-                 [*_from(address, port), *comment, "-j", "DROP"]]
-        return self._apply("blackhole", address, port, specs)
+        specs = []
+        if stream in ("upstream", "both"):
+            specs.append([*_to(address, port), *extra, *comment, "-j", "DROP"])
+        if stream in ("downstream", "both"):
+            specs.append([*_from(address, port), *extra, *comment, "-j", "DROP"])
+        return specs
 
     def reset(self, address: str, port: int | None = None) -> Fault:
         """Answer every TCP segment to or from ``address`` (``port``) with a RST: established
@@ -610,24 +643,28 @@ def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: N
     (``action="applied"``, with kind, toxic, address, port, fault id and ``params``) in the
     cluster's event log.
 
-    ``blackhole``, ``reset`` and ``down`` hit every port of the instance's address unless
-    ``port`` is given; ``latency`` (``delay``, ``jitter``, ``stream``) and ``bandwidth``
-    (``bytes_per_second``, ``stream``) hit ``port``, by default the instance's port.
+    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``), ``reset`` and
+    ``down`` hit every port of the instance's address unless ``port`` is given; ``latency``
+    (``delay``, ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``)
+    hit ``port``, by default the instance's port.
     """
     instance = cluster.instance(instance_id)
     address = instance.address
-    if kind in ("blackhole", "reset", "down"):
+    if kind in ("reset", "down"):
         if params:
             raise NetworkFaultError(f"{kind} takes no parameters, got {sorted(params)}")
-        apply = {"blackhole": faults.blackhole, "reset": faults.reset, "down": faults.down}
-        fault = apply[kind](address, port)
+        fault = (faults.reset if kind == "reset" else faults.down)(address, port)
+    elif kind == "blackhole":
+        fault = faults.blackhole(address, port, **params)
+    elif kind == "packet_loss":
+        fault = faults.packet_loss(address, port, **params)
     elif kind == "latency":
         fault = faults.latency(address, port or instance.port, **params)
     elif kind == "bandwidth":
         fault = faults.bandwidth(address, port or instance.port, **params)
     else:
         raise NetworkFaultError(f"kind must be one of blackhole, reset, down, latency, "
-                                f"bandwidth; got {kind!r}")
+                                f"bandwidth, packet_loss; got {kind!r}")
     fault.instance = instance_id
     cluster.events.record("network_fault", instance_id, action="applied", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,
