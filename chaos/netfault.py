@@ -187,7 +187,8 @@ def _kill_connections(address: str, port: int | None) -> None:
         LOGGER.warning("ss (iproute2) not found: connections to %s reset only when the client "
                        "next sends", address)
         return
-    command = [ss, "-K", "-t", "-n", "state", "established", "state", "close-wait",
+    states = ("established", "syn-recv", "fin-wait-1", "fin-wait-2", "close-wait")
+    command = [ss, "-K", "-t", "-n", *(word for state in states for word in ("state", state)),
                "src", address]
     if port:
         command += ["sport", "=", f":{port}"]
@@ -302,11 +303,25 @@ class NetworkFaults:
                                     f"{stream!r}")
         comment = self._comment_placeholder()
         specs = []
-        if stream in ("upstream", "both"):
-            specs.append([*_to(address, port), *extra, *comment, "-j", "DROP"])
-        if stream in ("downstream", "both"):
-            specs.append([*_from(address, port), *extra, *comment, "-j", "DROP"])
+        for each in self._ports(address, port):
+            if stream in ("upstream", "both"):
+                specs.append([*_to(address, each), *extra, *comment, "-j", "DROP"])
+            if stream in ("downstream", "both"):
+                specs.append([*_from(address, each), *extra, *comment, "-j", "DROP"])
         return specs
+
+    def _ports(self, address: str, port: int | None) -> list[int | None]:
+        """``port`` and the ports of our proxies in front of ``address:port``: connections
+        redirected to a proxy carry the proxy's port, and a fault on the instance's port
+        must hit them too."""
+        if port is None:
+            return [None]
+        with self._lock:
+            proxies = {*self._owned_proxies, *(i.proxy for i in self._intercepts.values())}
+        extra = sorted(proxy.listen_address[1] for proxy in proxies
+                       if proxy.upstream_address == (address, port)
+                       and proxy.listen_address[0] == address)
+        return [port, *extra]
 
     def reset(self, address: str, port: int | None = None) -> Fault:
         """Answer every TCP segment to or from ``address`` (``port``) with a RST: established
@@ -315,10 +330,15 @@ class NetworkFaults:
         a SYN reads as "connection refused"). Toxiproxy's ``reset_peer`` with no timeout."""
         address, port = _check_address(address), _check_port(port)
         comment = self._comment_placeholder()
-        specs = [[*_tcp(_to(address, port)), *_NOT_RST, *comment, *_REJECT],
-                 [*_tcp(_from(address, port)), *_NOT_RST, *comment, *_REJECT]]
+        ports = self._ports(address, port)
+        specs = [spec for each in ports
+                 for spec in ([*_tcp(_to(address, each)), *_NOT_RST, *comment, *_REJECT],
+                              [*_tcp(_from(address, each)), *_NOT_RST, *comment, *_REJECT])]
         fault = self._apply("reset", address, port, specs)
-        _kill_connections(address, port)
+        # Proxy ports first: an aborted upstream would make a proxy close its client side
+        # with a FIN, which the reject rules answer towards the proxy, not the client.
+        for each in reversed(ports):
+            _kill_connections(address, each)
         return fault
 
     def down(self, address: str, port: int | None = None) -> Fault:
@@ -327,19 +347,21 @@ class NetworkFaults:
         Toxiproxy also closes existing connections (add :meth:`reset` for that)."""
         address, port = _check_address(address), _check_port(port)
         comment = self._comment_placeholder()
-        specs = [[*_tcp(_to(address, port)), "--syn", *comment, *_REJECT]]
+        specs = [[*_tcp(_to(address, each)), "--syn", *comment, *_REJECT]
+                 for each in self._ports(address, port)]
         return self._apply("down", address, port, specs)
 
     def latency(self, address: str, port: int, delay: float, jitter: float = 0.0, *,
                 stream: Stream = "downstream") -> Fault:
-        """Delay the bytes of *new* TCP connections to ``address:port`` by ``delay`` seconds,
+        """Delay the bytes of new TCP connections to ``address:port`` by ``delay`` seconds,
         ± a uniformly random ``jitter`` per chunk (never below zero, never reordering), in
         ``stream`` (Toxiproxy's words: ``downstream`` is server to client, the default, so a
         round trip takes ``delay`` longer; ``upstream`` client to server; ``both``).
 
         Connections are transparently redirected (``nat`` DNAT) through a threaded proxy of
-        this process; connections that were established before stay direct and undelayed.
-        Healing removes the redirect and lets connections already proxied flow undelayed.
+        this process; connections established before stay direct and undelayed, unless
+        :meth:`intercept` put the proxy in their path when they were opened. Healing removes
+        the redirect and lets connections already proxied flow undelayed.
         """
         address, checked_port = _check_address(address), _check_port(port, required=True)
         assert checked_port is not None
@@ -350,7 +372,7 @@ class NetworkFaults:
 
     def bandwidth(self, address: str, port: int, bytes_per_second: float, *,
                   stream: Stream = "downstream") -> Fault:
-        """Limit *new* TCP connections to ``address:port`` to ``bytes_per_second`` in
+        """Limit new TCP connections to ``address:port`` to ``bytes_per_second`` in
         ``stream`` (see :meth:`latency` for streams and how connections are redirected)."""
         address, checked_port = _check_address(address), _check_port(port, required=True)
         assert checked_port is not None

@@ -487,6 +487,34 @@ def test_intercept_then_latency_hits_existing_connections(
     direct.close()
 
 
+def test_port_faults_hit_intercepted_connections(echo: EchoServer,
+                                                 network_faults: NetworkFaults) -> None:
+    """A connection redirected to a proxy carries the proxy's port; a fault on the
+    instance's port must still reach it."""
+    network_faults.intercept(echo.host, echo.port)
+    conn = echo.connect()
+    assert round_trip(conn) == b"ping"
+    hole = network_faults.blackhole(echo.host, echo.port)
+    assert len(network_faults.rules()) >= 4  # instance port and proxy port, both ways
+    conn.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        round_trip(conn)
+    network_faults.heal(hole)
+    conn.settimeout(30.0)
+    assert conn.recv(10) == b"ping"
+    down = network_faults.down(echo.host, echo.port)
+    with pytest.raises(ConnectionRefusedError):
+        echo.connect()
+    network_faults.heal(down)
+    conn.settimeout(5.0)
+    call = Call(lambda: conn.recv(10))
+    time.sleep(0.1)
+    network_faults.reset(echo.host, echo.port)
+    assert call.wait(5.0)
+    assert isinstance(call.error, ConnectionResetError), call.error
+    conn.close()
+
+
 def test_intercept_cleared_with_the_rest(echo: EchoServer) -> None:
     with NetworkFaults() as faults:
         faults.intercept(echo.host, echo.port)
