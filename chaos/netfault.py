@@ -71,12 +71,12 @@ __all__ = [
 
 LOGGER = logging.getLogger("chaos.netfault")
 
-FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth"]
+FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss"]
 
 #: Toxiproxy's name for each kind of fault (``down`` is a disabled proxy there, not a toxic).
 TOXIC_NAMES: Mapping[str, str] = MappingProxyType(
     {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency",
-     "bandwidth": "bandwidth"})
+     "bandwidth": "bandwidth", "packet_loss": "packet_loss"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Fault ids are unique within a process, so that a rule comment names exactly one fault.
@@ -187,7 +187,8 @@ def _kill_connections(address: str, port: int | None) -> None:
         LOGGER.warning("ss (iproute2) not found: connections to %s reset only when the client "
                        "next sends", address)
         return
-    command = [ss, "-K", "-t", "-n", "state", "established", "state", "close-wait",
+    states = ("established", "syn-recv", "fin-wait-1", "fin-wait-2", "close-wait")
+    command = [ss, "-K", "-t", "-n", *(word for state in states for word in ("state", state)),
                "src", address]
     if port:
         command += ["sport", "=", f":{port}"]
@@ -265,15 +266,62 @@ class NetworkFaults:
 
     # -- faults ----------------------------------------------------------------------------
 
-    def blackhole(self, address: str, port: int | None = None) -> Fault:
-        """Drop every packet to and from ``address`` (only TCP ``port`` on it, if given), in
-        both directions: established connections hang without a RST, new connects time out.
-        Toxiproxy's ``timeout`` toxic with no timeout."""
+    def blackhole(self, address: str, port: int | None = None, *,
+                  stream: Stream = "both") -> Fault:
+        """Drop every packet to and from ``address`` (only TCP ``port`` on it, if given):
+        established connections hang without a RST, new connects time out. Toxiproxy's
+        ``timeout`` toxic with no timeout. ``stream="upstream"`` drops only packets to the
+        address, ``"downstream"`` only packets from it (requests arrive, replies do not)."""
         address, port = _check_address(address), _check_port(port)
+        specs = self._drop_specs(address, port, stream, [])
+        return self._apply("blackhole", address, port, specs,
+                           params={} if stream == "both" else {"stream": stream})
+
+    def packet_loss(self, address: str, port: int | None = None, *, probability: float,
+                    stream: Stream = "both") -> Fault:
+        """Drop each packet to or from ``address`` (``port``) independently with
+        ``probability`` (0 < p <= 1; 1 is a blackhole): TCP retransmits, so connections slow
+        down and stall now and then rather than fail. No Toxiproxy equivalent (its toxics work
+        on connections, not packets)."""
+        address, port = _check_address(address), _check_port(port)
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) \
+                or not 0 < probability <= 1:
+            raise NetworkFaultError(f"probability must be a number in (0, 1], got "
+                                    f"{probability!r}")
+        # A loopback packet passes OUTPUT and then INPUT (incoming interface lo): count it
+        # once, where it leaves, or the loss would compound to 1 - (1 - p)**2.
+        match = ["!", "-i", "lo",
+                 "-m", "statistic", "--mode", "random", "--probability", f"{probability:.6f}"]
+        specs = self._drop_specs(address, port, stream, match)
+        return self._apply("packet_loss", address, port, specs,
+                           params={"probability": float(probability), "stream": stream})
+
+    def _drop_specs(self, address: str, port: int | None, stream: object,
+                    extra: list[str]) -> list[list[str]]:
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
         comment = self._comment_placeholder()
-        specs = [[*_to(address, port), *comment, "-j", "DROP"],
-                 [*_from(address, port), *comment, "-j", "DROP"]]
-        return self._apply("blackhole", address, port, specs)
+        specs = []
+        for each in self._ports(address, port):
+            if stream in ("upstream", "both"):
+                specs.append([*_to(address, each), *extra, *comment, "-j", "DROP"])
+            if stream in ("downstream", "both"):
+                specs.append([*_from(address, each), *extra, *comment, "-j", "DROP"])
+        return specs
+
+    def _ports(self, address: str, port: int | None) -> list[int | None]:
+        """``port`` and the ports of our proxies in front of ``address:port``: connections
+        redirected to a proxy carry the proxy's port, and a fault on the instance's port
+        must hit them too."""
+        if port is None:
+            return [None]
+        with self._lock:
+            proxies = {*self._owned_proxies, *(i.proxy for i in self._intercepts.values())}
+        extra = sorted(proxy.listen_address[1] for proxy in proxies
+                       if proxy.upstream_address == (address, port)
+                       and proxy.listen_address[0] == address)
+        return [port, *extra]
 
     def reset(self, address: str, port: int | None = None) -> Fault:
         """Answer every TCP segment to or from ``address`` (``port``) with a RST: established
@@ -282,10 +330,15 @@ class NetworkFaults:
         a SYN reads as "connection refused"). Toxiproxy's ``reset_peer`` with no timeout."""
         address, port = _check_address(address), _check_port(port)
         comment = self._comment_placeholder()
-        specs = [[*_tcp(_to(address, port)), *_NOT_RST, *comment, *_REJECT],
-                 [*_tcp(_from(address, port)), *_NOT_RST, *comment, *_REJECT]]
+        ports = self._ports(address, port)
+        specs = [spec for each in ports
+                 for spec in ([*_tcp(_to(address, each)), *_NOT_RST, *comment, *_REJECT],
+                              [*_tcp(_from(address, each)), *_NOT_RST, *comment, *_REJECT])]
         fault = self._apply("reset", address, port, specs)
-        _kill_connections(address, port)
+        # Proxy ports first: an aborted upstream would make a proxy close its client side
+        # with a FIN, which the reject rules answer towards the proxy, not the client.
+        for each in reversed(ports):
+            _kill_connections(address, each)
         return fault
 
     def down(self, address: str, port: int | None = None) -> Fault:
@@ -294,19 +347,21 @@ class NetworkFaults:
         Toxiproxy also closes existing connections (add :meth:`reset` for that)."""
         address, port = _check_address(address), _check_port(port)
         comment = self._comment_placeholder()
-        specs = [[*_tcp(_to(address, port)), "--syn", *comment, *_REJECT]]
+        specs = [[*_tcp(_to(address, each)), "--syn", *comment, *_REJECT]
+                 for each in self._ports(address, port)]
         return self._apply("down", address, port, specs)
 
     def latency(self, address: str, port: int, delay: float, jitter: float = 0.0, *,
                 stream: Stream = "downstream") -> Fault:
-        """Delay the bytes of *new* TCP connections to ``address:port`` by ``delay`` seconds,
+        """Delay the bytes of new TCP connections to ``address:port`` by ``delay`` seconds,
         ± a uniformly random ``jitter`` per chunk (never below zero, never reordering), in
         ``stream`` (Toxiproxy's words: ``downstream`` is server to client, the default, so a
         round trip takes ``delay`` longer; ``upstream`` client to server; ``both``).
 
         Connections are transparently redirected (``nat`` DNAT) through a threaded proxy of
-        this process; connections that were established before stay direct and undelayed.
-        Healing removes the redirect and lets connections already proxied flow undelayed.
+        this process; connections established before stay direct and undelayed, unless
+        :meth:`intercept` put the proxy in their path when they were opened. Healing removes
+        the redirect and lets connections already proxied flow undelayed.
         """
         address, checked_port = _check_address(address), _check_port(port, required=True)
         assert checked_port is not None
@@ -317,7 +372,7 @@ class NetworkFaults:
 
     def bandwidth(self, address: str, port: int, bytes_per_second: float, *,
                   stream: Stream = "downstream") -> Fault:
-        """Limit *new* TCP connections to ``address:port`` to ``bytes_per_second`` in
+        """Limit new TCP connections to ``address:port`` to ``bytes_per_second`` in
         ``stream`` (see :meth:`latency` for streams and how connections are redirected)."""
         address, checked_port = _check_address(address), _check_port(port, required=True)
         assert checked_port is not None
@@ -610,24 +665,28 @@ def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: N
     (``action="applied"``, with kind, toxic, address, port, fault id and ``params``) in the
     cluster's event log.
 
-    ``blackhole``, ``reset`` and ``down`` hit every port of the instance's address unless
-    ``port`` is given; ``latency`` (``delay``, ``jitter``, ``stream``) and ``bandwidth``
-    (``bytes_per_second``, ``stream``) hit ``port``, by default the instance's port.
+    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``), ``reset`` and
+    ``down`` hit every port of the instance's address unless ``port`` is given; ``latency``
+    (``delay``, ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``)
+    hit ``port``, by default the instance's port.
     """
     instance = cluster.instance(instance_id)
     address = instance.address
-    if kind in ("blackhole", "reset", "down"):
+    if kind in ("reset", "down"):
         if params:
             raise NetworkFaultError(f"{kind} takes no parameters, got {sorted(params)}")
-        apply = {"blackhole": faults.blackhole, "reset": faults.reset, "down": faults.down}
-        fault = apply[kind](address, port)
+        fault = (faults.reset if kind == "reset" else faults.down)(address, port)
+    elif kind == "blackhole":
+        fault = faults.blackhole(address, port, **params)
+    elif kind == "packet_loss":
+        fault = faults.packet_loss(address, port, **params)
     elif kind == "latency":
         fault = faults.latency(address, port or instance.port, **params)
     elif kind == "bandwidth":
         fault = faults.bandwidth(address, port or instance.port, **params)
     else:
         raise NetworkFaultError(f"kind must be one of blackhole, reset, down, latency, "
-                                f"bandwidth; got {kind!r}")
+                                f"bandwidth, packet_loss; got {kind!r}")
     fault.instance = instance_id
     cluster.events.record("network_fault", instance_id, action="applied", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,

@@ -25,7 +25,7 @@ import pytest
 
 from chaos import netfault
 from chaos._netfilter import Owner, rules_of
-from chaos.netfault import Fault, NetworkFaultError, NetworkFaults
+from chaos.netfault import Fault, NetworkFaultError, NetworkFaults, Stream
 from simulator._addresses import ProcessIdentity, claim_address, release_address
 from simulator.cluster import Cluster, Instance
 from simulator.local import LocalServer
@@ -44,6 +44,7 @@ class EchoServer:
         self._listener = socket.create_server((self.host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._conns: list[socket.socket] = []
+        self.received = 0  # bytes received over all connections
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -55,10 +56,10 @@ class EchoServer:
             self._conns.append(conn)
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := conn.recv(65536):
+                self.received += len(data)
                 conn.sendall(data)
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
@@ -208,6 +209,60 @@ def test_blackhole_is_both_directions_and_spares_others(
         with pytest.raises(TimeoutError):
             outbound.connect((other_echo.host, other_echo.port))
     existing.close()
+
+
+@pytest.mark.parametrize("stream", ["upstream", "downstream"])
+def test_blackhole_one_stream(echo: EchoServer, network_faults: NetworkFaults,
+                              stream: Stream) -> None:
+    conn = echo.connect()
+    assert round_trip(conn) == b"ping"
+    received = echo.received
+    fault = network_faults.blackhole(echo.host, echo.port, stream=stream)
+    assert fault.params == {"stream": stream} and len(network_faults.rules()) == 1
+    conn.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        round_trip(conn)
+    # Downstream: the request reached the server, the reply was lost. Upstream: nothing came.
+    assert echo.received == (received + 4 if stream == "downstream" else received)
+    network_faults.heal(fault)
+    conn.settimeout(30.0)
+    assert conn.recv(10) == b"ping"  # the retransmitted request (or reply) gets through
+    conn.close()
+
+
+def test_packet_loss_slows_but_does_not_break(echo: EchoServer,
+                                              network_faults: NetworkFaults) -> None:
+    fault = network_faults.packet_loss(echo.host, echo.port, probability=0.3)
+    assert fault.toxic == "packet_loss" and fault.params["probability"] == 0.3
+    with echo.connect(timeout=60) as conn:
+        times = [timed_round_trip(conn, b"p" * 10) for _ in range(10)]
+    # ~20 data segments each lost with p=0.3: some retransmission (>= 200 ms RTO) is certain
+    # but for 0.7**20 (0.08%).
+    assert max(times) >= 0.15, times
+    network_faults.heal(fault)
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(NetworkFaultError, match="probability must be"):
+            network_faults.packet_loss(echo.host, probability=bad)  # type: ignore[arg-type]
+
+
+def test_packet_loss_rate(echo: EchoServer, network_faults: NetworkFaults) -> None:
+    """Datagrams to the address (every protocol, no port) are lost at the set rate, once:
+    a loopback packet passes two hooks and must be counted in one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        receiver.bind((echo.host, 0))
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        network_faults.packet_loss(echo.host, probability=0.3, stream="upstream")
+        for _ in range(1000):
+            with contextlib.suppress(PermissionError):  # dropped in OUTPUT: EPERM to sender
+                sender.sendto(b"d", receiver.getsockname())
+        receiver.settimeout(0.5)
+        received = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                receiver.recv(16)
+                received += 1
+    assert 600 <= received <= 800, received  # binomial(1000, 0.7): sd 14.5
 
 
 def test_blackhole_of_one_port_spares_other_ports(echo: EchoServer,
@@ -430,6 +485,34 @@ def test_intercept_then_latency_hits_existing_connections(
     assert network_faults.proxied_connections == 0
     assert [r for r in network_faults.rules() if "DNAT" in r and echo.host in r] == []
     direct.close()
+
+
+def test_port_faults_hit_intercepted_connections(echo: EchoServer,
+                                                 network_faults: NetworkFaults) -> None:
+    """A connection redirected to a proxy carries the proxy's port; a fault on the
+    instance's port must still reach it."""
+    network_faults.intercept(echo.host, echo.port)
+    conn = echo.connect()
+    assert round_trip(conn) == b"ping"
+    hole = network_faults.blackhole(echo.host, echo.port)
+    assert len(network_faults.rules()) >= 4  # instance port and proxy port, both ways
+    conn.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        round_trip(conn)
+    network_faults.heal(hole)
+    conn.settimeout(30.0)
+    assert conn.recv(10) == b"ping"
+    down = network_faults.down(echo.host, echo.port)
+    with pytest.raises(ConnectionRefusedError):
+        echo.connect()
+    network_faults.heal(down)
+    conn.settimeout(5.0)
+    call = Call(lambda: conn.recv(10))
+    time.sleep(0.1)
+    network_faults.reset(echo.host, echo.port)
+    assert call.wait(5.0)
+    assert isinstance(call.error, ConnectionResetError), call.error
+    conn.close()
 
 
 def test_intercept_cleared_with_the_rest(echo: EchoServer) -> None:
