@@ -13,9 +13,10 @@ Backends (:class:`FaultBackend`):
 
 - :class:`LocalFaultBackend`: this machine, no Docker, built on :mod:`chaos.netfault`
   (iptables rules per instance address, as root). It does what the kernel rules do and the
-  injector offers: ``down``, ``timeout`` (``timeout=0``), ``reset_peer`` (``timeout=0``),
-  each on both directions, and ``latency`` and ``bandwidth`` per stream (through the
-  injector's in-process proxy), all at toxicity 1.
+  injector offers: ``down``, ``timeout`` (``timeout=0``; per stream: iptables ``DROP`` of
+  the packets to or from the instance), ``reset_peer`` (``timeout=0``, both directions), and
+  ``latency`` and ``bandwidth`` per stream (through the injector's in-process proxy), all at
+  toxicity 1.
   Anything else raises :class:`UnsupportedToxicError` naming the toxic and the way out.
 - :class:`chaos.toxiproxy.ToxiproxyBackend`: a real Toxiproxy through its HTTP API (every
   toxic, per direction, with toxicity).
@@ -177,7 +178,8 @@ class LocalFaultBackend:
             if toxic.type == "bandwidth" and not toxic.attributes["rate"]:
                 return "bandwidth with rate=0: give a rate in KB/s > 0"
             return None
-        if toxic.stream != "both":
+        if toxic.stream != "both" and not (toxic.type == "timeout"
+                                           and self._has_stream("blackhole")):
             return f"{toxic.type} on the {toxic.stream} stream only: the local backend " \
                    f"acts on both directions (stream: both); {way_out}"
         if toxic.type in ("timeout", "reset_peer"):
@@ -189,6 +191,16 @@ class LocalFaultBackend:
             return None
         return f"{toxic.type}: the local backend (iptables) cannot shape traffic this way; " \
                f"{way_out}"
+
+    def _has_stream(self, method: str) -> bool:
+        """Whether the injector's ``method`` takes a ``stream`` (newer injectors do)."""
+        import inspect
+
+        found = getattr(self._faults, method, None)
+        try:
+            return found is not None and "stream" in inspect.signature(found).parameters
+        except (TypeError, ValueError):
+            return False
 
     def prepare(self, address: str, port: int) -> None:
         """Put the injector's pass-through proxy in front of ``address:port`` before the
@@ -204,7 +216,9 @@ class LocalFaultBackend:
             raise UnsupportedToxicError(reason)
         with self._lock:
             attrs = toxic.attributes
-            if toxic.type == "timeout":
+            if toxic.type == "timeout" and toxic.stream != "both":
+                handle = self._faults.blackhole(address, stream=toxic.stream)
+            elif toxic.type == "timeout":
                 handle = self._faults.blackhole(address)
             elif toxic.type == "reset_peer":
                 handle = self._faults.reset(address, port)

@@ -107,6 +107,7 @@ class _NoLatencyInjector:
     (Toxic("slow_close"), "slow_close"),
     (Toxic("limit_data", {"bytes": 10}), "limit_data"),
     (Toxic("timeout", stream="upstream"), "upstream stream only"),
+    (Toxic("reset_peer", stream="downstream"), "downstream stream only"),
     (Toxic("timeout", {"timeout": 500}), "timeout=500 ms"),
     (Toxic("reset_peer", toxicity=0.5), "toxicity 0.5"),
     (Toxic("latency", {"latency": 100}), "no latency support"),
@@ -122,6 +123,10 @@ def test_local_backend_refuses_what_it_cannot_do(toxic: Toxic, reason: str) -> N
 
 
 class _ProxyInjector(_NoLatencyInjector):
+    def blackhole(self, address: str, port: int | None = None, *,
+                  stream: str = "both") -> Any:
+        return ("blackhole", address, stream)
+
     def latency(self, address: str, port: int, delay: float, jitter: float = 0.0, *,
                 stream: str = "downstream") -> Any:
         return ("latency", address, port, delay, jitter, stream)
@@ -138,6 +143,8 @@ def test_local_backend_maps_proxy_toxics_to_the_injector() -> None:
     assert fault.handle == ("latency", "127.0.0.9", 5432, 0.2, 0.05, "upstream")
     fault = backend.apply("instance-1", "127.0.0.9", 5432, Toxic("bandwidth", {"rate": 64}))
     assert fault.handle == ("bandwidth", "127.0.0.9", 5432, 64000.0, "both")
+    fault = backend.apply("instance-1", "127.0.0.9", 5432, Toxic("timeout", stream="upstream"))
+    assert fault.handle == ("blackhole", "127.0.0.9", "upstream")
     assert backend.supports(Toxic("bandwidth")) == "bandwidth with rate=0: give a rate in " \
                                                    "KB/s > 0"
 
