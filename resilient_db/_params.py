@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._properties import Property, _register, boolean, choice, duration, text
+from ._properties import Property, _register, boolean, choice, duration, integer, text
 
 DIALECT_CODES = (
     "aurora-pg",
@@ -270,3 +270,54 @@ ON_CONNECT: Property[Callable[[Any], None] | None] = _register(Property(
     _to_callable,
     plugin="failover",
 ))
+
+
+# --- efm plugin (enhanced failure monitoring) -------------------------------------------------
+
+FAILURE_DETECTION_ENABLED = boolean(
+    "failure_detection_enabled",
+    True,
+    "Turn the `efm` plugin on or off without changing `plugins` (false: the plugin is left out "
+    "of every chain and costs nothing).",
+    plugin="efm",
+    aws_name=True,
+)
+FAILURE_DETECTION_TIME = duration(
+    "failure_detection_time_ms",
+    30.0,
+    "Grace period: how long a statement runs before its host is probed. Statements shorter "
+    "than this never cause a probe.",
+    unit="ms",
+    plugin="efm",
+    aws_name=True,
+)
+FAILURE_DETECTION_INTERVAL = duration(
+    "failure_detection_interval_ms",
+    5.0,
+    "Time between probes of a host while one of its statements has outlived the grace "
+    "period; a probe unanswered for this long counts as one failure. A host monitor shared "
+    "by connections with different values uses the shortest.",
+    unit="ms",
+    plugin="efm",
+    allow_zero=False,
+    aws_name=True,
+)
+FAILURE_DETECTION_COUNT = integer(
+    "failure_detection_count",
+    3,
+    "Consecutive failed probes after which the host is declared dead: its in-flight "
+    "statements are aborted and it is marked down. A host monitor shared by connections with "
+    "different values uses the smallest.",
+    minimum=1,
+    plugin="efm",
+    aws_name=True,
+)
+MONITOR_DISPOSAL_TIME = duration(
+    "monitor_disposal_time_ms",
+    60.0,
+    "A host monitor with no open connection using it stops (thread and probe connection) "
+    "after this long.",
+    unit="ms",
+    plugin="efm",
+    aws_name=True,
+)

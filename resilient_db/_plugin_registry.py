@@ -29,12 +29,13 @@ BUILTIN: dict[str, str] = {
     "execute_time": "resilient_db.plugins.execute_time:ExecuteTimePlugin",
     "dev": "resilient_db.plugins.dev:DevPlugin",
     "failover": "resilient_db.plugins.failover:FailoverPlugin",
+    "efm": "resilient_db.plugins.efm:EfmPlugin",
 }
 
 #: Built-in codes announced for later releases: selecting one gives a clear error, not a typo
 #: suggestion.
 PLANNED = frozenset(
-    {"efm", "aurora_connection_tracker", "initial_connection", "stale_dns",
+    {"aurora_connection_tracker", "initial_connection", "stale_dns",
      "read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
      "federated_auth", "okta", "limitless", "fastest_response_strategy"}
 )

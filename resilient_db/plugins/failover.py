@@ -169,6 +169,7 @@ class FailoverPlugin(Plugin):
         self._monitor_key: tuple[str, tuple[Any, ...]] | None = None
         self._dialect: DatabaseDialect | None = None
         self._addressing: Addressing | None = None
+        ctx.extra["failover"] = self  # for the efm plugin's mark_host
 
     def dormant(self) -> bool:
         return not self.enabled
@@ -281,6 +282,19 @@ class FailoverPlugin(Plugin):
         monitor.subscribe(self, Host(self.ctx.host.host, self._addressing.default_port
                                      if self._addressing else None))
         return monitor
+
+    def mark_host(self, host: HostSpec, up: bool) -> None:
+        """For a failure monitor (``efm``): ``host``, this connection's instance, was declared
+        dead (``up`` false) or answers again. Kept in the cluster's bad-host memory, which host
+        selection and reader failover consult."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        failed = self._failed_host(host, monitor)
+        if up:
+            monitor.mark_up(failed)
+        else:
+            monitor.mark_down(failed)
 
     @property
     def stale(self) -> bool:
