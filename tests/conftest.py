@@ -17,7 +17,7 @@ import resilient_db
 from resilient_db.plugins import dev
 from simulator.local import LocalServer
 
-pytest_plugins = ["simulator.pytest_plugin"]
+pytest_plugins = ["simulator.pytest_plugin", "chaos.pytest_plugin"]
 
 _names = itertools.count()
 
