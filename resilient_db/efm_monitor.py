@@ -271,8 +271,9 @@ class HostMonitor:
         self.detections = 0
         #: Probe outcomes discarded because the monitor itself ran late.
         self.late_discards = 0
-        #: Probes answered (diagnostics, tests).
+        #: Probes answered, and intervals a probe spent unanswered (diagnostics, tests).
         self.probes_ok = 0
+        self.failed_probes = 0
 
     # --- what connections read and do ---------------------------------------------------------
     @property
@@ -511,6 +512,7 @@ class HostMonitor:
         if self._first_failure_at is None:
             self._first_failure_at = since
         self._failures += failures
+        self.failed_probes += failures
         log.debug("probe of %s failed (%s): %d of %d", self.address, why, self._failures,
                   self.count)
         if self._failures >= self.count:
