@@ -298,10 +298,13 @@ class DelayProxy:
 
     def _accept(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._server], [], [], 0.1)
-            if not ready:
-                continue
-            client, _ = self._server.accept()
+            try:
+                ready, _, _ = select.select([self._server], [], [], 0.1)
+                if not ready:
+                    continue
+                client, _ = self._server.accept()
+            except (OSError, ValueError):
+                return  # closed
             server = socket.create_connection(self.upstream)
             self._sockets += [client, server]
             in_background(lambda a=client, b=server: self._pump(a, b))
@@ -344,6 +347,7 @@ def test_latency_spike_below_the_detection_threshold_is_no_failure(
         cur = conn.cursor()
         env.sleep(cur, 0)
         monitor = monitor_of(conn)
+        wait_until("the probe connection open", lambda: monitor.connection_open, timeout=10)
         proxy.delay = 0.3  # each way
         env.sleep(cur, 2.5)
         proxy.delay = 0.0
