@@ -382,10 +382,11 @@ class HostMonitor:
                 self._active_step(now)
                 continue
             # Idle: no statement has outlived its grace period. One that starts after `now`
-            # cannot need a probe before now + grace, so waking then misses nothing.
+            # cannot need a probe before now + grace, so waking then misses nothing. (Users
+            # leave without a word, by garbage collection: look again within `disposal`.)
             self._reset_probe_state()
             self._keep_connection(now)
-            wake = now + max(self.grace, MIN_WAIT)
+            wake = now + max(min(self.grace, self.disposal), MIN_WAIT)
             if due is not None:
                 wake = min(wake, due)
             if idle_since is not None:

@@ -462,8 +462,15 @@ def test_shutdown_stops_monitors_without_waiting(env: Env, faults: NetworkFaults
     conn = env.connect(reader.endpoint, plugins="efm")
     env.sleep(conn.cursor(), 0)
     monitor = monitor_of(conn)
+    # mysql-connector's cursor() pings the server (outside the pipeline): open it before.
+    cur = conn.cursor()
     faults.blackhole(reader.address)
-    worker = in_background(lambda: contextlib.suppress(Exception)(env.sleep)(conn.cursor(), 30))
+
+    def blocked() -> None:
+        with contextlib.suppress(Exception):
+            env.sleep(cur, 30)
+
+    worker = in_background(blocked)
     wait_until("the host declared dead", lambda: monitor.down, timeout=10)
     time.sleep(0.1)  # the monitor is now reconnecting to a blackholed host: a blocking connect
     started = time.monotonic()

@@ -238,7 +238,8 @@ class EfmPlugin(Plugin):
     def host_availability_changed(self, up: bool) -> None:
         """Mark this connection's host down (or up) in the cluster's topology monitor, through
         the ``failover`` plugin of this connection when there is one."""
-        failover = self.ctx.extra.get("failover")
+        ref = self.ctx.extra.get("failover")
+        failover = ref() if callable(ref) else None
         mark = getattr(failover, "mark_host", None)
         if mark is not None:
             mark(self._host, up)

@@ -35,6 +35,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from typing import Any, Final
 
 from .. import topology
@@ -169,7 +170,8 @@ class FailoverPlugin(Plugin):
         self._monitor_key: tuple[str, tuple[Any, ...]] | None = None
         self._dialect: DatabaseDialect | None = None
         self._addressing: Addressing | None = None
-        ctx.extra["failover"] = self  # for the efm plugin's mark_host
+        # For the efm plugin's mark_host (weak: a cycle would outlive `del conn`).
+        ctx.extra["failover"] = weakref.ref(self)
 
     def dormant(self) -> bool:
         return not self.enabled
