@@ -8,7 +8,9 @@ stopped with SIGSTOP, supervision, disposal and shutdown."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import itertools
 import json
 import os
 import select
@@ -179,7 +181,7 @@ def in_background(fn: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-# --- the writer -----------------------------------------------------------------------------------
+# --- the writer ----------------------------------------------------------------------------------
 
 
 def test_blackholed_writer_alone_fails_fast_with_the_driver_error(
@@ -248,7 +250,7 @@ def test_blackholed_writer_mid_query_fails_over_to_the_promoted_writer(
     assert kinds.index("efm.host_down") < kinds.index("failover.started")
 
 
-# --- a reader ---------------------------------------------------------------------------------------
+# --- a reader ------------------------------------------------------------------------------------
 
 
 def test_blackholed_reader_is_aborted_marked_down_then_up_again(
@@ -281,7 +283,7 @@ def test_blackholed_reader_is_aborted_marked_down_then_up_again(
     assert env.instance(fresh) == reader.id
 
 
-# --- no false positives -------------------------------------------------------------------------------
+# --- no false positives --------------------------------------------------------------------------
 
 
 class DelayProxy:
@@ -307,8 +309,8 @@ class DelayProxy:
                 return  # closed
             server = socket.create_connection(self.upstream)
             self._sockets += [client, server]
-            in_background(lambda a=client, b=server: self._pump(a, b))
-            in_background(lambda a=server, b=client: self._pump(a, b))
+            in_background(functools.partial(self._pump, client, server))
+            in_background(functools.partial(self._pump, server, client))
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -360,7 +362,7 @@ def test_latency_spike_below_the_detection_threshold_is_no_failure(
     assert monitor.probes_ok >= 2
 
 
-# --- flapping -----------------------------------------------------------------------------------
+# --- flapping ------------------------------------------------------------------------------------
 
 
 def test_flapping_network(env: Env, faults: NetworkFaults,
@@ -392,14 +394,14 @@ def test_flapping_network(env: Env, faults: NetworkFaults,
             fresh = env.connect(reader.endpoint, plugins="efm", connect_timeout=2)
             fcur = fresh.cursor()
             env.sleep(fcur, 1)
-        except Exception:  # noqa: BLE001 - an outage: connect or statement failed
+        except Exception:
             failures += 1
             assert time.monotonic() - start < 2 + GRACE + INTERVAL * COUNT + MARGIN
     thread.join(60)
     assert failures >= 1
     kinds = [d.kind for d in sink.decisions if d.kind in ("efm.host_down", "efm.host_up")]
     assert kinds and kinds[0] == "efm.host_down"
-    assert all(a != b for a, b in zip(kinds, kinds[1:], strict=False)), kinds  # alternate
+    assert all(a != b for a, b in itertools.pairwise(kinds)), kinds  # alternate
     assert kinds[-1] == "efm.host_up" and not monitor.down
     env.sleep(cur, 0.1)
     assert monitor.crashes == 0
@@ -442,7 +444,7 @@ def test_two_hundred_connections_to_three_instances(env: Env) -> None:
     wait_until("every probe connection open",
                lambda: all(m.connection_open for m in efm_monitor.monitors()), timeout=10)
     # Statements past their grace period on every host: probes run.
-    threads = [in_background(lambda c=c: env.sleep(c.cursor(), 0.5)) for c in conns[:30]]
+    threads = [in_background(functools.partial(env.sleep, c.cursor(), 0.5)) for c in conns[:30]]
     for thread in threads:
         thread.join(30)
     assert all(m.probes_ok > 0 for m in efm_monitor.monitors())
@@ -454,7 +456,7 @@ def test_two_hundred_connections_to_three_instances(env: Env) -> None:
     assert len(efm_monitor.monitors()) == 3
 
 
-# --- lifecycle ------------------------------------------------------------------------------------
+# --- lifecycle -----------------------------------------------------------------------------------
 
 
 def test_shutdown_stops_monitors_without_waiting(env: Env, faults: NetworkFaults) -> None:
@@ -522,7 +524,7 @@ def test_a_crashed_monitor_restarts_and_is_counted(
     wait_until("probing again", lambda: monitor.probes_ok > 0, timeout=5)
 
 
-# --- our own lateness is not the host's failure -----------------------------------------------------
+# --- our own lateness is not the host's failure --------------------------------------------------
 
 _STOPPED_CHILD = textwrap.dedent("""
     import json, sys, time
@@ -580,3 +582,38 @@ def test_a_process_stopped_longer_than_the_detection_time_marks_nothing_down(env
     assert "efm.host_down" not in report["kinds"], report
     assert "efm.aborted" not in report["kinds"], report
     assert report["ok"] > 5 and report["done"] > 5
+
+
+class _SilentProbe(efm_monitor._Probe):
+    """A probe that never gets its reply; each wait moves the fake clock on by what the
+    test says (the time the thread actually spent)."""
+
+    def __init__(self, clock: list[float], spent: list[float]) -> None:
+        super().__init__(None)
+        self.clock, self.spent = clock, spent
+
+    def send(self) -> None:
+        return None
+
+    def poll(self, timeout: float) -> bool:
+        self.clock[0] += self.spent.pop(0)
+        return False
+
+
+def test_a_late_tick_is_not_counted_as_a_failure() -> None:
+    """The rule behind the SIGSTOP test, step by step with a fake clock: a probe whose tick
+    passed while the monitor thread was not running is given a new interval, not counted."""
+    from resilient_db.drivers.psycopg import PsycopgDriver
+
+    now = [100.0]
+    monitor = HostMonitor(("t",), efm_monitor.ProbeTarget("h", "127.0.0.1", 1), PsycopgDriver(),
+                          interval=0.2, count=2, grace=0.0, disposal=60.0,
+                          clock=lambda: now[0])
+    # Waits: 1.7 s (the process was stopped: 1.5 s late), then two on-time ticks.
+    monitor._probe = _SilentProbe(now, [1.7, 0.2, 0.2])
+    monitor._active_step(now[0])
+    assert (monitor.late_discards, monitor.failed_probes, monitor.down) == (1, 0, False)
+    monitor._active_step(now[0])
+    assert (monitor.failed_probes, monitor.down) == (1, False)
+    monitor._active_step(now[0])
+    assert (monitor.failed_probes, monitor.down, monitor.detections) == (2, True, 1)
