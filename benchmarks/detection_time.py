@@ -27,6 +27,7 @@ writer rejoins as a reader). Measured per run:
 
     python benchmarks/detection_time.py                  # 10 runs, aurora-pg and aurora-mysql
     python benchmarks/detection_time.py --runs 3 --flavours aurora-pg --grace 500
+    python benchmarks/detection_time.py --registration   # per-statement cost of efm alone
 
 Goals (issue #5): detection <= bound + 0.3 s in every run; recovery median <= 0.2 s and
 max <= 0.5 s; zero hangs. Exit status 1 if one is missed.
@@ -132,6 +133,36 @@ def run_flavour(flavour: Flavour, runs: int, grace: float, interval: float,
                   hangs, dict(app.errors))
 
 
+def registration_cost(calls: int = 1_000_000) -> tuple[float, float]:
+    """Seconds per call of the innermost execute layer without and with ``efm`` around a
+    driver call that does nothing: what registering a statement as in flight costs, without
+    the noise of a server round trip."""
+    import timeit
+
+    from resilient_db._pipeline import RUN_CALL, Call, Op, PluginContext
+    from resilient_db._properties import Settings
+    from resilient_db.drivers.psycopg import PsycopgDriver
+    from resilient_db.plugins.efm import EfmPlugin
+
+    class Proxy:  # what the layer reads from the connection proxy
+        def __init__(self) -> None:
+            self._raw = object()
+            self._host = None
+
+    proxy = Proxy()
+    plugin = EfmPlugin(PluginContext(Settings({}), PsycopgDriver(), None))  # type: ignore[arg-type]
+    plugin._inflight = {}  # attached to a monitor (no thread needed for this measure)
+    layer = plugin.wrap_execute(RUN_CALL)
+
+    def driver_call(query: object, params: object) -> None:
+        return None
+
+    call = Call(Op.EXECUTE, "Cursor.execute", driver_call, ("SELECT 1", None), {}, proxy)
+    bare = min(timeit.repeat(lambda: RUN_CALL(call), number=calls, repeat=7)) / calls
+    with_efm = min(timeit.repeat(lambda: layer(call), number=calls, repeat=7)) / calls
+    return bare, with_efm
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,8 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=3, help="failure_detection_count")
     parser.add_argument("--heal-at-promotion", action="store_true",
                         help="lift the blackhole just before the promotion (see the docs)")
+    parser.add_argument("--registration", action="store_true",
+                        help="only measure the per-statement cost of efm (no servers)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log decisions (INFO)")
     args = parser.parse_args(argv)
+    if args.registration:
+        bare, with_efm = registration_cost()
+        print(f"innermost layer, no-op driver call: {bare * 1e9:.0f} ns bare, "
+              f"{with_efm * 1e9:.0f} ns with efm: registration costs "
+              f"{(with_efm - bare) * 1e9:.0f} ns per statement")
+        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(relativeCreated)7.0f %(name)s %(message)s")
     logging.getLogger("resilient_db.simulator").setLevel(logging.WARNING)

@@ -37,6 +37,8 @@ VARIANTS: dict[str, str] = {
     "resilient_db, no plugins": "",
     "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
     "resilient_db, failover": "failover",
+    "resilient_db, efm": "efm",
+    "resilient_db, failover,efm": "failover,efm",
 }
 
 

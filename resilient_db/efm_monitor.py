@@ -410,8 +410,12 @@ class HostMonitor:
         with contextlib.suppress(Exception):
             self._connect()
 
+    def _live_users(self) -> list[Any]:
+        with self._cond:  # a WeakSet must not change while it is iterated
+            return list(self._users)
+
     def _connect(self) -> None:
-        users = list(self._users)
+        users = self._live_users()
         if not users:
             raise RuntimeError("no connection uses this monitor")
         conn = users[0].open_probe_connection(self.target, self.interval)
@@ -575,7 +579,7 @@ class HostMonitor:
         return aborted
 
     def _notify_users(self, *, up: bool) -> None:
-        for user in list(self._users):
+        for user in self._live_users():
             try:
                 user.host_availability_changed(up)
             except Exception:
