@@ -617,3 +617,18 @@ def test_a_late_tick_is_not_counted_as_a_failure() -> None:
     assert (monitor.failed_probes, monitor.down) == (1, False)
     monitor._active_step(now[0])
     assert (monitor.failed_probes, monitor.down, monitor.detections) == (2, True, 1)
+
+
+def test_aws_codes_select_efm_and_settings_are_validated() -> None:
+    from resilient_db import _plugin_registry as registry
+    from resilient_db.errors import ConfigurationError
+
+    assert registry.resolve(["host_monitoring"]) == [EfmPlugin]
+    assert registry.resolve(["host_monitoring_v2", "efm"]) == [EfmPlugin]
+    assert registry.resolve(["efm", "failover"])[0].code == "failover"  # failover outside
+    with pytest.raises(ConfigurationError, match="failure_detection_count"):
+        resilient_db.connect(psycopg.Connection.connect, plugins="efm",
+                             failure_detection_count=0)
+    with pytest.raises(ConfigurationError, match="failure_detection_interval_ms"):
+        resilient_db.connect(psycopg.Connection.connect, plugins="efm",
+                             failure_detection_interval_ms=0)
