@@ -20,6 +20,7 @@ This module is test tooling: it does not import :mod:`resilient_db`.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import dataclasses
 import ipaddress
@@ -32,7 +33,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
 
@@ -44,18 +45,23 @@ from chaos._netfilter import (
     Rule,
     chain_lock,
     ensure_chain,
+    owner_of,
     remove_chain_if_empty,
     rules_of,
     sweep_dead_owners,
     unavailable_reason,
 )
+from chaos._toxic_proxy import UPSTREAM_MARK, Stream, ToxicProxy, Toxics
 
 __all__ = [
     "CHAIN",
+    "TOXIC_NAMES",
+    "ClusterLike",
     "Fault",
     "FaultKind",
     "NetworkFaultError",
     "NetworkFaults",
+    "Stream",
     "heal_injected",
     "inject",
     "leftover_rules",
@@ -65,11 +71,12 @@ __all__ = [
 
 LOGGER = logging.getLogger("chaos.netfault")
 
-FaultKind = Literal["blackhole", "reset", "down"]
+FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss"]
 
 #: Toxiproxy's name for each kind of fault (``down`` is a disabled proxy there, not a toxic).
 TOXIC_NAMES: Mapping[str, str] = MappingProxyType(
-    {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency"})
+    {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency",
+     "bandwidth": "bandwidth", "packet_loss": "packet_loss"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Fault ids are unique within a process, so that a rule comment names exactly one fault.
@@ -180,7 +187,8 @@ def _kill_connections(address: str, port: int | None) -> None:
         LOGGER.warning("ss (iproute2) not found: connections to %s reset only when the client "
                        "next sends", address)
         return
-    command = [ss, "-K", "-t", "-n", "state", "established", "state", "close-wait",
+    states = ("established", "syn-recv", "fin-wait-1", "fin-wait-2", "close-wait")
+    command = [ss, "-K", "-t", "-n", *(word for state in states for word in ("state", state)),
                "src", address]
     if port:
         command += ["sport", "=", f":{port}"]
@@ -212,6 +220,12 @@ def _track(faults: NetworkFaults) -> None:
             _atexit_registered = True
 
 
+@dataclasses.dataclass(frozen=True)
+class _Intercept:
+    proxy: ToxicProxy
+    rule: Rule
+
+
 class NetworkFaults:
     """Creates faults and removes every rule it created when the ``with`` block ends, on
     :meth:`clear`, or at interpreter exit.
@@ -230,6 +244,11 @@ class NetworkFaults:
         self._active: dict[int, Fault] = {}
         self._rules: dict[int, list[Rule]] = {}
         self._tables: set[str] = set()
+        # The proxy of each active latency/bandwidth fault.
+        self._proxies: dict[int, ToxicProxy] = {}
+        self._owned_proxies: list[ToxicProxy] = []  # started for one fault each
+        self._intercepts: dict[tuple[str, int], _Intercept] = {}
+        self._anchor: Rule | None = None
         #: Every fault this object applied, in order, healed or not.
         self.history: list[Fault] = []
         if sweep:
@@ -247,15 +266,62 @@ class NetworkFaults:
 
     # -- faults ----------------------------------------------------------------------------
 
-    def blackhole(self, address: str, port: int | None = None) -> Fault:
-        """Drop every packet to and from ``address`` (only TCP ``port`` on it, if given), in
-        both directions: established connections hang without a RST, new connects time out.
-        Toxiproxy's ``timeout`` toxic with no timeout."""
+    def blackhole(self, address: str, port: int | None = None, *,
+                  stream: Stream = "both") -> Fault:
+        """Drop every packet to and from ``address`` (only TCP ``port`` on it, if given):
+        established connections hang without a RST, new connects time out. Toxiproxy's
+        ``timeout`` toxic with no timeout. ``stream="upstream"`` drops only packets to the
+        address, ``"downstream"`` only packets from it (requests arrive, replies do not)."""
         address, port = _check_address(address), _check_port(port)
+        specs = self._drop_specs(address, port, stream, [])
+        return self._apply("blackhole", address, port, specs,
+                           params={} if stream == "both" else {"stream": stream})
+
+    def packet_loss(self, address: str, port: int | None = None, *, probability: float,
+                    stream: Stream = "both") -> Fault:
+        """Drop each packet to or from ``address`` (``port``) independently with
+        ``probability`` (0 < p <= 1; 1 is a blackhole): TCP retransmits, so connections slow
+        down and stall now and then rather than fail. No Toxiproxy equivalent (its toxics work
+        on connections, not packets)."""
+        address, port = _check_address(address), _check_port(port)
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) \
+                or not 0 < probability <= 1:
+            raise NetworkFaultError(f"probability must be a number in (0, 1], got "
+                                    f"{probability!r}")
+        # A loopback packet passes OUTPUT and then INPUT (incoming interface lo): count it
+        # once, where it leaves, or the loss would compound to 1 - (1 - p)**2.
+        match = ["!", "-i", "lo",
+                 "-m", "statistic", "--mode", "random", "--probability", f"{probability:.6f}"]
+        specs = self._drop_specs(address, port, stream, match)
+        return self._apply("packet_loss", address, port, specs,
+                           params={"probability": float(probability), "stream": stream})
+
+    def _drop_specs(self, address: str, port: int | None, stream: object,
+                    extra: list[str]) -> list[list[str]]:
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
         comment = self._comment_placeholder()
-        specs = [[*_to(address, port), *comment, "-j", "DROP"],
-                 [*_from(address, port), *comment, "-j", "DROP"]]
-        return self._apply("blackhole", address, port, specs)
+        specs = []
+        for each in self._ports(address, port):
+            if stream in ("upstream", "both"):
+                specs.append([*_to(address, each), *extra, *comment, "-j", "DROP"])
+            if stream in ("downstream", "both"):
+                specs.append([*_from(address, each), *extra, *comment, "-j", "DROP"])
+        return specs
+
+    def _ports(self, address: str, port: int | None) -> list[int | None]:
+        """``port`` and the ports of our proxies in front of ``address:port``: connections
+        redirected to a proxy carry the proxy's port, and a fault on the instance's port
+        must hit them too."""
+        if port is None:
+            return [None]
+        with self._lock:
+            proxies = {*self._owned_proxies, *(i.proxy for i in self._intercepts.values())}
+        extra = sorted(proxy.listen_address[1] for proxy in proxies
+                       if proxy.upstream_address == (address, port)
+                       and proxy.listen_address[0] == address)
+        return [port, *extra]
 
     def reset(self, address: str, port: int | None = None) -> Fault:
         """Answer every TCP segment to or from ``address`` (``port``) with a RST: established
@@ -264,10 +330,15 @@ class NetworkFaults:
         a SYN reads as "connection refused"). Toxiproxy's ``reset_peer`` with no timeout."""
         address, port = _check_address(address), _check_port(port)
         comment = self._comment_placeholder()
-        specs = [[*_tcp(_to(address, port)), *_NOT_RST, *comment, *_REJECT],
-                 [*_tcp(_from(address, port)), *_NOT_RST, *comment, *_REJECT]]
+        ports = self._ports(address, port)
+        specs = [spec for each in ports
+                 for spec in ([*_tcp(_to(address, each)), *_NOT_RST, *comment, *_REJECT],
+                              [*_tcp(_from(address, each)), *_NOT_RST, *comment, *_REJECT])]
         fault = self._apply("reset", address, port, specs)
-        _kill_connections(address, port)
+        # Proxy ports first: an aborted upstream would make a proxy close its client side
+        # with a FIN, which the reject rules answer towards the proxy, not the client.
+        for each in reversed(ports):
+            _kill_connections(address, each)
         return fault
 
     def down(self, address: str, port: int | None = None) -> Fault:
@@ -276,8 +347,43 @@ class NetworkFaults:
         Toxiproxy also closes existing connections (add :meth:`reset` for that)."""
         address, port = _check_address(address), _check_port(port)
         comment = self._comment_placeholder()
-        specs = [[*_tcp(_to(address, port)), "--syn", *comment, *_REJECT]]
+        specs = [[*_tcp(_to(address, each)), "--syn", *comment, *_REJECT]
+                 for each in self._ports(address, port)]
         return self._apply("down", address, port, specs)
+
+    def latency(self, address: str, port: int, delay: float, jitter: float = 0.0, *,
+                stream: Stream = "downstream") -> Fault:
+        """Delay the bytes of new TCP connections to ``address:port`` by ``delay`` seconds,
+        ± a uniformly random ``jitter`` per chunk (never below zero, never reordering), in
+        ``stream`` (Toxiproxy's words: ``downstream`` is server to client, the default, so a
+        round trip takes ``delay`` longer; ``upstream`` client to server; ``both``).
+
+        Connections are transparently redirected (``nat`` DNAT) through a threaded proxy of
+        this process; connections established before stay direct and undelayed, unless
+        :meth:`intercept` put the proxy in their path when they were opened. Healing removes
+        the redirect and lets connections already proxied flow undelayed.
+        """
+        address, checked_port = _check_address(address), _check_port(port, required=True)
+        assert checked_port is not None
+        delay, jitter = _check_seconds("delay", delay), _check_seconds("jitter", jitter)
+        toxics = Toxics(delay=delay, jitter=jitter)
+        return self._proxy_fault("latency", address, checked_port, stream, toxics,
+                                 {"delay": delay, "jitter": jitter, "stream": stream})
+
+    def bandwidth(self, address: str, port: int, bytes_per_second: float, *,
+                  stream: Stream = "downstream") -> Fault:
+        """Limit new TCP connections to ``address:port`` to ``bytes_per_second`` in
+        ``stream`` (see :meth:`latency` for streams and how connections are redirected)."""
+        address, checked_port = _check_address(address), _check_port(port, required=True)
+        assert checked_port is not None
+        if isinstance(bytes_per_second, bool) or not isinstance(bytes_per_second, (int, float)) \
+                or not math.isfinite(bytes_per_second) or bytes_per_second <= 0:
+            raise NetworkFaultError(f"bytes_per_second must be a finite number > 0, got "
+                                    f"{bytes_per_second!r}")
+        toxics = Toxics(rate=float(bytes_per_second))
+        return self._proxy_fault("bandwidth", address, checked_port, stream, toxics,
+                                 {"bytes_per_second": float(bytes_per_second),
+                                  "stream": stream})
 
     def heal(self, fault: Fault) -> None:
         """Remove ``fault``. Healing a healed fault does nothing; a fault of another
@@ -302,6 +408,21 @@ class NetworkFaults:
                     self._remove(fault)
                 except Exception as exc:
                     errors.append(exc)
+            for key in list(self._intercepts):
+                try:
+                    self.release(*key)
+                except Exception as exc:
+                    errors.append(exc)
+            for proxy in self._owned_proxies:
+                proxy.close()
+            self._owned_proxies.clear()
+            self._proxies.clear()
+            if self._anchor is not None:
+                try:
+                    self._anchor.delete()
+                except NetfilterError as exc:
+                    errors.append(exc)
+                self._anchor = None
             if self._tables:
                 with chain_lock():
                     for table in TABLES:
@@ -331,6 +452,132 @@ class NetworkFaults:
     def _comment_placeholder() -> list[str]:
         return ["-m", "comment", "--comment", "{comment}"]
 
+    def _start_proxy(self, address: str, port: int, upstream: Toxics,
+                     downstream: Toxics) -> tuple[ToxicProxy, list[str]]:
+        """A proxy to ``address:port`` and the spec of the rule redirecting to it."""
+        try:
+            proxy = ToxicProxy((address, port), address, upstream_toxics=upstream,
+                               downstream_toxics=downstream)
+        except OSError:  # not a local address: listen on the usual loopback one
+            proxy = ToxicProxy((address, port), "127.0.0.1", upstream_toxics=upstream,
+                               downstream_toxics=downstream)
+        host, proxy_port = proxy.listen_address
+        # Only a SYN starts a redirected connection: a connection that conntrack first sees
+        # mid-stream (made before NAT was in use) must not be turned towards the proxy
+        # halfway. The proxy's own upstream connections go straight through.
+        spec = ["-p", "tcp", "-d", address, "--dport", str(port), "--syn",
+                "-m", "mark", "!", "--mark", hex(UPSTREAM_MARK),
+                *self._comment_placeholder(),
+                "-j", "DNAT", "--to-destination", f"{host}:{proxy_port}"]
+        return proxy, spec
+
+    def _proxy_fault(self, kind: str, address: str, port: int, stream: object,
+                     toxics: Toxics, params: Mapping[str, Any]) -> Fault:
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
+        upstream = toxics if stream in ("upstream", "both") else Toxics()
+        downstream = toxics if stream in ("downstream", "both") else Toxics()
+        with self._lock:
+            for other in self._active.values():
+                if other.id in self._proxies and (other.address, other.port) == (address, port):
+                    raise NetworkFaultError(
+                        f"{address}:{port} already has a {other.kind} fault (id {other.id}); "
+                        f"heal it first (one proxy fault per address and port)")
+            intercepted = self._intercepts.get((address, port))
+            if intercepted is not None:
+                # Toxiproxy's way: the proxy is already in the path of every connection.
+                intercepted.proxy.set_toxics(upstream, downstream)
+                fault = self._apply(kind, address, port, [], "nat", params)
+                self._proxies[fault.id] = intercepted.proxy
+                return fault
+            proxy, spec = self._start_proxy(address, port, upstream, downstream)
+            try:
+                self._ensure_anchor()
+                fault = self._apply(kind, address, port, [spec], "nat", params)
+            except BaseException:
+                proxy.close()
+                raise
+            self._proxies[fault.id] = proxy
+            self._owned_proxies.append(proxy)
+            return fault
+
+    def intercept(self, address: str, port: int) -> None:
+        """Put a pass-through proxy in the path of new connections to ``address:port`` now,
+        so that a later :meth:`latency` or :meth:`bandwidth` on it also hits the connections
+        opened in between (as with Toxiproxy, where every connection goes through the proxy
+        from the start). Call it before the application connects. Removed by
+        :meth:`release` or :meth:`clear`. Intercepting twice does nothing."""
+        address, checked_port = _check_address(address), _check_port(port, required=True)
+        assert checked_port is not None
+        with self._lock:
+            if (address, checked_port) in self._intercepts:
+                return
+            proxy, spec = self._start_proxy(address, checked_port, Toxics(), Toxics())
+            rule_id = next(_fault_ids)
+            rule = Rule("nat", tuple(self._owner.comment(rule_id) if arg == "{comment}"
+                                     else arg for arg in spec))
+            try:
+                self._ensure_anchor()
+                with chain_lock():
+                    ensure_chain("nat")
+                    self._tables.add("nat")
+                    rule.add()
+            except BaseException as exc:
+                proxy.close()
+                if isinstance(exc, NetfilterError):
+                    raise NetworkFaultError(f"cannot intercept {address}:{checked_port}: "
+                                            f"{exc}") from exc
+                raise
+            self._intercepts[(address, checked_port)] = _Intercept(proxy, rule)
+
+    def release(self, address: str, port: int) -> None:
+        """Undo :meth:`intercept`: heal its proxy faults, remove the redirect and close the
+        proxy, cutting the connections that go through it. Unknown address: no-op."""
+        address = _check_address(address)
+        with self._lock:
+            intercepted = self._intercepts.get((address, port))
+            if intercepted is None:
+                return
+            for fault in list(self._active.values()):
+                if self._proxies.get(fault.id) is intercepted.proxy:
+                    self._remove(fault)
+            del self._intercepts[(address, port)]
+            try:
+                intercepted.rule.delete()
+            finally:
+                intercepted.proxy.close()
+
+    def _ensure_anchor(self) -> None:
+        """Keep a DNAT rule of ours that matches nothing while our proxies live.
+
+        Measured here (iptables-nft, kernel 6.x): when the last DNAT rule of the ``nat`` table
+        is deleted, packets of connections that were redirected earlier stop being translated
+        and the kernel resets them, although conntrack still holds their mapping. A healed
+        latency fault must leave its proxied connections working, so an inert DNAT rule (TCP
+        from and to 0.0.0.0, which never exists) stays until :meth:`clear` closes the proxies.
+        """
+        if self._anchor is not None:
+            return
+        anchor = Rule("nat", ("-p", "tcp", "-s", "0.0.0.0/32", "-d", "0.0.0.0/32",
+                              "-m", "comment", "--comment", self._owner.comment(next(_fault_ids)),
+                              "-j", "DNAT", "--to-destination", "0.0.0.0:9"))
+        try:
+            with chain_lock():
+                ensure_chain("nat")
+                self._tables.add("nat")
+                anchor.add()
+        except NetfilterError as exc:
+            raise NetworkFaultError(f"cannot prepare the nat table for a proxy: {exc}") from exc
+        self._anchor = anchor
+
+    @property
+    def proxied_connections(self) -> int:
+        """Connections currently going through this object's proxies."""
+        with self._lock:
+            proxies = {*self._owned_proxies, *(i.proxy for i in self._intercepts.values())}
+            return sum(proxy.connections for proxy in proxies)
+
     def _apply(self, kind: str, address: str, port: int | None, specs: list[list[str]],
                table: Literal["filter", "nat"] = "filter",
                params: Mapping[str, Any] | None = None) -> Fault:
@@ -341,12 +588,13 @@ class NetworkFaults:
         with self._lock:
             added: list[Rule] = []
             try:
-                with chain_lock():
-                    ensure_chain(table)
-                    self._tables.add(table)
-                    for rule in rules:
-                        rule.add()
-                        added.append(rule)
+                if rules:
+                    with chain_lock():
+                        ensure_chain(table)
+                        self._tables.add(table)
+                        for rule in rules:
+                            rule.add()
+                            added.append(rule)
             except NetfilterError as exc:
                 for rule in added:
                     rule.delete()
@@ -370,6 +618,11 @@ class NetworkFaults:
                 errors.append(exc)
         self._rules.pop(fault.id, None)
         self._active.pop(fault.id, None)
+        proxy = self._proxies.pop(fault.id, None)
+        if proxy is not None:  # connections already proxied go on, undelayed
+            proxy.neutralise()
+            if proxy in self._owned_proxies:
+                proxy.stop_accepting()
         fault.healed_at, fault.healed_mono = time.time(), time.monotonic()
         LOGGER.info("network fault %d healed: %s %s", fault.id, fault.kind, fault.address)
         if errors:
@@ -407,22 +660,37 @@ class ClusterLike(Protocol):
 
 
 def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: NetworkFaults,
-           port: int | None = None) -> Fault:
-    """Apply ``kind`` to a simulated instance's address (every port unless ``port`` is given)
-    and record a ``network_fault`` event (``action="applied"``) in the cluster's log."""
-    address = cluster.instance(instance_id).address
-    if kind == "blackhole":
-        fault = faults.blackhole(address, port)
-    elif kind == "reset":
-        fault = faults.reset(address, port)
-    elif kind == "down":
-        fault = faults.down(address, port)
+           port: int | None = None, **params: Any) -> Fault:
+    """Apply ``kind`` to a simulated instance and record a ``network_fault`` event
+    (``action="applied"``, with kind, toxic, address, port, fault id and ``params``) in the
+    cluster's event log.
+
+    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``), ``reset`` and
+    ``down`` hit every port of the instance's address unless ``port`` is given; ``latency``
+    (``delay``, ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``)
+    hit ``port``, by default the instance's port.
+    """
+    instance = cluster.instance(instance_id)
+    address = instance.address
+    if kind in ("reset", "down"):
+        if params:
+            raise NetworkFaultError(f"{kind} takes no parameters, got {sorted(params)}")
+        fault = (faults.reset if kind == "reset" else faults.down)(address, port)
+    elif kind == "blackhole":
+        fault = faults.blackhole(address, port, **params)
+    elif kind == "packet_loss":
+        fault = faults.packet_loss(address, port, **params)
+    elif kind == "latency":
+        fault = faults.latency(address, port or instance.port, **params)
+    elif kind == "bandwidth":
+        fault = faults.bandwidth(address, port or instance.port, **params)
     else:
-        raise NetworkFaultError(f"kind must be one of blackhole, reset, down; got {kind!r}")
+        raise NetworkFaultError(f"kind must be one of blackhole, reset, down, latency, "
+                                f"bandwidth, packet_loss; got {kind!r}")
     fault.instance = instance_id
     cluster.events.record("network_fault", instance_id, action="applied", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,
-                          fault_id=fault.id, **dict(fault.params))
+                          fault_id=fault.id, params=dict(fault.params))
     return fault
 
 
@@ -433,3 +701,32 @@ def heal_injected(cluster: ClusterLike, fault: Fault, *, faults: NetworkFaults) 
     cluster.events.record("network_fault", fault.instance, action="healed", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,
                           fault_id=fault.id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m chaos.netfault list|sweep``: show our rules, or remove dead owners' rules."""
+    parser = argparse.ArgumentParser(prog="python -m chaos.netfault",
+                                     description="Inspect and clean the network fault rules.")
+    parser.add_argument("command", choices=["list", "sweep"],
+                        help="list: print every rule in our chains with its owner's state; "
+                             "sweep: remove the rules of dead processes")
+    args = parser.parse_args(argv)
+    reason = unavailable_reason()
+    if reason is not None:
+        parser.error(reason)
+    if args.command == "sweep":
+        removed = sweep_dead_owners()
+        print(f"removed {len(removed)} rule(s)")
+        for rule in removed:
+            print(f"  {rule}")
+        return 0
+    for rule in leftover_rules():
+        tagged = owner_of(rule.partition(": ")[2])
+        state = "unowned" if tagged is None else (
+            f"owner pid {tagged[0].pid} {'alive' if tagged[0].is_alive() else 'DEAD'}")
+        print(f"{state:<24} {rule}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
