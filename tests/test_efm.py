@@ -13,9 +13,7 @@ import gc
 import itertools
 import json
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -286,77 +284,23 @@ def test_blackholed_reader_is_aborted_marked_down_then_up_again(
 # --- no false positives --------------------------------------------------------------------------
 
 
-class DelayProxy:
-    """A TCP proxy that forwards each chunk after ``delay`` seconds (a latency spike)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.delay = 0.0
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self._stop = threading.Event()
-        self._sockets: list[socket.socket] = []
-        in_background(self._accept)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select([self._server], [], [], 0.1)
-                if not ready:
-                    continue
-                client, _ = self._server.accept()
-            except (OSError, ValueError):
-                return  # closed
-            server = socket.create_connection(self.upstream)
-            self._sockets += [client, server]
-            in_background(functools.partial(self._pump, client, server))
-            in_background(functools.partial(self._pump, server, client))
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                chunk = source.recv(65536)
-                if not chunk:
-                    break
-                if self.delay:
-                    time.sleep(self.delay)
-                sink.sendall(chunk)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._server.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
 def test_latency_spike_below_the_detection_threshold_is_no_failure(
-        env: Env, sink: resilient_db.CollectingSink) -> None:
+        env: Env, faults: NetworkFaults, sink: resilient_db.CollectingSink) -> None:
+    """Replies delayed by 0.6 s (``chaos.netfault`` latency proxy, in the path of the
+    application's and the probe's connections from the start): each probe spends three
+    intervals of 0.2 s unanswered, below the count of 5 (1 s), so nothing is declared dead."""
     writer = env.cluster.writer
-    proxy = DelayProxy((writer.address, writer.port))
-    try:
-        kwargs = {**env.cluster.connect_kwargs(), **env.extra, "host": "127.0.0.1",
-                  "port": proxy.port}
-        kwargs.pop("aurora_mysql_lookalike_schema", None)
-        # Probes answered 0.6 s late: each spends 3 intervals of 0.2 s unanswered, below the
-        # count of 5 (1 s).
-        conn = resilient_db.connect(env.target, plugins="efm", autocommit=True,
-                                    failure_detection_time_ms=100,
-                                    failure_detection_interval_ms=200,
-                                    failure_detection_count=5, **kwargs)
-        cur = conn.cursor()
-        env.sleep(cur, 0)
-        monitor = monitor_of(conn)
-        wait_until("the probe connection open", lambda: monitor.connection_open, timeout=10)
-        proxy.delay = 0.3  # each way
-        env.sleep(cur, 2.5)
-        proxy.delay = 0.0
-        env.sleep(cur, 0)
-        conn.close()
-    finally:
-        proxy.close()
+    faults.intercept(writer.address, writer.port)
+    conn = env.connect(plugins="efm", failure_detection_time_ms=100,
+                       failure_detection_interval_ms=200, failure_detection_count=5)
+    cur = conn.cursor()
+    env.sleep(cur, 0)
+    monitor = monitor_of(conn)
+    wait_until("the probe connection open", lambda: monitor.connection_open, timeout=10)
+    fault = faults.latency(writer.address, writer.port, 0.6)
+    env.sleep(cur, 2.5)
+    faults.heal(fault)
+    env.sleep(cur, 0)
     assert monitor.failed_probes >= 2, "the spike was seen: probes spent intervals unanswered"
     assert monitor.detections == 0 and not sink.of_kind("efm.host_down")
     assert monitor.probes_ok >= 2
