@@ -1,0 +1,263 @@
+"""Client-side statement deadlines: ``socket_timeout`` and ``call_options(timeout=...)``.
+
+psycopg and mysql-connector have no client-side statement deadline; a blackholed server blocks
+a call for minutes. A deadline here is an entry in the process-wide watchdog's heap
+(:mod:`resilient_db.watchdog`), armed before the driver call and disarmed after it: no thread
+per statement (DESIGN §2). When it expires, on the watchdog thread:
+
+1. the statement is cancelled on the server, on a short-lived daemon thread of its own (the
+   cancel does network I/O): psycopg's ``Connection.cancel_safe``; MySQL ``KILL QUERY <id>``
+   over a side connection (``DriverDialect.cancel``);
+2. if the call has still not returned ``query_timeout_grace`` later, the connection's socket is
+   broken (``DriverDialect.abort``: ``shutdown(SHUT_RDWR)``), which wakes the blocked thread
+   with the driver's own error.
+
+The application thread then raises ``QueryTimeoutError`` (also the driver's
+``OperationalError``), chained from the driver's error. It never fails over: a missed deadline
+is not a dead host. After a server-side cancel the connection stays usable; after a broken
+socket it is closed and reported broken. A disconnect the deadline did not cause (the failure
+monitor broke the socket, the server went away) is re-raised untouched, for failover.
+
+The stage is innermost in a connection's chains (after every plugin, so each retry of a
+statement gets its own deadline) and exists only where a deadline can apply: connections with
+``socket_timeout`` set, and every connection once ``call_options(timeout=...)`` has been used
+in the process (:func:`enable_per_call`). Elsewhere the hot path is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from . import _options
+from ._params import QUERY_TIMEOUT_GRACE, SOCKET_TIMEOUT
+from ._pipeline import RUN_CALL, Call, Handler, Op, Plugin, PluginContext
+from .errors import QueryTimeoutError
+from .watchdog import Armed, get_watchdog
+
+__all__ = ["DEADLINE_OPS", "DeadlineStage", "enable_per_call"]
+
+log = logging.getLogger("resilient_db.deadline")
+
+#: The ops a statement deadline bounds: everything that sends a statement and waits for its
+#: answer. Not FETCH (psycopg's client-side cursors fetch from memory; keeping fetches out of
+#: the chain keeps them free), CLOSE or SESSION.
+DEADLINE_OPS: frozenset[Op] = frozenset(
+    {Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.COPY, Op.COMMIT, Op.ROLLBACK,
+     Op.TRANSACTION, Op.PIPELINE}
+)
+
+_lock = threading.Lock()
+_per_call = False  # call_options(timeout=...) has been used in this process
+_waiting: weakref.WeakSet[DeadlineStage] = weakref.WeakSet()  # dormant stages
+
+
+def enable_per_call() -> None:
+    """Put the deadline stage in every connection's chains, now and from now on (called the
+    first time ``call_options(timeout=...)`` asks for a deadline). One-way: afterwards every
+    statement pays for one ``ContextVar`` read (a few tens of ns)."""
+    global _per_call
+    with _lock:
+        if _per_call:
+            return
+        _per_call = True
+        stages = list(_waiting)
+        _waiting.clear()
+    for stage in stages:
+        stage.ctx.rebuild()
+
+
+def per_call_enabled() -> bool:
+    return _per_call
+
+
+class DeadlineStage(Plugin):
+    """The statement-deadline stage of one connection (not a user-selectable plugin)."""
+
+    code = "deadline"
+    intercepts = DEADLINE_OPS
+
+    def __init__(self, ctx: PluginContext, target: Any = None,
+                 connect_args: Mapping[str, Any] | None = None) -> None:
+        super().__init__(ctx)
+        self.timeout: float | None = ctx.settings[SOCKET_TIMEOUT] or None  # 0: no deadline
+        grace = ctx.settings[QUERY_TIMEOUT_GRACE]
+        self.grace = 1.0 if grace is None else grace
+        # For MySQL's side connection that sends KILL QUERY (same credentials; the host and
+        # port are taken from the connection the statement runs on). The mapping is the one
+        # the connect chain used, so changes plugins made to it (a password) are seen.
+        self.target = target
+        self.connect_args = connect_args if connect_args is not None else {}
+        if self.timeout is None:
+            with _lock:
+                if not _per_call:
+                    _waiting.add(self)
+
+    def dormant(self) -> bool:
+        return self.timeout is None and not _per_call
+
+    def wrap_execute(self, proceed: Handler) -> Handler:
+        default = self.timeout
+        current = _options._current.get
+        run = self._run
+
+        if proceed is RUN_CALL:  # always the case: the stage is innermost
+            def handler(call: Call) -> Any:
+                timeout = current().timeout
+                if timeout is None:
+                    timeout = default
+                if not timeout:
+                    kwargs = call.kwargs
+                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                return run(call, timeout, proceed)
+        else:
+            def handler(call: Call) -> Any:
+                timeout = current().timeout
+                if timeout is None:
+                    timeout = default
+                if not timeout:
+                    return proceed(call)
+                return run(call, timeout, proceed)
+
+        return handler
+
+    def _run(self, call: Call, timeout: float, proceed: Handler) -> Any:
+        proxy = call.connection
+        flight = _Flight(self, proxy._raw, timeout)
+        watchdog = get_watchdog()
+        armed = watchdog.arm(time.monotonic() + timeout, flight.expire)
+        try:
+            result = proceed(call)
+        except BaseException as exc:
+            watchdog.disarm(armed)
+            if armed.fired and flight.settle(exc):
+                raise flight.error(proxy) from exc
+            raise
+        watchdog.disarm(armed)
+        if armed.fired and flight.settle(None):
+            # MySQL sends a result's header before its rows: an interrupted SELECT "returns"
+            # and the interruption (1317) is what the rows would have been.
+            raise flight.error(proxy) from flight.discard_pending(call)
+        return result
+
+
+class _Flight:
+    """One statement under a deadline: what the watchdog, the cancel thread and the
+    application thread share. ``lock`` orders "the call returned" against "break the
+    socket", so a late break never hits the connection's next statement."""
+
+    __slots__ = ("broken", "cancel_done", "cancelled", "done", "expired", "grace_armed", "lock",
+                 "raw", "stage", "timeout")
+
+    def __init__(self, stage: DeadlineStage, raw: Any, timeout: float) -> None:
+        self.stage = stage
+        self.raw = raw
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.done = False
+        self.expired = False
+        self.cancelled = False
+        self.broken = False
+        self.cancel_done: threading.Event | None = None
+        self.grace_armed: Armed | None = None
+
+    # --- watchdog thread --------------------------------------------------------------------
+    def expire(self) -> None:
+        stage = self.stage
+        with self.lock:
+            if self.done:
+                return
+            self.expired = True
+            self.cancel_done = threading.Event()
+            self.grace_armed = get_watchdog().arm(time.monotonic() + stage.grace,
+                                                  self.break_socket)
+        thread = threading.Thread(target=self._cancel, name="resilient_db-cancel", daemon=True)
+        thread.start()
+
+    def break_socket(self) -> None:
+        with self.lock:
+            if self.done or self.broken:
+                return
+            self.broken = self.stage.ctx.driver.abort(self.raw)
+        log.info("statement deadline: no answer %.3g s after the cancel; broke the connection "
+                 "to %s", self.stage.grace, self.stage.ctx.host)
+
+    # --- cancel thread ----------------------------------------------------------------------
+    def _cancel(self) -> None:
+        stage = self.stage
+        try:
+            self.cancelled = stage.ctx.driver.cancel(self.raw, stage.target, stage.connect_args,
+                                                     stage.grace)
+        except Exception as exc:
+            log.info("server-side cancel on %s failed: %r", stage.ctx.host, exc)
+        finally:
+            done = self.cancel_done
+            if done is not None:
+                done.set()
+
+    # --- application thread -----------------------------------------------------------------
+    def settle(self, exc: BaseException | None) -> bool:
+        """The call returned (``exc`` ``None``) or raised ``exc`` after the deadline fired.
+        Returns whether that is a timeout; ``False`` leaves ``exc`` to go up untouched (a
+        disconnect this deadline did not cause, so failover sees it)."""
+        with self.lock:
+            self.done = True
+            grace_armed = self.grace_armed
+        if grace_armed is not None:
+            get_watchdog().disarm(grace_armed)
+        if not self.expired:
+            return False  # fire() saw the call already done: nothing was sent
+        driver = self.stage.ctx.driver
+        if not self.broken:
+            # Let the cancel land before the connection's next statement can start (a late
+            # cancel would hit that one). Bounded: a cancel stuck connecting to an
+            # unreachable host gives up after the grace, and then the connection is broken
+            # rather than left with a cancel in flight.
+            done = self.cancel_done
+            if done is not None and not done.wait(self.stage.grace):
+                self.broken = driver.abort(self.raw)
+        # A disconnect we did not cause (failure monitor, the server went away) is for failover.
+        return exc is None or self.broken or not driver.is_disconnect(exc)
+
+    def discard_pending(self, call: Call) -> Exception | None:
+        """Read and drop what an interrupted statement that returned normally left unread
+        (MySQL), bounded by the grace: on timeout the socket is broken. Returns the driver's
+        error met on the way (MySQL's "query execution was interrupted"), if any."""
+        if self.broken:
+            return None
+        stage = self.stage
+        driver = stage.ctx.driver
+        raw = self.raw
+        watchdog = get_watchdog()
+        armed = watchdog.arm(time.monotonic() + stage.grace, lambda: driver.abort(raw))
+        error: Exception | None = None
+        try:
+            driver.discard_pending(raw, call)
+        except Exception as exc:
+            error = exc
+        finally:
+            watchdog.disarm(armed)
+        if armed.fired:
+            self.broken = True
+        return error
+
+    def error(self, proxy: Any) -> QueryTimeoutError:
+        stage = self.stage
+        if self.broken:
+            outcome = ("the server did not end it within query_timeout_grace="
+                       f"{stage.grace:g} s, so the connection was broken (it is closed now)")
+        elif self.cancelled:
+            outcome = "it was cancelled on the server; the connection is usable"
+        else:
+            outcome = "the cancel could not be confirmed; the connection is usable"
+        host = str(proxy._host)
+        err = stage.ctx.driver.error(
+            QueryTimeoutError,
+            f"statement deadline of {self.timeout:g} s expired on {host}: {outcome}",
+            timeout=self.timeout, cancelled=self.cancelled and not self.broken, host=host)
+        assert isinstance(err, QueryTimeoutError)
+        return err
