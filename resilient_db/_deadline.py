@@ -75,6 +75,15 @@ def per_call_enabled() -> bool:
     return _per_call
 
 
+def reset_per_call() -> None:
+    """For tests: forget that per-call deadlines were used, so connections opened from now on
+    get the stage only if ``socket_timeout`` is set (open connections keep what they have)."""
+    global _per_call
+    with _lock:
+        _per_call = False
+    _options._deadlines_enabled = False
+
+
 class DeadlineStage(Plugin):
     """The statement-deadline stage of one connection (not a user-selectable plugin)."""
 
@@ -104,6 +113,7 @@ class DeadlineStage(Plugin):
         default = self.timeout
         current = _options._current.get
         run = self._run
+        self._watchdog = get_watchdog()  # the object only: its thread starts on the first arm
 
         if proceed is RUN_CALL:  # always the case: the stage is innermost
             def handler(call: Call) -> Any:
@@ -128,7 +138,7 @@ class DeadlineStage(Plugin):
     def _run(self, call: Call, timeout: float, proceed: Handler) -> Any:
         proxy = call.connection
         flight = _Flight(self, proxy._raw, timeout)
-        watchdog = get_watchdog()
+        watchdog = self._watchdog
         armed = watchdog.arm(time.monotonic() + timeout, flight.expire)
         try:
             result = proceed(call)
@@ -145,30 +155,33 @@ class DeadlineStage(Plugin):
         return result
 
 
+# Orders "the call returned" against "break the socket" for every statement under a
+# deadline, so that a late break never hits a connection's next statement. Shared: it is
+# taken only once a deadline has fired (rare), and a lock per statement would cost more.
+_flight_lock = threading.Lock()
+
+
 class _Flight:
     """One statement under a deadline: what the watchdog, the cancel thread and the
-    application thread share. ``lock`` orders "the call returned" against "break the
-    socket", so a late break never hits the connection's next statement."""
+    application thread share. One is made per statement, so only three fields are set up
+    front; the others keep their class defaults until the deadline fires."""
 
-    __slots__ = ("broken", "cancel_done", "cancelled", "done", "expired", "grace_armed", "lock",
-                 "raw", "stage", "timeout")
+    done = False
+    expired = False
+    cancelled = False
+    broken = False
+    cancel_done: threading.Event | None = None
+    grace_armed: Armed | None = None
 
     def __init__(self, stage: DeadlineStage, raw: Any, timeout: float) -> None:
         self.stage = stage
         self.raw = raw
         self.timeout = timeout
-        self.lock = threading.Lock()
-        self.done = False
-        self.expired = False
-        self.cancelled = False
-        self.broken = False
-        self.cancel_done: threading.Event | None = None
-        self.grace_armed: Armed | None = None
 
     # --- watchdog thread --------------------------------------------------------------------
     def expire(self) -> None:
         stage = self.stage
-        with self.lock:
+        with _flight_lock:
             if self.done:
                 return
             self.expired = True
@@ -179,7 +192,7 @@ class _Flight:
         thread.start()
 
     def break_socket(self) -> None:
-        with self.lock:
+        with _flight_lock:
             if self.done or self.broken:
                 return
             self.broken = self.stage.ctx.driver.abort(self.raw)
@@ -204,7 +217,7 @@ class _Flight:
         """The call returned (``exc`` ``None``) or raised ``exc`` after the deadline fired.
         Returns whether that is a timeout; ``False`` leaves ``exc`` to go up untouched (a
         disconnect this deadline did not cause, so failover sees it)."""
-        with self.lock:
+        with _flight_lock:
             self.done = True
             grace_armed = self.grace_armed
         if grace_armed is not None:
