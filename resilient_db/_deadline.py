@@ -144,7 +144,8 @@ class DeadlineStage(Plugin):
             result = proceed(call)
         except BaseException as exc:
             watchdog.disarm(armed)
-            if armed.fired and flight.settle(exc):
+            # KeyboardInterrupt and the like stay what they are (settled all the same).
+            if armed.fired and flight.settle(exc) and isinstance(exc, Exception):
                 raise flight.error(proxy) from exc
             raise
         watchdog.disarm(armed)

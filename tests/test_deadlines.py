@@ -148,6 +148,22 @@ def test_connection_level_execute_and_commit_are_bounded_too(pg_backend: Backend
     conn.close()
 
 
+def test_mysql_timeout_in_a_transaction_undoes_only_the_statement(mysql_backend: Backend) -> None:
+    table = mysql_backend.table()
+    conn = mysql_backend.connect(plugins="", socket_timeout=0.3)
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {table} VALUES (1, 'kept')")
+    with pytest.raises(resilient_db.QueryTimeoutError):
+        cur.execute(f"INSERT INTO {table} SELECT 2, 'slow' FROM (SELECT SLEEP(30)) AS s")
+    assert conn.in_transaction
+    cur.execute(f"SELECT id FROM {table}")
+    assert cur.fetchall() == [(1,)]
+    conn.rollback()
+    cur.execute(f"SELECT id FROM {table}")
+    assert cur.fetchall() == []
+    conn.close()
+
+
 def test_one_watchdog_thread_for_many_connections(backend: Backend) -> None:
     conns = [backend.connect(plugins="", socket_timeout=10, autocommit=True) for _ in range(5)]
     for conn in conns:
