@@ -27,13 +27,14 @@ in the process (:func:`enable_per_call`). Elsewhere the hot path is exactly what
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from . import _options
+from . import _lifecycle, _options
 from ._params import QUERY_TIMEOUT_GRACE, SOCKET_TIMEOUT
 from ._pipeline import RUN_CALL, Call, Handler, Op, Plugin, PluginContext
 from .errors import QueryTimeoutError
@@ -101,6 +102,16 @@ class DeadlineStage(Plugin):
         # the connect chain used, so changes plugins made to it (a password) are seen.
         self.target = target
         self.connect_args = connect_args if connect_args is not None else {}
+        # The statement in flight (see _run): its number, driver connection, timeout and
+        # deadline (inf: none in flight); the connection's watchdog entry and when it fires;
+        # the expiry of the statement the watchdog last found overdue.
+        self.seq = 0
+        self.raw: Any = None
+        self.statement_timeout = 0.0
+        self.deadline = _INF
+        self.entry: _Entry | None = None
+        self.entry_at = _INF
+        self.flight: _Flight | None = None
         if self.timeout is None:
             with _lock:
                 if not _per_call:
@@ -135,37 +146,139 @@ class DeadlineStage(Plugin):
 
         return handler
 
+    # --- per statement (application thread) -------------------------------------------------
+    #
+    # No lock, no heap entry and no allocation per statement: the statement's deadline is
+    # published in ``deadline`` and the connection keeps at most one watchdog entry
+    # (``entry_at``). The entry is re-armed lazily: when it fires before the statement in
+    # flight is due, it moves to that statement's deadline; when the connection is idle it
+    # lapses and the next statement arms a new one. A busy connection costs the watchdog one
+    # wake-up per deadline period, not two heap operations per statement.
+    #
+    # Publication order makes this safe without a lock (CPython's GIL makes these attribute
+    # reads and writes sequentially consistent): a statement writes ``deadline`` before it
+    # reads ``entry_at``, and the watchdog clears ``entry_at`` before it reads ``deadline``;
+    # a finished statement clears ``deadline`` before it reads ``flight``, and the watchdog
+    # publishes ``flight`` before it reads ``deadline`` again. Each side sees the other.
+    # With two threads sharing one connection, the deadline follows the statement started
+    # last.
+
     def _run(self, call: Call, timeout: float, proceed: Handler) -> Any:
-        proxy = call.connection
-        flight = _Flight(self, proxy._raw, timeout)
-        watchdog = self._watchdog
-        armed = watchdog.arm(time.monotonic() + timeout, flight.expire)
+        seq = self.seq + 1
+        self.seq = seq
+        self.raw = call.connection._raw
+        self.statement_timeout = timeout
+        deadline = time.monotonic() + timeout
+        self.deadline = deadline
+        if deadline < self.entry_at:
+            self._arm(deadline)  # first statement, after idling, or a shorter deadline
         try:
             result = proceed(call)
         except BaseException as exc:
-            watchdog.disarm(armed)
+            self.deadline = _INF
+            flight = self.flight
             # KeyboardInterrupt and the like stay what they are (settled all the same).
-            if armed.fired and flight.settle(exc) and isinstance(exc, Exception):
-                raise flight.error(proxy) from exc
+            if (flight is not None and flight.seq == seq and flight.settle(exc)
+                    and isinstance(exc, Exception)):
+                raise flight.error(call.connection) from exc
             raise
-        watchdog.disarm(armed)
-        if armed.fired and flight.settle(None):
+        self.deadline = _INF
+        flight = self.flight
+        if flight is not None and flight.seq == seq and flight.settle(None):
             # MySQL sends a result's header before its rows: an interrupted SELECT "returns"
             # and the interruption (1317) is what the rows would have been.
-            raise flight.error(proxy) from flight.discard_pending(call)
+            raise flight.error(call.connection) from flight.discard_pending(call)
         return result
 
+    def _arm(self, deadline: float) -> None:
+        with _flight_lock:
+            if deadline < self.entry_at:
+                self._arm_locked(deadline)
 
-# Orders "the call returned" against "break the socket" for every statement under a
-# deadline, so that a late break never hits a connection's next statement. Shared: it is
-# taken only once a deadline has fired (rare), and a lock per statement would cost more.
+    def _arm_locked(self, deadline: float) -> None:
+        old = self.entry
+        entry = _Entry(self)
+        self.entry = entry
+        self.entry_at = deadline
+        _armed_stages.add(self)
+        _lifecycle.register("deadlines", _release_idle)
+        entry.armed = self._watchdog.arm(deadline, entry.fire)
+        if old is not None and old.armed is not None:
+            self._watchdog.disarm(old.armed)
+
+    def _release_locked(self) -> None:
+        """Drop the watchdog entry of an idle connection (no statement in flight)."""
+        entry = self.entry
+        if entry is None or self.deadline != _INF:
+            return
+        self.entry = None
+        self.entry_at = _INF
+        if entry.armed is not None:
+            self._watchdog.disarm(entry.armed)
+
+    # --- the watchdog thread -----------------------------------------------------------------
+    def _tick(self, entry: _Entry) -> None:
+        with _flight_lock:
+            if self.entry is not entry:
+                return  # replaced by an earlier entry
+            self.entry = None
+            self.entry_at = _INF
+            deadline = self.deadline
+            if deadline == _INF:
+                return  # idle: the next statement arms again
+            if deadline > time.monotonic():
+                self._arm_locked(deadline)  # a later statement is in flight: follow it
+                return
+            seq = self.seq
+            flight = _Flight(self, self.raw, self.statement_timeout, seq)
+            self.flight = flight
+            if self.deadline == _INF or self.seq != seq:
+                return  # it returned meanwhile: nothing to cancel (flight.expired is false)
+            flight.expired = True
+            flight.cancel_done = threading.Event()
+            flight.grace_armed = self._watchdog.arm(time.monotonic() + self.grace,
+                                                    flight.break_socket)
+        # Outside the lock (starting a thread waits for it to run). The cancel does network
+        # I/O, so it gets a short-lived thread of its own, off the watchdog thread.
+        threading.Thread(target=flight._cancel, name="resilient_db-cancel", daemon=True).start()
+
+
+_INF = math.inf
+# Stages that armed a watchdog entry (weakly): resilient_db.shutdown() releases the entries of
+# idle connections so that the watchdog thread can end; entries of statements in flight stay
+# (the watchdog serves them first, then ends).
+_armed_stages: weakref.WeakSet[DeadlineStage] = weakref.WeakSet()
+
+
+def _release_idle() -> None:
+    with _flight_lock:
+        for stage in list(_armed_stages):
+            stage._release_locked()
+
+
+class _Entry:
+    """The one watchdog entry of a connection's deadline stage (see ``DeadlineStage._run``)."""
+
+    __slots__ = ("armed", "stage")
+
+    def __init__(self, stage: DeadlineStage) -> None:
+        self.stage = stage
+        self.armed: Armed | None = None
+
+    def fire(self) -> None:
+        self.stage._tick(self)
+
+
+# Orders "the call returned" against "the deadline expired" and "break the socket", so that
+# a late cancel or break never hits a connection's next statement. Shared by every
+# connection: taken when a connection arms its entry (first statement, after idling) and
+# when an entry fires, never on the per-statement path.
 _flight_lock = threading.Lock()
 
 
 class _Flight:
-    """One statement under a deadline: what the watchdog, the cancel thread and the
-    application thread share. One is made per statement, so only three fields are set up
-    front; the others keep their class defaults until the deadline fires."""
+    """A statement whose deadline expired: what the watchdog, the cancel thread and the
+    application thread share."""
 
     done = False
     expired = False
@@ -174,24 +287,13 @@ class _Flight:
     cancel_done: threading.Event | None = None
     grace_armed: Armed | None = None
 
-    def __init__(self, stage: DeadlineStage, raw: Any, timeout: float) -> None:
+    def __init__(self, stage: DeadlineStage, raw: Any, timeout: float, seq: int) -> None:
         self.stage = stage
         self.raw = raw
         self.timeout = timeout
+        self.seq = seq
 
     # --- watchdog thread --------------------------------------------------------------------
-    def expire(self) -> None:
-        stage = self.stage
-        with _flight_lock:
-            if self.done:
-                return
-            self.expired = True
-            self.cancel_done = threading.Event()
-            self.grace_armed = get_watchdog().arm(time.monotonic() + stage.grace,
-                                                  self.break_socket)
-        thread = threading.Thread(target=self._cancel, name="resilient_db-cancel", daemon=True)
-        thread.start()
-
     def break_socket(self) -> None:
         with _flight_lock:
             if self.done or self.broken:
@@ -221,10 +323,12 @@ class _Flight:
         with _flight_lock:
             self.done = True
             grace_armed = self.grace_armed
+            if self.stage.flight is self:
+                self.stage.flight = None  # let go of the driver connection
         if grace_armed is not None:
             get_watchdog().disarm(grace_armed)
         if not self.expired:
-            return False  # fire() saw the call already done: nothing was sent
+            return False  # the watchdog saw the call already done: nothing was sent
         driver = self.stage.ctx.driver
         if not self.broken:
             # Let the cancel land before the connection's next statement can start (a late
@@ -269,6 +373,12 @@ class _Flight:
         else:
             outcome = "the cancel could not be confirmed; the connection is usable"
         host = str(proxy._host)
+        stage.ctx.decide("statement.deadline_expired", None, **{
+            "resilient_db.deadline.timeout": self.timeout,
+            "resilient_db.deadline.cancelled": self.cancelled and not self.broken,
+            "resilient_db.deadline.socket_broken": self.broken,
+            "server.address": host,
+        })
         err = stage.ctx.driver.error(
             QueryTimeoutError,
             f"statement deadline of {self.timeout:g} s expired on {host}: {outcome}",

@@ -32,6 +32,7 @@ import pytest
 import resilient_db
 from chaos.netfault import NetworkFaults, unavailable_reason
 from resilient_db.drivers import get_driver
+from resilient_db.watchdog import get_watchdog
 from simulator.cluster import Cluster, Timeline
 from simulator.local import Engine, LocalServer
 from tests.conftest import Backend
@@ -79,7 +80,8 @@ def cancel_threads() -> list[threading.Thread]:
 # --- deadlines on a healthy server --------------------------------------------------------------
 
 
-def test_deadline_cancels_on_the_server_and_the_connection_stays_usable(backend: Backend) -> None:
+def test_deadline_cancels_on_the_server_and_the_connection_stays_usable(
+        backend: Backend, sink: resilient_db.CollectingSink) -> None:
     conn = backend.connect(plugins="", socket_timeout=0.3, autocommit=True)
     session = one(conn, SESSION_ID[backend.name])
     cur = conn.cursor()
@@ -92,6 +94,9 @@ def test_deadline_cancels_on_the_server_and_the_connection_stays_usable(backend:
     assert err.host == str(conn.resilient.host)
     assert "0.3 s" in str(err) and "cancelled on the server" in str(err)
     assert err.__cause__ is not None  # the driver's own error (QueryCanceled / 1317)
+    decision = sink.of_kind("statement.deadline_expired")[-1]
+    assert decision.attributes["resilient_db.deadline.cancelled"] is True
+    assert decision.attributes["resilient_db.deadline.socket_broken"] is False
     # Same server session, still usable.
     assert one(conn, SESSION_ID[backend.name]) == session
     cur.execute("SELECT 41 + 1")
@@ -115,6 +120,8 @@ def test_statements_within_the_deadline_are_untouched(backend: Backend) -> None:
 def test_call_options_shortens_socket_timeout(backend: Backend) -> None:
     conn = backend.connect(plugins="", socket_timeout=30, autocommit=True)
     cur = conn.cursor()
+    cur.execute("SELECT 1")  # the connection's watchdog entry is now 30 s away
+    cur.fetchall()
     with resilient_db.call_options(timeout=0.3):
         err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
     assert err.timeout == pytest.approx(0.3)
@@ -134,6 +141,47 @@ def test_call_options_zero_lifts_socket_timeout(backend: Backend) -> None:
             cur.fetchall()
     # Outside the block socket_timeout applies again.
     expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    conn.close()
+
+
+def test_the_deadline_follows_each_statement_on_a_busy_connection(backend: Backend) -> None:
+    # One watchdog entry per connection, moved lazily: statements shorter than the deadline
+    # never time out however long the stream, and a slow one after them times out on its own
+    # deadline (not one inherited from an earlier statement).
+    conn = backend.connect(plugins="", socket_timeout=0.5, autocommit=True)
+    cur = conn.cursor()
+    short = SLEEP[backend.name].replace("30", "0.15")
+    end = time.monotonic() + 2.0  # four deadline periods
+    count = 0
+    while time.monotonic() < end:
+        cur.execute(short)
+        cur.fetchall()
+        count += 1
+    assert count >= 8
+    start = time.monotonic()
+    err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert 0.5 <= elapsed < QUICK, elapsed
+    assert err.cancelled
+    # After idling longer than the deadline (the entry lapsed), a slow statement is caught.
+    time.sleep(0.8)
+    expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert time.monotonic() - start < 2 * QUICK
+    conn.close()
+
+
+def test_shutdown_releases_idle_deadline_entries_and_deadlines_keep_working(
+        backend: Backend) -> None:
+    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True)
+    assert one(conn, "SELECT 1") == 1  # arms the connection's entry, 30 s away
+    watchdog = get_watchdog()
+    thread = watchdog.thread
+    assert thread is not None
+    resilient_db.shutdown()
+    assert wait_for(lambda: not thread.is_alive())  # not 30 s: the idle entry was released
+    cur = conn.cursor()
+    with resilient_db.call_options(timeout=0.3):
+        err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert err.cancelled and elapsed < QUICK
     conn.close()
 
 
