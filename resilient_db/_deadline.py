@@ -1,9 +1,10 @@
 """Client-side statement deadlines: ``socket_timeout`` and ``call_options(timeout=...)``.
 
 psycopg and mysql-connector have no client-side statement deadline; a blackholed server blocks
-a call for minutes. A deadline here is an entry in the process-wide watchdog's heap
-(:mod:`resilient_db.watchdog`), armed before the driver call and disarmed after it: no thread
-per statement (DESIGN §2). When it expires, on the watchdog thread:
+a call for minutes. Deadlines here are enforced by the process-wide watchdog
+(:mod:`resilient_db.watchdog`): no thread per statement (DESIGN §2), and not even a heap
+operation per statement (each connection keeps one lazily re-armed watchdog entry, see
+``DeadlineStage._run``). When a statement's deadline has passed, on the watchdog thread:
 
 1. the statement is cancelled on the server, on a short-lived daemon thread of its own (the
    cancel does network I/O): psycopg's ``Connection.cancel_safe``; MySQL ``KILL QUERY <id>``
