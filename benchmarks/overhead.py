@@ -39,6 +39,11 @@ VARIANTS: dict[str, str] = {
     "resilient_db, failover": "failover",
     "resilient_db, efm": "efm",
     "resilient_db, failover,efm": "failover,efm",
+    "resilient_db, no plugins, socket_timeout=30": "",
+}
+#: Extra connect arguments of a variant (by name).
+VARIANT_ARGS: dict[str, dict[str, Any]] = {
+    "resilient_db, no plugins, socket_timeout=30": {"socket_timeout": 30},
 }
 
 
@@ -82,7 +87,7 @@ def _round(cursors: dict[str, Any], batch_size: int, timer: float) -> dict[str, 
 def measure(
     name: str,
     raw_connect: Callable[[], Any],
-    wrapped_connect: Callable[[str], Any],
+    wrapped_connect: Callable[..., Any],
     batches: int,
     batch_size: int,
 ) -> list[Result]:
@@ -91,7 +96,8 @@ def measure(
     process or CPU a connection happened to land on. A separate raw connection gives the
     absolute baseline shown as "raw driver"."""
     baseline = raw_connect()
-    wrapped = {variant: wrapped_connect(plugins) for variant, plugins in VARIANTS.items()}
+    wrapped = {variant: wrapped_connect(plugins, **VARIANT_ARGS.get(variant, {}))
+               for variant, plugins in VARIANTS.items()}
     cursors: dict[str, Any] = {"raw driver": baseline.cursor()}
     twins: dict[str, str] = {}
     for variant, conn in wrapped.items():
@@ -163,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             results += measure(
                 "psycopg",
                 lambda: psycopg.Connection.connect(pg_dsn, autocommit=True),
-                lambda plugins: resilient_db.connect(
-                    psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True),
+                lambda plugins, **extra: resilient_db.connect(
+                    psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True,
+                    **extra),
                 args.batches, args.batch_size,
             )
         if mykw is not None:
@@ -174,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             results += measure(
                 "mysql-connector (pure)",
                 lambda: mysql.connector.connect(use_pure=True, autocommit=True, **kw),
-                lambda plugins: resilient_db.connect(
+                lambda plugins, **extra: resilient_db.connect(
                     mysql.connector.connect, plugins=plugins, use_pure=True, autocommit=True,
-                    **kw),
+                    **kw, **extra),
                 args.batches, args.batch_size,
             )
     print(f"SELECT 1 + fetchone, median of {args.batches} batches of {args.batch_size}")

@@ -19,8 +19,9 @@ watchdog thread.
 - Lifecycle (DESIGN §6): no thread at import or when the watchdog object is created; the
   daemon thread starts on the first ``arm``; a crash of the loop is counted (``crashes``) and the
   loop restarts after a backoff; :func:`resilient_db.shutdown` stops the thread without joining
-  it (interpreter exit never waits for it). Deadlines still pending at shutdown stay in the heap
-  and fire once a later ``arm`` starts a new thread.
+  it (interpreter exit never waits for it). Deadlines still pending at shutdown are served
+  first (never abandoned: a statement blocked in another thread relies on its deadline), then
+  the thread ends.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._generation = 0  # a thread runs while its generation is current
         self._stop_event = threading.Event()  # set by stop(): cuts a restart backoff short
+        # stop() was called while deadlines were pending: serve them, then end the thread.
+        self._draining = False
         self.fired = 0
         self.fire_errors = 0
         self.crashes = 0
@@ -117,6 +120,9 @@ class Watchdog:
                 self._cond.notify()
             if self._thread is None:
                 self._start()
+            elif self._draining:  # in use again after a shutdown: keep the thread
+                self._draining = False
+                self._register()
         return armed
 
     def disarm(self, armed: Armed) -> None:
@@ -127,7 +133,9 @@ class Watchdog:
             armed._state = _DISARMED
             armed.fire = None
             self._disarmed += 1
-            if self._disarmed > _COMPACT_MIN and self._disarmed * 2 > len(self._heap):
+            if self._draining and self._disarmed == len(self._heap):
+                self._cond.notify()  # the last pending deadline is gone: let the thread end
+            elif self._disarmed > _COMPACT_MIN and self._disarmed * 2 > len(self._heap):
                 self._compact()
 
     # --- introspection ----------------------------------------------------------------------
@@ -143,13 +151,29 @@ class Watchdog:
 
     # --- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop the thread (bounded: it is told to end, never joined). Pending deadlines stay
-        armed; the next :meth:`arm` starts a new thread that serves them."""
+        """Stop the thread; bounded: it is told to end, never joined.
+
+        With no deadline pending the thread ends at once. Pending deadlines are never
+        abandoned (a statement blocked in another thread would then hang): the thread serves
+        them and ends when none is left (fired or disarmed). Either way it is a daemon thread
+        and never delays interpreter exit. A later :meth:`arm` starts (or keeps) a thread."""
         with self._cond:
-            self._generation += 1
-            self._thread = None
-            self._stop_event.set()
-            self._cond.notify_all()
+            if self._thread is None:
+                return
+            if len(self._heap) > self._disarmed:
+                self._draining = True
+                self._cond.notify_all()
+                return
+            self._end()
+
+    def _end(self) -> None:
+        # Caller holds the lock.
+        self._generation += 1
+        self._thread = None
+        self._draining = False
+        self._wake_at = -math.inf
+        self._stop_event.set()
+        self._cond.notify_all()
 
     def _start(self) -> None:
         # Caller holds the lock.
@@ -157,8 +181,11 @@ class Watchdog:
         thread = threading.Thread(target=self._supervise, args=(self._generation,),
                                   name=self.name, daemon=True)
         self._thread = thread
-        _lifecycle.register(f"watchdog:{id(self)}", self.stop)
+        self._register()
         thread.start()
+
+    def _register(self) -> None:
+        _lifecycle.register(f"watchdog:{id(self)}", self.stop)
 
     def _compact(self) -> None:
         # Caller holds the lock.
@@ -197,6 +224,9 @@ class Watchdog:
                     while heap and heap[0][1]._state != _PENDING:
                         heapq.heappop(heap)
                         self._disarmed -= 1
+                    if self._draining and len(heap) == self._disarmed:
+                        self._end()  # stopped, and nothing pending any more
+                        return
                     now = monotonic()
                     if heap and heap[0][0] <= now:
                         armed = heapq.heappop(heap)[1]

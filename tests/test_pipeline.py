@@ -31,7 +31,7 @@ pytestmark = pytest.mark.unit
 class FakeDriver:
     """Just enough driver for the connect terminal."""
 
-    def connect(self, target: Any, args: dict[str, Any]) -> Any:
+    def connect(self, target: Any, args: dict[str, Any], settings: Any = None) -> Any:
         return target(**args)
 
 

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.unit
 def watchdog() -> Iterator[Watchdog]:
     wd = Watchdog(name="resilient_db-watchdog-test")
     yield wd
+    for _, armed in list(wd._heap):  # leave no thread behind serving a test's far deadline
+        wd.disarm(armed)
     wd.stop()
 
 
@@ -159,8 +161,9 @@ def test_a_crashed_loop_is_restarted_with_backoff_and_counted(
     assert again.wait(5)
 
 
-def test_stop_ends_the_thread_without_joining_and_arm_restarts_it(watchdog: Watchdog) -> None:
-    watchdog.arm(time.monotonic() + 3600, lambda: None)
+def test_stop_ends_an_idle_thread_without_joining_and_arm_restarts_it(
+        watchdog: Watchdog) -> None:
+    watchdog.disarm(watchdog.arm(time.monotonic() + 3600, lambda: None))
     first = watchdog.thread
     assert first is not None
     start = time.monotonic()
@@ -168,24 +171,62 @@ def test_stop_ends_the_thread_without_joining_and_arm_restarts_it(watchdog: Watc
     assert time.monotonic() - start < 0.5  # never waits for the thread
     assert wait_for(lambda: not first.is_alive())
     assert watchdog.thread is None
-    # Deadlines survive a stop: the next arm's thread serves them too.
     done = threading.Event()
     watchdog.arm(time.monotonic(), done.set)
     assert done.wait(5)
     assert watchdog.thread is not None and watchdog.thread is not first
 
 
+def test_stop_never_abandons_a_pending_deadline(watchdog: Watchdog) -> None:
+    # A statement blocked in another thread counts on its deadline: stop() lets the thread
+    # serve what is pending, then it ends by itself.
+    done = threading.Event()
+    watchdog.arm(time.monotonic() + 0.3, done.set)
+    thread = watchdog.thread
+    assert thread is not None
+    start = time.monotonic()
+    watchdog.stop()
+    assert time.monotonic() - start < 0.5
+    assert done.wait(5)
+    assert wait_for(lambda: not thread.is_alive())
+    assert watchdog.thread is None
+
+
+def test_a_stopped_thread_ends_when_its_last_pending_deadline_is_disarmed(
+        watchdog: Watchdog) -> None:
+    armed = watchdog.arm(time.monotonic() + 3600, lambda: None)
+    thread = watchdog.thread
+    assert thread is not None
+    watchdog.stop()
+    time.sleep(0.1)
+    assert thread.is_alive()  # still owes that deadline
+    watchdog.disarm(armed)
+    assert wait_for(lambda: not thread.is_alive())
+    assert watchdog.thread is None
+
+
+def test_arm_while_stopping_keeps_the_thread_and_registers_it_again(watchdog: Watchdog) -> None:
+    first = watchdog.arm(time.monotonic() + 3600, lambda: None)
+    thread = watchdog.thread
+    watchdog.stop()
+    second = watchdog.arm(time.monotonic() + 3600, lambda: None)
+    watchdog.disarm(first)
+    time.sleep(0.1)
+    assert watchdog.thread is thread and thread is not None and thread.is_alive()
+    assert f"watchdog:{id(watchdog)}" in _lifecycle.running()
+    watchdog.disarm(second)
+
+
 def test_shutdown_stops_the_process_watchdog() -> None:
     wd = get_watchdog()
     assert get_watchdog() is wd
-    armed = wd.arm(time.monotonic() + 3600, lambda: None)
+    wd.disarm(wd.arm(time.monotonic() + 3600, lambda: None))
     thread = wd.thread
     assert thread is not None
     assert any(name.startswith("watchdog") for name in _lifecycle.running())
     resilient_db.shutdown()
     assert wait_for(lambda: not thread.is_alive())
     assert wd.thread is None
-    wd.disarm(armed)
 
 
 def test_interpreter_exit_never_waits_for_the_watchdog() -> None:

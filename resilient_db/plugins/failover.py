@@ -73,7 +73,13 @@ from .._pipeline import (
 from ..dialects import cached_detect, get_dialect
 from ..dialects.base import DatabaseDialect
 from ..drivers.base import TxStatus
-from ..errors import ConnectAttempt, Error, FailoverFailedError, FailoverSuccessError
+from ..errors import (
+    ConnectAttempt,
+    Error,
+    FailoverFailedError,
+    FailoverSuccessError,
+    QueryTimeoutError,
+)
 from ..failover_core import (
     Attempt,
     FailoverMode,
@@ -395,6 +401,11 @@ class FailoverPlugin(Plugin):
         """Decide what an error means; returns ``_RERAISE`` (the driver's error goes up
         untouched) or the result of a transparent retry, or raises the failover outcome."""
         driver = self.ctx.driver
+        if isinstance(exc, QueryTimeoutError):
+            # An expired statement deadline is not a dead host (DESIGN §2): never a trigger,
+            # even though it is also the driver's OperationalError and may follow a socket
+            # the deadline broke itself.
+            return _RERAISE
         if isinstance(exc, Error):
             return _RERAISE  # resilient_db's own outcome from an inner plugin
         swaps = self._swaps
