@@ -299,10 +299,13 @@ class HostMonitor:
         return self._conn is not None
 
     def attach(self, user: MonitorUser, *, interval: float, count: int, grace: float,
-               disposal: float) -> None:
+               disposal: float) -> bool:
         """Register a connection using this monitor (held weakly); the strictest settings of
-        the connections using it apply. Starts the thread if it is not running."""
+        the connections using it apply. Starts the thread if it is not running. False when
+        the monitor stopped meanwhile (disposed, shut down): get a new one."""
         with self._cond:
+            if self._stopping.is_set():
+                return False
             self._users.add(user)
             self.interval = min(self.interval, interval)
             self.count = min(self.count, count)
@@ -311,6 +314,7 @@ class HostMonitor:
                 self.grace = grace
                 self._cond.notify_all()  # the idle wait below is based on the grace period
             self._ensure_running()
+        return True
 
     def detach(self, user: MonitorUser) -> None:
         with self._cond:
@@ -372,8 +376,7 @@ class HostMonitor:
             if not self._users and not inflight:
                 if idle_since is None:
                     idle_since = now
-                elif now - idle_since >= self.disposal:
-                    self._dispose()
+                elif now - idle_since >= self.disposal and self._dispose():
                     return
             else:
                 idle_since = None
@@ -585,16 +588,20 @@ class HostMonitor:
             except Exception:
                 log.debug("host availability hook failed", exc_info=True)
 
-    def _dispose(self) -> None:
-        with _registry_lock:
+    def _dispose(self) -> bool:
+        """Stop for want of users, unless one arrived meanwhile (checked under the locks that
+        :func:`monitor_for` and :meth:`attach` take). Returns whether it stopped."""
+        with _registry_lock, self._cond:
+            if self._users or self.inflight:
+                return False
             if _monitors.get(self.key) is self:
                 del _monitors[self.key]
-        with self._cond:
             self._stopping.set()
         self._close()
         self._release_users()
         log.debug("failure monitor of %s disposed after %.0f s without users", self.address,
                   self.disposal)
+        return True
 
 
 # --- the registry --------------------------------------------------------------------------------

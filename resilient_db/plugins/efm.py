@@ -168,9 +168,11 @@ class EfmPlugin(Plugin):
             return HostMonitor(key, target, driver, interval=self.interval, count=self.count,
                                grace=self.grace, disposal=self.disposal)
 
-        monitor = efm_monitor.monitor_for(key, create)
-        monitor.attach(self, interval=self.interval, count=self.count, grace=self.grace,
-                       disposal=self.disposal)
+        while True:
+            monitor = efm_monitor.monitor_for(key, create)
+            if monitor.attach(self, interval=self.interval, count=self.count,
+                              grace=self.grace, disposal=self.disposal):
+                break  # else it stopped between the two calls: the next one is new
         self.monitor = monitor
         self._host = host
         self._inflight = monitor.inflight
