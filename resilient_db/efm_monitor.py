@@ -544,10 +544,8 @@ class HostMonitor:
         first = self._first_failure_at if self._first_failure_at is not None else now
         self._down_since = now
         self.detections += 1
-        aborted = self._abort_inflight(only_due=False)
-        log.warning("host %s declared dead: %d probes unanswered over %.2f s (%s); %d in-flight "
-                    "connection(s) aborted", self.address, self._failures, now - first, why,
-                    aborted)
+        # Marked down first, so that the failover an abort starts already knows.
+        self._notify_users(up=False)
         get_decision_sink().record(Decision("efm.host_down", "efm", {
             "server.address": self.address,
             "resilient_db.efm.detection_time": now - first,
@@ -556,9 +554,12 @@ class HostMonitor:
             "resilient_db.efm.interval": self.interval,
             "resilient_db.efm.count": self.count,
             "resilient_db.efm.grace": self.grace,
-            "resilient_db.efm.aborted": aborted}))
+            "resilient_db.efm.in_flight": len(self.inflight)}))
+        aborted = self._abort_inflight(only_due=False)
+        log.warning("host %s declared dead: %d probes unanswered over %.2f s (%s); %d in-flight "
+                    "connection(s) aborted", self.address, self._failures, now - first, why,
+                    aborted)
         self._close()
-        self._notify_users(up=False)
 
     def _abort_inflight(self, *, only_due: bool) -> int:
         """Abort the driver connections in flight on this host (``only_due``: those past their
