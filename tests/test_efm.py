@@ -591,3 +591,30 @@ def test_aws_codes_select_efm_and_settings_are_validated() -> None:
     with pytest.raises(ConfigurationError, match="failure_detection_interval_ms"):
         resilient_db.connect(psycopg.Connection.connect, plugins="efm",
                              failure_detection_interval_ms=0)
+
+
+def test_disabled_by_property_costs_nothing(backend: Any) -> None:
+    conn = backend.connect(plugins="efm", autocommit=True, failure_detection_enabled=False)
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        cur.fetchall()
+        assert efm(conn).monitor is None
+        assert conn.resilient.pipeline.chains.execute is None  # left out of every chain
+    finally:
+        conn.close()
+
+
+def test_unix_socket_connection_is_monitored(pg_server: Any) -> None:
+    kwargs = {**pg_server.connect_kwargs(), "host": str(pg_server.socket_dir)}
+    conn = resilient_db.connect(psycopg.Connection.connect, plugins="efm", autocommit=True,
+                                failure_detection_time_ms=50, failure_detection_interval_ms=100,
+                                **kwargs)
+    try:
+        conn.execute("SELECT pg_catalog.pg_sleep(0.6)")
+        monitor = monitor_of(conn)
+        assert monitor.target.address is None and monitor.address == str(pg_server.socket_dir)
+        assert monitor.probes_ok >= 2 and monitor.detections == 0
+    finally:
+        conn.close()
+        resilient_db.shutdown()
