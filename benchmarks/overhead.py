@@ -69,6 +69,9 @@ VARIANTS: dict[str, str | Variant] = {
     "resilient_db, failover + telemetry query spans": Variant(
         "failover", {"enable_telemetry": True, "telemetry_query_spans": True},
         telemetry=True, budget=math.inf),
+    "resilient_db, efm": "efm",
+    "resilient_db, failover,efm": "failover,efm",
+    "resilient_db, no plugins, socket_timeout=30": Variant("", {"socket_timeout": 30}),
 }
 
 

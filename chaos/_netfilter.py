@@ -210,16 +210,21 @@ def sweep_dead_owners() -> list[str]:
     """Remove every rule of ours whose owner process is dead, then empty chains. Returns the
     removed rules as ``<table>: <line>``. Rules without our comment are stale by definition
     (every rule we add carries one) and are removed too."""
-    removed: list[str] = []
     with chain_lock():
-        for table in TABLES:
-            for line in rule_lines(table):
-                tagged = owner_of(line)
-                if tagged is not None and tagged[0].is_alive():
-                    continue
-                if delete_line(table, line):
-                    removed.append(f"{table}: {line}")
-            remove_chain_if_empty(table)
+        return sweep_dead_owners_locked()
+
+
+def sweep_dead_owners_locked() -> list[str]:
+    """:func:`sweep_dead_owners` for a caller that holds :func:`chain_lock`."""
+    removed: list[str] = []
+    for table in TABLES:
+        for line in rule_lines(table):
+            tagged = owner_of(line)
+            if tagged is not None and tagged[0].is_alive():
+                continue
+            if delete_line(table, line):
+                removed.append(f"{table}: {line}")
+        remove_chain_if_empty(table)
     if removed:
         LOGGER.warning("removed %d network fault rule(s) left by dead processes: %s",
                        len(removed), "; ".join(removed))

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _conninfo
+from ._deadline import DeadlineStage
 from ._params import (
     AURORA_MYSQL_LOOKALIKE_SCHEMA,
     AUTO_SORT_PLUGINS,
@@ -94,7 +95,10 @@ def connect(
 
     host = driver.host_of(driver_args)
     ctx = PluginContext(settings, driver, host)
-    pipeline = Pipeline([cls(ctx) for cls in classes], ctx)
+    # The statement-deadline stage: innermost, and dormant (absent from every chain) unless a
+    # deadline can apply to this connection (socket_timeout set, or per-call timeouts in use).
+    deadline = DeadlineStage(ctx, target, driver_args)
+    pipeline = Pipeline([cls(ctx) for cls in classes], ctx, (deadline,))
     raw = pipeline.connect(ConnectContext(host, driver_args, settings, driver, target))
 
     forced_dialect: Any = settings[WRAPPER_DIALECT]

@@ -6,8 +6,8 @@ clashes with the driver's own keyword arguments because it does not travel as on
 an inner block overrides only the options it names.
 
 - ``timeout``: statement deadline in seconds, overriding the ``socket_timeout`` property for
-  these calls (``None``: inherit; ``0``: no deadline). Enforced by the watchdog (failure
-  monitoring issue); an expired deadline raises ``QueryTimeoutError`` and never fails over.
+  these calls (``None``: inherit; ``0``: no deadline). Enforced by the process-wide watchdog
+  (docs/deadlines.md); an expired deadline raises ``QueryTimeoutError`` and never fails over.
 - ``idempotent``: mark statements safe to run twice; transparent retry after failover only
   replays statements marked so (``None``: inherit; default false).
 """
@@ -34,6 +34,18 @@ class CallOptions:
 
 
 DEFAULT = CallOptions()
+_deadlines_enabled = False
+
+
+def _enable_deadlines() -> None:
+    # The first per-call deadline in the process puts the deadline stage into every
+    # connection's chains (resilient_db._deadline); until then connections without
+    # socket_timeout have no such stage and pay nothing for it.
+    global _deadlines_enabled
+    from ._deadline import enable_per_call
+
+    enable_per_call()
+    _deadlines_enabled = True
 _current: ContextVar[CallOptions] = ContextVar("resilient_db_call_options", default=DEFAULT)
 
 
@@ -67,6 +79,8 @@ def call_options(
             parameter="idempotent",
             value=idempotent,
         )
+    if timeout and not _deadlines_enabled:
+        _enable_deadlines()
     outer = _current.get()
     merged = replace(
         outer,

@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._properties import Property, _register, boolean, choice, duration, text
+from ._properties import (
+    Property,
+    _number,
+    _register,
+    boolean,
+    choice,
+    duration,
+    integer,
+    parse_bool,
+    text,
+)
 
 DIALECT_CODES = (
     "aurora-pg",
@@ -400,3 +410,139 @@ METER_PROVIDER: Property[Any] = _register(Property(
     "global one (`opentelemetry.metrics.set_meter_provider`).",
     _to_provider("get_meter"),
 ))
+
+# --- deadlines and network (resilient_db/_deadline.py, resilient_db/drivers/) ---------------
+
+SOCKET_TIMEOUT = duration(
+    "socket_timeout",
+    None,
+    "Client-side deadline of each statement (execute, executemany, callproc, commit, "
+    "rollback, entering `transaction()`/`pipeline()`/`copy()`; not fetches). When it "
+    "expires the statement is cancelled on the server (psycopg: the connection's cancel; "
+    "MySQL: `KILL QUERY` over a short side connection) and, if it has not returned "
+    "`query_timeout_grace` later, the connection's socket is broken; the call raises "
+    "`QueryTimeoutError` and never fails over. `resilient_db.call_options(timeout=...)` "
+    "overrides it per call. Unset or 0: no deadline. See docs/deadlines.md.",
+    unit="s",
+    aws_name=True,
+)
+QUERY_TIMEOUT_GRACE = duration(
+    "query_timeout_grace",
+    1.0,
+    "After a statement deadline expires, how long the server-side cancel may take to end "
+    "the statement before the connection's socket is broken (the connection is then "
+    "unusable: closed and reported broken).",
+    allow_zero=False,
+)
+
+
+def _to_optional_bool(prop: Property[bool | None], value: object) -> bool | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    result = parse_bool(value)
+    if result is None:
+        raise prop.fail(value, "a boolean (true/false, 1/0, yes/no, on/off)")
+    return result
+
+
+TCP_KEEPALIVE: Property[bool | None] = _register(Property(
+    "tcp_keepalive",
+    "bool",
+    None,
+    "Turn TCP keepalive on or off on every connection (libpq `keepalives`; `SO_KEEPALIVE` "
+    "on mysql-connector's socket). Unset: the driver's default (libpq: on; mysql-connector: "
+    "off), unless one of the `tcp_keepalive_*` properties is set, which turns it on.",
+    _to_optional_bool,
+    aws_name=True,
+))
+
+#: Linux accepts 1..32767 seconds for TCP_KEEPIDLE/TCP_KEEPINTVL.
+_KEEPALIVE_MAX_SECONDS = 32767
+
+
+def _keepalive_seconds(name: str, description: str) -> Property[float | None]:
+    def convert(prop: Property[float | None], value: object) -> float | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        number = _number(prop, value, integer=False)
+        if not 1 <= number <= _KEEPALIVE_MAX_SECONDS:
+            raise prop.fail(value, f"a duration in s from 1 to {_KEEPALIVE_MAX_SECONDS} "
+                                   "(the kernel counts keepalive time in whole seconds)")
+        return number
+
+    return _register(Property(name, "duration (s)", None, description, convert, unit="s",
+                              aws_name=True))
+
+
+TCP_KEEPALIVE_TIME = _keepalive_seconds(
+    "tcp_keepalive_time",
+    "Idle time before the first keepalive probe (libpq `keepalives_idle`; `TCP_KEEPIDLE`). "
+    "Rounded up to whole seconds. Unset: the OS default (Linux: 7200 s).",
+)
+TCP_KEEPALIVE_INTERVAL = _keepalive_seconds(
+    "tcp_keepalive_interval",
+    "Time between unanswered keepalive probes (libpq `keepalives_interval`; "
+    "`TCP_KEEPINTVL`). Rounded up to whole seconds. Unset: the OS default (Linux: 75 s).",
+)
+TCP_KEEPALIVE_PROBES = integer(
+    "tcp_keepalive_probes",
+    None,
+    "Unanswered probes before the connection is declared dead (libpq `keepalives_count`; "
+    "`TCP_KEEPCNT`). When time, interval and probes are all set, `tcp_user_timeout` is set "
+    "to time + interval * probes as well (libpq `tcp_user_timeout`; `TCP_USER_TIMEOUT`), so "
+    "that unacknowledged data in flight to a dead host gives up in the same bound. Unset: "
+    "the OS default (Linux: 9).",
+    minimum=1,
+    maximum=127,
+    aws_name=True,
+)
+
+# --- efm plugin (enhanced failure monitoring) -------------------------------------------------
+
+FAILURE_DETECTION_ENABLED = boolean(
+    "failure_detection_enabled",
+    True,
+    "Turn the `efm` plugin on or off without changing `plugins` (false: the plugin is left out "
+    "of every chain and costs nothing).",
+    plugin="efm",
+    aws_name=True,
+)
+FAILURE_DETECTION_TIME = duration(
+    "failure_detection_time_ms",
+    30.0,
+    "Grace period: how long a statement runs before its host is probed. Statements shorter "
+    "than this never cause a probe.",
+    unit="ms",
+    plugin="efm",
+    aws_name=True,
+)
+FAILURE_DETECTION_INTERVAL = duration(
+    "failure_detection_interval_ms",
+    5.0,
+    "Time between probes of a host while one of its statements has outlived the grace "
+    "period; a probe unanswered for this long counts as one failure. A host monitor shared "
+    "by connections with different values uses the shortest.",
+    unit="ms",
+    plugin="efm",
+    allow_zero=False,
+    aws_name=True,
+)
+FAILURE_DETECTION_COUNT = integer(
+    "failure_detection_count",
+    3,
+    "Consecutive failed probes after which the host is declared dead: its in-flight "
+    "statements are aborted and it is marked down. A host monitor shared by connections with "
+    "different values uses the smallest.",
+    minimum=1,
+    plugin="efm",
+    aws_name=True,
+)
+MONITOR_DISPOSAL_TIME = duration(
+    "monitor_disposal_time_ms",
+    60.0,
+    "A host monitor with no open connection using it stops (thread and probe connection) "
+    "after this long.",
+    unit="ms",
+    plugin="efm",
+    aws_name=True,
+)

@@ -336,14 +336,18 @@ class Pipeline:
     """The plugins of one connection and the chains built from them, once (and again only
     when a plugin's dormancy changes)."""
 
-    __slots__ = ("__weakref__", "chains", "connect", "ctx", "hosts", "listeners",
+    __slots__ = ("__weakref__", "chains", "connect", "ctx", "hosts", "inner", "listeners",
                  "may_intercept", "plugins")
 
-    def __init__(self, plugins: Sequence[Plugin], ctx: PluginContext) -> None:
+    def __init__(self, plugins: Sequence[Plugin], ctx: PluginContext,
+                 inner: Sequence[Plugin] = ()) -> None:
         self.plugins = tuple(plugins)
+        #: resilient_db's own stages, innermost in every chain after the plugins and not
+        #: listed in ``plugins`` (the statement deadline, ``_deadline.DeadlineStage``).
+        self.inner = tuple(inner)
         self.ctx = ctx
         #: Ops some plugin intercepts when awake: the others can never have a chain.
-        self.may_intercept = subscribed_ops(self.plugins)
+        self.may_intercept = subscribed_ops(self.plugins + self.inner)
         self.chains = Chains(())
         self.listeners = tuple(
             p
@@ -362,7 +366,7 @@ class Pipeline:
 
     def rebuild(self) -> None:
         """(Re)build every chain from the plugins that are not dormant."""
-        awake = [p for p in self.plugins if not p.dormant()]
+        awake = [p for p in self.plugins + self.inner if not p.dormant()]
         self.chains.build(awake)
         connect: ConnectHandler = _connect_terminal
         for plugin in reversed([p for p in awake if _overrides(p, "connect")]):
@@ -389,7 +393,7 @@ class Pipeline:
 
 
 def _connect_terminal(ctx: ConnectContext) -> Any:
-    return ctx.driver.connect(ctx.target, ctx.args)
+    return ctx.driver.connect(ctx.target, ctx.args, ctx.settings)
 
 
 def _hosts_terminal(ctx: HostsContext) -> tuple[HostSpec, ...]:

@@ -33,12 +33,13 @@ BUILTIN: dict[str, str] = {
         "resilient_db.plugins.aurora_connection_tracker:ConnectionTrackerPlugin",
     "initial_connection": "resilient_db.plugins.initial_connection:InitialConnectionPlugin",
     "stale_dns": "resilient_db.plugins.stale_dns:StaleDnsPlugin",
+    "efm": "resilient_db.plugins.efm:EfmPlugin",
 }
 
 #: Built-in codes announced for later releases: selecting one gives a clear error, not a typo
 #: suggestion.
 PLANNED = frozenset(
-    {"efm", "read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
+    {"read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
      "federated_auth", "okta", "limitless", "fastest_response_strategy"}
 )
 

@@ -373,6 +373,11 @@ class TopologyMonitor:
             {"server.address": address, "server.port": port,
              "resilient_db.topology.cluster": self.key}))
 
+    def mark_up(self, host: Host | HostSpec | str) -> None:
+        """Forget that ``host`` was found down (a failure monitor hears from it again)."""
+        with self._cond:
+            self._bad = self._bad.mark_up(host)
+
     def last_election(self) -> Election | None:
         return self._last_election
 

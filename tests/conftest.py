@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 import resilient_db
+from resilient_db import _deadline
 from resilient_db.plugins import dev
 from simulator.local import LocalServer
 
@@ -76,6 +77,14 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 def _disarm_dev_plugin() -> Iterator[None]:
     yield
     dev.reset()
+
+
+@pytest.fixture(autouse=True)
+def _forget_per_call_deadlines() -> Iterator[None]:
+    """call_options(timeout=...) puts the deadline stage into every connection from then on
+    (process-wide, one-way); each test starts as a process that has not used it."""
+    yield
+    _deadline.reset_per_call()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from chaos import netfault
-from chaos._netfilter import Owner, rules_of
+from chaos._netfilter import Owner, chain_lock, rules_of, sweep_dead_owners_locked
 from chaos.netfault import Fault, NetworkFaultError, NetworkFaults, Stream
 from simulator._addresses import ProcessIdentity, claim_address, release_address
 from simulator.cluster import Cluster, Instance
@@ -568,10 +568,31 @@ def test_heal_is_idempotent_and_checks_ownership(echo: EchoServer) -> None:
         assert first.rules() == []
 
 
+# Other processes (other test runs on this machine) may sweep dead owners' rules at any time;
+# holding chain_lock() keeps them from doing so while a test looks at a child's rules, so
+# that "the rules are gone" proves the child removed them itself.
+
+
 def _run_child(code: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def _assert_child_removed_its_rules(proc: subprocess.Popen[str], owner: Owner) -> None:
+    """Let the child finish while no one else can sweep; its rules must vanish, by its own
+    hand, before or as it exits."""
+    with chain_lock():
+        _go(proc)
+        assert eventually(lambda: rules_of(owner) == [] or proc.poll() is not None, 60)
+        assert rules_of(owner) == [], "the child left its rules behind"
 
 
 def _owner_from_ready_line(proc: subprocess.Popen[str]) -> Owner:
@@ -589,6 +610,7 @@ _CHILD_PRELUDE = """
     def ready():
         assert len(rules_of(me)) == 2, rules_of(me)
         print("ready", me.pid, me.start_time, flush=True)
+        sys.stdin.readline()  # "go"
 """
 
 
@@ -600,9 +622,9 @@ def test_rules_gone_when_child_raises_inside_with(echo: EchoServer) -> None:
         raise RuntimeError("boom")
     """, echo.host)
     owner = _owner_from_ready_line(proc)
+    _assert_child_removed_its_rules(proc, owner)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "RuntimeError: boom" in stderr
-    assert rules_of(owner) == []
 
 
 def test_rules_gone_at_exit_without_with(echo: EchoServer) -> None:
@@ -613,9 +635,9 @@ def test_rules_gone_at_exit_without_with(echo: EchoServer) -> None:
     sys.exit(3)
     """, echo.host)
     owner = _owner_from_ready_line(proc)
+    _assert_child_removed_its_rules(proc, owner)
     proc.communicate(timeout=60)
     assert proc.returncode == 3
-    assert rules_of(owner) == []
 
 
 def test_dead_owner_rules_swept(echo: EchoServer) -> None:
@@ -628,15 +650,16 @@ def test_dead_owner_rules_swept(echo: EchoServer) -> None:
     """, echo.host)
     try:
         owner = _owner_from_ready_line(proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        with chain_lock():
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+            assert len(rules_of(owner)) == 2  # SIGKILL: no chance to clean up
+            with pytest.raises(TimeoutError):
+                echo.connect(timeout=0.5)
+            removed = sweep_dead_owners_locked()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len(rules_of(owner)) == 2  # SIGKILL: no chance to clean up
-    with pytest.raises(TimeoutError):
-        echo.connect(timeout=0.5)
-    removed = netfault.sweep_dead_owners()
     assert len([r for r in removed if f"owner={owner.pid}:" in r]) == 2
     assert rules_of(owner) == []
     with echo.connect() as conn:
@@ -652,9 +675,11 @@ def test_new_network_faults_sweeps_dead_owners(echo: EchoServer) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
     """, echo.host)
     owner = _owner_from_ready_line(proc)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert len(rules_of(owner)) == 2
+    with chain_lock():
+        _go(proc)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        assert len(rules_of(owner)) == 2
     with NetworkFaults():
         assert rules_of(owner) == []
 
@@ -671,6 +696,10 @@ def test_fixture_clears_after_failing_test(echo: EchoServer, tmp_path: Path) -> 
             assert len(rules_of(me)) == 2
             print("OWNER", me.pid, me.start_time)
             assert False, "deliberate failure"
+
+        def test_fixture_cleared():
+            # Same live process: only the fixture's teardown can have removed them.
+            assert rules_of(Owner.current()) == []
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
@@ -679,6 +708,7 @@ def test_fixture_clears_after_failing_test(echo: EchoServer, tmp_path: Path) -> 
         env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "deliberate failure" in result.stdout
+    assert "1 failed, 1 passed" in result.stdout, result.stdout
     words = next(line for line in result.stdout.splitlines() if "OWNER" in line).split()
     owner = Owner(int(words[-2]), int(words[-1]))
     assert rules_of(owner) == []

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.unit
 class FakeDriver:
     """Just enough driver for the connect terminal."""
 
-    def connect(self, target: Any, args: dict[str, Any]) -> Any:
+    def connect(self, target: Any, args: dict[str, Any], settings: Any = None) -> Any:
         return target(**args)
 
 
@@ -182,7 +182,7 @@ def test_unknown_plugin_suggests() -> None:
 
 def test_planned_plugin_is_a_clear_error() -> None:
     with pytest.raises(ConfigurationError, match="not available in this release"):
-        registry.resolve(["host_monitoring"])  # alias of a plugin that has not landed yet
+        registry.resolve(["bg"])  # alias of a plugin that has not landed yet
 
 
 @pytest.fixture

@@ -11,15 +11,88 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import errors
+from .._params import (
+    TCP_KEEPALIVE,
+    TCP_KEEPALIVE_INTERVAL,
+    TCP_KEEPALIVE_PROBES,
+    TCP_KEEPALIVE_TIME,
+)
 from .._pipeline import HostSpec
+from .._properties import Settings
 
 if TYPE_CHECKING:
+    from .._pipeline import Call
     from .._proxy import ConnectionProxy, CursorProxy
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """TCP settings for a connection's socket, from the ``tcp_keepalive*`` properties.
+    ``None`` everywhere: leave the driver's and the OS's defaults alone.
+
+    Keepalive times are whole seconds (what the kernel and libpq take, rounded up);
+    ``user_timeout`` (seconds) is time + interval * probes when all three are set.
+    """
+
+    keepalive: bool | None = None
+    idle: int | None = None
+    interval: int | None = None
+    probes: int | None = None
+    user_timeout: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NetworkOptions:
+        enabled = settings[TCP_KEEPALIVE]
+        time_, interval = settings[TCP_KEEPALIVE_TIME], settings[TCP_KEEPALIVE_INTERVAL]
+        probes = settings[TCP_KEEPALIVE_PROBES]
+        tuned = [p.name for p, v in ((TCP_KEEPALIVE_TIME, time_),
+                                     (TCP_KEEPALIVE_INTERVAL, interval),
+                                     (TCP_KEEPALIVE_PROBES, probes)) if v is not None]
+        if enabled is False and tuned:
+            raise errors.ConfigurationError(
+                f"tcp_keepalive is false but {', '.join(tuned)} is set: keepalive settings "
+                "need keepalive on; remove tcp_keepalive=false or the "
+                f"{' and '.join(tuned)} setting",
+                parameter="tcp_keepalive", value=False)
+        if enabled is None and tuned:
+            enabled = True
+        idle = None if time_ is None else math.ceil(time_)
+        every = None if interval is None else math.ceil(interval)
+        user_timeout = None
+        if enabled and idle is not None and every is not None and probes is not None:
+            user_timeout = float(idle + every * probes)
+        return cls(enabled, idle, every, probes, user_timeout)
+
+    @property
+    def empty(self) -> bool:
+        return self.keepalive is None
+
+
+NO_NETWORK_OPTIONS = NetworkOptions()
+
+
+def set_socket_options(sock: socket.socket, options: NetworkOptions) -> None:
+    """Apply ``options`` to a connected TCP socket (Linux option names; an option the
+    platform lacks is skipped)."""
+    if options.keepalive is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if options.keepalive else 0)
+    if not options.keepalive:
+        return
+    for name, value in (("TCP_KEEPIDLE", options.idle), ("TCP_KEEPINTVL", options.interval),
+                        ("TCP_KEEPCNT", options.probes)):
+        if value is not None and hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if options.user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        int(options.user_timeout * 1000))
 
 
 class TxStatus(enum.Enum):
@@ -66,8 +139,30 @@ class DriverDialect(abc.ABC):
         return HostSpec(host, int(port) if port not in (None, "") else None)
 
     # --- connection ----------------------------------------------------------------------
-    def connect(self, target: Callable[..., Any], args: Mapping[str, Any]) -> Any:
-        return target(**args)
+    def connect(self, target: Callable[..., Any], args: Mapping[str, Any],
+                settings: Settings | None = None) -> Any:
+        """Open a physical connection. ``settings`` (when given) carry the ``tcp_keepalive*``
+        properties, applied as driver arguments or socket options; a driver argument the
+        caller set explicitly (e.g. libpq ``keepalives_idle``) wins."""
+        options = NO_NETWORK_OPTIONS if settings is None else NetworkOptions.from_settings(
+            settings)
+        if options.empty:
+            return target(**args)
+        conn = target(**self.network_args(args, options))
+        try:
+            self.configure_socket(conn, options)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def network_args(self, args: Mapping[str, Any], options: NetworkOptions) -> Mapping[str, Any]:
+        """``args`` with ``options`` expressed as driver arguments, where the driver has them."""
+        return args
+
+    def configure_socket(self, conn: Any, options: NetworkOptions) -> None:
+        """Apply what :meth:`network_args` could not express to the connected socket."""
+        return None
 
     @abc.abstractmethod
     def is_closed(self, conn: Any) -> bool:
@@ -95,6 +190,19 @@ class DriverDialect(abc.ABC):
             return False
         finally:
             sock.close()
+
+    def cancel(self, conn: Any, target: Callable[..., Any] | None,
+               args: Mapping[str, Any], timeout: float) -> bool:
+        """Cancel the statement running on ``conn`` on the server, from another thread,
+        within about ``timeout`` seconds. ``target``/``args``: how ``conn`` was opened (for
+        drivers that need a side connection). Returns whether the server took the cancel.
+        The default cannot cancel (the deadline then breaks the socket after its grace)."""
+        return False
+
+    def discard_pending(self, conn: Any, call: Call) -> None:
+        """Drop results an interrupted statement left unread, so that the connection's next
+        statement does not trip over them (MySQL). Default: nothing to do."""
+        return None
 
     @abc.abstractmethod
     def transaction_status(self, conn: Any) -> TxStatus: ...

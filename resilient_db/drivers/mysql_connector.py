@@ -11,6 +11,7 @@ implementation). ``tests/test_drivers.py`` fails loudly if a release renames it.
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ from .._proxy import (
     ConnectionProxy,
     CursorProxy,
 )
-from .base import DriverDialect, TxStatus
+from .base import DriverDialect, NetworkOptions, TxStatus, set_socket_options
 
 __all__ = [
     "FailoverFailedError",
@@ -91,6 +92,14 @@ _EXTRA_ARGS = frozenset(
     {"pool_name", "pool_size", "pool_reset_session", "option_files", "option_groups",
      "failover", "username", "passwd", "db", "fido_callback", "webauthn_callback",
      "tls_versions", "tls_ciphersuites"}
+)
+
+
+# Connect arguments a side connection (KILL QUERY) must not inherit: pooling would hand back
+# a pooled connection; the timeouts are the side connection's own.
+_SIDE_CONNECTION_DROP = frozenset(
+    {"pool_name", "pool_size", "pool_reset_session", "connect_timeout", "connection_timeout",
+     "read_timeout", "write_timeout", "failover", "host", "port", "unix_socket"}
 )
 
 
@@ -212,6 +221,43 @@ class MysqlConnectorDriver(DriverDialect):
             return False
         except OSError:
             return True
+
+    def configure_socket(self, conn: Any, options: NetworkOptions) -> None:
+        # mysql-connector has no keepalive arguments: set the options on its socket once
+        # connected (the handshake is bounded by connect_timeout instead). C extension:
+        # no socket object to reach, so nothing is set (unverified, see the module docstring).
+        holder = getattr(conn, "_socket", None)
+        sock = getattr(holder, "sock", None)
+        if isinstance(sock, socket.socket):
+            set_socket_options(sock, options)
+
+    def cancel(self, conn: Any, target: Any, args: Mapping[str, Any], timeout: float) -> bool:
+        # KILL QUERY ends the statement and keeps the session (error 1317 on the blocked
+        # connection). It needs a second connection, to the server the statement runs on,
+        # with the same credentials (a user may always kill its own statements).
+        if target is None:
+            return False
+        connection_id = int(conn.connection_id)
+        side_args = {k: v for k, v in args.items() if k not in _SIDE_CONNECTION_DROP}
+        side_args["host"] = conn.server_host
+        side_args["port"] = conn.server_port
+        # mysql-connector takes whole seconds (and at least 1) for these.
+        seconds = max(1, math.ceil(timeout))
+        side_args["connection_timeout"] = seconds
+        side_args["read_timeout"] = seconds
+        side_args["write_timeout"] = seconds
+        side = target(**side_args)
+        try:
+            cur = side.cursor()
+            cur.execute(f"KILL QUERY {connection_id}")
+            cur.close()
+        finally:
+            side.close()
+        return True
+
+    def discard_pending(self, conn: Any, call: Any) -> None:
+        if getattr(conn, "unread_result", False):
+            conn.consume_results()
 
     def socket_of(self, conn: Any) -> socket.socket | None:
         holder = getattr(conn, "_socket", None)

@@ -30,7 +30,7 @@ from .._proxy import (
     CursorProxy,
     PipelinedContext,
 )
-from .base import DriverDialect, TxStatus
+from .base import DriverDialect, NetworkOptions, TxStatus
 
 __all__ = [
     "FailoverFailedError",
@@ -223,6 +223,34 @@ class PsycopgDriver(DriverDialect):
                     value=value,
                 ) from None
         return value
+
+    def network_args(self, args: Mapping[str, Any], options: NetworkOptions) -> Mapping[str, Any]:
+        # libpq applies these to its socket itself (before connecting, so the handshake is
+        # covered too). Arguments given explicitly (by the user or an internal caller such as
+        # the topology monitor) win.
+        if options.keepalive is None:
+            return args
+        out = dict(args)
+        out.setdefault("keepalives", 1 if options.keepalive else 0)
+        if options.keepalive:
+            for name, value in (("keepalives_idle", options.idle),
+                                ("keepalives_interval", options.interval),
+                                ("keepalives_count", options.probes)):
+                if value is not None:
+                    out.setdefault(name, value)
+            if options.user_timeout is not None:
+                out.setdefault("tcp_user_timeout", int(options.user_timeout * 1000))
+        return out
+
+    def cancel(self, conn: Any, target: Any, args: Mapping[str, Any], timeout: float) -> bool:
+        # libpq's cancel request on a connection of its own; safe from another thread, and
+        # bounded by ``timeout`` (psycopg >= 3.2; older releases: the blocking cancel()).
+        cancel_safe = getattr(conn, "cancel_safe", None)
+        if cancel_safe is not None:
+            cancel_safe(timeout=timeout)
+        else:
+            conn.cancel()
+        return True
 
     def is_closed(self, conn: Any) -> bool:
         return bool(conn.closed or conn.broken)

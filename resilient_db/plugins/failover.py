@@ -73,7 +73,13 @@ from .._pipeline import (
 from ..dialects import cached_detect, get_dialect
 from ..dialects.base import DatabaseDialect
 from ..drivers.base import TxStatus
-from ..errors import ConnectAttempt, Error, FailoverFailedError, FailoverSuccessError
+from ..errors import (
+    ConnectAttempt,
+    Error,
+    FailoverFailedError,
+    FailoverSuccessError,
+    QueryTimeoutError,
+)
 from ..failover_core import (
     Attempt,
     FailoverMode,
@@ -171,7 +177,8 @@ class FailoverPlugin(Plugin):
         self._monitor_key: tuple[str, tuple[Any, ...]] | None = None
         self._dialect: DatabaseDialect | None = None
         self._addressing: Addressing | None = None
-        # Found by plugins of the same connection (the connection tracker); weak: no cycle.
+        # Found by plugins of the same connection (the connection tracker, efm's mark_host);
+        # weak: a cycle would outlive `del conn`.
         ctx.extra["failover"] = weakref.ref(self)
 
     def dormant(self) -> bool:
@@ -287,6 +294,19 @@ class FailoverPlugin(Plugin):
                                      if self._addressing else None))
         return monitor
 
+    def mark_host(self, host: HostSpec, up: bool) -> None:
+        """For a failure monitor (``efm``): ``host``, this connection's instance, was declared
+        dead (``up`` false) or answers again. Kept in the cluster's bad-host memory, which host
+        selection and reader failover consult."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        failed = self._failed_host(host, monitor)
+        if up:
+            monitor.mark_up(failed)
+        else:
+            monitor.mark_down(failed)
+
     @property
     def stale(self) -> bool:
         """The writer changed since this connection was opened (topology epoch moved on)."""
@@ -384,6 +404,11 @@ class FailoverPlugin(Plugin):
         """Decide what an error means; returns ``_RERAISE`` (the driver's error goes up
         untouched) or the result of a transparent retry, or raises the failover outcome."""
         driver = self.ctx.driver
+        if isinstance(exc, QueryTimeoutError):
+            # An expired statement deadline is not a dead host (DESIGN §2): never a trigger,
+            # even though it is also the driver's OperationalError and may follow a socket
+            # the deadline broke itself.
+            return _RERAISE
         if isinstance(exc, Error):
             return _RERAISE  # resilient_db's own outcome from an inner plugin
         swaps = self._swaps

@@ -1,0 +1,388 @@
+"""Client-side statement deadlines: ``socket_timeout`` and ``call_options(timeout=...)``.
+
+psycopg and mysql-connector have no client-side statement deadline; a blackholed server blocks
+a call for minutes. Deadlines here are enforced by the process-wide watchdog
+(:mod:`resilient_db.watchdog`): no thread per statement (DESIGN §2), and not even a heap
+operation per statement (each connection keeps one lazily re-armed watchdog entry, see
+``DeadlineStage._run``). When a statement's deadline has passed, on the watchdog thread:
+
+1. the statement is cancelled on the server, on a short-lived daemon thread of its own (the
+   cancel does network I/O): psycopg's ``Connection.cancel_safe``; MySQL ``KILL QUERY <id>``
+   over a side connection (``DriverDialect.cancel``);
+2. if the call has still not returned ``query_timeout_grace`` later, the connection's socket is
+   broken (``DriverDialect.abort``: ``shutdown(SHUT_RDWR)``), which wakes the blocked thread
+   with the driver's own error.
+
+The application thread then raises ``QueryTimeoutError`` (also the driver's
+``OperationalError``), chained from the driver's error. It never fails over: a missed deadline
+is not a dead host. After a server-side cancel the connection stays usable; after a broken
+socket it is closed and reported broken. A disconnect the deadline did not cause (the failure
+monitor broke the socket, the server went away) is re-raised untouched, for failover.
+
+The stage is innermost in a connection's chains (after every plugin, so each retry of a
+statement gets its own deadline) and exists only where a deadline can apply: connections with
+``socket_timeout`` set, and every connection once ``call_options(timeout=...)`` has been used
+in the process (:func:`enable_per_call`). Elsewhere the hot path is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from . import _lifecycle, _options
+from ._params import QUERY_TIMEOUT_GRACE, SOCKET_TIMEOUT
+from ._pipeline import RUN_CALL, Call, Handler, Op, Plugin, PluginContext
+from .errors import QueryTimeoutError
+from .watchdog import Armed, get_watchdog
+
+__all__ = ["DEADLINE_OPS", "DeadlineStage", "enable_per_call"]
+
+log = logging.getLogger("resilient_db.deadline")
+
+#: The ops a statement deadline bounds: everything that sends a statement and waits for its
+#: answer. Not FETCH (psycopg's client-side cursors fetch from memory; keeping fetches out of
+#: the chain keeps them free), CLOSE or SESSION.
+DEADLINE_OPS: frozenset[Op] = frozenset(
+    {Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.COPY, Op.COMMIT, Op.ROLLBACK,
+     Op.TRANSACTION, Op.PIPELINE}
+)
+
+_lock = threading.Lock()
+_per_call = False  # call_options(timeout=...) has been used in this process
+_waiting: weakref.WeakSet[DeadlineStage] = weakref.WeakSet()  # dormant stages
+
+
+def enable_per_call() -> None:
+    """Put the deadline stage in every connection's chains, now and from now on (called the
+    first time ``call_options(timeout=...)`` asks for a deadline). One-way: afterwards every
+    statement pays for one ``ContextVar`` read (a few tens of ns)."""
+    global _per_call
+    with _lock:
+        if _per_call:
+            return
+        _per_call = True
+        stages = list(_waiting)
+        _waiting.clear()
+    for stage in stages:
+        stage.ctx.rebuild()
+
+
+def per_call_enabled() -> bool:
+    return _per_call
+
+
+def reset_per_call() -> None:
+    """For tests: forget that per-call deadlines were used, so connections opened from now on
+    get the stage only if ``socket_timeout`` is set (open connections keep what they have)."""
+    global _per_call
+    with _lock:
+        _per_call = False
+    _options._deadlines_enabled = False
+
+
+class DeadlineStage(Plugin):
+    """The statement-deadline stage of one connection (not a user-selectable plugin)."""
+
+    code = "deadline"
+    intercepts = DEADLINE_OPS
+
+    def __init__(self, ctx: PluginContext, target: Any = None,
+                 connect_args: Mapping[str, Any] | None = None) -> None:
+        super().__init__(ctx)
+        self.timeout: float | None = ctx.settings[SOCKET_TIMEOUT] or None  # 0: no deadline
+        grace = ctx.settings[QUERY_TIMEOUT_GRACE]
+        self.grace = 1.0 if grace is None else grace
+        # For MySQL's side connection that sends KILL QUERY (same credentials; the host and
+        # port are taken from the connection the statement runs on). The mapping is the one
+        # the connect chain used, so changes plugins made to it (a password) are seen.
+        self.target = target
+        self.connect_args = connect_args if connect_args is not None else {}
+        # The statement in flight (see _run): its number, driver connection, timeout and
+        # deadline (inf: none in flight); the connection's watchdog entry and when it fires;
+        # the expiry of the statement the watchdog last found overdue.
+        self.seq = 0
+        self.raw: Any = None
+        self.statement_timeout = 0.0
+        self.deadline = _INF
+        self.entry: _Entry | None = None
+        self.entry_at = _INF
+        self.flight: _Flight | None = None
+        if self.timeout is None:
+            with _lock:
+                if not _per_call:
+                    _waiting.add(self)
+
+    def dormant(self) -> bool:
+        return self.timeout is None and not _per_call
+
+    def wrap_execute(self, proceed: Handler) -> Handler:
+        default = self.timeout
+        current = _options._current.get
+        run = self._run
+        self._watchdog = get_watchdog()  # the object only: its thread starts on the first arm
+
+        if proceed is RUN_CALL:  # always the case: the stage is innermost
+            def handler(call: Call) -> Any:
+                timeout = current().timeout
+                if timeout is None:
+                    timeout = default
+                if not timeout:
+                    kwargs = call.kwargs
+                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                return run(call, timeout, proceed)
+        else:
+            def handler(call: Call) -> Any:
+                timeout = current().timeout
+                if timeout is None:
+                    timeout = default
+                if not timeout:
+                    return proceed(call)
+                return run(call, timeout, proceed)
+
+        return handler
+
+    # --- per statement (application thread) -------------------------------------------------
+    #
+    # No lock, no heap entry and no allocation per statement: the statement's deadline is
+    # published in ``deadline`` and the connection keeps at most one watchdog entry
+    # (``entry_at``). The entry is re-armed lazily: when it fires before the statement in
+    # flight is due, it moves to that statement's deadline; when the connection is idle it
+    # lapses and the next statement arms a new one. A busy connection costs the watchdog one
+    # wake-up per deadline period, not two heap operations per statement.
+    #
+    # Publication order makes this safe without a lock (CPython's GIL makes these attribute
+    # reads and writes sequentially consistent): a statement writes ``deadline`` before it
+    # reads ``entry_at``, and the watchdog clears ``entry_at`` before it reads ``deadline``;
+    # a finished statement clears ``deadline`` before it reads ``flight``, and the watchdog
+    # publishes ``flight`` before it reads ``deadline`` again. Each side sees the other.
+    # With two threads sharing one connection, the deadline follows the statement started
+    # last.
+
+    def _run(self, call: Call, timeout: float, proceed: Handler) -> Any:
+        seq = self.seq + 1
+        self.seq = seq
+        self.raw = call.connection._raw
+        self.statement_timeout = timeout
+        deadline = time.monotonic() + timeout
+        self.deadline = deadline
+        if deadline < self.entry_at:
+            self._arm(deadline)  # first statement, after idling, or a shorter deadline
+        try:
+            result = proceed(call)
+        except BaseException as exc:
+            self.deadline = _INF
+            flight = self.flight
+            # KeyboardInterrupt and the like stay what they are (settled all the same).
+            if (flight is not None and flight.seq == seq and flight.settle(exc)
+                    and isinstance(exc, Exception)):
+                raise flight.error(call.connection) from exc
+            raise
+        self.deadline = _INF
+        flight = self.flight
+        if flight is not None and flight.seq == seq and flight.settle(None):
+            # MySQL sends a result's header before its rows: an interrupted SELECT "returns"
+            # and the interruption (1317) is what the rows would have been.
+            raise flight.error(call.connection) from flight.discard_pending(call)
+        return result
+
+    def _arm(self, deadline: float) -> None:
+        with _flight_lock:
+            if deadline < self.entry_at:
+                self._arm_locked(deadline)
+
+    def _arm_locked(self, deadline: float) -> None:
+        old = self.entry
+        entry = _Entry(self)
+        self.entry = entry
+        self.entry_at = deadline
+        _armed_stages.add(self)
+        _lifecycle.register("deadlines", _release_idle)
+        entry.armed = self._watchdog.arm(deadline, entry.fire)
+        if old is not None and old.armed is not None:
+            self._watchdog.disarm(old.armed)
+
+    def _release_locked(self) -> None:
+        """Drop the watchdog entry of an idle connection (no statement in flight)."""
+        entry = self.entry
+        if entry is None or self.deadline != _INF:
+            return
+        self.entry = None
+        self.entry_at = _INF
+        if entry.armed is not None:
+            self._watchdog.disarm(entry.armed)
+
+    # --- the watchdog thread -----------------------------------------------------------------
+    def _tick(self, entry: _Entry) -> None:
+        with _flight_lock:
+            if self.entry is not entry:
+                return  # replaced by an earlier entry
+            self.entry = None
+            self.entry_at = _INF
+            deadline = self.deadline
+            if deadline == _INF:
+                return  # idle: the next statement arms again
+            if deadline > time.monotonic():
+                self._arm_locked(deadline)  # a later statement is in flight: follow it
+                return
+            seq = self.seq
+            flight = _Flight(self, self.raw, self.statement_timeout, seq)
+            self.flight = flight
+            if self.deadline == _INF or self.seq != seq:
+                return  # it returned meanwhile: nothing to cancel (flight.expired is false)
+            flight.expired = True
+            flight.cancel_done = threading.Event()
+            flight.grace_armed = self._watchdog.arm(time.monotonic() + self.grace,
+                                                    flight.break_socket)
+        # Outside the lock (starting a thread waits for it to run). The cancel does network
+        # I/O, so it gets a short-lived thread of its own, off the watchdog thread.
+        threading.Thread(target=flight._cancel, name="resilient_db-cancel", daemon=True).start()
+
+
+_INF = math.inf
+# Stages that armed a watchdog entry (weakly): resilient_db.shutdown() releases the entries of
+# idle connections so that the watchdog thread can end; entries of statements in flight stay
+# (the watchdog serves them first, then ends).
+_armed_stages: weakref.WeakSet[DeadlineStage] = weakref.WeakSet()
+
+
+def _release_idle() -> None:
+    with _flight_lock:
+        for stage in list(_armed_stages):
+            stage._release_locked()
+
+
+class _Entry:
+    """The one watchdog entry of a connection's deadline stage (see ``DeadlineStage._run``)."""
+
+    __slots__ = ("armed", "stage")
+
+    def __init__(self, stage: DeadlineStage) -> None:
+        self.stage = stage
+        self.armed: Armed | None = None
+
+    def fire(self) -> None:
+        self.stage._tick(self)
+
+
+# Orders "the call returned" against "the deadline expired" and "break the socket", so that
+# a late cancel or break never hits a connection's next statement. Shared by every
+# connection: taken when a connection arms its entry (first statement, after idling) and
+# when an entry fires, never on the per-statement path.
+_flight_lock = threading.Lock()
+
+
+class _Flight:
+    """A statement whose deadline expired: what the watchdog, the cancel thread and the
+    application thread share."""
+
+    done = False
+    expired = False
+    cancelled = False
+    broken = False
+    cancel_done: threading.Event | None = None
+    grace_armed: Armed | None = None
+
+    def __init__(self, stage: DeadlineStage, raw: Any, timeout: float, seq: int) -> None:
+        self.stage = stage
+        self.raw = raw
+        self.timeout = timeout
+        self.seq = seq
+
+    # --- watchdog thread --------------------------------------------------------------------
+    def break_socket(self) -> None:
+        with _flight_lock:
+            if self.done or self.broken:
+                return
+            self.broken = self.stage.ctx.driver.abort(self.raw)
+        log.info("statement deadline: no answer %.3g s after the cancel; broke the connection "
+                 "to %s", self.stage.grace, self.stage.ctx.host)
+
+    # --- cancel thread ----------------------------------------------------------------------
+    def _cancel(self) -> None:
+        stage = self.stage
+        try:
+            self.cancelled = stage.ctx.driver.cancel(self.raw, stage.target, stage.connect_args,
+                                                     stage.grace)
+        except Exception as exc:
+            log.info("server-side cancel on %s failed: %r", stage.ctx.host, exc)
+        finally:
+            done = self.cancel_done
+            if done is not None:
+                done.set()
+
+    # --- application thread -----------------------------------------------------------------
+    def settle(self, exc: BaseException | None) -> bool:
+        """The call returned (``exc`` ``None``) or raised ``exc`` after the deadline fired.
+        Returns whether that is a timeout; ``False`` leaves ``exc`` to go up untouched (a
+        disconnect this deadline did not cause, so failover sees it)."""
+        with _flight_lock:
+            self.done = True
+            grace_armed = self.grace_armed
+            if self.stage.flight is self:
+                self.stage.flight = None  # let go of the driver connection
+        if grace_armed is not None:
+            get_watchdog().disarm(grace_armed)
+        if not self.expired:
+            return False  # the watchdog saw the call already done: nothing was sent
+        driver = self.stage.ctx.driver
+        if not self.broken:
+            # Let the cancel land before the connection's next statement can start (a late
+            # cancel would hit that one). Bounded: a cancel stuck connecting to an
+            # unreachable host gives up after the grace, and then the connection is broken
+            # rather than left with a cancel in flight.
+            done = self.cancel_done
+            if done is not None and not done.wait(self.stage.grace):
+                self.broken = driver.abort(self.raw)
+        # A disconnect we did not cause (failure monitor, the server went away) is for failover.
+        return exc is None or self.broken or not driver.is_disconnect(exc)
+
+    def discard_pending(self, call: Call) -> Exception | None:
+        """Read and drop what an interrupted statement that returned normally left unread
+        (MySQL), bounded by the grace: on timeout the socket is broken. Returns the driver's
+        error met on the way (MySQL's "query execution was interrupted"), if any."""
+        if self.broken:
+            return None
+        stage = self.stage
+        driver = stage.ctx.driver
+        raw = self.raw
+        watchdog = get_watchdog()
+        armed = watchdog.arm(time.monotonic() + stage.grace, lambda: driver.abort(raw))
+        error: Exception | None = None
+        try:
+            driver.discard_pending(raw, call)
+        except Exception as exc:
+            error = exc
+        finally:
+            watchdog.disarm(armed)
+        if armed.fired:
+            self.broken = True
+        return error
+
+    def error(self, proxy: Any) -> QueryTimeoutError:
+        stage = self.stage
+        if self.broken:
+            outcome = ("the server did not end it within query_timeout_grace="
+                       f"{stage.grace:g} s, so the connection was broken (it is closed now)")
+        elif self.cancelled:
+            outcome = "it was cancelled on the server; the connection is usable"
+        else:
+            outcome = "the cancel could not be confirmed; the connection is usable"
+        host = str(proxy._host)
+        stage.ctx.decide("statement.deadline_expired", None, **{
+            "resilient_db.deadline.timeout": self.timeout,
+            "resilient_db.deadline.cancelled": self.cancelled and not self.broken,
+            "resilient_db.deadline.socket_broken": self.broken,
+            "server.address": host,
+        })
+        err = stage.ctx.driver.error(
+            QueryTimeoutError,
+            f"statement deadline of {self.timeout:g} s expired on {host}: {outcome}",
+            timeout=self.timeout, cancelled=self.cancelled and not self.broken, host=host)
+        assert isinstance(err, QueryTimeoutError)
+        return err

@@ -1,0 +1,553 @@
+"""Client-side statement deadlines, network properties and "no hang, ever", on real servers.
+
+- A deadline cancels a sleeping statement on the server and raises ``QueryTimeoutError``
+  quickly; the connection stays usable (same server session).
+- ``call_options(timeout=...)`` overrides ``socket_timeout`` both ways, and works on
+  connections without ``socket_timeout`` (the stage is added when first needed).
+- A server that does not answer at all (blackholed with real packet loss): the socket is
+  broken after the grace, the connection is reported broken, and a process with such a
+  query exits promptly, with no thread left inside driver code.
+- No failover on a timeout (failover plugin on a simulated Aurora cluster).
+- Keepalive properties are visible on the socket; bad values are rejected clearly;
+  ``connect_timeout`` bounds a connect to a blackholed address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import mysql.connector
+import psycopg
+import pytest
+
+import resilient_db
+from chaos.netfault import NetworkFaults, unavailable_reason
+from resilient_db.drivers import get_driver
+from resilient_db.watchdog import get_watchdog
+from simulator.cluster import Cluster, Timeline
+from simulator.local import Engine, LocalServer
+from tests.conftest import Backend
+
+pytestmark = pytest.mark.real_server
+
+#: Liveness bounds (generous: a shared 2-core machine); speed goals live in benchmarks/.
+QUICK = 5.0
+
+SLEEP = {"pg": "SELECT pg_sleep(30)", "mysql": "SELECT SLEEP(30)"}
+SESSION_ID = {"pg": "SELECT pg_backend_pid()", "mysql": "SELECT CONNECTION_ID()"}
+
+needs_netfilter = pytest.mark.skipif(unavailable_reason() is not None,
+                                     reason=unavailable_reason() or "")
+
+
+def one(conn: resilient_db.ConnectionProxy, sql: str) -> Any:
+    cur = conn.cursor()
+    cur.execute(sql)
+    row = cur.fetchone()
+    cur.close()
+    return row[0]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = QUICK) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def expect_timeout(run: Callable[[], Any]) -> tuple[resilient_db.QueryTimeoutError, float]:
+    start = time.monotonic()
+    with pytest.raises(resilient_db.QueryTimeoutError) as info:
+        run()
+    return info.value, time.monotonic() - start
+
+
+def cancel_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "resilient_db-cancel"]
+
+
+# --- deadlines on a healthy server --------------------------------------------------------------
+
+
+def test_deadline_cancels_on_the_server_and_the_connection_stays_usable(
+        backend: Backend, sink: resilient_db.CollectingSink) -> None:
+    conn = backend.connect(plugins="", socket_timeout=0.3, autocommit=True)
+    session = one(conn, SESSION_ID[backend.name])
+    cur = conn.cursor()
+    err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert elapsed < QUICK, elapsed  # not the 30 s of the statement
+    assert elapsed >= 0.3
+    assert isinstance(err, backend.operational_error)  # also the driver's OperationalError
+    assert err.timeout == pytest.approx(0.3)
+    assert err.cancelled is True
+    assert err.host == str(conn.resilient.host)
+    assert "0.3 s" in str(err) and "cancelled on the server" in str(err)
+    assert err.__cause__ is not None  # the driver's own error (QueryCanceled / 1317)
+    decision = sink.of_kind("statement.deadline_expired")[-1]
+    assert decision.attributes["resilient_db.deadline.cancelled"] is True
+    assert decision.attributes["resilient_db.deadline.socket_broken"] is False
+    # Same server session, still usable.
+    assert one(conn, SESSION_ID[backend.name]) == session
+    cur.execute("SELECT 41 + 1")
+    assert cur.fetchone()[0] == 42
+    assert wait_for(lambda: not cancel_threads())
+    conn.close()
+
+
+def test_statements_within_the_deadline_are_untouched(backend: Backend) -> None:
+    conn = backend.connect(plugins="", socket_timeout=5, autocommit=True)
+    assert conn.resilient.pipeline.chains.execute is not None  # the deadline stage is there
+    cur = conn.cursor()
+    for _ in range(200):
+        cur.execute("SELECT 1")
+        assert cur.fetchone()[0] == 1
+    cur.execute(SLEEP[backend.name].replace("30", "0.2"))
+    cur.fetchall()
+    conn.close()
+
+
+def test_call_options_shortens_socket_timeout(backend: Backend) -> None:
+    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True)
+    cur = conn.cursor()
+    cur.execute("SELECT 1")  # the connection's watchdog entry is now 30 s away
+    cur.fetchall()
+    with resilient_db.call_options(timeout=0.3):
+        err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert err.timeout == pytest.approx(0.3)
+    assert elapsed < QUICK
+    assert one(conn, "SELECT 1") == 1
+    conn.close()
+
+
+def test_call_options_zero_lifts_socket_timeout(backend: Backend) -> None:
+    conn = backend.connect(plugins="", socket_timeout=0.2, autocommit=True)
+    cur = conn.cursor()
+    with resilient_db.call_options(timeout=0):
+        cur.execute(SLEEP[backend.name].replace("30", "0.6"))  # longer than socket_timeout
+        cur.fetchall()
+        with resilient_db.call_options(timeout=None):  # inherits the block's 0
+            cur.execute(SLEEP[backend.name].replace("30", "0.4"))
+            cur.fetchall()
+    # Outside the block socket_timeout applies again.
+    expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    conn.close()
+
+
+def test_the_deadline_follows_each_statement_on_a_busy_connection(backend: Backend) -> None:
+    # One watchdog entry per connection, moved lazily: statements shorter than the deadline
+    # never time out however long the stream, and a slow one after them times out on its own
+    # deadline (not one inherited from an earlier statement).
+    conn = backend.connect(plugins="", socket_timeout=0.5, autocommit=True)
+    cur = conn.cursor()
+    short = SLEEP[backend.name].replace("30", "0.15")
+    end = time.monotonic() + 2.0  # four deadline periods
+    count = 0
+    while time.monotonic() < end:
+        cur.execute(short)
+        cur.fetchall()
+        count += 1
+    assert count >= 8
+    start = time.monotonic()
+    err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert 0.5 <= elapsed < QUICK, elapsed
+    assert err.cancelled
+    # After idling longer than the deadline (the entry lapsed), a slow statement is caught.
+    time.sleep(0.8)
+    expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert time.monotonic() - start < 2 * QUICK
+    conn.close()
+
+
+def test_shutdown_releases_idle_deadline_entries_and_deadlines_keep_working(
+        backend: Backend) -> None:
+    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True)
+    assert one(conn, "SELECT 1") == 1  # arms the connection's entry, 30 s away
+    watchdog = get_watchdog()
+    thread = watchdog.thread
+    assert thread is not None
+    resilient_db.shutdown()
+    assert wait_for(lambda: not thread.is_alive())  # not 30 s: the idle entry was released
+    cur = conn.cursor()
+    with resilient_db.call_options(timeout=0.3):
+        err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
+    assert err.cancelled and elapsed < QUICK
+    conn.close()
+
+
+def test_connection_level_execute_and_commit_are_bounded_too(pg_backend: Backend) -> None:
+    conn = pg_backend.connect(plugins="", socket_timeout=0.3)  # not autocommit
+    with pytest.raises(resilient_db.QueryTimeoutError):
+        conn.execute("SELECT pg_sleep(30)")
+    # psycopg semantics after a cancelled statement in a transaction: roll back, carry on.
+    conn.rollback()
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    conn.commit()
+    conn.close()
+
+
+def test_mysql_timeout_in_a_transaction_undoes_only_the_statement(mysql_backend: Backend) -> None:
+    table = mysql_backend.table()
+    conn = mysql_backend.connect(plugins="", socket_timeout=0.3)
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {table} VALUES (1, 'kept')")
+    with pytest.raises(resilient_db.QueryTimeoutError):
+        cur.execute(f"INSERT INTO {table} SELECT 2, 'slow' FROM (SELECT SLEEP(30)) AS s")
+    assert conn.in_transaction
+    cur.execute(f"SELECT id FROM {table}")
+    assert cur.fetchall() == [(1,)]
+    conn.rollback()
+    cur.execute(f"SELECT id FROM {table}")
+    assert cur.fetchall() == []
+    conn.close()
+
+
+def test_one_watchdog_thread_for_many_connections(backend: Backend) -> None:
+    conns = [backend.connect(plugins="", socket_timeout=10, autocommit=True) for _ in range(5)]
+    for conn in conns:
+        assert one(conn, "SELECT 1") == 1
+    watchdogs = [t for t in threading.enumerate() if t.name == "resilient_db-watchdog"]
+    assert len(watchdogs) == 1 and watchdogs[0].daemon
+    for conn in conns:
+        conn.close()
+
+
+# --- the per-call switch and the untouched hot path (fresh processes) ---------------------------
+
+
+def run_child(code: str, backend: Backend, timeout: float = 60) -> tuple[str, float]:
+    env = {**os.environ, "BACKEND": backend.name,
+           "CONNECT": json.dumps({**backend.kwargs, "autocommit": True})}
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=timeout, env=env, check=False)
+    elapsed = time.monotonic() - start
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout, elapsed
+
+
+_CHILD_PRELUDE = """
+    import json, os, sys, threading, time
+    import resilient_db
+    backend = os.environ["BACKEND"]
+    if backend == "pg":
+        import psycopg
+        target = psycopg.Connection.connect
+        sleep = "SELECT pg_sleep(30)"
+    else:
+        import mysql.connector
+        target = mysql.connector.connect
+        sleep = "SELECT SLEEP(30)"
+    kwargs = json.loads(os.environ["CONNECT"])
+"""
+
+
+def test_no_deadline_configured_leaves_the_hot_path_alone_until_call_options_asks(
+        backend: Backend) -> None:
+    code = _CHILD_PRELUDE + """
+    conn = resilient_db.connect(target, plugins="", **kwargs)
+    chains = conn.resilient.pipeline.chains
+    # No plugin, no socket_timeout: no chain at all, the proxy calls the driver directly.
+    assert chains.execute is None and chains.commit is None, chains.execute
+    assert [t.name for t in threading.enumerate()] == ["MainThread"]
+    cur = conn.cursor()
+    with resilient_db.call_options(timeout=0):  # 0 = no deadline: nothing changes
+        cur.execute("SELECT 1"); cur.fetchall()
+    assert chains.execute is None
+    with resilient_db.call_options(timeout=0.3):  # the first real per-call deadline
+        assert chains.execute is not None
+        start = time.monotonic()
+        try:
+            cur.execute(sleep)
+        except resilient_db.QueryTimeoutError as exc:
+            assert exc.cancelled, exc
+        else:
+            raise AssertionError("no timeout")
+        assert time.monotonic() - start < 5
+    cur.execute("SELECT 1"); assert cur.fetchall()[0][0] == 1
+    later = resilient_db.connect(target, plugins="", **kwargs)
+    assert later.resilient.pipeline.chains.execute is not None  # per-call deadlines in use
+    print("ok")
+    """
+    out, _ = run_child(code, backend)
+    assert out.strip() == "ok"
+
+
+# --- no failover on a timeout (simulated Aurora cluster, failover plugin) -----------------------
+
+
+@pytest.fixture(scope="module")
+def _stop_background() -> Iterator[None]:
+    yield
+    resilient_db.shutdown()
+
+
+@pytest.fixture(scope="module", params=["aurora-pg", "aurora-mysql"])
+def cluster(request: pytest.FixtureRequest, _stop_background: None) -> Iterator[Cluster]:
+    timeline = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
+    with Cluster.start(request.param, readers=1, timeline=timeline) as started:
+        yield started
+
+
+def test_no_failover_on_a_timeout(cluster: Cluster, sink: resilient_db.CollectingSink) -> None:
+    pg = cluster.flavour.name.endswith("pg")
+    target = psycopg.Connection.connect if pg else mysql.connector.connect
+    extra: dict[str, Any] = {} if pg else {"use_pure": True,
+                                           "aurora_mysql_lookalike_schema": "aurora_sim"}
+    instance_sql = ("SELECT pg_catalog.aurora_db_instance_identifier()" if pg
+                    else "SELECT aurora_sim.aurora_server_id()")
+    conn = resilient_db.connect(target, plugins="failover", autocommit=True, connect_timeout=5,
+                                socket_timeout=0.3,
+                                **cluster.connect_kwargs(cluster.writer.endpoint), **extra)
+    try:
+        before = one(conn, instance_sql)
+        raw = conn.resilient.raw
+        cur = conn.cursor()
+        err, elapsed = expect_timeout(lambda: cur.execute(SLEEP["pg" if pg else "mysql"]))
+        assert err.cancelled and elapsed < QUICK
+        assert isinstance(err, psycopg.OperationalError if pg
+                          else mysql.connector.errors.OperationalError)
+        assert not [k for k in sink.kinds() if k.startswith("failover.")], sink.kinds()
+        assert conn.resilient.raw is raw  # same physical connection, not replaced
+        assert one(conn, instance_sql) == before
+        # Per-call deadline through the failover plugin too.
+        with resilient_db.call_options(timeout=0.2):
+            expect_timeout(lambda: cur.execute(SLEEP["pg" if pg else "mysql"]))
+        assert conn.resilient.raw is raw
+        assert not [k for k in sink.kinds() if k.startswith("failover.")], sink.kinds()
+    finally:
+        conn.close()
+
+
+# --- a server that does not answer (real packet loss) -------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["pg", "mysql"])
+def lonely(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """A server of its own for blackhole tests (nothing else of the session talks to it)."""
+    engine: Engine = "postgresql" if request.param == "pg" else "mariadb"
+    server = LocalServer.create(engine, None).start()
+    try:
+        kwargs = server.connect_kwargs()
+        if request.param == "pg":
+            yield Backend("pg", psycopg.Connection.connect, kwargs, server,
+                          psycopg.errors.UniqueViolation, psycopg.OperationalError)
+        else:
+            yield Backend("mysql", mysql.connector.connect, {**kwargs, "use_pure": True}, server,
+                          mysql.connector.errors.IntegrityError,
+                          mysql.connector.errors.OperationalError)
+    finally:
+        server.stop()
+
+
+@needs_netfilter
+def test_blackholed_server_the_deadline_breaks_the_socket(
+        lonely: Backend, network_faults: NetworkFaults) -> None:
+    conn = lonely.connect(plugins="", socket_timeout=0.4, query_timeout_grace=0.4,
+                          autocommit=True)
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    cur.fetchall()
+    network_faults.blackhole(lonely.server.host, lonely.server.port)
+    err, elapsed = expect_timeout(lambda: cur.execute("SELECT 1"))
+    assert 0.8 <= elapsed < QUICK, elapsed  # deadline + grace, not the kernel's minutes
+    assert err.cancelled is False
+    assert "connection was broken" in str(err)
+    driver = get_driver("psycopg" if lonely.name == "pg" else "mysql-connector")
+    assert err.__cause__ is not None and driver.is_disconnect(err.__cause__)  # driver's own
+    raw = conn.resilient.raw
+    assert driver.is_closed(raw)
+    if lonely.name == "pg":
+        assert raw.broken
+    with pytest.raises(Exception) as again:  # the driver's own, whatever it is
+        cur.execute("SELECT 1")
+    assert driver.is_disconnect(again.value)
+    conn.close()
+
+
+@needs_netfilter
+def test_blackholed_server_no_failover_when_the_deadline_breaks_the_socket(
+        lonely: Backend, network_faults: NetworkFaults,
+        sink: resilient_db.CollectingSink) -> None:
+    conn = lonely.connect(plugins="failover", socket_timeout=0.4, query_timeout_grace=0.4,
+                          autocommit=True, connect_timeout=2)
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    cur.fetchall()
+    network_faults.blackhole(lonely.server.host, lonely.server.port)
+    err, elapsed = expect_timeout(lambda: cur.execute("SELECT 1"))
+    assert elapsed < QUICK and not err.cancelled
+    assert not [k for k in sink.kinds() if k.startswith("failover.")], sink.kinds()
+    network_faults.clear()
+    conn.close()
+
+
+@needs_netfilter
+def test_connect_timeout_bounds_a_connect_to_a_blackholed_address(
+        lonely: Backend, network_faults: NetworkFaults) -> None:
+    network_faults.blackhole(lonely.server.host, lonely.server.port)
+    driver = get_driver("psycopg" if lonely.name == "pg" else "mysql-connector")
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:  # the driver's own error
+        lonely.connect(plugins="", connect_timeout=2)
+    elapsed = time.monotonic() - start
+    assert driver.is_disconnect(info.value), repr(info.value)
+    assert 1.5 <= elapsed < 8, elapsed  # psycopg waits at least 2 s; never the kernel's ~2 min
+
+
+_NO_HANG_CHILD = _CHILD_PRELUDE + """
+    sys.path.insert(0, os.environ["WORKTREE"])
+    from chaos.netfault import NetworkFaults
+    conn = resilient_db.connect(target, plugins="", socket_timeout=0.5, query_timeout_grace=0.5,
+                                **kwargs)
+    cur = conn.cursor()
+    cur.execute("SELECT 1"); cur.fetchall()
+    faults = NetworkFaults()
+    faults.blackhole(kwargs["host"], int(kwargs["port"]))
+    try:
+        cur.execute("SELECT 1")
+    except resilient_db.QueryTimeoutError as exc:
+        aborted = time.monotonic()
+        print("aborted", aborted, exc.cancelled, flush=True)
+    else:
+        raise AssertionError("no timeout")
+    driver_dirs = [os.path.dirname(m.__file__) for m in
+                   (sys.modules.get("psycopg"), sys.modules.get("mysql.connector")) if m]
+
+    def in_driver():
+        found = []
+        for ident, frame in sys._current_frames().items():
+            if ident == threading.get_ident():
+                continue
+            while frame is not None:
+                if any(frame.f_code.co_filename.startswith(d) for d in driver_dirs):
+                    found.append(frame.f_code.co_filename)
+                    break
+                frame = frame.f_back
+        return found
+
+    # The cancel thread gives up after the grace too: nothing is left inside driver code.
+    end = time.monotonic() + 1.5
+    while in_driver() and time.monotonic() < end:
+        time.sleep(0.02)
+    print("in_driver", in_driver(), flush=True)
+    print("threads", sorted(t.name for t in threading.enumerate()
+                            if t is not threading.main_thread() and not t.daemon), flush=True)
+    start = time.monotonic()
+    resilient_db.shutdown()
+    print("shutdown", time.monotonic() - start, flush=True)
+    faults.clear()
+    print("exiting", time.monotonic(), flush=True)
+"""
+
+
+@needs_netfilter
+def test_a_process_with_a_blackholed_query_exits_promptly_after_the_deadline(
+        lonely: Backend) -> None:
+    env = {**os.environ, "BACKEND": lonely.name, "WORKTREE": os.getcwd(),
+           "CONNECT": json.dumps({**lonely.kwargs, "autocommit": True})}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_NO_HANG_CHILD)],
+                          capture_output=True, text=True, timeout=60, env=env, check=False)
+    ended = time.monotonic()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    aborted = float(lines["aborted"].split()[0])
+    assert lines["in_driver"] == "[]", lines
+    assert lines["threads"] == "[]", lines  # nothing non-daemon left behind
+    assert float(lines["shutdown"]) < 0.5
+    assert ended - aborted < 2.0, ended - aborted  # monotonic clock is system-wide on Linux
+
+
+# --- network properties -------------------------------------------------------------------------
+
+
+def socket_of(backend: Backend, conn: resilient_db.ConnectionProxy) -> socket.socket:
+    driver = get_driver("psycopg" if backend.name == "pg" else "mysql-connector")
+    sock = driver.socket_of(conn.resilient.raw)
+    assert sock is not None
+    return sock
+
+
+def test_keepalive_settings_are_on_the_socket(backend: Backend) -> None:
+    conn = backend.connect(plugins="", tcp_keepalive_time=7, tcp_keepalive_interval="2.5",
+                           tcp_keepalive_probes=4)
+    sock = socket_of(backend, conn)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3  # rounded up
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (7 + 3 * 4) * 1000
+    finally:
+        sock.close()
+    assert one(conn, "SELECT 1") == 1
+    conn.close()
+
+
+def test_keepalive_can_be_turned_off_and_defaults_are_left_alone(backend: Backend) -> None:
+    off = backend.connect(plugins="", tcp_keepalive=False)
+    default = backend.connect(plugins="")
+    raw_default = backend.raw()
+    sock_off, sock_default = socket_of(backend, off), socket_of(backend, default)
+    driver = get_driver("psycopg" if backend.name == "pg" else "mysql-connector")
+    raw_sock = driver.socket_of(raw_default)
+    assert raw_sock is not None
+    try:
+        assert sock_off.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        # Unset: exactly what the driver does on its own (libpq: on; mysql-connector: off).
+        assert (sock_default.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                == raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+    finally:
+        for s in (sock_off, sock_default, raw_sock):
+            s.close()
+    for c in (off, default, raw_default):
+        c.close()
+
+
+def test_explicit_libpq_keepalive_arguments_win(pg_backend: Backend) -> None:
+    conn = pg_backend.connect(plugins="", tcp_keepalive_time=30, keepalives_idle=11)
+    sock = socket_of(pg_backend, conn)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 11
+    finally:
+        sock.close()
+    conn.close()
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("socket_timeout", -1, "a duration in s >= 0"),
+    ("socket_timeout", "soon", "expected a number"),
+    ("query_timeout_grace", 0, "> 0"),
+    ("tcp_keepalive", "maybe", "a boolean"),
+    ("tcp_keepalive_time", 0, "from 1 to 32767"),
+    ("tcp_keepalive_time", 40000, "from 1 to 32767"),
+    ("tcp_keepalive_interval", "0.5", "from 1 to 32767"),
+    ("tcp_keepalive_probes", 0, ">= 1"),
+    ("tcp_keepalive_probes", 2.5, "a whole number"),
+    ("tcp_keepalive_probes", 500, "<= 127"),
+])
+def test_bad_values_are_rejected_naming_the_property(name: str, value: object,
+                                                     expected: str) -> None:
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.connect(psycopg.Connection.connect, "host=127.0.0.1 port=1", plugins="",
+                             **{name: value})
+    assert info.value.parameter == name
+    assert name in str(info.value) and expected in str(info.value)
+
+
+def test_keepalive_off_with_keepalive_tuning_is_a_contradiction() -> None:
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.connect(mysql.connector.connect, host="127.0.0.1", port=1, plugins="",
+                             tcp_keepalive=False, tcp_keepalive_time=10)
+    assert info.value.parameter == "tcp_keepalive"
+    assert "tcp_keepalive_time" in str(info.value)
