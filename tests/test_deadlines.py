@@ -405,6 +405,13 @@ def test_connect_timeout_bounds_a_connect_to_a_blackholed_address(
     assert 1.5 <= elapsed < 8, elapsed  # psycopg waits at least 2 s; never the kernel's ~2 min
 
 
+def test_connect_timeout_takes_fractional_seconds_as_text_or_number(backend: Backend) -> None:
+    for value in ("2.5", 2.5):
+        conn = backend.connect(plugins="", connect_timeout=value)
+        assert one(conn, "SELECT 1") == 1
+        conn.close()
+
+
 _NO_HANG_CHILD = _CHILD_PRELUDE + """
     sys.path.insert(0, os.environ["WORKTREE"])
     from chaos.netfault import NetworkFaults

@@ -79,9 +79,10 @@ _DISCONNECT_ERRNOS = frozenset(
 _READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
 
 _INT_ARGS = frozenset(
-    {"port", "connection_timeout", "connect_timeout", "read_timeout", "write_timeout",
-     "pool_size", "client_flags"}
+    {"port", "read_timeout", "write_timeout", "pool_size", "client_flags"}
 )
+# Seconds as a number (fractions work: the pure implementation passes it to settimeout()).
+_SECONDS_ARGS = frozenset({"connection_timeout", "connect_timeout"})
 _BOOL_ARGS = frozenset(
     {"autocommit", "buffered", "raw", "consume_results", "get_warnings", "raise_on_warnings",
      "use_pure", "use_unicode", "compress", "ssl_disabled", "ssl_verify_cert",
@@ -193,6 +194,17 @@ class MysqlConnectorDriver(DriverDialect):
                     parameter=name,
                     value=value,
                 ) from None
+        if name in _SECONDS_ARGS:
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise errors.ConfigurationError(
+                    f"mysql-connector parameter {name!r}: invalid value {value!r}; expected "
+                    "seconds as a number",
+                    parameter=name,
+                    value=value,
+                ) from None
+            return int(seconds) if seconds.is_integer() else seconds
         if name in _BOOL_ARGS:
             result = parse_bool(value)
             if result is None:
