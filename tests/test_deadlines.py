@@ -393,6 +393,38 @@ def test_blackholed_server_no_failover_when_the_deadline_breaks_the_socket(
 
 
 @needs_netfilter
+def test_keepalive_settings_detect_a_blackholed_server_without_any_deadline(
+        lonely: Backend, network_faults: NetworkFaults) -> None:
+    # No socket_timeout: the statement was sent and acknowledged, the client waits for the
+    # answer with nothing unacknowledged, so only keepalive probes (and TCP_USER_TIMEOUT)
+    # can notice that the server is gone: 1 s idle + 2 probes 1 s apart = 3 s, not 30 s.
+    conn = lonely.connect(plugins="", autocommit=True, tcp_keepalive_time=1,
+                          tcp_keepalive_interval=1, tcp_keepalive_probes=2)
+    cur = conn.cursor()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cur.execute(SLEEP[lonely.name])
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    time.sleep(0.3)  # the statement is on the server
+    network_faults.blackhole(lonely.server.host, lonely.server.port)
+    start = time.monotonic()
+    worker.join(20)
+    elapsed = time.monotonic() - start
+    assert not worker.is_alive(), "keepalive did not end the blocked call"
+    assert 2 <= elapsed < 12, elapsed
+    driver = get_driver("psycopg" if lonely.name == "pg" else "mysql-connector")
+    assert errors and driver.is_disconnect(errors[0]), errors
+    network_faults.clear()
+    conn.close()
+
+
+@needs_netfilter
 def test_connect_timeout_bounds_a_connect_to_a_blackholed_address(
         lonely: Backend, network_faults: NetworkFaults) -> None:
     network_faults.blackhole(lonely.server.host, lonely.server.port)
@@ -558,3 +590,15 @@ def test_keepalive_off_with_keepalive_tuning_is_a_contradiction() -> None:
                              tcp_keepalive=False, tcp_keepalive_time=10)
     assert info.value.parameter == "tcp_keepalive"
     assert "tcp_keepalive_time" in str(info.value)
+
+
+def test_mysql_client_timeouts_count_as_disconnects_but_the_server_3024_does_not() -> None:
+    # When keepalive / TCP_USER_TIMEOUT gives up on a socket, mysql-connector raises its
+    # ReadTimeoutError (3024) and closes the connection: failover must see a disconnect.
+    # The server's own 3024 (max_execution_time) leaves the session alive.
+    driver = get_driver("mysql-connector")
+    assert driver.is_disconnect(mysql.connector.errors.ReadTimeoutError(errno=3024, msg="x"))
+    assert driver.is_disconnect(mysql.connector.errors.WriteTimeoutError(errno=3024, msg="x"))
+    assert not driver.is_disconnect(mysql.connector.errors.DatabaseError(
+        errno=3024, msg="Query execution was interrupted, maximum statement execution time "
+                        "exceeded"))

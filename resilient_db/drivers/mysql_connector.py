@@ -75,6 +75,9 @@ _DISCONNECT_ERRNOS = frozenset(
         1080,  # ER_FORCING_CLOSE
     }
 )
+_CLIENT_TIMEOUTS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(myerrors, "ReadTimeoutError", None),
+                    getattr(myerrors, "WriteTimeoutError", None)) if cls is not None)
 # --read-only / super-read-only (1290), read-only transaction (1792), innodb read-only (1836).
 _READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
 
@@ -287,6 +290,11 @@ class MysqlConnectorDriver(DriverDialect):
     def is_disconnect(self, exc: BaseException) -> bool:
         if isinstance(exc, errors.Error) or not isinstance(exc, myerrors.Error):
             return False
+        if isinstance(exc, _CLIENT_TIMEOUTS):
+            # The driver's own read/write timeouts (also a socket that TCP keepalive or
+            # TCP_USER_TIMEOUT gave up on: ETIMEDOUT): it has closed the connection. Not the
+            # server's 3024 (max_execution_time), which is a DatabaseError on a live session.
+            return True
         errno = getattr(exc, "errno", None)
         if errno in _DISCONNECT_ERRNOS:
             return True
