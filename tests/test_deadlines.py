@@ -82,7 +82,8 @@ def cancel_threads() -> list[threading.Thread]:
 
 def test_deadline_cancels_on_the_server_and_the_connection_stays_usable(
         backend: Backend, sink: resilient_db.CollectingSink) -> None:
-    conn = backend.connect(plugins="", socket_timeout=0.3, autocommit=True)
+    conn = backend.connect(plugins="", socket_timeout=0.3, autocommit=True,
+                           query_timeout_grace=5)  # margin for a loaded machine
     session = one(conn, SESSION_ID[backend.name])
     cur = conn.cursor()
     err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
@@ -149,7 +150,8 @@ def test_the_deadline_follows_each_statement_on_a_busy_connection(backend: Backe
     # never time out however long the stream, and a slow one after them times out on its own
     # deadline (not one inherited from an earlier statement).
     # (Margins: a 0.1 s statement would have to be delayed tenfold to hit the deadline.)
-    conn = backend.connect(plugins="", socket_timeout=1.0, autocommit=True)
+    conn = backend.connect(plugins="", socket_timeout=1.0, autocommit=True,
+                           query_timeout_grace=5)
     cur = conn.cursor()
     short = SLEEP[backend.name].replace("30", "0.1")
     end = time.monotonic() + 3.0  # three deadline periods
@@ -172,7 +174,8 @@ def test_the_deadline_follows_each_statement_on_a_busy_connection(backend: Backe
 
 def test_shutdown_releases_idle_deadline_entries_and_deadlines_keep_working(
         backend: Backend) -> None:
-    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True)
+    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True,
+                           query_timeout_grace=5)
     assert one(conn, "SELECT 1") == 1  # arms the connection's entry, 30 s away
     watchdog = get_watchdog()
     thread = watchdog.thread
@@ -256,7 +259,7 @@ _CHILD_PRELUDE = """
 def test_no_deadline_configured_leaves_the_hot_path_alone_until_call_options_asks(
         backend: Backend) -> None:
     code = _CHILD_PRELUDE + """
-    conn = resilient_db.connect(target, plugins="", **kwargs)
+    conn = resilient_db.connect(target, plugins="", query_timeout_grace=5, **kwargs)
     chains = conn.resilient.pipeline.chains
     # No plugin, no socket_timeout: no chain at all, the proxy calls the driver directly.
     assert chains.execute is None and chains.commit is None, chains.execute
@@ -308,7 +311,7 @@ def test_no_failover_on_a_timeout(cluster: Cluster, sink: resilient_db.Collectin
     instance_sql = ("SELECT pg_catalog.aurora_db_instance_identifier()" if pg
                     else "SELECT aurora_sim.aurora_server_id()")
     conn = resilient_db.connect(target, plugins="failover", autocommit=True, connect_timeout=5,
-                                socket_timeout=0.3,
+                                socket_timeout=0.3, query_timeout_grace=5,
                                 **cluster.connect_kwargs(cluster.writer.endpoint), **extra)
     try:
         before = one(conn, instance_sql)
