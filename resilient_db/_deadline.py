@@ -103,11 +103,11 @@ class DeadlineStage(Plugin):
         # the connect chain used, so changes plugins made to it (a password) are seen.
         self.target = target
         self.connect_args = connect_args if connect_args is not None else {}
-        # The statement in flight (see _run): its number, driver connection, timeout and
+        # The statement in flight (see _run): its number, call object, timeout and
         # deadline (inf: none in flight); the connection's watchdog entry and when it fires;
         # the expiry of the statement the watchdog last found overdue.
         self.seq = 0
-        self.raw: Any = None
+        self.call: Call | None = None
         self.statement_timeout = 0.0
         self.deadline = _INF
         self.entry: _Entry | None = None
@@ -126,16 +126,41 @@ class DeadlineStage(Plugin):
         current = _options._current.get
         run = self._run
         self._watchdog = get_watchdog()  # the object only: its thread starts on the first arm
+        stage = self
+        monotonic = time.monotonic
+        arm = self._arm
+        timed_out = self._timed_out
 
         if proceed is RUN_CALL:  # always the case: the stage is innermost
+            # _run, inlined and calling the driver itself: this is the per-statement path.
             def handler(call: Call) -> Any:
                 timeout = current().timeout
                 if timeout is None:
                     timeout = default
+                kwargs = call.kwargs
                 if not timeout:
-                    kwargs = call.kwargs
                     return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                return run(call, timeout, proceed)
+                seq = stage.seq + 1
+                stage.seq = seq
+                stage.call = call
+                stage.statement_timeout = timeout
+                deadline = monotonic() + timeout
+                stage.deadline = deadline
+                if deadline < stage.entry_at:
+                    arm(deadline)
+                try:
+                    result = call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                except BaseException as exc:
+                    stage.deadline = _INF
+                    flight = stage.flight
+                    if flight is not None and flight.seq == seq:
+                        timed_out(flight, call, exc)
+                    raise
+                stage.deadline = _INF
+                flight = stage.flight
+                if flight is not None and flight.seq == seq:
+                    timed_out(flight, call, None)
+                return result
         else:
             def handler(call: Call) -> Any:
                 timeout = current().timeout
@@ -167,7 +192,7 @@ class DeadlineStage(Plugin):
     def _run(self, call: Call, timeout: float, proceed: Handler) -> Any:
         seq = self.seq + 1
         self.seq = seq
-        self.raw = call.connection._raw
+        self.call = call
         self.statement_timeout = timeout
         deadline = time.monotonic() + timeout
         self.deadline = deadline
@@ -178,18 +203,27 @@ class DeadlineStage(Plugin):
         except BaseException as exc:
             self.deadline = _INF
             flight = self.flight
-            # KeyboardInterrupt and the like stay what they are (settled all the same).
-            if (flight is not None and flight.seq == seq and flight.settle(exc)
-                    and isinstance(exc, Exception)):
-                raise flight.error(call.connection) from exc
+            if flight is not None and flight.seq == seq:
+                self._timed_out(flight, call, exc)
             raise
         self.deadline = _INF
         flight = self.flight
-        if flight is not None and flight.seq == seq and flight.settle(None):
+        if flight is not None and flight.seq == seq:
+            self._timed_out(flight, call, None)
+        return result
+
+    @staticmethod
+    def _timed_out(flight: _Flight, call: Call, exc: BaseException | None) -> None:
+        """The watchdog found this statement overdue. Raises ``QueryTimeoutError`` unless it
+        turns out not to be a timeout (then the caller returns or re-raises as usual)."""
+        if not flight.settle(exc):
+            return
+        if exc is None:
             # MySQL sends a result's header before its rows: an interrupted SELECT "returns"
             # and the interruption (1317) is what the rows would have been.
             raise flight.error(call.connection) from flight.discard_pending(call)
-        return result
+        if isinstance(exc, Exception):  # KeyboardInterrupt and the like stay what they are
+            raise flight.error(call.connection) from exc
 
     def _arm(self, deadline: float) -> None:
         with _flight_lock:
@@ -231,7 +265,9 @@ class DeadlineStage(Plugin):
                 self._arm_locked(deadline)  # a later statement is in flight: follow it
                 return
             seq = self.seq
-            flight = _Flight(self, self.raw, self.statement_timeout, seq)
+            call = self.call
+            assert call is not None
+            flight = _Flight(self, call.connection._raw, self.statement_timeout, seq)
             self.flight = flight
             if self.deadline == _INF or self.seq != seq:
                 return  # it returned meanwhile: nothing to cancel (flight.expired is false)

@@ -82,7 +82,8 @@ def cancel_threads() -> list[threading.Thread]:
 
 def test_deadline_cancels_on_the_server_and_the_connection_stays_usable(
         backend: Backend, sink: resilient_db.CollectingSink) -> None:
-    conn = backend.connect(plugins="", socket_timeout=0.3, autocommit=True)
+    conn = backend.connect(plugins="", socket_timeout=0.3, autocommit=True,
+                           query_timeout_grace=5)  # margin for a loaded machine
     session = one(conn, SESSION_ID[backend.name])
     cur = conn.cursor()
     err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
@@ -148,22 +149,24 @@ def test_the_deadline_follows_each_statement_on_a_busy_connection(backend: Backe
     # One watchdog entry per connection, moved lazily: statements shorter than the deadline
     # never time out however long the stream, and a slow one after them times out on its own
     # deadline (not one inherited from an earlier statement).
-    conn = backend.connect(plugins="", socket_timeout=0.5, autocommit=True)
+    # (Margins: a 0.1 s statement would have to be delayed tenfold to hit the deadline.)
+    conn = backend.connect(plugins="", socket_timeout=1.0, autocommit=True,
+                           query_timeout_grace=5)
     cur = conn.cursor()
-    short = SLEEP[backend.name].replace("30", "0.15")
-    end = time.monotonic() + 2.0  # four deadline periods
+    short = SLEEP[backend.name].replace("30", "0.1")
+    end = time.monotonic() + 3.0  # three deadline periods
     count = 0
     while time.monotonic() < end:
         cur.execute(short)
         cur.fetchall()
         count += 1
-    assert count >= 8
+    assert count >= 10
     start = time.monotonic()
     err, elapsed = expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
-    assert 0.5 <= elapsed < QUICK, elapsed
+    assert 1.0 <= elapsed < QUICK, elapsed
     assert err.cancelled
     # After idling longer than the deadline (the entry lapsed), a slow statement is caught.
-    time.sleep(0.8)
+    time.sleep(1.5)
     expect_timeout(lambda: cur.execute(SLEEP[backend.name]))
     assert time.monotonic() - start < 2 * QUICK
     conn.close()
@@ -171,7 +174,8 @@ def test_the_deadline_follows_each_statement_on_a_busy_connection(backend: Backe
 
 def test_shutdown_releases_idle_deadline_entries_and_deadlines_keep_working(
         backend: Backend) -> None:
-    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True)
+    conn = backend.connect(plugins="", socket_timeout=30, autocommit=True,
+                           query_timeout_grace=5)
     assert one(conn, "SELECT 1") == 1  # arms the connection's entry, 30 s away
     watchdog = get_watchdog()
     thread = watchdog.thread
@@ -255,7 +259,7 @@ _CHILD_PRELUDE = """
 def test_no_deadline_configured_leaves_the_hot_path_alone_until_call_options_asks(
         backend: Backend) -> None:
     code = _CHILD_PRELUDE + """
-    conn = resilient_db.connect(target, plugins="", **kwargs)
+    conn = resilient_db.connect(target, plugins="", query_timeout_grace=5, **kwargs)
     chains = conn.resilient.pipeline.chains
     # No plugin, no socket_timeout: no chain at all, the proxy calls the driver directly.
     assert chains.execute is None and chains.commit is None, chains.execute
@@ -307,7 +311,7 @@ def test_no_failover_on_a_timeout(cluster: Cluster, sink: resilient_db.Collectin
     instance_sql = ("SELECT pg_catalog.aurora_db_instance_identifier()" if pg
                     else "SELECT aurora_sim.aurora_server_id()")
     conn = resilient_db.connect(target, plugins="failover", autocommit=True, connect_timeout=5,
-                                socket_timeout=0.3,
+                                socket_timeout=0.3, query_timeout_grace=5,
                                 **cluster.connect_kwargs(cluster.writer.endpoint), **extra)
     try:
         before = one(conn, instance_sql)
@@ -393,6 +397,38 @@ def test_blackholed_server_no_failover_when_the_deadline_breaks_the_socket(
 
 
 @needs_netfilter
+def test_keepalive_settings_detect_a_blackholed_server_without_any_deadline(
+        lonely: Backend, network_faults: NetworkFaults) -> None:
+    # No socket_timeout: the statement was sent and acknowledged, the client waits for the
+    # answer with nothing unacknowledged, so only keepalive probes (and TCP_USER_TIMEOUT)
+    # can notice that the server is gone: 1 s idle + 2 probes 1 s apart = 3 s, not 30 s.
+    conn = lonely.connect(plugins="", autocommit=True, tcp_keepalive_time=1,
+                          tcp_keepalive_interval=1, tcp_keepalive_probes=2)
+    cur = conn.cursor()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cur.execute(SLEEP[lonely.name])
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    time.sleep(0.3)  # the statement is on the server
+    network_faults.blackhole(lonely.server.host, lonely.server.port)
+    start = time.monotonic()
+    worker.join(20)
+    elapsed = time.monotonic() - start
+    assert not worker.is_alive(), "keepalive did not end the blocked call"
+    assert 2 <= elapsed < 12, elapsed
+    driver = get_driver("psycopg" if lonely.name == "pg" else "mysql-connector")
+    assert errors and driver.is_disconnect(errors[0]), errors
+    network_faults.clear()
+    conn.close()
+
+
+@needs_netfilter
 def test_connect_timeout_bounds_a_connect_to_a_blackholed_address(
         lonely: Backend, network_faults: NetworkFaults) -> None:
     network_faults.blackhole(lonely.server.host, lonely.server.port)
@@ -403,6 +439,13 @@ def test_connect_timeout_bounds_a_connect_to_a_blackholed_address(
     elapsed = time.monotonic() - start
     assert driver.is_disconnect(info.value), repr(info.value)
     assert 1.5 <= elapsed < 8, elapsed  # psycopg waits at least 2 s; never the kernel's ~2 min
+
+
+def test_connect_timeout_takes_fractional_seconds_as_text_or_number(backend: Backend) -> None:
+    for value in ("2.5", 2.5):
+        conn = backend.connect(plugins="", connect_timeout=value)
+        assert one(conn, "SELECT 1") == 1
+        conn.close()
 
 
 _NO_HANG_CHILD = _CHILD_PRELUDE + """
@@ -551,3 +594,15 @@ def test_keepalive_off_with_keepalive_tuning_is_a_contradiction() -> None:
                              tcp_keepalive=False, tcp_keepalive_time=10)
     assert info.value.parameter == "tcp_keepalive"
     assert "tcp_keepalive_time" in str(info.value)
+
+
+def test_mysql_client_timeouts_count_as_disconnects_but_the_server_3024_does_not() -> None:
+    # When keepalive / TCP_USER_TIMEOUT gives up on a socket, mysql-connector raises its
+    # ReadTimeoutError (3024) and closes the connection: failover must see a disconnect.
+    # The server's own 3024 (max_execution_time) leaves the session alive.
+    driver = get_driver("mysql-connector")
+    assert driver.is_disconnect(mysql.connector.errors.ReadTimeoutError(errno=3024, msg="x"))
+    assert driver.is_disconnect(mysql.connector.errors.WriteTimeoutError(errno=3024, msg="x"))
+    assert not driver.is_disconnect(mysql.connector.errors.DatabaseError(
+        errno=3024, msg="Query execution was interrupted, maximum statement execution time "
+                        "exceeded"))

@@ -75,13 +75,17 @@ _DISCONNECT_ERRNOS = frozenset(
         1080,  # ER_FORCING_CLOSE
     }
 )
+_CLIENT_TIMEOUTS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(myerrors, "ReadTimeoutError", None),
+                    getattr(myerrors, "WriteTimeoutError", None)) if cls is not None)
 # --read-only / super-read-only (1290), read-only transaction (1792), innodb read-only (1836).
 _READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
 
 _INT_ARGS = frozenset(
-    {"port", "connection_timeout", "connect_timeout", "read_timeout", "write_timeout",
-     "pool_size", "client_flags"}
+    {"port", "read_timeout", "write_timeout", "pool_size", "client_flags"}
 )
+# Seconds as a number (fractions work: the pure implementation passes it to settimeout()).
+_SECONDS_ARGS = frozenset({"connection_timeout", "connect_timeout"})
 _BOOL_ARGS = frozenset(
     {"autocommit", "buffered", "raw", "consume_results", "get_warnings", "raise_on_warnings",
      "use_pure", "use_unicode", "compress", "ssl_disabled", "ssl_verify_cert",
@@ -193,6 +197,17 @@ class MysqlConnectorDriver(DriverDialect):
                     parameter=name,
                     value=value,
                 ) from None
+        if name in _SECONDS_ARGS:
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise errors.ConfigurationError(
+                    f"mysql-connector parameter {name!r}: invalid value {value!r}; expected "
+                    "seconds as a number",
+                    parameter=name,
+                    value=value,
+                ) from None
+            return int(seconds) if seconds.is_integer() else seconds
         if name in _BOOL_ARGS:
             result = parse_bool(value)
             if result is None:
@@ -275,6 +290,11 @@ class MysqlConnectorDriver(DriverDialect):
     def is_disconnect(self, exc: BaseException) -> bool:
         if isinstance(exc, errors.Error) or not isinstance(exc, myerrors.Error):
             return False
+        if isinstance(exc, _CLIENT_TIMEOUTS):
+            # The driver's own read/write timeouts (also a socket that TCP keepalive or
+            # TCP_USER_TIMEOUT gave up on: ETIMEDOUT): it has closed the connection. Not the
+            # server's 3024 (max_execution_time), which is a DatabaseError on a live session.
+            return True
         errno = getattr(exc, "errno", None)
         if errno in _DISCONNECT_ERRNOS:
             return True
