@@ -43,6 +43,7 @@ from chaos._netfilter import (
     NetfilterError,
     Owner,
     Rule,
+    Table,
     chain_lock,
     ensure_chain,
     owner_of,
@@ -51,6 +52,7 @@ from chaos._netfilter import (
     sweep_dead_owners,
     unavailable_reason,
 )
+from chaos._nfqueue import PacketDelayer
 from chaos._toxic_proxy import UPSTREAM_MARK, Stream, ToxicProxy, Toxics
 
 __all__ = [
@@ -71,12 +73,13 @@ __all__ = [
 
 LOGGER = logging.getLogger("chaos.netfault")
 
-FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss"]
+FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss",
+                    "packet_delay"]
 
 #: Toxiproxy's name for each kind of fault (``down`` is a disabled proxy there, not a toxic).
 TOXIC_NAMES: Mapping[str, str] = MappingProxyType(
     {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency",
-     "bandwidth": "bandwidth", "packet_loss": "packet_loss"})
+     "bandwidth": "bandwidth", "packet_loss": "packet_loss", "packet_delay": "latency"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Fault ids are unique within a process, so that a rule comment names exactly one fault.
@@ -249,6 +252,7 @@ class NetworkFaults:
         self._owned_proxies: list[ToxicProxy] = []  # started for one fault each
         self._intercepts: dict[tuple[str, int], _Intercept] = {}
         self._anchor: Rule | None = None
+        self._delayers: dict[int, PacketDelayer] = {}  # of active packet_delay faults
         #: Every fault this object applied, in order, healed or not.
         self.history: list[Fault] = []
         if sweep:
@@ -295,6 +299,42 @@ class NetworkFaults:
         specs = self._drop_specs(address, port, stream, match)
         return self._apply("packet_loss", address, port, specs,
                            params={"probability": float(probability), "stream": stream})
+
+    def packet_delay(self, address: str, port: int | None = None, *, delay: float,
+                     jitter: float = 0.0, stream: Stream = "downstream") -> Fault:
+        """Hold every packet to or from ``address`` (TCP ``port`` on it, if given) for
+        ``delay`` ± ``jitter`` seconds in the kernel (NFQUEUE), in ``stream`` (``downstream``,
+        the default: packets from the address, so a round trip takes ``delay`` longer;
+        ``upstream``: packets to it; ``both``). Unlike :meth:`latency` it needs no proxy and
+        slows every connection, the established ones included, as a slow network would:
+        TCP sees the longer round trip (throughput drops to window / round trip).
+        Toxiproxy's ``latency`` toxic, applied at the packet level."""
+        address, port = _check_address(address), _check_port(port)
+        delay, jitter = _check_seconds("delay", delay), _check_seconds("jitter", jitter)
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
+        try:
+            delayer = PacketDelayer(delay, jitter).open()
+        except OSError as exc:
+            raise NetworkFaultError(f"cannot set up packet delay (NFQUEUE): {exc}") from exc
+        # mangle OUTPUT sees each loopback packet once, before nat and filter.
+        target = ["-j", "NFQUEUE", "--queue-num", str(delayer.queue), "--queue-bypass"]
+        comment = self._comment_placeholder()
+        specs = []
+        if stream in ("upstream", "both"):
+            specs.append([*_to(address, port), *comment, *target])
+        if stream in ("downstream", "both"):
+            specs.append([*_from(address, port), *comment, *target])
+        try:
+            fault = self._apply("packet_delay", address, port, specs, "mangle",
+                                {"delay": delay, "jitter": jitter, "stream": stream})
+        except BaseException:
+            delayer.close()
+            raise
+        with self._lock:
+            self._delayers[fault.id] = delayer
+        return fault
 
     def _drop_specs(self, address: str, port: int | None, stream: object,
                     extra: list[str]) -> list[list[str]]:
@@ -579,7 +619,7 @@ class NetworkFaults:
             return sum(proxy.connections for proxy in proxies)
 
     def _apply(self, kind: str, address: str, port: int | None, specs: list[list[str]],
-               table: Literal["filter", "nat"] = "filter",
+               table: Table = "filter",
                params: Mapping[str, Any] | None = None) -> Fault:
         fault_id = next(_fault_ids)
         comment = self._owner.comment(fault_id)
@@ -618,6 +658,9 @@ class NetworkFaults:
                 errors.append(exc)
         self._rules.pop(fault.id, None)
         self._active.pop(fault.id, None)
+        delayer = self._delayers.pop(fault.id, None)
+        if delayer is not None:  # rules are gone: release what it holds, then unbind
+            delayer.close()
         proxy = self._proxies.pop(fault.id, None)
         if proxy is not None:  # connections already proxied go on, undelayed
             proxy.neutralise()
@@ -665,10 +708,11 @@ def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: N
     (``action="applied"``, with kind, toxic, address, port, fault id and ``params``) in the
     cluster's event log.
 
-    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``), ``reset`` and
-    ``down`` hit every port of the instance's address unless ``port`` is given; ``latency``
-    (``delay``, ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``)
-    hit ``port``, by default the instance's port.
+    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``),
+    ``packet_delay`` (``delay``, ``jitter``, ``stream``), ``reset`` and ``down`` hit every
+    port of the instance's address unless ``port`` is given; ``latency`` (``delay``,
+    ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``) hit
+    ``port``, by default the instance's port.
     """
     instance = cluster.instance(instance_id)
     address = instance.address
@@ -680,13 +724,15 @@ def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: N
         fault = faults.blackhole(address, port, **params)
     elif kind == "packet_loss":
         fault = faults.packet_loss(address, port, **params)
+    elif kind == "packet_delay":
+        fault = faults.packet_delay(address, port, **params)
     elif kind == "latency":
         fault = faults.latency(address, port or instance.port, **params)
     elif kind == "bandwidth":
         fault = faults.bandwidth(address, port or instance.port, **params)
     else:
         raise NetworkFaultError(f"kind must be one of blackhole, reset, down, latency, "
-                                f"bandwidth, packet_loss; got {kind!r}")
+                                f"bandwidth, packet_loss, packet_delay; got {kind!r}")
     fault.instance = instance_id
     cluster.events.record("network_fault", instance_id, action="applied", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,

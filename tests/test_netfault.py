@@ -459,6 +459,81 @@ def test_latency_cleanup_closes_proxies(echo: EchoServer) -> None:
         assert timed_round_trip(fresh) < 0.2
 
 
+def packet_delay_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "netfault-packet-delay"]
+
+
+def test_packet_delay_hits_existing_connections(echo: EchoServer,
+                                                network_faults: NetworkFaults) -> None:
+    existing = echo.connect()
+    assert timed_round_trip(existing) < 0.5
+    fault = network_faults.packet_delay(echo.host, echo.port, delay=0.5)
+    assert fault.toxic == "latency" and fault.params["stream"] == "downstream"
+    assert any(rule.startswith("mangle: ") for rule in network_faults.rules())
+    assert 0.5 <= timed_round_trip(existing) < 10.0
+    with echo.connect(timeout=30) as fresh:
+        assert 0.5 <= timed_round_trip(fresh) < 10.0
+    network_faults.heal(fault)
+    assert timed_round_trip(existing) < 0.5
+    assert eventually(lambda: packet_delay_threads() == [])
+    both = network_faults.packet_delay(echo.host, echo.port, delay=0.3, jitter=0.1,
+                                       stream="both")
+    assert 0.4 <= timed_round_trip(existing) < 10.0  # 2 x (0.3 +- 0.1)
+    network_faults.heal(both)
+    existing.close()
+
+
+def test_packet_delay_on_postgres(pg_server: LocalServer,
+                                  network_faults: NetworkFaults) -> None:
+    with pg_connect(pg_server) as conn:
+        fault = network_faults.packet_delay(pg_server.host, delay=0.4)
+        started = time.monotonic()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert 0.4 <= time.monotonic() - started < 10.0
+        network_faults.heal(fault)
+        started = time.monotonic()
+        conn.execute("SELECT 1").fetchone()
+        assert time.monotonic() - started < 0.4
+
+
+def test_delayed_packets_still_meet_filter_rules(echo: EchoServer,
+                                                 network_faults: NetworkFaults) -> None:
+    conn = echo.connect()
+    network_faults.packet_delay(echo.host, echo.port, delay=0.1, stream="both")
+    network_faults.blackhole(echo.host, echo.port)
+    conn.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        round_trip(conn)
+    conn.close()
+
+
+def test_packet_delay_fails_open_when_owner_dies(echo: EchoServer) -> None:
+    """--queue-bypass: with its listener gone, a left-over queue rule lets packets pass
+    undelayed; it is not a blackhole until someone sweeps."""
+    proc = _run_child("""
+    import sys, os, signal
+    from chaos._netfilter import Owner, rules_of
+    from chaos.netfault import NetworkFaults
+    faults = NetworkFaults()
+    faults.packet_delay(sys.argv[1], delay=2.0)
+    me = Owner.current()
+    print("ready", me.pid, me.start_time, flush=True)
+    sys.stdin.readline()
+    os.kill(os.getpid(), signal.SIGKILL)
+    """, echo.host)
+    owner = _owner_from_ready_line(proc)
+    with echo.connect() as conn, chain_lock():
+        assert timed_round_trip(conn) >= 2.0  # the child delays packets
+        _go(proc)
+        proc.communicate(timeout=60)
+        assert len(rules_of(owner)) == 1  # left behind, not swept (we hold the lock)
+        assert timed_round_trip(conn) < 1.0
+        with echo.connect() as fresh:
+            assert timed_round_trip(fresh) < 1.0
+        sweep_dead_owners_locked()
+    assert rules_of(owner) == []
+
+
 def test_intercept_then_latency_hits_existing_connections(
         echo: EchoServer, network_faults: NetworkFaults) -> None:
     direct = echo.connect()
