@@ -1,4 +1,4 @@
-"""Network fault injection on this machine: real packet loss, resets and refusals per address.
+"""Network faults on this machine: packet loss and delay, resets, refusals, slow links.
 
 Faults use Toxiproxy's vocabulary where it has a word for them (see :attr:`Fault.toxic`) so the
 chaos suite can offer one API over a real Toxiproxy and this local backend::
@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import threading
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
@@ -201,7 +200,9 @@ def _kill_connections(address: str, port: int | None) -> None:
                        "sends", result.stderr.strip(), address)
 
 
-_live: weakref.WeakSet[NetworkFaults] = weakref.WeakSet()
+# Objects with something installed, held strongly: an object dropped without clear() must
+# still be cleared at exit (its owner is alive until then, so no sweep would remove its rules).
+_live: set[NetworkFaults] = set()
 _atexit_registered = False
 _registry_lock = threading.Lock()
 
@@ -257,7 +258,6 @@ class NetworkFaults:
         self.history: list[Fault] = []
         if sweep:
             sweep_dead_owners()
-        _track(self)
 
     # -- context manager -------------------------------------------------------------------
 
@@ -472,6 +472,9 @@ class NetworkFaults:
                             except NetfilterError as exc:
                                 errors.append(exc)
                 self._tables.clear()
+            if not errors:
+                with _registry_lock:
+                    _live.discard(self)
         if errors:
             raise NetworkFaultError(f"{len(errors)} error(s) while removing network faults; "
                                     f"first: {errors[0]}") from errors[0]
@@ -599,6 +602,7 @@ class NetworkFaults:
         """
         if self._anchor is not None:
             return
+        _track(self)
         anchor = Rule("nat", ("-p", "tcp", "-s", "0.0.0.0/32", "-d", "0.0.0.0/32",
                               "-m", "comment", "--comment", self._owner.comment(next(_fault_ids)),
                               "-j", "DNAT", "--to-destination", "0.0.0.0:9"))
@@ -626,6 +630,7 @@ class NetworkFaults:
         rules = [Rule(table, tuple(comment if arg == "{comment}" else arg for arg in spec))
                  for spec in specs]
         with self._lock:
+            _track(self)
             added: list[Rule] = []
             try:
                 if rules:

@@ -704,8 +704,9 @@ def test_rules_gone_when_child_raises_inside_with(echo: EchoServer) -> None:
 
 def test_rules_gone_at_exit_without_with(echo: EchoServer) -> None:
     proc = _run_child(_CHILD_PRELUDE + """
-    faults = NetworkFaults()
-    faults.blackhole(sys.argv[1])
+    import gc
+    NetworkFaults().blackhole(sys.argv[1])  # no reference kept, no clear()
+    gc.collect()
     ready()
     sys.exit(3)
     """, echo.host)
