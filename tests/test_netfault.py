@@ -66,10 +66,11 @@ class EchoServer:
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone won't
         self._listener.close()
         for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.close()
+            conn.close()
         release_address(self.host, self.owner)
 
 
