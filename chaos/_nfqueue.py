@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Collection
 
 LOGGER = logging.getLogger("chaos.netfault")
 
@@ -104,7 +105,9 @@ class PacketDelayer:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="netfault-packet-delay")
 
-    def open(self) -> PacketDelayer:
+    def open(self, avoid: Collection[int] = ()) -> PacketDelayer:
+        """Bind a free queue number, skipping ``avoid`` (numbers that rules still name: a
+        rule left by a dead process must not feed its packets to us)."""
         try:
             self._sock.bind((0, 0))
             with contextlib.suppress(OSError):  # room for bursts; root may exceed rmem_max
@@ -112,6 +115,8 @@ class PacketDelayer:
             start = os.getpid() % len(QUEUE_RANGE)
             for offset in range(len(QUEUE_RANGE)):
                 queue = QUEUE_RANGE[(start + offset) % len(QUEUE_RANGE)]
+                if queue in avoid:
+                    continue
                 cmd = struct.pack("!BxH", _NFQNL_CFG_CMD_BIND, socket.AF_INET)
                 error = self._request(queue, _attr(_NFQA_CFG_CMD, cmd))
                 if error == 0:

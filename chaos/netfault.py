@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -47,6 +48,7 @@ from chaos._netfilter import (
     ensure_chain,
     owner_of,
     remove_chain_if_empty,
+    rule_lines,
     rules_of,
     sweep_dead_owners,
     unavailable_reason,
@@ -315,7 +317,9 @@ class NetworkFaults:
             raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
                                     f"{stream!r}")
         try:
-            delayer = PacketDelayer(delay, jitter).open()
+            named = {int(m) for line in rule_lines("mangle")
+                     for m in re.findall(r"--queue-num (\d+)", line)}
+            delayer = PacketDelayer(delay, jitter).open(avoid=named)
         except OSError as exc:
             raise NetworkFaultError(f"cannot set up packet delay (NFQUEUE): {exc}") from exc
         # mangle OUTPUT sees each loopback packet once, before nat and filter.

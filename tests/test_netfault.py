@@ -23,8 +23,15 @@ import mysql.connector
 import psycopg
 import pytest
 
-from chaos import netfault
-from chaos._netfilter import Owner, chain_lock, rules_of, sweep_dead_owners_locked
+from chaos import _nfqueue, netfault
+from chaos._netfilter import (
+    Owner,
+    Rule,
+    chain_lock,
+    ensure_chain,
+    rules_of,
+    sweep_dead_owners_locked,
+)
 from chaos.netfault import Fault, NetworkFaultError, NetworkFaults, Stream
 from simulator._addresses import ProcessIdentity, claim_address, release_address
 from simulator.cluster import Cluster, Instance
@@ -533,6 +540,30 @@ def test_packet_delay_fails_open_when_owner_dies(echo: EchoServer) -> None:
             assert timed_round_trip(fresh) < 1.0
         sweep_dead_owners_locked()
     assert rules_of(owner) == []
+
+
+def test_packet_delay_avoids_queues_named_by_rules(echo: EchoServer,
+                                                   network_faults: NetworkFaults,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue number still named by a rule (left by a dead process, say) is not taken: its
+    packets would be delayed by us."""
+    named = 31999
+    stale = Rule("mangle", ("-p", "tcp", "-d", "0.0.0.0/32", "-m", "comment", "--comment",
+                            Owner.current().comment(0), "-j", "NFQUEUE",
+                            "--queue-num", str(named), "--queue-bypass"))
+    with chain_lock():
+        ensure_chain("mangle")
+        stale.add()
+    try:
+        # Two numbers, arranged so that `named` is the one this process would try first.
+        first = os.getpid() % 2
+        monkeypatch.setattr(_nfqueue, "QUEUE_RANGE", range(named - first, named - first + 2))
+        other = named + 1 if first == 0 else named - 1
+        network_faults.packet_delay(echo.host, echo.port, delay=0.1)
+        queues = [r for r in network_faults.rules() if "NFQUEUE" in r and echo.host in r]
+        assert len(queues) == 1 and f"--queue-num {other} " in queues[0], queues
+    finally:
+        stale.delete()
 
 
 def test_intercept_then_latency_hits_existing_connections(
