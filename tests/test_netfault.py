@@ -547,7 +547,7 @@ def test_packet_delay_avoids_queues_named_by_rules(echo: EchoServer,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A queue number still named by a rule (left by a dead process, say) is not taken: its
     packets would be delayed by us."""
-    named = 31999
+    named = 40000 + os.getpid() % 1000  # outside the usual range; per process
     stale = Rule("mangle", ("-p", "tcp", "-d", "0.0.0.0/32", "-m", "comment", "--comment",
                             Owner.current().comment(0), "-j", "NFQUEUE",
                             "--queue-num", str(named), "--queue-bypass"))
@@ -555,13 +555,13 @@ def test_packet_delay_avoids_queues_named_by_rules(echo: EchoServer,
         ensure_chain("mangle")
         stale.add()
     try:
-        # Two numbers, arranged so that `named` is the one this process would try first.
-        first = os.getpid() % 2
-        monkeypatch.setattr(_nfqueue, "QUEUE_RANGE", range(named - first, named - first + 2))
-        other = named + 1 if first == 0 else named - 1
+        # A range arranged so that `named` is the number this process would try first.
+        first = os.getpid() % 20
+        monkeypatch.setattr(_nfqueue, "QUEUE_RANGE", range(named - first, named - first + 20))
         network_faults.packet_delay(echo.host, echo.port, delay=0.1)
         queues = [r for r in network_faults.rules() if "NFQUEUE" in r and echo.host in r]
-        assert len(queues) == 1 and f"--queue-num {other} " in queues[0], queues
+        assert len(queues) == 1 and "--queue-num 4" in queues[0], queues
+        assert f"--queue-num {named} " not in queues[0], queues
     finally:
         stale.delete()
 
