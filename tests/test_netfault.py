@@ -530,7 +530,7 @@ def test_packet_delay_fails_open_when_owner_dies(echo: EchoServer) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
     """, echo.host)
     owner = _owner_from_ready_line(proc)
-    with echo.connect() as conn, chain_lock():
+    with echo.connect(timeout=30) as conn, chain_lock():
         assert timed_round_trip(conn) >= 2.0  # the child delays packets
         _go(proc)
         proc.communicate(timeout=60)
