@@ -1,12 +1,13 @@
 """iptables plumbing for :mod:`chaos.netfault`: our own chains, owner-tagged rules, sweeping.
 
 Every rule lives in a chain of ours, :data:`CHAIN`, in the ``filter`` table (jumped to from
-``INPUT`` and ``OUTPUT``) or in the ``nat`` table (jumped to from ``OUTPUT``). The built-in
-chains only ever receive one jump rule each, so nothing of anyone else's is touched, flushed or
-reordered. Each of our rules carries a comment naming its owner process by pid *and* kernel
-start time (``resilient_db_netfault owner=<pid>:<start> fault=<n>``), so that a rule left
-behind by a process that died without cleaning up (SIGKILL, power cut of the test runner) is
-recognised as stale and removed by :func:`sweep_dead_owners`, whichever process runs it.
+``INPUT`` and ``OUTPUT``) or in the ``nat`` or ``mangle`` table (jumped to from ``OUTPUT``).
+The built-in chains only ever receive one jump rule each, so nothing of anyone else's is
+touched, flushed or reordered. Each of our rules carries a comment naming its owner process by
+pid *and* kernel start time (``resilient_db_netfault owner=<pid>:<start> fault=<n>``), so
+that a rule left behind by a process that died without cleaning up (SIGKILL, a crash of the
+test runner) is recognised as stale and removed by :func:`sweep_dead_owners`, whichever
+process runs it.
 
 Changes to our chains happen under an exclusive ``flock`` (:func:`chain_lock`) so that
 concurrent processes never race on creating or removing a chain or its jump rules.
@@ -35,11 +36,14 @@ CHAIN = "RESILIENT_DB_FAULTS"
 #: First word of every rule comment of ours.
 TAG = "resilient_db_netfault"
 
-Table = Literal["filter", "nat"]
-TABLES: tuple[Table, ...] = ("filter", "nat")
+Table = Literal["filter", "nat", "mangle"]
+TABLES: tuple[Table, ...] = ("filter", "nat", "mangle")
 #: Built-in chains that jump to ours, per table. Locally generated traffic on loopback passes
-#: OUTPUT then INPUT; ``nat`` only needs OUTPUT (DNAT of locally generated connections).
-HOOKS: dict[Table, tuple[str, ...]] = {"filter": ("INPUT", "OUTPUT"), "nat": ("OUTPUT",)}
+#: OUTPUT then INPUT; ``nat`` only needs OUTPUT (DNAT of locally generated connections);
+#: ``mangle`` OUTPUT queues packets to be delayed (before ``nat`` and ``filter``, so a
+#: delayed packet still meets their rules).
+HOOKS: dict[Table, tuple[str, ...]] = {"filter": ("INPUT", "OUTPUT"), "nat": ("OUTPUT",),
+                                       "mangle": ("OUTPUT",)}
 
 # Seconds iptables waits for the xtables lock held by another process's iptables.
 _XTABLES_WAIT = "10"

@@ -1,4 +1,4 @@
-"""Network fault injection on this machine: real packet loss, resets and refusals per address.
+"""Network faults on this machine: packet loss and delay, resets, refusals, slow links.
 
 Faults use Toxiproxy's vocabulary where it has a word for them (see :attr:`Fault.toxic`) so the
 chaos suite can offer one API over a real Toxiproxy and this local backend::
@@ -28,11 +28,11 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import threading
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol
@@ -43,14 +43,17 @@ from chaos._netfilter import (
     NetfilterError,
     Owner,
     Rule,
+    Table,
     chain_lock,
     ensure_chain,
     owner_of,
     remove_chain_if_empty,
+    rule_lines,
     rules_of,
     sweep_dead_owners,
     unavailable_reason,
 )
+from chaos._nfqueue import PacketDelayer
 from chaos._toxic_proxy import UPSTREAM_MARK, Stream, ToxicProxy, Toxics
 
 __all__ = [
@@ -71,12 +74,13 @@ __all__ = [
 
 LOGGER = logging.getLogger("chaos.netfault")
 
-FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss"]
+FaultKind = Literal["blackhole", "reset", "down", "latency", "bandwidth", "packet_loss",
+                    "packet_delay"]
 
 #: Toxiproxy's name for each kind of fault (``down`` is a disabled proxy there, not a toxic).
 TOXIC_NAMES: Mapping[str, str] = MappingProxyType(
     {"blackhole": "timeout", "reset": "reset_peer", "down": "down", "latency": "latency",
-     "bandwidth": "bandwidth", "packet_loss": "packet_loss"})
+     "bandwidth": "bandwidth", "packet_loss": "packet_loss", "packet_delay": "latency"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Fault ids are unique within a process, so that a rule comment names exactly one fault.
@@ -198,7 +202,9 @@ def _kill_connections(address: str, port: int | None) -> None:
                        "sends", result.stderr.strip(), address)
 
 
-_live: weakref.WeakSet[NetworkFaults] = weakref.WeakSet()
+# Objects with something installed, held strongly: an object dropped without clear() must
+# still be cleared at exit (its owner is alive until then, so no sweep would remove its rules).
+_live: set[NetworkFaults] = set()
 _atexit_registered = False
 _registry_lock = threading.Lock()
 
@@ -249,11 +255,11 @@ class NetworkFaults:
         self._owned_proxies: list[ToxicProxy] = []  # started for one fault each
         self._intercepts: dict[tuple[str, int], _Intercept] = {}
         self._anchor: Rule | None = None
+        self._delayers: dict[int, PacketDelayer] = {}  # of active packet_delay faults
         #: Every fault this object applied, in order, healed or not.
         self.history: list[Fault] = []
         if sweep:
             sweep_dead_owners()
-        _track(self)
 
     # -- context manager -------------------------------------------------------------------
 
@@ -295,6 +301,44 @@ class NetworkFaults:
         specs = self._drop_specs(address, port, stream, match)
         return self._apply("packet_loss", address, port, specs,
                            params={"probability": float(probability), "stream": stream})
+
+    def packet_delay(self, address: str, port: int | None = None, *, delay: float,
+                     jitter: float = 0.0, stream: Stream = "downstream") -> Fault:
+        """Hold every packet to or from ``address`` (TCP ``port`` on it, if given) for
+        ``delay`` ± ``jitter`` seconds in the kernel (NFQUEUE), in ``stream`` (``downstream``,
+        the default: packets from the address, so a round trip takes ``delay`` longer;
+        ``upstream``: packets to it; ``both``). Unlike :meth:`latency` it needs no proxy and
+        slows every connection, the established ones included, as a slow network would:
+        TCP sees the longer round trip (throughput drops to window / round trip).
+        Toxiproxy's ``latency`` toxic, applied at the packet level."""
+        address, port = _check_address(address), _check_port(port)
+        delay, jitter = _check_seconds("delay", delay), _check_seconds("jitter", jitter)
+        if stream not in ("upstream", "downstream", "both"):
+            raise NetworkFaultError(f"stream must be 'upstream', 'downstream' or 'both', got "
+                                    f"{stream!r}")
+        try:
+            named = {int(m) for line in rule_lines("mangle")
+                     for m in re.findall(r"--queue-num (\d+)", line)}
+            delayer = PacketDelayer(delay, jitter).open(avoid=named)
+        except OSError as exc:
+            raise NetworkFaultError(f"cannot set up packet delay (NFQUEUE): {exc}") from exc
+        # mangle OUTPUT sees each loopback packet once, before nat and filter.
+        target = ["-j", "NFQUEUE", "--queue-num", str(delayer.queue), "--queue-bypass"]
+        comment = self._comment_placeholder()
+        specs = []
+        if stream in ("upstream", "both"):
+            specs.append([*_to(address, port), *comment, *target])
+        if stream in ("downstream", "both"):
+            specs.append([*_from(address, port), *comment, *target])
+        try:
+            fault = self._apply("packet_delay", address, port, specs, "mangle",
+                                {"delay": delay, "jitter": jitter, "stream": stream})
+        except BaseException:
+            delayer.close()
+            raise
+        with self._lock:
+            self._delayers[fault.id] = delayer
+        return fault
 
     def _drop_specs(self, address: str, port: int | None, stream: object,
                     extra: list[str]) -> list[list[str]]:
@@ -432,6 +476,9 @@ class NetworkFaults:
                             except NetfilterError as exc:
                                 errors.append(exc)
                 self._tables.clear()
+            if not errors:
+                with _registry_lock:
+                    _live.discard(self)
         if errors:
             raise NetworkFaultError(f"{len(errors)} error(s) while removing network faults; "
                                     f"first: {errors[0]}") from errors[0]
@@ -559,6 +606,7 @@ class NetworkFaults:
         """
         if self._anchor is not None:
             return
+        _track(self)
         anchor = Rule("nat", ("-p", "tcp", "-s", "0.0.0.0/32", "-d", "0.0.0.0/32",
                               "-m", "comment", "--comment", self._owner.comment(next(_fault_ids)),
                               "-j", "DNAT", "--to-destination", "0.0.0.0:9"))
@@ -579,13 +627,14 @@ class NetworkFaults:
             return sum(proxy.connections for proxy in proxies)
 
     def _apply(self, kind: str, address: str, port: int | None, specs: list[list[str]],
-               table: Literal["filter", "nat"] = "filter",
+               table: Table = "filter",
                params: Mapping[str, Any] | None = None) -> Fault:
         fault_id = next(_fault_ids)
         comment = self._owner.comment(fault_id)
         rules = [Rule(table, tuple(comment if arg == "{comment}" else arg for arg in spec))
                  for spec in specs]
         with self._lock:
+            _track(self)
             added: list[Rule] = []
             try:
                 if rules:
@@ -618,6 +667,9 @@ class NetworkFaults:
                 errors.append(exc)
         self._rules.pop(fault.id, None)
         self._active.pop(fault.id, None)
+        delayer = self._delayers.pop(fault.id, None)
+        if delayer is not None:  # rules are gone: release what it holds, then unbind
+            delayer.close()
         proxy = self._proxies.pop(fault.id, None)
         if proxy is not None:  # connections already proxied go on, undelayed
             proxy.neutralise()
@@ -665,10 +717,11 @@ def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: N
     (``action="applied"``, with kind, toxic, address, port, fault id and ``params``) in the
     cluster's event log.
 
-    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``), ``reset`` and
-    ``down`` hit every port of the instance's address unless ``port`` is given; ``latency``
-    (``delay``, ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``)
-    hit ``port``, by default the instance's port.
+    ``blackhole`` (``stream``), ``packet_loss`` (``probability``, ``stream``),
+    ``packet_delay`` (``delay``, ``jitter``, ``stream``), ``reset`` and ``down`` hit every
+    port of the instance's address unless ``port`` is given; ``latency`` (``delay``,
+    ``jitter``, ``stream``) and ``bandwidth`` (``bytes_per_second``, ``stream``) hit
+    ``port``, by default the instance's port.
     """
     instance = cluster.instance(instance_id)
     address = instance.address
@@ -680,13 +733,15 @@ def inject(cluster: ClusterLike, instance_id: str, kind: FaultKind, *, faults: N
         fault = faults.blackhole(address, port, **params)
     elif kind == "packet_loss":
         fault = faults.packet_loss(address, port, **params)
+    elif kind == "packet_delay":
+        fault = faults.packet_delay(address, port, **params)
     elif kind == "latency":
         fault = faults.latency(address, port or instance.port, **params)
     elif kind == "bandwidth":
         fault = faults.bandwidth(address, port or instance.port, **params)
     else:
         raise NetworkFaultError(f"kind must be one of blackhole, reset, down, latency, "
-                                f"bandwidth, packet_loss; got {kind!r}")
+                                f"bandwidth, packet_loss, packet_delay; got {kind!r}")
     fault.instance = instance_id
     cluster.events.record("network_fault", instance_id, action="applied", kind=fault.kind,
                           toxic=fault.toxic, address=fault.address, port=fault.port,
