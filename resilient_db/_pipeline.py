@@ -45,6 +45,7 @@ class Op(enum.Enum):
     PIPELINE = "pipeline"  # psycopg Connection.pipeline() enter/exit
     SESSION = "session"  # setting autocommit / read only / isolation level
     CLOSE = "close"  # Cursor.close, Connection.close, leaving a `with` block
+    CURSOR = "cursor"  # Connection.cursor (mysql-connector checks the connection there)
 
 
 ALL_OPS: frozenset[Op] = frozenset(Op)
@@ -289,6 +290,7 @@ class Chains:
         "close",
         "commit",
         "copy",
+        "cursor",
         "execute",
         "executemany",
         "fetch",
@@ -301,6 +303,7 @@ class Chains:
     close: Handler | None
     commit: Handler | None
     copy: Handler | None
+    cursor: Handler | None
     execute: Handler | None
     executemany: Handler | None
     fetch: Handler | None

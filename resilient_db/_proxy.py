@@ -38,6 +38,7 @@ _OWN_CONNECTION_ATTRS = frozenset(
 # modules, which import these) use plain module constants.
 _CALLPROC = Op.CALLPROC
 _CLOSE = Op.CLOSE
+_CURSOR = Op.CURSOR
 _COMMIT = Op.COMMIT
 _COPY = Op.COPY
 _EXECUTE = Op.EXECUTE
@@ -47,7 +48,7 @@ _PIPELINE = Op.PIPELINE
 _ROLLBACK = Op.ROLLBACK
 _SESSION = Op.SESSION
 _TRANSACTION = Op.TRANSACTION
-_RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC})
+_RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR})
 # Cursor attributes bound to the driver cursor: after the physical connection is replaced they
 # are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
 _BOUND_ATTRS = frozenset({"_cur", "_execute"})
@@ -126,7 +127,16 @@ class ConnectionProxy:
 
     # --- PEP 249 ------------------------------------------------------------------------------
     def cursor(self, *args: Any, **kwargs: Any) -> CursorProxy:
-        proxy = self._driver.cursor_proxy(self._raw.cursor(*args, **kwargs), self)
+        # Through the pipeline when a plugin asks: mysql-connector's cursor() checks the
+        # connection and raises on a dead one, which failover must see.
+        chain = self._chains.cursor
+        raw = self._raw
+        if chain is None:
+            raw_cursor = raw.cursor(*args, **kwargs)
+        else:
+            raw_cursor = chain(Call(_CURSOR, "Connection.cursor", raw.cursor, args, kwargs,
+                                    self))
+        proxy = self._driver.cursor_proxy(raw_cursor, self)
         if args or kwargs:  # remembered to open the same kind of cursor after a failover
             proxy.__dict__["_cursor_args"] = (args, kwargs)
         return proxy

@@ -636,3 +636,30 @@ def test_server_without_topology_reconnects_to_the_same_endpoint(backend: Any) -
         assert conn.resilient.raw is not old
     finally:
         conn.close()
+
+
+def test_opening_a_cursor_on_a_lost_connection_fails_over(env: Env) -> None:
+    """mysql-connector's ``cursor()`` checks the connection and raises on a lost one; opening
+    a cursor sends nothing, so with no transaction open the cursor is simply opened on the new
+    writer. Inside a transaction the loss is reported as an unknown outcome. (psycopg's
+    ``cursor()`` does no I/O: there the loss shows at the first statement.)"""
+    cluster = env.cluster
+    conn = env.connect()
+    assert env.instance(conn) == cluster.writer.id
+    new = promoted(cluster.failover())
+    cur = conn.cursor()  # mysql: no error, nothing was lost
+    if env.name == "pg":
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            cur.execute(env.instance_sql)
+    cur.execute(env.instance_sql)
+    assert str(cur.fetchone()[0]) == new
+    tx = env.connect(autocommit=False)
+    tx_cur = tx.cursor()
+    tx_cur.execute(env.instance_sql)
+    tx_cur.fetchall()  # a transaction is open now
+    newer = promoted(cluster.failover())
+    with pytest.raises(resilient_db.TransactionResolutionUnknownError):
+        tx.cursor().execute(env.instance_sql)
+    again = tx.cursor()
+    again.execute(env.instance_sql)
+    assert str(again.fetchone()[0]) == newer

@@ -135,7 +135,7 @@ def test_every_io_call_goes_through_the_pipeline_psycopg(pg_backend: Backend) ->
     seen = _recorded(conn)
     ops = {op for op, _ in seen}
     assert ops == {Op.EXECUTE, Op.EXECUTEMANY, Op.FETCH, Op.COMMIT, Op.ROLLBACK,
-                   Op.TRANSACTION, Op.PIPELINE, Op.COPY, Op.SESSION, Op.CLOSE}
+                   Op.TRANSACTION, Op.PIPELINE, Op.COPY, Op.SESSION, Op.CLOSE, Op.CURSOR}
     methods = {m for _, m in seen}
     for method in ("Cursor.execute", "Cursor.fetchone", "Cursor.fetchmany", "Cursor.fetchall",
                    "Cursor.executemany", "Connection.commit", "Connection.rollback",
@@ -171,7 +171,7 @@ def test_every_io_call_goes_through_the_pipeline_mysql(mysql_backend: Backend) -
     conn.close()
     ops = {op for op, _ in _recorded(conn)}
     assert {Op.EXECUTE, Op.CALLPROC, Op.FETCH, Op.TRANSACTION, Op.COMMIT, Op.SESSION,
-            Op.CLOSE} <= ops
+            Op.CLOSE, Op.CURSOR} <= ops
     methods = {m for _, m in _recorded(conn)}
     assert {"Cursor.callproc", "Connection.cmd_query", "Connection.start_transaction",
             "Connection.is_connected", "Connection.ping"} <= methods

@@ -1,9 +1,11 @@
 """``failover``: when the instance behind a connection fails, move the connection to the new
 writer (or a reader) as soon as the cluster has one, without waiting for DNS.
 
-What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback and
-transaction blocks. The no-failure path is a ``try`` around the rest of the chain (plus, on
-psycopg, reading the transaction status libpq already holds: after a lost connection it no
+What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback,
+transaction blocks and opening a cursor (mysql-connector checks the connection in
+``cursor()``; a cursor opened on a lost connection with no transaction open is simply opened
+on the new connection, without an error). The no-failure path is a ``try`` around the rest
+of the chain (plus, on psycopg, reading the transaction status libpq already holds: after a lost connection it no
 longer tells). Fetches are not intercepted: a connection lost while reading rows fails over
 at the next statement.
 
@@ -105,6 +107,7 @@ _RERAISE: Final = object()
 _COMMIT = Op.COMMIT
 _ROLLBACK = Op.ROLLBACK
 _TRANSACTION = Op.TRANSACTION
+_CURSOR = Op.CURSOR
 #: psycopg's libpq transaction status values that mean "inside a transaction" (INTRANS,
 #: INERROR); IDLE is 0, ACTIVE 1, UNKNOWN 4.
 _PG_IN_TRANSACTION = frozenset({2, 3})
@@ -138,7 +141,7 @@ class FailoverPlugin(Plugin):
     many times this connection failed over."""
 
     code = "failover"
-    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION}
+    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR}
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)
@@ -494,8 +497,10 @@ class FailoverPlugin(Plugin):
         driver = self.ctx.driver
         proxy = call.connection
         started = time.monotonic()
-        statement_sent = trigger == "network"
-        idempotent = current_options().idempotent is True
+        # Opening a cursor sends no statement and changes nothing: always safe to redo.
+        opening_cursor = call.op is _CURSOR
+        statement_sent = trigger == "network" and not opening_cursor
+        idempotent = opening_cursor or current_options().idempotent is True
         with self._lock:
             old_raw = proxy._raw
             failed = proxy._host
