@@ -5,8 +5,8 @@ What it intercepts: statements (execute, executemany, callproc, copy), commit, r
 transaction blocks and opening a cursor (mysql-connector checks the connection in
 ``cursor()``; a cursor opened on a lost connection with no transaction open is simply opened
 on the new connection, without an error). The no-failure path is a ``try`` around the rest
-of the chain (plus, on psycopg, reading the transaction status libpq already holds: after a lost connection it no
-longer tells). Fetches are not intercepted: a connection lost while reading rows fails over
+of the chain (plus, on psycopg, reading the transaction status libpq already holds: after a
+lost connection it no longer tells). Fetches are not intercepted: a connection lost while reading rows fails over
 at the next statement.
 
 Triggers (CONVENTIONS.md): a network error (``DriverDialect.is_disconnect``); in
