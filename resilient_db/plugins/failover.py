@@ -6,8 +6,8 @@ transaction blocks and opening a cursor (mysql-connector checks the connection i
 ``cursor()``; a cursor opened on a lost connection with no transaction open is simply opened
 on the new connection, without an error). The no-failure path is a ``try`` around the rest
 of the chain (plus, on psycopg, reading the transaction status libpq already holds: after a
-lost connection it no longer tells). Fetches are not intercepted: a connection lost while reading rows fails over
-at the next statement.
+lost connection it no longer tells). Fetches are not intercepted: a connection lost while
+reading rows fails over at the next statement.
 
 Triggers (CONVENTIONS.md): a network error (``DriverDialect.is_disconnect``); in
 ``strict_writer`` mode also a read-only error, but only once a role check on that connection's
