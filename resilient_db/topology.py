@@ -175,7 +175,8 @@ def _read_self_report(driver: QueryDriver, dialect: DatabaseDialect, conn: Any, 
     return SelfReport(host, clock(), instance_id, is_reader, snapshot)
 
 
-def confirmed_role(report: SelfReport, *, has_topology: bool) -> Role:
+def confirmed_role(report: SelfReport, *, has_topology: bool,
+                   verified_writer: str | None = None) -> Role:
     """The role a report proves. Pure.
 
     ``WRITER``: the instance says it is not a reader, or it says read-only but its own topology
@@ -184,6 +185,11 @@ def confirmed_role(report: SelfReport, *, has_topology: bool) -> Role:
     it is a reader and its own topology names another writer (a demoted writer follows the new
     one), or, for dialects without topology, it says it is a reader. ``UNKNOWN`` otherwise
     (no answer; read-only with no writer named).
+
+    ``verified_writer``: the instance id of the writer the cluster's topology monitor verified
+    first-hand, if any. A read-only instance whose own view still names itself the writer is a
+    READER when another instance is the verified writer (a demoted writer that rejoined as a
+    reader before the new topology replicated to it).
     """
     if report.error is not None or report.is_reader is None:
         return Role.UNKNOWN
@@ -194,7 +200,11 @@ def confirmed_role(report: SelfReport, *, has_topology: bool) -> Role:
     named = report.topology.writer if report.topology is not None else None
     if named is None:
         return Role.UNKNOWN
-    return Role.WRITER if named.instance_id == report.instance_id else Role.READER
+    if named.instance_id != report.instance_id:
+        return Role.READER
+    if verified_writer is not None and verified_writer != report.instance_id:
+        return Role.READER
+    return Role.WRITER
 
 
 #: PostgreSQL: every member of a physical replication cluster shares the system identifier.

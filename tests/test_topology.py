@@ -230,6 +230,15 @@ def test_confirmed_role(rep: SelfReport, has_topology: bool, role: Role) -> None
     assert confirmed_role(rep, has_topology=has_topology) is role
 
 
+def test_confirmed_role_with_a_verified_writer_elsewhere() -> None:
+    lagging_view = report("a", True, "a")  # rejoined as a reader; its view not replicated yet
+    assert confirmed_role(lagging_view, has_topology=True, verified_writer="b") is Role.READER
+    assert confirmed_role(lagging_view, has_topology=True, verified_writer="a") is Role.WRITER
+    # A writable instance is the writer whatever the monitor thought before.
+    assert confirmed_role(report("a", False, "a"), has_topology=True,
+                          verified_writer="b") is Role.WRITER
+
+
 def test_server_identity(cluster: FakeCluster) -> None:
     driver = FakeDriver()
     conn = FakeConn(cluster, "instance-1")

@@ -438,8 +438,11 @@ class FailoverPlugin(Plugin):
             log.debug("role check failed: %r", exc)
             report = None
         dialect = self._dialect
+        monitor = self._monitor
+        verified = monitor.writer if monitor is not None else None
         role = Role.UNKNOWN if report is None else confirmed_role(
-            report, has_topology=dialect is not None and dialect.topology_query is not None)
+            report, has_topology=dialect is not None and dialect.topology_query is not None,
+            verified_writer=verified.instance_id if verified is not None else None)
         verdict = read_only_triggers_failover(self.mode, role)
         get_decision_sink().record(verdict.to_decision())
         if not verdict.failover:
