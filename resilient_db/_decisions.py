@@ -115,7 +115,9 @@ def set_decision_sink(sink: DecisionSink | None) -> DecisionSink:
     """Install ``sink`` process-wide (``None`` restores the no-op sink); returns the old one."""
     global _sink
     old = _sink
-    _sink = _NULL if sink is None else _SafeSink(sink)
+    # The no-op sink stays unwrapped (restoring what this returned must not wrap it: a wrapped
+    # no-op sink would look enabled-by-a-user to code that compares sinks).
+    _sink = _NULL if sink is None or isinstance(sink, NullSink) else _SafeSink(sink)
     return old.inner if isinstance(old, _SafeSink) else old
 
 

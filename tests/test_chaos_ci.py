@@ -1,7 +1,7 @@
 """The fast CI subset of the chaos suite, on real simulated clusters (PostgreSQL and MySQL):
 writer crash and writer blackhole through the runner and the pytest fixture, the README's
 default scenario through ``python -m chaos run``, and a non-zero exit on an invariant
-violation. The whole library runs in tests/test_chaos_library.py (``CHAOS_FULL=1``)."""
+violation. The whole library runs in tests/test_chaos_library.py."""
 
 from __future__ import annotations
 
@@ -26,18 +26,10 @@ needs_netfault = pytest.mark.skipif(unavailable_reason() is not None,
                                     reason=f"network faults: {unavailable_reason()}")
 
 
-# Found by this suite: after the server ends a mysql-connector connection (crash, reboot,
-# reset), the application's next `conn.cursor()` raises the driver's "OperationalError: MySQL
-# Connection not available": mysql-connector's cursor() pings the server (is_connected()),
-# and ConnectionProxy.cursor() calls it outside the pipeline, so the failover plugin never
-# sees the error and the connection stays broken (every later cursor() fails the same way).
-MYSQL_NOT_AVAILABLE = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="resilient_db: mysql-connector's cursor() pings the server outside the pipeline; "
-           "a dead connection raises a raw OperationalError and never fails over")
-
-
-@pytest.mark.parametrize("flavour", ["pg", pytest.param("mysql", marks=MYSQL_NOT_AVAILABLE)])
+# Found by this suite (fixed): mysql-connector's cursor() checks the connection, and
+# ConnectionProxy.cursor() used to call it outside the pipeline, so after a crash the next
+# cursor() raised the driver's "MySQL Connection not available" and never failed over.
+@pytest.mark.parametrize("flavour", ["pg", "mysql"])
 def test_writer_crash(chaos_run: ChaosRun, flavour: str) -> None:
     result = chaos_run("writer-crash", flavour=flavour)
     assert_invariants(result)

@@ -1,16 +1,13 @@
 """Every shipped scenario on PostgreSQL and MySQL, on the local backend: the invariants must
-hold. About 20 s per run (22 runs); skipped unless ``CHAOS_FULL=1`` so that CI runs only the
-fast subset (tests/test_chaos_ci.py)::
+hold. About 10-20 s per run (22 runs); part of every CI run::
 
-    CHAOS_FULL=1 python -m pytest tests/test_chaos_library.py
+    python -m pytest tests/test_chaos_library.py
 
 Known failures are marked with the defect this suite found (not strict: some depend on
 timing, e.g. whether a write lands in the moment a graceful failover turns the writer
 read-only)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -20,25 +17,12 @@ from chaos.scenario import library
 
 __all__ = ["chaos_run"]
 
-pytestmark = [
-    pytest.mark.real_server, pytest.mark.chaos,
-    pytest.mark.skipif(os.environ.get("CHAOS_FULL") != "1",
-                       reason="the whole chaos library runs with CHAOS_FULL=1 "
-                              "(CI runs tests/test_chaos_ci.py)"),
-]
+pytestmark = [pytest.mark.real_server, pytest.mark.chaos]
 
-MYSQL_NOT_AVAILABLE = ("resilient_db: after the server ends a mysql-connector connection "
-                       "(crash, reboot, reset), conn.cursor() pings it outside the pipeline "
-                       "and raises a raw 'OperationalError: MySQL Connection not available'; "
-                       "no failover. Also seen: a raw MySQL 1290 (DatabaseError) on a "
-                       "connection opened through stale DNS to the old writer as it rejoins")
 READ_ONLY_DURING_GRACEFUL = ("failover plugin: a write that reaches the writer after a graceful "
                              "failover turned it read-only, before the promotion, gets the "
                              "raw read-only error (the topology still names it the writer)")
 KNOWN: dict[tuple[str, str], str] = {
-    **{(name, "mysql"): MYSQL_NOT_AVAILABLE
-       for name in ("default", "writer-crash", "targeted-failover", "reset-storm", "reboot",
-                    "dns-staleness")},
     ("targeted-failover", "pg"): READ_ONLY_DURING_GRACEFUL,
 }
 
