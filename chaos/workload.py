@@ -57,13 +57,25 @@ class Request:
 
 def is_documented(exc: BaseException, kind: str) -> bool:
     """Whether ``exc`` is an error type the docs promise (``docs/errors.md``): resilient_db's
-    own outcomes always; a driver error only from connect (an unreachable host propagates
-    unchanged)."""
+    own outcomes always; a driver error from connect (an unreachable host propagates
+    unchanged) and a write's read-only error (see below)."""
     if isinstance(exc, resilient_db.Error):
         return True
     if kind == "connect":
         return _is_driver_operational(exc)
-    return False
+    # docs/errors.md, "Read-only errors": a write refused by an instance that is still the
+    # writer by its own account (a planned failover's write stop before the promotion) is the
+    # driver's read-only error, untouched.
+    return kind == "write" and _is_read_only(exc)
+
+
+_READ_ONLY_SQLSTATE = "25006"
+_READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    return (getattr(exc, "sqlstate", None) == _READ_ONLY_SQLSTATE
+            or getattr(exc, "errno", None) in _READ_ONLY_ERRNOS)
 
 
 def _message(exc: BaseException) -> str:

@@ -87,8 +87,11 @@ CANONICAL_ORDER: tuple[str, ...] = (
     "dev",
 )
 
-#: Used when ``plugins`` is omitted. Grows as failover and EFM land (see docs/plugins.md).
-DEFAULT_PLUGINS: tuple[str, ...] = ()
+#: Used when ``plugins`` is omitted: the AWS Advanced Python Wrapper's default set (its
+#: ``aurora_connection_tracker,failover_v2,host_monitoring_v2``), so a migrating application
+#: keeps the protection it had. On a server without topology (plain PostgreSQL/MySQL) failover
+#: reconnects to the same endpoint and efm still detects a dead host.
+DEFAULT_PLUGINS: tuple[str, ...] = ("aurora_connection_tracker", "failover", "efm")
 
 _entry_points: dict[str, EntryPoint] | None = None
 

@@ -39,6 +39,9 @@ class Backend:
         return self.target(**{**self.kwargs, **extra})
 
     def connect(self, conninfo: str = "", **extra: Any) -> resilient_db.ConnectionProxy:
+        """Through resilient_db; no plugins unless ``plugins=`` says (``plugins=None``: the
+        default list)."""
+        extra.setdefault("plugins", "")
         return resilient_db.connect(self.target, conninfo, **{**self.kwargs, **extra})
 
     def table(self) -> str:

@@ -82,7 +82,9 @@ def test_typed_driver_arguments_from_strings(backend: Backend) -> None:
 
 
 def test_plugins_selection_forms(backend: Backend) -> None:
-    assert backend.connect().resilient.plugins == ()  # default list is empty in this release
+    default = backend.connect(plugins=None)
+    assert default.resilient.plugins == ("aurora_connection_tracker", "failover", "efm")
+    default.close()
     assert backend.connect(plugins="").resilient.plugins == ()
     assert backend.connect(plugins=[]).resilient.plugins == ()
     conn = backend.connect(plugins="dev,execute_time")
