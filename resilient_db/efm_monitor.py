@@ -549,6 +549,8 @@ class HostMonitor:
         get_decision_sink().record(Decision("efm.host_down", "efm", {
             "server.address": self.address,
             "resilient_db.efm.detection_time": now - first,
+            # The telemetry layer's detection-time histogram reads this name.
+            "resilient_db.detection.duration": now - first,
             "resilient_db.efm.failures": self._failures,
             "resilient_db.efm.last_error": why,
             "resilient_db.efm.interval": self.interval,

@@ -291,5 +291,6 @@ class TelemetrySink:
             self.selections.add(1, {n.ATTR_STRATEGY: str(attributes.get(n.ATTR_STRATEGY, ""))})
         elif kind.endswith(n.MONITOR_RESTARTED_SUFFIX):
             self.restarts.add(1, {n.ATTR_MONITOR: kind[: -len(n.MONITOR_RESTARTED_SUFFIX)]})
-        elif kind.startswith(n.WATCHDOG_PREFIX) and "abort" in kind:
+        elif kind == n.KIND_DEADLINE_EXPIRED or (kind.startswith(n.WATCHDOG_PREFIX)
+                                                 and "abort" in kind):
             self.aborts.add(1, {n.ATTR_PLUGIN: decision.plugin or "core"})

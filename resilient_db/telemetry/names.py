@@ -41,6 +41,8 @@ HOST_DOWN_SUFFIX: Final = ".host_down"
 HOST_UP_SUFFIX: Final = ".host_up"
 #: ``<monitor>.monitor_restarted``: a supervised monitor thread crashed and was restarted.
 MONITOR_RESTARTED_SUFFIX: Final = ".monitor_restarted"
+#: A statement deadline fired (resilient_db._deadline).
+KIND_DEADLINE_EXPIRED: Final = "statement.deadline_expired"
 #: ``watchdog.aborted`` (and any ``watchdog.*abort*``): the deadline watchdog aborted a call.
 WATCHDOG_PREFIX: Final = "watchdog."
 #: Decisions counted but never traced (too frequent: one per statement or per refresh).
