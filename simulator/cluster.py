@@ -283,6 +283,12 @@ class ClusterEngine(abc.ABC):
     def set_replica_lag(self, instance: Instance, seconds: float) -> None:
         """Delay applying changes on a replica by ``seconds`` (0: no delay)."""
 
+    def detach_replicas(self, dead: Instance,  # noqa: B027 - optional hook
+                        replicas: Sequence[Instance]) -> None:
+        """After the writer ``dead`` crashed, during the detection delay: let the replicas
+        stop pulling from it, so that promotion and re-pointing do not wait on connections
+        to a dead (possibly blackholed) server. Default: nothing."""
+
     def stop_writes(self, instance: Instance) -> None:  # noqa: B027 - optional hook
         """Before a graceful (targeted) failover: make sure nothing more is acknowledged by
         ``instance`` so the target can catch up. Default: nothing."""
@@ -642,7 +648,13 @@ class Cluster:
                 old.runtime.kill()
             old.role = "stopped"
             self.events.record("writer_stopped", old.id, mode=mode)
-            time.sleep(self.timeline.detection_delay)
+            detecting = time.monotonic()
+            if mode == "crash":
+                # Housekeeping inside the detection window (it does not delay promotion
+                # unless it takes longer than the window).
+                self.engine.detach_replicas(old, candidates)
+            time.sleep(max(0.0, self.timeline.detection_delay
+                           - (time.monotonic() - detecting)))
             chosen = self.instance(target) if target else self._most_advanced(candidates)
             time.sleep(self.timeline.promotion_delay)
             self.engine.promote(chosen)
