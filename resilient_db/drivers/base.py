@@ -207,6 +207,18 @@ class DriverDialect(abc.ABC):
     @abc.abstractmethod
     def transaction_status(self, conn: Any) -> TxStatus: ...
 
+    def tx_snapshot(self, conn: Any) -> Any:
+        """What :meth:`was_in_transaction` needs to know, read just *before* a call (cheap: it
+        runs before every statement a failover-aware plugin wraps). Default: nothing."""
+        return None
+
+    def was_in_transaction(self, conn: Any, snapshot: Any) -> bool:
+        """Whether a transaction was open when a call on ``conn`` failed, given the
+        :meth:`tx_snapshot` taken before it. Unknown counts as open (an unknown outcome is
+        reported, never a silently lost transaction)."""
+        return self.transaction_status(conn) in (
+            TxStatus.IN_TRANSACTION, TxStatus.IN_ERROR, TxStatus.UNKNOWN)
+
     # --- errors ----------------------------------------------------------------------------
     @abc.abstractmethod
     def is_disconnect(self, exc: BaseException) -> bool:

@@ -287,6 +287,14 @@ class MysqlConnectorDriver(DriverDialect):
             return TxStatus.UNKNOWN
         return TxStatus.IN_TRANSACTION if conn.in_transaction else TxStatus.IDLE
 
+    def was_in_transaction(self, conn: Any, snapshot: Any) -> bool:
+        # The driver keeps the server's last status flags after the connection is lost, so
+        # no snapshot is needed.
+        flag = getattr(conn, "in_transaction", None)
+        if isinstance(flag, bool):
+            return flag
+        return self.transaction_status(conn) in (TxStatus.IN_TRANSACTION, TxStatus.IN_ERROR)
+
     def is_disconnect(self, exc: BaseException) -> bool:
         if isinstance(exc, errors.Error) or not isinstance(exc, myerrors.Error):
             return False

@@ -73,6 +73,8 @@ _TX = {
     pq.TransactionStatus.INERROR: TxStatus.IN_ERROR,
     pq.TransactionStatus.UNKNOWN: TxStatus.UNKNOWN,
 }
+# libpq statuses with a transaction open (IntEnum members: equal to the raw ints).
+_PG_OPEN = frozenset({pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR})
 
 # psycopg's own connect keywords (beyond libpq's parameters).
 _PSYCOPG_KEYWORDS = frozenset(
@@ -265,6 +267,13 @@ class PsycopgDriver(DriverDialect):
 
     def transaction_status(self, conn: Any) -> TxStatus:
         return _TX.get(conn.info.transaction_status, TxStatus.UNKNOWN)
+
+    def tx_snapshot(self, conn: Any) -> Any:
+        # libpq's status before the call: once the connection is lost it no longer tells.
+        return conn.pgconn.transaction_status
+
+    def was_in_transaction(self, conn: Any, snapshot: Any) -> bool:
+        return snapshot in _PG_OPEN  # INTRANS or INERROR before the call
 
     def is_disconnect(self, exc: BaseException) -> bool:
         if isinstance(exc, psycopg.errors.QueryCanceled):

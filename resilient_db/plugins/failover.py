@@ -110,7 +110,6 @@ _TRANSACTION = Op.TRANSACTION
 _CURSOR = Op.CURSOR
 #: psycopg's libpq transaction status values that mean "inside a transaction" (INTRANS,
 #: INERROR); IDLE is 0, ACTIVE 1, UNKNOWN 4.
-_PG_IN_TRANSACTION = frozenset({2, 3})
 #: Connect arguments that would bypass the address failover chose.
 _ADDRESS_ARGS = ("hostaddr", "unix_socket")
 
@@ -168,7 +167,7 @@ class FailoverPlugin(Plugin):
         self.epoch = 0
         self.failovers = 0
         self._psycopg = ctx.driver.code == "psycopg"
-        self._tx_before = 0  # psycopg: libpq transaction status before the current call
+        self._tx_before: Any = None  # the driver's tx_snapshot before the current call
         self._swaps = 0
         self._lock = threading.RLock()
         self._rng = random.Random()
@@ -354,52 +353,34 @@ class FailoverPlugin(Plugin):
 
     # --- execute phase -------------------------------------------------------------------------
     def wrap_execute(self, proceed: Handler) -> Handler:
-        # The no-failure path: a try around the rest of the chain (psycopg: plus one read of
-        # the transaction status, which libpq no longer reports once the connection is lost).
+        # The no-failure path: a try around the rest of the chain, plus the driver's cheap
+        # transaction snapshot (psycopg: the status libpq holds, which it no longer reports
+        # once the connection is lost).
         on_error = self._on_error
         state = self
+        snapshot = self.ctx.driver.tx_snapshot
         if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
-            if self._psycopg:
-                def handler(call: Call) -> Any:
-                    state._tx_before = call.connection._raw.pgconn.transaction_status
-                    try:
-                        kwargs = call.kwargs
-                        return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                    except Exception as exc:
-                        result = on_error(call, exc, proceed)
-                        if result is _RERAISE:
-                            raise
-                        return result
-            else:
-                def handler(call: Call) -> Any:
-                    try:
-                        kwargs = call.kwargs
-                        return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                    except Exception as exc:
-                        result = on_error(call, exc, proceed)
-                        if result is _RERAISE:
-                            raise
-                        return result
+            def handler(call: Call) -> Any:
+                state._tx_before = snapshot(call.connection._raw)
+                try:
+                    kwargs = call.kwargs
+                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                except Exception as exc:
+                    result = on_error(call, exc, proceed)
+                    if result is _RERAISE:
+                        raise
+                    return result
             return handler
-        if self._psycopg:
-            def chained(call: Call) -> Any:
-                state._tx_before = call.connection._raw.pgconn.transaction_status
-                try:
-                    return proceed(call)
-                except Exception as exc:
-                    result = on_error(call, exc, proceed)
-                    if result is _RERAISE:
-                        raise
-                    return result
-        else:
-            def chained(call: Call) -> Any:
-                try:
-                    return proceed(call)
-                except Exception as exc:
-                    result = on_error(call, exc, proceed)
-                    if result is _RERAISE:
-                        raise
-                    return result
+
+        def chained(call: Call) -> Any:
+            state._tx_before = snapshot(call.connection._raw)
+            try:
+                return proceed(call)
+            except Exception as exc:
+                result = on_error(call, exc, proceed)
+                if result is _RERAISE:
+                    raise
+                return result
         return chained
 
     def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
@@ -486,13 +467,7 @@ class FailoverPlugin(Plugin):
             return False  # the server rolls back a lost session's transaction: known outcome
         if op is _TRANSACTION and call.method.endswith("__exit__"):
             return True  # leaving a transaction block commits (or rolls back): unknown
-        if self._psycopg:
-            return self._tx_before in _PG_IN_TRANSACTION
-        flag = getattr(raw, "in_transaction", None)  # mysql-connector: kept from the server
-        if isinstance(flag, bool):
-            return flag
-        return self.ctx.driver.transaction_status(raw) in (
-            TxStatus.IN_TRANSACTION, TxStatus.IN_ERROR)
+        return self.ctx.driver.was_in_transaction(raw, self._tx_before)
 
     # --- failing over ----------------------------------------------------------------------------
     def _fail_over(self, call: Call, exc: Exception, proceed: Handler, trigger: str,
