@@ -127,32 +127,9 @@ class Result:
 
 def _settle(cluster: Cluster, flavour: str) -> None:
     deadline = time.monotonic() + 60
-    while any(i.role == "stopped" for i in cluster.instances.values()):
+    while not cluster.settled():  # every instance back, readers following the writer
         if time.monotonic() > deadline:
-            raise RuntimeError("an instance did not come back")
-        time.sleep(0.05)
-    writer = cluster.writer
-    if flavour == "aurora-pg":
-        def following() -> bool:
-            with cluster.superuser() as conn:
-                names = {r[0] for r in conn.execute(
-                    "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")}
-            return names == {r.id for r in cluster.readers}
-    else:
-        engine: Any = cluster.engine
-        writer_id = engine.server_id(writer.id)
-
-        def following() -> bool:
-            status = engine.status()
-            # Connected (IO thread) too: with no reader connected MariaDB commits without
-            # waiting for one (semi-sync falls back), and a crash would lose those commits.
-            return all(status[r.id].get("replica", {}).get("Master_Server_Id") == writer_id
-                       and status[r.id]["replica"]["Slave_SQL_Running"] == "Yes"
-                       and status[r.id]["replica"]["Slave_IO_Running"] == "Yes"
-                       for r in cluster.readers)
-    while not following():
-        if time.monotonic() > deadline:
-            raise RuntimeError("readers did not follow the writer")
+            raise RuntimeError("the cluster did not settle (instances back, readers following)")
         time.sleep(0.05)
     time.sleep(0.3)  # let the application write on the settled cluster for a moment
 

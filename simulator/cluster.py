@@ -283,6 +283,11 @@ class ClusterEngine(abc.ABC):
     def set_replica_lag(self, instance: Instance, seconds: float) -> None:
         """Delay applying changes on a replica by ``seconds`` (0: no delay)."""
 
+    def following(self, writer: Instance, readers: Sequence[Instance]) -> bool:
+        """Whether every one of ``readers`` replicates from ``writer`` right now (streaming,
+        or for MariaDB both replication threads running and connected to it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot tell replication state")
+
     def detach_replicas(self, dead: Instance,  # noqa: B027 - optional hook
                         replicas: Sequence[Instance]) -> None:
         """After the writer ``dead`` crashed, during the detection delay: let the replicas
@@ -955,6 +960,15 @@ class Cluster:
             green.engine.publish_blue_green(green.writer, rows)
 
     # --- helpers for tests and the CLI -------------------------------------------------------
+    def settled(self) -> bool:
+        """Every instance back in a role and every reader replicating from the writer (what a
+        test or benchmark waits for between failovers: a crash before the readers follow
+        again would lose what only the writer had)."""
+        if any(i.role == "stopped" for i in self.instances.values()):
+            return False
+        return self.engine.following(self.writer, self.readers)
+
+
     @contextlib.contextmanager
     def superuser(self, instance_id: str | None = None) -> Iterator[Any]:
         """A superuser driver connection straight to an instance (default: the writer)."""

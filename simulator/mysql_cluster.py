@@ -507,6 +507,16 @@ class MysqlClusterEngine(ClusterEngine):
                 self._fork_points[deposed] = fork
             self._writer_id = instance.id
 
+    def following(self, writer: Instance, readers: Sequence[Instance]) -> bool:
+        # Connected (IO thread) too: with no reader connected MariaDB commits without waiting
+        # for one (semi-sync falls back), and a crash would lose those commits.
+        writer_id = self.server_id(writer.id)
+        status = self.status()
+        return all(status[r.id].get("replica", {}).get("Master_Server_Id") == writer_id
+                   and status[r.id]["replica"]["Slave_SQL_Running"] == "Yes"
+                   and status[r.id]["replica"]["Slave_IO_Running"] == "Yes"
+                   for r in readers)
+
     def detach_replicas(self, dead: Instance, replicas: Sequence[Instance]) -> None:
         """``STOP SLAVE`` on every running replica, in parallel. MariaDB's STOP SLAVE waits
         in 2 s rounds for an IO thread that is stuck connecting to a blackholed master; doing

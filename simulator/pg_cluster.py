@@ -488,6 +488,13 @@ class PgClusterEngine(ClusterEngine):
                     conn.execute(ddl.encode())
 
     # ---- topology --------------------------------------------------------------------------
+    def following(self, writer: Instance, readers: Sequence[Instance]) -> bool:
+        with self._connect(writer) as conn:
+            names = {row[0] for row in conn.execute(
+                "SELECT application_name FROM pg_catalog.pg_stat_replication "
+                "WHERE state = 'streaming'")}
+        return names == {r.id for r in readers}
+
     def publish_topology(self, writer: Instance) -> None:
         self._sync_standbys(writer)
         if self.interface not in ("aurora", "multi-az"):

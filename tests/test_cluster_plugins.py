@@ -145,24 +145,7 @@ def settle(env: Env) -> None:
     wait_until("every instance back in a role",
                lambda: all(i.role != "stopped" for i in cluster.instances.values()))
     cluster.make_writer_read_only(False)
-    writer = cluster.writer
-    if env.name == "pg":
-        def following() -> bool:
-            with cluster.superuser() as conn:
-                names = {r[0] for r in conn.execute(
-                    "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")}
-            return names == {r.id for r in cluster.readers}
-    else:
-        engine: Any = cluster.engine
-        writer_id = engine.server_id(writer.id)
-
-        def following() -> bool:
-            status = engine.status()
-            return all(status[r.id].get("replica", {}).get("Master_Server_Id") == writer_id
-                       and status[r.id]["replica"]["Slave_SQL_Running"] == "Yes"
-                       and status[r.id]["replica"]["Slave_IO_Running"] == "Yes"
-                       for r in cluster.readers)
-    wait_until("readers following the writer", following)
+    wait_until("readers following the writer", cluster.settled)
     wait_until("the cluster endpoint naming the writer",
                lambda: resolve_name(cluster.writer_endpoint) == cluster.writer.address)
 

@@ -109,23 +109,7 @@ def settle(env: Env) -> None:
     cluster = env.cluster
     wait_until("every instance back in a role",
                lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    if env.name == "pg":
-        def following() -> bool:
-            with cluster.superuser() as conn:
-                names = {r[0] for r in conn.execute(
-                    "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")}
-            return names == {r.id for r in cluster.readers}
-    else:
-        engine: Any = cluster.engine
-        writer_id = engine.server_id(cluster.writer.id)
-
-        def following() -> bool:
-            status = engine.status()
-            return all(status[r.id].get("replica", {}).get("Master_Server_Id") == writer_id
-                       and status[r.id]["replica"]["Slave_SQL_Running"] == "Yes"
-                       and status[r.id]["replica"]["Slave_IO_Running"] == "Yes"
-                       for r in cluster.readers)
-    wait_until("readers following the writer", following)
+    wait_until("readers following the writer", cluster.settled)
 
 
 @pytest.fixture(scope="module", autouse=True)
