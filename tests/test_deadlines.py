@@ -449,14 +449,12 @@ def test_connect_timeout_takes_fractional_seconds_as_text_or_number(backend: Bac
 
 
 _NO_HANG_CHILD = _CHILD_PRELUDE + """
-    sys.path.insert(0, os.environ["WORKTREE"])
-    from chaos.netfault import NetworkFaults
     conn = resilient_db.connect(target, plugins="", socket_timeout=0.5, query_timeout_grace=0.5,
                                 **kwargs)
     cur = conn.cursor()
     cur.execute("SELECT 1"); cur.fetchall()
-    faults = NetworkFaults()
-    faults.blackhole(kwargs["host"], int(kwargs["port"]))
+    print("ready", flush=True)
+    assert sys.stdin.readline().strip() == "go"  # the parent has blackholed the server
     try:
         cur.execute("SELECT 1")
     except resilient_db.QueryTimeoutError as exc:
@@ -489,21 +487,33 @@ _NO_HANG_CHILD = _CHILD_PRELUDE + """
     start = time.monotonic()
     resilient_db.shutdown()
     print("shutdown", time.monotonic() - start, flush=True)
-    faults.clear()
     print("exiting", time.monotonic(), flush=True)
 """
 
 
 @needs_netfilter
 def test_a_process_with_a_blackholed_query_exits_promptly_after_the_deadline(
-        lonely: Backend) -> None:
-    env = {**os.environ, "BACKEND": lonely.name, "WORKTREE": os.getcwd(),
+        lonely: Backend, network_faults: NetworkFaults) -> None:
+    env = {**os.environ, "BACKEND": lonely.name,
            "CONNECT": json.dumps({**lonely.kwargs, "autocommit": True})}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_NO_HANG_CHILD)],
-                          capture_output=True, text=True, timeout=60, env=env, check=False)
-    ended = time.monotonic()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_NO_HANG_CHILD)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = proc.stdout.readline()
+        assert ready.strip() == "ready", ready + (proc.stderr.read() if proc.stderr else "")
+        network_faults.blackhole(lonely.server.host, lonely.server.port)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+        ended = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     aborted = float(lines["aborted"].split()[0])
     assert lines["in_driver"] == "[]", lines
     assert lines["threads"] == "[]", lines  # nothing non-daemon left behind
