@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, get_decision_sink
+from ._monitors import MonitorRegistry
 from .drivers.base import DriverDialect
 
 __all__ = ["HostMonitor", "MonitorUser", "ProbeTarget", "monitor_for", "monitors", "stop_all"]
@@ -594,11 +595,10 @@ class HostMonitor:
     def _dispose(self) -> bool:
         """Stop for want of users, unless one arrived meanwhile (checked under the locks that
         :func:`monitor_for` and :meth:`attach` take). Returns whether it stopped."""
-        with _registry_lock, self._cond:
+        with _registry.lock, self._cond:
             if self._users or self.inflight:
                 return False
-            if _monitors.get(self.key) is self:
-                del _monitors[self.key]
+            _registry.discard_locked(self.key, self)
             self._stopping.set()
         self._close()
         self._release_users()
@@ -609,34 +609,22 @@ class HostMonitor:
 
 # --- the registry --------------------------------------------------------------------------------
 
-_registry_lock = threading.Lock()
-_monitors: dict[tuple[Any, ...], HostMonitor] = {}
+_registry: MonitorRegistry[HostMonitor] = MonitorRegistry("efm.monitors_stopped",
+                                                          "resilient_db.efm.monitors")
 
 
 def monitor_for(key: tuple[Any, ...], create: Callable[[], HostMonitor]) -> HostMonitor:
     """The monitor of host ``key``, created with ``create`` when there is none (or the one
     there was stopped or disposed)."""
-    with _registry_lock:
-        monitor = _monitors.get(key)
-        if monitor is None or monitor.stopped:
-            monitor = _monitors[key] = create()
-    return monitor
+    return _registry.get_or_create(key, create)
 
 
 def monitors() -> list[HostMonitor]:
     """Every live monitor of the process (tests, diagnostics)."""
-    with _registry_lock:
-        return list(_monitors.values())
+    return _registry.all()
 
 
 def stop_all() -> None:
     """Stop every monitor and forget them (``resilient_db.shutdown``); connections that need
     one later start a new one."""
-    with _registry_lock:
-        stopping = list(_monitors.values())
-        _monitors.clear()
-    for monitor in stopping:
-        monitor.stop()
-    if stopping:
-        get_decision_sink().record(Decision("efm.monitors_stopped", None,
-                                            {"resilient_db.efm.monitors": len(stopping)}))
+    _registry.stop_all()

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, decision_span, get_decision_sink
+from ._monitors import MonitorRegistry
 from ._pipeline import HostSpec
 from .dialects.base import DatabaseDialect, QueryDriver, Topology
 from .errors import ConnectAttempt
@@ -750,11 +751,12 @@ class TopologyMonitor:
 #: connection tracker). Runs on the thread that verified the writer, with the monitor's lock
 #: held: a listener must be quick, do no I/O and not wait for other threads.
 _writer_listeners: list[Callable[[TopologyMonitor, TopologyChange], None]] = []
+_listeners_lock = threading.Lock()
 
 
 def add_writer_listener(listener: Callable[[TopologyMonitor, TopologyChange], None]) -> None:
     """Register ``listener`` (once) to hear of every writer change of every monitor."""
-    with _registry_lock:
+    with _listeners_lock:
         if listener not in _writer_listeners:
             _writer_listeners.append(listener)
 
@@ -774,28 +776,25 @@ def _close_quietly(driver: Any, conn: Any) -> None:
 
 # --- the registry ------------------------------------------------------------------------------
 
-_registry_lock = threading.Lock()
-_monitors: dict[str, TopologyMonitor] = {}
-_by_endpoint: dict[tuple[Any, ...], str] = {}
+_registry: MonitorRegistry[TopologyMonitor] = MonitorRegistry(
+    "topology.monitors_stopped", "resilient_db.topology.monitors")
+_by_endpoint: dict[tuple[Any, ...], str] = {}  # guarded by _registry.lock
 
 
 def known_monitor(endpoint: tuple[Any, ...]) -> TopologyMonitor | None:
     """The monitor already serving connections made to ``endpoint`` (a key the caller builds
     from driver, dialect, address and ``cluster_id``), if any: saves the identity queries."""
-    with _registry_lock:
+    with _registry.lock:
         key = _by_endpoint.get(endpoint)
-        monitor = _monitors.get(key) if key is not None else None
-    return monitor if monitor is not None and not monitor.stopped else None
+        return _registry.get_locked(key) if key is not None else None
 
 
 def monitor_for(key: str, create: Callable[[], TopologyMonitor],
                 endpoint: tuple[Any, ...] | None = None) -> TopologyMonitor:
     """The monitor of cluster ``key``, created with ``create`` when there is none (or the one
     there was stopped). ``endpoint`` is remembered as leading to this cluster."""
-    with _registry_lock:
-        monitor = _monitors.get(key)
-        if monitor is None or monitor.stopped:
-            monitor = _monitors[key] = create()
+    with _registry.lock:
+        monitor = _registry.get_or_create_locked(key, create)
         if endpoint is not None:
             _by_endpoint[endpoint] = key
     return monitor
@@ -803,22 +802,13 @@ def monitor_for(key: str, create: Callable[[], TopologyMonitor],
 
 def monitors() -> list[TopologyMonitor]:
     """Every monitor of the process (tests, diagnostics)."""
-    with _registry_lock:
-        return list(_monitors.values())
+    return _registry.all()
 
 
 def stop_all() -> None:
     """Stop every monitor and forget them (``resilient_db.shutdown``); connections that use
     one later start a new one."""
-    with _registry_lock:
-        stopping = list(_monitors.values())
-        _monitors.clear()
-        _by_endpoint.clear()
-    for monitor in stopping:
-        monitor.stop()
-    if stopping:
-        get_decision_sink().record(Decision("topology.monitors_stopped", None,
-                                            {"resilient_db.topology.monitors": len(stopping)}))
+    _registry.stop_all(also_locked=_by_endpoint.clear)
 
 
 def endpoint_key(driver_code: str, dialect_code: str, host: str, port: int | None,
