@@ -21,7 +21,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOC_PATH = DOCS / "parameters.md"
 PLUGIN_DOCS = DOCS / "plugins"
 START, END = "<!-- parameters:start -->", "<!-- parameters:end -->"
-_HEADER = ["| Name | Type | Unit | Default | Description |", "| --- | --- | --- | --- | --- |"]
+_HEADER = [
+    "| Name | Type | Unit | Default | Range | Description |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
 
 
 def _row(prop: Property[Any]) -> str:
@@ -37,7 +40,9 @@ def _row(prop: Property[Any]) -> str:
     description = prop.description.replace("|", "\\|").replace("\n", " ")
     if notes:
         description += f" _({'; '.join(notes)})_"
-    return f"| `{prop.name}` | {kind} | {unit or '-'} | `{prop.default_text()}` | {description} |"
+    bounds = prop.range_text or "-"
+    return (f"| `{prop.name}` | {kind} | {unit or '-'} | `{prop.default_text()}` | {bounds} "
+            f"| {description} |")
 
 
 def render() -> str:
@@ -58,7 +63,12 @@ def render() -> str:
         "`connect` raises `ConfigurationError` with a suggestion.",
         "",
         "Durations are written in the unit shown (the AWS Advanced Python Wrapper's unit "
-        "where the name comes from it) and accept integers, floats and numeric strings. "
+        "where the name comes from it) and accept integers, floats and numeric strings "
+        "within the range shown (in that unit); anything else (NaN, infinity, a boolean, "
+        "a value out of range, or an empty string or `None` where the default is not unset) "
+        "raises `ConfigurationError` naming the property, the value, the range and the fix. "
+        "Minimums protect the server from monitors and retries that would query it in a "
+        "tight loop; the maximum of a day keeps every deadline finite. "
         "Booleans accept `true/false`, `1/0`, `yes/no`, `on/off`. "
         "A property of a built-in plugin is accepted even when that plugin is not enabled "
         "(it then has no effect, logged once at DEBUG).",

@@ -100,6 +100,8 @@ CONNECT_TIMEOUT = duration(
     "to the driver unchanged (libpq `connect_timeout`, mysql-connector `connect_timeout`). "
     "Unset: the driver's own default.",
     unit="s",
+    zero="passed on as is (libpq: wait forever)",
+    minimum=0.5,
     driver_param=True,
     aws_name=True,
 )
@@ -184,6 +186,7 @@ FAILOVER_TIMEOUT = duration(
     "listing every attempt.",
     unit="s",
     plugin="failover",
+    minimum=0.1,
     aws_name=True,
 )
 FAILOVER_READER_CONNECT_TIMEOUT = duration(
@@ -193,17 +196,18 @@ FAILOVER_READER_CONNECT_TIMEOUT = duration(
     "capped by what is left of `failover_timeout_sec`.",
     unit="s",
     plugin="failover",
-    allow_zero=False,
+    minimum=0.1,
     aws_name=True,
 )
 FAILOVER_WRITER_RECONNECT_INTERVAL = duration(
     "failover_writer_reconnect_interval_sec",
     2.0,
     "Longest pause between failover rounds after a failed attempt (pauses start at 0.1 s "
-    "and double up to this).",
+    "and double up to this; the minimum keeps failover from hammering an instance that is "
+    "restarting).",
     unit="s",
     plugin="failover",
-    allow_zero=False,
+    minimum=0.1,
     aws_name=True,
 )
 FAILOVER_READER_HOST_SELECTOR_STRATEGY = choice(
@@ -233,20 +237,22 @@ TOPOLOGY_REFRESH = duration(
     30.0,
     "How often the cluster's topology monitor re-reads the topology while all is well (one "
     "monitor and one server connection per cluster, shared by every connection of the "
-    "process; the fastest rate any open connection asks for applies).",
+    "process; the fastest rate any open connection asks for applies). The minimum keeps "
+    "the monitor from loading the server with topology queries.",
     unit="ms",
     plugin="failover",
-    allow_zero=False,
+    minimum=50,
     aws_name=True,
 )
 TOPOLOGY_HIGH_REFRESH = duration(
     "cluster_topology_high_refresh_rate_ms",
     0.1,
     "How often each instance is probed while the monitor looks for a verified writer (after "
-    "a failure, until the new writer confirms its role on its own connection).",
+    "a failure, until the new writer confirms its role on its own connection). The minimum "
+    "keeps the search from loading the instances.",
     unit="ms",
     plugin="failover",
-    allow_zero=False,
+    minimum=50,
     aws_name=True,
 )
 TOPOLOGY_PROBE_TIMEOUT = duration(
@@ -257,7 +263,7 @@ TOPOLOGY_PROBE_TIMEOUT = duration(
     "parallel and a probe gives up after this long (PostgreSQL rounds connect timeouts up to "
     "whole seconds, at least 2).",
     plugin="failover",
-    allow_zero=False,
+    minimum=0.1,
 )
 
 
@@ -319,7 +325,8 @@ OPEN_CONNECTION_RETRY_TIMEOUT = duration(
     30.0,
     "Window within which `initial_connection` keeps trying to open a connection of the "
     "wanted role; when it ends without one, `connect` raises `FailoverFailedError` listing "
-    "every attempt. Each connect attempt's timeout is capped by what is left of the window.",
+    "every attempt. Each connect attempt's timeout is capped by what is left of the window. "
+    "0: the first attempt only, no retries.",
     unit="ms",
     plugin="initial_connection",
     aws_name=True,
@@ -328,10 +335,11 @@ OPEN_CONNECTION_RETRY_INTERVAL = duration(
     "open_connection_retry_interval_ms",
     1.0,
     "Pause between two rounds of `initial_connection` attempts (capped by what is left of "
-    "`open_connection_retry_timeout_ms`).",
+    "`open_connection_retry_timeout_ms`). The minimum keeps the retries from hammering the "
+    "instances.",
     unit="ms",
     plugin="initial_connection",
-    allow_zero=False,
+    minimum=50,
     aws_name=True,
 )
 
@@ -422,8 +430,12 @@ SOCKET_TIMEOUT = duration(
     "MySQL: `KILL QUERY` over a short side connection) and, if it has not returned "
     "`query_timeout_grace` later, the connection's socket is broken; the call raises "
     "`QueryTimeoutError` and never fails over. `resilient_db.call_options(timeout=...)` "
-    "overrides it per call. Unset or 0: no deadline. See docs/deadlines.md.",
+    "overrides it per call. Unset or 0: no deadline. A deadline under the minimum would "
+    "cancel nearly every statement (on MySQL, a side connection each). See "
+    "docs/deadlines.md.",
     unit="s",
+    minimum=0.01,
+    zero="no deadline",
     aws_name=True,
 )
 QUERY_TIMEOUT_GRACE = duration(
@@ -432,7 +444,7 @@ QUERY_TIMEOUT_GRACE = duration(
     "After a statement deadline expires, how long the server-side cancel may take to end "
     "the statement before the connection's socket is broken (the connection is then "
     "unusable: closed and reported broken).",
-    allow_zero=False,
+    minimum=0.01,
 )
 
 
@@ -471,7 +483,7 @@ def _keepalive_seconds(name: str, description: str) -> Property[float | None]:
         return number
 
     return _register(Property(name, "duration (s)", None, description, convert, unit="s",
-                              aws_name=True))
+                              aws_name=True, range_text=f"1 to {_KEEPALIVE_MAX_SECONDS}"))
 
 
 TCP_KEEPALIVE_TIME = _keepalive_seconds(
@@ -521,10 +533,11 @@ FAILURE_DETECTION_INTERVAL = duration(
     5.0,
     "Time between probes of a host while one of its statements has outlived the grace "
     "period; a probe unanswered for this long counts as one failure. A host monitor shared "
-    "by connections with different values uses the shortest.",
+    "by connections with different values uses the shortest. The minimum keeps probes from "
+    "loading the server.",
     unit="ms",
     plugin="efm",
-    allow_zero=False,
+    minimum=100,
     aws_name=True,
 )
 FAILURE_DETECTION_COUNT = integer(
@@ -534,6 +547,7 @@ FAILURE_DETECTION_COUNT = integer(
     "statements are aborted and it is marked down. A host monitor shared by connections with "
     "different values uses the smallest.",
     minimum=1,
+    maximum=1000,
     plugin="efm",
     aws_name=True,
 )
@@ -541,8 +555,10 @@ MONITOR_DISPOSAL_TIME = duration(
     "monitor_disposal_time_ms",
     60.0,
     "A host monitor with no open connection using it stops (thread and probe connection) "
-    "after this long.",
+    "after this long. The minimum keeps a monitor from being torn down and reopened (a new "
+    "probe connection) between two statements.",
     unit="ms",
     plugin="efm",
+    minimum=100,
     aws_name=True,
 )

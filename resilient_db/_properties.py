@@ -26,6 +26,15 @@ from .errors import ConfigurationError
 
 T = TypeVar("T")
 
+#: What errors show instead of a secret value.
+REDACTED = "***"
+#: The longest duration any property accepts: a day. A longer timeout is "none" in practice,
+#: and a bound keeps every deadline finite for the watchdog's and ``threading``'s clock
+#: arithmetic (``Event.wait`` raises ``OverflowError`` beyond ``threading.TIMEOUT_MAX``).
+MAX_DURATION_SECONDS = 86_400.0
+
+_UNIT_WORDS = {"s": "seconds", "ms": "milliseconds"}
+
 _TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
 _FALSE = frozenset({"0", "false", "no", "off", "n", "f"})
 
@@ -50,16 +59,33 @@ class Property(Generic[T]):
     driver_param: bool = False
     choices: tuple[str, ...] = ()
     aws_name: bool = False
+    #: The accepted values in the user's unit (``"50 to 86400000"``), for errors and the docs.
+    range_text: str = ""
+    #: The value is a secret: errors show ``'***'`` instead of it.
+    secret: bool = False
 
     def parse(self, value: object) -> T:
         """Convert user input (any type, strings coerced) or raise ``ConfigurationError``."""
         return self.convert(self, value)
 
     def fail(self, value: object, expected: str) -> ConfigurationError:
+        """The error for a bad ``value``: names the property, the value, what is accepted and
+        the fix (leaving the property out gives the documented default)."""
+        shown = REDACTED if self.secret else value
+        if self.range_text and self.range_text not in expected:
+            expected += f" in the range {self.range_text}"
+        text = repr(shown)
+        if len(text) > 80:  # e.g. 10**400: the message must stay readable
+            text = text[:60] + f"... ({len(text)} characters)"
+        if self.default is None:
+            fix = f"leave {self.name} out to keep it unset"
+        else:
+            unit = f" {_UNIT_WORDS[self.unit]}" if self.unit else ""
+            fix = f"leave {self.name} out for the default, {self.default_text()}{unit}"
         return ConfigurationError(
-            f"property {self.name!r}: invalid value {value!r}; expected {expected}",
+            f"property {self.name!r}: invalid value {text}; expected {expected} ({fix})",
             parameter=self.name,
-            value=value,
+            value=shown,
         )
 
     def default_text(self) -> str:
@@ -105,7 +131,10 @@ def _number(prop: Property[Any], value: object, *, integer: bool) -> float:
     if isinstance(value, bool):
         raise prop.fail(value, "a number, not a boolean")
     if isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range, e.g. 10**400
+            raise prop.fail(value, "a finite number") from None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
@@ -120,16 +149,20 @@ def _number(prop: Property[Any], value: object, *, integer: bool) -> float:
     return number
 
 
-def _bounded(
-    lo: float | None, hi: float | None, unit: str = ""
-) -> Callable[[Property[Any], object, float], None]:
-    def check(prop: Property[Any], raw: object, number: float) -> None:
-        if lo is not None and number < lo:
-            raise prop.fail(raw, f"a value >= {lo:g}{unit}")
-        if hi is not None and number > hi:
-            raise prop.fail(raw, f"a value <= {hi:g}{unit}")
+def _fmt(number: float) -> str:
+    """``number`` as a user writes it: ``86400000``, not ``8.64e+07``."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
-    return check
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _unset(prop: Property[Any], value: object, expected: str) -> None:
+    """Accept ``None`` or an empty string (the property stays unset) only where unset is the
+    documented default; elsewhere it would silently mean "no limit"."""
+    if prop.default is not None:
+        raise prop.fail(value, expected)
 
 
 # --- declaration helpers -----------------------------------------------------------------
@@ -153,20 +186,26 @@ def integer(
     default: int | None,
     description: str,
     *,
-    minimum: int | None = None,
-    maximum: int | None = None,
+    minimum: int,
+    maximum: int,
     **kw: Any,
 ) -> Property[int | None]:
-    check = _bounded(minimum, maximum)
+    """A whole number from ``minimum`` to ``maximum``. ``None`` (or an empty string) means
+    unset, accepted only when ``default`` is ``None``."""
+    range_text = f"{minimum} to {maximum}"
+    expected = f"a whole number from {range_text}"
 
     def convert(prop: Property[int | None], value: object) -> int | None:
-        if value is None:
+        if _blank(value):
+            _unset(prop, value, expected)
             return None
         number = _number(prop, value, integer=True)
-        check(prop, value, number)
+        if not minimum <= number <= maximum:
+            raise prop.fail(value, expected)
         return int(number)
 
-    return _register(Property(name, "int", default, description, convert, **kw))
+    return _register(Property(name, "int", default, description, convert,
+                              range_text=range_text, **kw))
 
 
 def duration(
@@ -176,27 +215,43 @@ def duration(
     *,
     unit: str = "s",
     minimum: float = 0.0,
+    maximum: float | None = None,
     allow_zero: bool = True,
+    zero: str | None = None,
     **kw: Any,
 ) -> Property[float | None]:
     """A duration the user writes in ``unit`` (``"s"`` or ``"ms"``), stored as float seconds.
 
-    ``None`` (or an empty string) means "no limit"; ``allow_zero=False`` rejects 0.
+    Accepted: ``minimum`` to ``maximum`` (in ``unit``; ``maximum`` defaults to a day); with
+    ``minimum`` 0, ``allow_zero=False`` excludes 0 itself. ``zero`` documents what 0 means
+    when that meaning lies outside the range (e.g. "no deadline"); 0 is then accepted too.
+    ``None`` (or an empty string) means unset, accepted only when ``default_seconds`` is
+    ``None`` (the description says what unset means).
     """
     factor = 0.001 if unit == "ms" else 1.0
+    top = MAX_DURATION_SECONDS / factor if maximum is None else maximum
+    if minimum == 0 and not allow_zero:
+        range_text = f"more than 0, up to {_fmt(top)}"
+    else:
+        range_text = f"{_fmt(minimum)} to {_fmt(top)}"
+    if zero is not None:
+        range_text += f"; 0: {zero}"
+    expected = f"a duration in {_UNIT_WORDS[unit]}, {range_text}"
 
     def convert(prop: Property[float | None], value: object) -> float | None:
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if _blank(value):
+            _unset(prop, value, expected)
             return None
         number = _number(prop, value, integer=False)
-        if number < minimum or (not allow_zero and number == 0):
-            lowest = "> 0" if not allow_zero else f">= {minimum:g}"
-            raise prop.fail(value, f"a duration in {unit} {lowest}")
+        if number == 0 and zero is not None:
+            return 0.0
+        if not minimum <= number <= top or (number == 0 and not allow_zero):
+            raise prop.fail(value, expected)
         return number * factor
 
     return _register(
         Property(name, f"duration ({unit})", default_seconds, description, convert, unit=unit,
-                 **kw)
+                 range_text=range_text, **kw)
     )
 
 

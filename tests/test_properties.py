@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_duration_rejects_bad_values(raw: object) -> None:
 
 
 def test_duration_allow_zero_false() -> None:
-    with pytest.raises(ConfigurationError, match="> 0"):
+    with pytest.raises(ConfigurationError, match="more than 0"):
         _params.EXECUTE_TIME_SLOW_THRESHOLD.parse(0)
 
 
@@ -137,3 +138,101 @@ def test_plugin_page_table_is_regenerated_between_markers() -> None:
     assert out.endswith("<!-- parameters:end -->\ntail\n")
     with pytest.raises(ValueError, match="markers"):
         _docs.render_plugin_page("dev", "# no markers")
+
+
+# --- bounds (issue #11 item 5) ---------------------------------------------------------------
+
+_NUMERIC = [p for p in REGISTRY.values() if p.type_name.startswith(("duration", "int"))]
+
+
+@pytest.mark.parametrize("prop", _NUMERIC, ids=lambda p: p.name)
+@pytest.mark.parametrize("raw", [1e300, 10**400, "1e400", math.nan, math.inf, -math.inf, True,
+                                 False, -1, "abc", [5]])
+def test_every_numeric_property_rejects_hostile_values(prop: Any, raw: object) -> None:
+    # 1e300 used to reach the watchdog (OverflowError in its loop); 10**400 raised a raw
+    # OverflowError from float().
+    with pytest.raises(ConfigurationError) as info:
+        prop.parse(raw)
+    err = info.value
+    assert err.parameter == prop.name
+    assert prop.name in str(err)
+    assert prop.range_text and prop.range_text in str(err)
+    assert f"leave {prop.name} out" in str(err)
+    assert len(str(err)) < 400
+
+
+@pytest.mark.parametrize("prop", _NUMERIC, ids=lambda p: p.name)
+def test_every_numeric_property_has_a_finite_documented_range(prop: Any) -> None:
+    assert prop.range_text
+    assert f"| {prop.range_text} |" in _docs.render()
+    # The documented default is within the range.
+    if prop.default is not None:
+        factor = 1000 if prop.unit == "ms" else 1
+        assert prop.parse(prop.default * factor) == pytest.approx(prop.default)
+
+
+@pytest.mark.parametrize(
+    ("prop", "too_small"),
+    [(_params.TOPOLOGY_REFRESH, 1e-6), (_params.TOPOLOGY_REFRESH, 49),
+     (_params.TOPOLOGY_HIGH_REFRESH, 1), (_params.FAILURE_DETECTION_INTERVAL, 1),
+     (_params.FAILURE_DETECTION_INTERVAL, 99), (_params.OPEN_CONNECTION_RETRY_INTERVAL, 1),
+     (_params.FAILOVER_WRITER_RECONNECT_INTERVAL, 0.001), (_params.MONITOR_DISPOSAL_TIME, 0),
+     (_params.SOCKET_TIMEOUT, 0.001), (_params.FAILURE_DETECTION_COUNT, 0)],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_minimums_that_protect_the_server(prop: Any, too_small: float) -> None:
+    with pytest.raises(ConfigurationError, match=f"property '{prop.name}'"):
+        prop.parse(too_small)
+
+
+def test_bounds_are_inclusive_and_in_the_users_unit() -> None:
+    assert _params.TOPOLOGY_REFRESH.parse(50) == pytest.approx(0.05)
+    assert _params.TOPOLOGY_REFRESH.parse(86_400_000) == pytest.approx(86_400.0)
+    assert _params.FAILURE_DETECTION_INTERVAL.parse("100") == pytest.approx(0.1)
+    assert _params.FAILOVER_TIMEOUT.parse(86_400) == 86_400.0
+    with pytest.raises(ConfigurationError):
+        _params.FAILOVER_TIMEOUT.parse(86_401)
+    assert _params.FAILURE_DETECTION_COUNT.parse("1000") == 1000
+    with pytest.raises(ConfigurationError):
+        _params.FAILURE_DETECTION_COUNT.parse(1001)
+
+
+def test_zero_keeps_its_documented_meaning() -> None:
+    assert _params.SOCKET_TIMEOUT.parse(0) == 0.0  # no deadline
+    assert _params.SOCKET_TIMEOUT.parse("0") == 0.0
+    assert _params.CONNECT_TIMEOUT.parse(0) == 0.0  # libpq: wait forever
+    assert _params.FAILURE_DETECTION_TIME.parse(0) == 0.0  # probe at once
+    assert _params.FAILOVER_HOST_COOLDOWN.parse(0) == 0.0  # no cooldown
+
+
+@pytest.mark.parametrize(
+    "prop", [_params.FAILOVER_TIMEOUT, _params.TOPOLOGY_REFRESH, _params.FAILURE_DETECTION_COUNT,
+             _params.QUERY_TIMEOUT_GRACE, _params.FAILURE_DETECTION_INTERVAL],
+    ids=lambda p: p.name,
+)
+@pytest.mark.parametrize("raw", [None, "", "  "])
+def test_none_or_empty_is_not_a_silent_no_limit(prop: Any, raw: object) -> None:
+    # failover_timeout_sec="" or None used to mean "fail over forever".
+    with pytest.raises(ConfigurationError) as info:
+        prop.parse(raw)
+    assert f"leave {prop.name} out for the default, {prop.default_text()}" in str(info.value)
+
+
+@pytest.mark.parametrize("prop", [_params.SOCKET_TIMEOUT, _params.CONNECT_TIMEOUT,
+                                  _params.MAX_REPLICA_LAG, _params.TCP_KEEPALIVE_PROBES],
+                         ids=lambda p: p.name)
+def test_none_or_empty_is_unset_where_unset_is_the_default(prop: Any) -> None:
+    assert prop.parse(None) is None
+    assert prop.parse("") is None
+
+
+def test_secret_property_value_is_redacted_in_errors() -> None:
+    prop = duration("test_only_secret", None, "test", secret=True)
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            prop.parse("hunter2-secret")
+        err = info.value
+        for text in (str(err), repr(err), repr(err.args), repr(err.value)):
+            assert "hunter2" not in text
+    finally:
+        del REGISTRY["test_only_secret"]
