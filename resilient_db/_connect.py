@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import _conninfo
@@ -16,7 +16,14 @@ from ._params import (
     WRAPPER_DIALECT,
     WRAPPER_DRIVER_DIALECT,
 )
-from ._pipeline import ConnectContext, ConnectionChanged, Pipeline, Plugin, PluginContext
+from ._pipeline import (
+    ConnectContext,
+    ConnectionChanged,
+    HostSpec,
+    Pipeline,
+    Plugin,
+    PluginContext,
+)
 from ._plugin_registry import parse_codes, resolve
 from ._properties import Property, Settings, lookup, unknown_name_error
 from ._proxy import ConnectionProxy
@@ -93,7 +100,9 @@ def connect(
 
         classes = [_activate(settings), *classes]
 
-    host = driver.host_of(driver_args)
+    hosts = driver.hosts_of(driver_args)
+    _check_multi_host(hosts, classes, driver_args)
+    host = hosts[0]
     ctx = PluginContext(settings, driver, host)
     # The statement-deadline stage: innermost, and dormant (absent from every chain) unless a
     # deadline can apply to this connection (socket_timeout set, or per-call timeouts in use).
@@ -125,6 +134,29 @@ def connect(
     proxy = driver.connection_proxy(raw, driver, pipeline, host)
     pipeline.notify_connection_changed(ConnectionChanged(None, host, "connect"))
     return proxy
+
+
+#: Plugins that find a cluster's instances themselves (topology, DNS, per-host monitors) and
+#: so need the one address the application connects through.
+_CLUSTER_PLUGINS = ("failover", "efm", "initial_connection", "stale_dns",
+                    "aurora_connection_tracker")
+
+
+def _check_multi_host(hosts: tuple[HostSpec, ...], classes: Iterable[type[Plugin]],
+                      args: Mapping[str, Any]) -> None:
+    """A libpq host list (``host=a,b``) is the driver's to try in order; with a cluster plugin
+    it would hide which instance the connection reached, so it is refused, with the fix."""
+    if len(hosts) < 2:
+        return
+    clashing = [cls.code for cls in classes if cls.code in _CLUSTER_PLUGINS]
+    if clashing:
+        raise ConfigurationError(
+            f"host {args.get('host')!r} lists {len(hosts)} hosts, but the plugins "
+            f"{', '.join(clashing)} find the cluster's instances themselves and need the one "
+            "address you connect through: give one host (the cluster endpoint, or any "
+            "instance), or leave those plugins out (e.g. plugins=\"\") to let libpq try the "
+            "hosts in order",
+            parameter="host", value=args.get("host"))
 
 
 def _note_inactive(settings: Settings, enabled: set[str]) -> None:

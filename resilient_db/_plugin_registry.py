@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ._pipeline import Plugin
@@ -122,6 +122,14 @@ def parse_codes(spec: str | Iterable[PluginSpec] | None) -> list[PluginSpec]:
     items: list[PluginSpec]
     if isinstance(spec, str):
         items = list(spec.split(","))
+    elif isinstance(spec, (Mapping, bytes, bytearray)):
+        # A mapping would read {"failover": False} as "enable failover"; bytes as integers.
+        raise ConfigurationError(
+            f"plugins must be a comma-separated string or a list of codes, not "
+            f"{type(spec).__name__}: e.g. plugins=\"failover,efm\" or [\"failover\", \"efm\"]",
+            parameter="plugins",
+            value=spec,
+        )
     else:
         try:
             items = list(spec)

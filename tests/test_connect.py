@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import socket
 from typing import Any
 
@@ -233,3 +235,202 @@ def test_forced_dialect_the_server_matches(backend: Backend) -> None:
     conn = backend.connect(wrapper_dialect=backend.name)
     assert _one(conn) == 1
     conn.close()
+
+
+# --- hostile input (issue #11 items 5 and 6) --------------------------------------------------
+
+def _recording(calls: list[dict[str, Any]], real: Any) -> Any:
+    """A wrapping target that records each physical connect (to prove there was none)."""
+    def target(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(**kwargs)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("topology_refresh_ms", 1e-6), ("failure_detection_interval_ms", 1),
+     ("socket_timeout", 1e300), ("failover_timeout_sec", 10**400), ("failover_timeout_sec", ""),
+     ("failover_timeout_sec", None), ("failure_detection_count", -1),
+     ("cluster_topology_high_refresh_rate_ms", 0.5), ("monitor_disposal_time_ms", 0)],
+)
+def test_hostile_property_values_are_rejected_before_any_server_io(
+        backend: Backend, name: str, value: Any) -> None:
+    # topology_refresh_ms=1e-6 used to run 5,000 topology transactions in 3 s on the server;
+    # socket_timeout=1e300 crash-looped the watchdog.
+    calls: list[dict[str, Any]] = []
+    driver = "psycopg" if backend.name == "pg" else "mysql-connector"
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(_recording(calls, backend.target), plugins=None,
+                             wrapper_driver_dialect=driver, **backend.kwargs, **{name: value})
+    assert info.value.parameter == name
+    assert name in str(info.value)
+    assert calls == []
+
+
+def test_smallest_documented_rates_are_accepted(backend: Backend) -> None:
+    conn = backend.connect(plugins=None, topology_refresh_ms=50,
+                           cluster_topology_high_refresh_rate_ms=50,
+                           failure_detection_interval_ms=100, socket_timeout=0)
+    assert _one(conn) == 1
+    conn.close()
+
+
+@pytest.mark.parametrize("port", ["abc", 0, 70000, -1, "5432x", True, 5432.5, "0x10"])
+def test_bad_port_is_a_configuration_error(backend: Backend, port: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        backend.connect(port=port)
+    assert info.value.parameter == "port"
+    assert "1 to 65535" in str(info.value) or "whole number" in str(info.value)
+
+
+def test_libpq_host_list_is_tried_in_order_without_cluster_plugins(pg_backend: Backend) -> None:
+    # host=a,b port=p1,p2 is libpq's own syntax (our URI parser makes it from
+    # postgresql://a:p1,b:p2/db): it used to raise a raw ValueError.
+    kw = pg_backend.kwargs
+    dead = _closed_port()
+    hosts = {"host": f"{kw['host']},{kw['host']}", "port": f"{dead},{kw['port']}"}
+    conn = resilient_db.connect(pg_backend.target, plugins="", **{**kw, **hosts})
+    assert _one(conn) == 1
+    assert conn.resilient.raw.info.port == int(kw["port"])
+    conn.close()
+    uri = (f"postgresql://{kw['user']}:{kw['password']}@{kw['host']}:{dead},"
+           f"{kw['host']}:{kw['port']}/{kw['dbname']}")
+    conn = resilient_db.connect(pg_backend.target, uri, plugins="execute_time")
+    assert _one(conn) == 1
+    conn.close()
+
+
+def test_host_list_with_cluster_plugins_is_refused_with_the_fix(pg_backend: Backend) -> None:
+    kw = pg_backend.kwargs
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(pg_backend.target, f"host=a,b port={kw['port']},{kw['port']}",
+                             **{k: v for k, v in kw.items() if k not in ("host", "port")})
+    err = info.value
+    assert err.parameter == "host"
+    assert "failover" in str(err) and "plugins" in str(err) and "one host" in str(err)
+
+
+@pytest.mark.parametrize(("host", "port"), [("a,b,c", "1,2"), ("a", "1,2")])
+def test_host_and_port_lists_must_match(pg_backend: Backend, host: str, port: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(pg_backend.target, plugins="", host=host, port=port)
+    assert info.value.parameter == "port"
+    assert "one per host" in str(info.value)
+
+
+def test_mysql_takes_one_host(mysql_backend: Backend) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        mysql_backend.connect(host="a,b")
+    assert info.value.parameter == "host"
+    assert "one host" in str(info.value)
+
+
+@pytest.mark.parametrize("target", [psycopg.Connection, psycopg.Cursor])
+def test_class_as_target_suggests_its_connect_method(target: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(target, "host=x")
+    assert info.value.parameter == "target"
+    assert "psycopg.Connection.connect" in str(info.value)
+
+
+def test_application_subclass_of_psycopg_connection_is_recognised(pg_backend: Backend) -> None:
+    class AppConnection(psycopg.Connection[Any]):
+        pass
+
+    conn = resilient_db.connect(AppConnection.connect, plugins="", **pg_backend.kwargs)
+    assert isinstance(conn.resilient.raw, AppConnection)
+    conn.close()
+
+
+def test_partial_target_is_recognised_and_its_password_never_shown(pg_backend: Backend) -> None:
+    kw = pg_backend.kwargs
+    target = functools.partial(psycopg.Connection.connect, password=kw["password"])
+    conn = resilient_db.connect(target, plugins="",
+                                **{k: v for k, v in kw.items() if k != "password"})
+    assert _one(conn) == 1
+    conn.close()
+    secret = functools.partial(print, password="hunter2xyz")
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(secret, "host=x")
+    err = info.value
+    for text in (str(err), repr(err), repr(err.args), repr(err.value)):
+        assert "hunter2xyz" not in text
+
+
+def test_psycopg2_is_not_taken_for_psycopg() -> None:
+    def connect(**kwargs: Any) -> Any:
+        raise AssertionError("must not be called")
+
+    connect.__module__ = "psycopg2"
+    with pytest.raises(ConfigurationError, match="not a supported driver"):
+        resilient_db.connect(connect, "host=x")
+
+
+@pytest.mark.parametrize("result", [None, "a string", object()])
+def test_target_must_return_a_driver_connection(backend: Backend, result: Any) -> None:
+    driver = "psycopg" if backend.name == "pg" else "mysql-connector"
+
+    def returns_junk(**kwargs: Any) -> Any:
+        return result
+
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(returns_junk, plugins="", wrapper_driver_dialect=driver,
+                             **backend.kwargs)
+    err = info.value
+    assert err.parameter == "target"
+    assert "returns_junk" in str(err)
+    assert ("psycopg.Connection.connect" if backend.name == "pg"
+            else "mysql.connector.connect") in str(err)
+
+
+def test_target_result_is_checked_with_the_default_plugins(pg_backend: Backend) -> None:
+    # With the default plugins (failover, efm): the first connect is the one to check.
+    def returns_none(**kwargs: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"returned builtins\.NoneType"):
+        resilient_db.connect(returns_none, plugins=None, wrapper_driver_dialect="psycopg",
+                             **pg_backend.kwargs)
+
+
+@pytest.mark.parametrize("misspelled", ["pasword", "passwrod", "pwsd", "Password1"])
+def test_misspelled_password_key_is_redacted(
+        backend: Backend, misspelled: str, caplog: pytest.LogCaptureFixture) -> None:
+    kw = {k: v for k, v in backend.kwargs.items() if k != "password"}
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    for conninfo, extra in ((f"{misspelled}=hunter2xyz", {}),
+                            ("", {misspelled: "hunter2xyz"})):
+        with pytest.raises(ConfigurationError) as info:
+            resilient_db.connect(backend.target, conninfo, **kw, **extra)
+        err = info.value
+        assert err.parameter == misspelled
+        for text in (str(err), repr(err), repr(err.args), repr(err.value)):
+            assert "hunter2xyz" not in text
+    assert all("hunter2xyz" not in r.getMessage() for r in caplog.records)
+
+
+def test_malformed_conninfo_with_password_is_redacted(
+        pg_backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    for conninfo in ("host=db password=hunter2xyz dbname", "password=hunter2 xyz host=db",
+                     "host=db password='hunter2xyz"):
+        with pytest.raises(ConfigurationError) as info:
+            resilient_db.connect(pg_backend.target, conninfo)
+        err = info.value
+        for text in (str(err), repr(err), repr(err.args), repr(err.value)):
+            assert "hunter2" not in text and "xyz" not in text
+    assert all("hunter2" not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("plugins", "culprit"),
+    [(42, "int"), ([None], "None"), ({"failover": True}, None), (b"failover", None),
+     ("failover,nope", "nope")],
+)
+def test_wrong_plugins_values(pg_backend: Backend, plugins: Any, culprit: str | None) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        pg_backend.connect(plugins=plugins)
+    assert info.value.parameter == "plugins"
+    if culprit:
+        assert culprit in str(info.value)

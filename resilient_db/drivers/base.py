@@ -10,7 +10,9 @@ module of that driver.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
+import functools
 import math
 import socket
 from collections.abc import Callable, Mapping
@@ -30,6 +32,66 @@ from .._properties import Settings
 if TYPE_CHECKING:
     from .._pipeline import Call
     from .._proxy import ConnectionProxy, CursorProxy
+
+
+def describe_target(target: Any) -> str:
+    """``target`` for an error message, never its bound arguments: the repr of
+    ``functools.partial(connect, password=...)`` would show the password."""
+    inner = target
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    module = getattr(inner, "__module__", None) or type(inner).__module__
+    text = f"{module}.{name}" if module else name
+    return f"functools.partial({text}, ...)" if inner is not target else text
+
+
+def split_hosts(host: object, port: object) -> tuple[HostSpec, ...]:
+    """The instances named by a ``host`` and ``port`` pair, in order.
+
+    Follows libpq's multi-host syntax (``host=a,b port=5432,5433``, also what a
+    ``postgresql://a:5432,b:5433/db`` URI becomes): one port for every host or one per host;
+    an empty entry means the default (host ``localhost``, port ``None``). Ports are whole
+    numbers from 1 to 65535 (int or string). Raises ``ConfigurationError`` naming ``host``
+    or ``port`` otherwise.
+    """
+    if host is not None and not isinstance(host, str):
+        raise errors.ConfigurationError(
+            f"host must be a string (a name, an address, or libpq's comma-separated list), "
+            f"not {type(host).__name__}: {host!r}",
+            parameter="host", value=host)
+    hosts = [h.strip() for h in host.split(",")] if host else [""]
+    if port is None or port == "":
+        ports: list[int | None] = [None]
+    elif isinstance(port, str):
+        ports = [_port(item.strip(), port) for item in port.split(",")]
+    else:
+        ports = [_port(port, port)]
+    if len(ports) == 1:
+        ports *= len(hosts)
+    elif len(ports) != len(hosts):
+        raise errors.ConfigurationError(
+            f"port lists {len(ports)} ports ({port!r}) for {len(hosts)} hosts ({host!r}): give "
+            "one port for every host, or one per host in the same order",
+            parameter="port", value=port)
+    return tuple(HostSpec(h or "localhost", p) for h, p in zip(hosts, ports, strict=True))
+
+
+def _port(item: object, given: object) -> int | None:
+    if item == "":
+        return None  # libpq: an empty entry of a list is the default port
+    if isinstance(item, int) and not isinstance(item, bool):
+        number = item
+    elif isinstance(item, str) and item.isascii() and item.isdigit():
+        number = int(item)
+    else:
+        number = -1
+    if not 1 <= number <= 65535:
+        raise errors.ConfigurationError(
+            f"port {given!r}: expected a port number from 1 to 65535 (for several hosts, "
+            "a comma-separated list of them)",
+            parameter="port", value=given)
+    return number
 
 
 @dataclass(frozen=True)
@@ -113,6 +175,12 @@ class DriverDialect(abc.ABC):
     database_key: ClassVar[str]
     uri_schemes: ClassVar[tuple[str, ...]]
     default_port: ClassVar[int]
+    #: What the connect callable returns (checked once per physical connect).
+    connection_types: ClassVar[tuple[type, ...]]
+    #: The connect callable to name in errors.
+    example_target: ClassVar[str]
+    #: The driver itself accepts a list of hosts to try in order (libpq's ``host=a,b``).
+    multi_host: ClassVar[bool] = False
     #: Attributes set on the connection that are session state to restore after a reconnect.
     session_attributes: ClassVar[frozenset[str]]
     #: Names other drivers use for this driver's parameters, for "did you mean" hints.
@@ -133,10 +201,21 @@ class DriverDialect(abc.ABC):
         """Convert a string from a conninfo to the type the driver expects for ``name``."""
         return value
 
+    def hosts_of(self, args: Mapping[str, Any]) -> tuple[HostSpec, ...]:
+        """The instances the arguments name, in order (``ConfigurationError`` for a bad
+        ``host`` or ``port``). More than one only for a driver with ``multi_host``."""
+        hosts = split_hosts(args.get("host"), args.get("port"))
+        if len(hosts) > 1 and not self.multi_host:
+            raise errors.ConfigurationError(
+                f"host {args.get('host')!r} lists several hosts, but {self.code} connects to "
+                "one: give one host (for a cluster, its cluster endpoint; failover finds the "
+                "other instances from the topology)",
+                parameter="host", value=args.get("host"))
+        return hosts
+
     def host_of(self, args: Mapping[str, Any]) -> HostSpec:
-        host = str(args.get("host") or "localhost")
-        port = args.get("port")
-        return HostSpec(host, int(port) if port not in (None, "") else None)
+        """The (first) instance the arguments name."""
+        return self.hosts_of(args)[0]
 
     # --- connection ----------------------------------------------------------------------
     def connect(self, target: Callable[..., Any], args: Mapping[str, Any],
@@ -147,14 +226,33 @@ class DriverDialect(abc.ABC):
         options = NO_NETWORK_OPTIONS if settings is None else NetworkOptions.from_settings(
             settings)
         if options.empty:
-            return target(**args)
-        conn = target(**self.network_args(args, options))
+            return self.check_connection(target(**args), target)
+        conn = self.check_connection(target(**self.network_args(args, options)), target)
         try:
             self.configure_socket(conn, options)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def check_connection(self, conn: Any, target: Callable[..., Any]) -> Any:
+        """``conn`` if it is one of the driver's connections; else ``ConfigurationError``
+        (a wrapping ``target`` that returns ``None`` or something else would otherwise fail
+        later, far from the cause)."""
+        if isinstance(conn, self.connection_types):
+            return conn
+        close = getattr(conn, "close", None)
+        if callable(close):
+            # A failure to close it is not ours to report: the error below is the news.
+            with contextlib.suppress(Exception):
+                close()
+        expected = " or ".join(f"{t.__module__}.{t.__qualname__}" for t in self.connection_types)
+        raise errors.ConfigurationError(
+            f"target {describe_target(target)} returned "
+            f"{type(conn).__module__}.{type(conn).__qualname__}, not a {self.code} connection "
+            f"({expected}): target must open and return the driver's connection, e.g. "
+            f"{self.example_target}",
+            parameter="target", value=describe_target(target))
 
     def network_args(self, args: Mapping[str, Any], options: NetworkOptions) -> Mapping[str, Any]:
         """``args`` with ``options`` expressed as driver arguments, where the driver has them."""

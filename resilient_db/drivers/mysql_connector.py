@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 from mysql.connector import constants
 from mysql.connector import errors as myerrors
+from mysql.connector.abstracts import MySQLConnectionAbstract
+from mysql.connector.pooling import PooledMySQLConnection
 
 from .. import errors
 from .._properties import parse_bool
@@ -159,6 +161,10 @@ class MysqlConnectorDriver(DriverDialect):
     database_key = "database"
     uri_schemes = ("mysql",)
     default_port = 3306
+    # mysql.connector.connect returns a pooled wrapper when a pool is named.
+    connection_types: ClassVar[tuple[type, ...]] = (MySQLConnectionAbstract,
+                                                    PooledMySQLConnection)
+    example_target = "mysql.connector.connect"
     session_attributes = frozenset({"autocommit", "database", "time_zone", "sql_mode"})
     renames: ClassVar[Mapping[str, str]] = {
         "dbname": "database", "sslrootcert": "ssl_ca", "sslcert": "ssl_cert",

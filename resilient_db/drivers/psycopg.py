@@ -184,6 +184,9 @@ class PsycopgDriver(DriverDialect):
     database_key = "dbname"
     uri_schemes = ("postgresql", "postgres")
     default_port = 5432
+    multi_host = True
+    connection_types: ClassVar[tuple[type, ...]] = (psycopg.Connection,)
+    example_target = "psycopg.Connection.connect"
     session_attributes = frozenset({"autocommit", "read_only", "isolation_level", "deferrable"})
     renames: ClassVar[Mapping[str, str]] = {
         "database": "dbname", "db": "dbname", "username": "user", "passwd": "password",
