@@ -7,12 +7,65 @@ and resilient_db properties happens in :mod:`resilient_db._connect`.
 
 from __future__ import annotations
 
+import difflib
+import re
 from urllib.parse import parse_qsl, unquote
 
 from .errors import ConfigurationError
 
 PG_SCHEMES = ("postgresql", "postgres")
 MYSQL_SCHEMES = ("mysql",)
+
+#: What errors show instead of a secret.
+REDACTED = "***"
+#: Parts of a key name that mark its value as secret (password, passwd, pwd, sslpassword,
+#: auth tokens, ...).
+_SECRET_PARTS = ("pass", "pwd", "secret", "token", "credential", "private", "apikey",
+                 "api_key", "auth")
+# Misspellings of the above are secret too: a mistyped password key is still a password.
+_SECRET_WORDS = ("password", "passwd", "secret", "token")
+
+
+def looks_secret(key: str) -> bool:
+    """Whether the value of a parameter named ``key`` (perhaps misspelled) may be a secret."""
+    low = key.strip().lower().replace("-", "_")
+    if low in ("pw", "pin") or any(part in low for part in _SECRET_PARTS):
+        return True
+    return bool(difflib.get_close_matches(low, _SECRET_WORDS, n=1, cutoff=0.7))
+
+
+# key = value pairs, values quoted or not; a bare word (no '=') is matched too, so that the
+# words of an unquoted password with a space in it are caught after its key.
+_PAIR = re.compile(
+    r"""(?P<key>[^\s=]+)
+        (?:(?P<eq>\s*=\s*)
+           (?P<value>'(?:[^'\\]|\\.)*'?    # quoted, perhaps unterminated
+                    |(?:\\.|\S)*))?         # bare
+    """,
+    re.VERBOSE,
+)
+
+
+def redact(conninfo: str) -> str:
+    """``conninfo`` (a key/value string or a URI, well formed or not) with every secret value
+    replaced by ``***``, for error messages and logs."""
+    if uri_scheme(conninfo) is not None:
+        return _redact(conninfo)
+    out: list[str] = []
+    pos = 0
+    hiding = False  # after a secret key's value: bare words may be the rest of it
+    for match in _PAIR.finditer(conninfo):
+        out.append(conninfo[pos:match.start()])
+        pos = match.end()
+        key = match.group("key")
+        if match.group("eq") is None:
+            out.append(REDACTED if hiding else key)
+            continue
+        hiding = looks_secret(key)
+        value = REDACTED if hiding else match.group("value")
+        out.append(f"{key}{match.group('eq')}{value}")
+    out.append(conninfo[pos:])
+    return "".join(out)
 
 
 def parse(conninfo: str, *, database_key: str) -> dict[str, str]:
@@ -27,7 +80,8 @@ def parse(conninfo: str, *, database_key: str) -> dict[str, str]:
             f"{type(conninfo).__name__}; pass connection parameters as keyword arguments "
             "instead",
             parameter="conninfo",
-            value=conninfo,
+            # Not the object itself: a dict or bytes conninfo may hold a password.
+            value=f"<{type(conninfo).__name__}>",
         )
     stripped = conninfo.strip()
     if "://" in stripped.split(" ", 1)[0]:
@@ -39,6 +93,7 @@ def parse_keyvalue(conninfo: str) -> dict[str, str]:
     """Parse libpq's ``key=value key2='quoted \\' value'`` syntax."""
     result: dict[str, str] = {}
     i, n = 0, len(conninfo)
+    previous = ""  # the key before, to keep the rest of an unquoted secret out of errors
     while True:
         while i < n and conninfo[i].isspace():
             i += 1
@@ -51,17 +106,25 @@ def parse_keyvalue(conninfo: str) -> dict[str, str]:
         while i < n and conninfo[i].isspace():
             i += 1
         if i >= n or conninfo[i] != "=":
+            if previous and looks_secret(previous):
+                raise ConfigurationError(
+                    f"malformed conninfo: the text at position {start}, after the value of "
+                    f"{previous!r}, is not followed by '='; quote a value that contains "
+                    f"spaces: {previous}='...'",
+                    parameter="conninfo",
+                    value=redact(conninfo),
+                )
             raise ConfigurationError(
                 f"malformed conninfo: {key!r} at position {start} is not followed by '='; "
                 "expected space-separated key=value pairs such as 'host=db dbname=app'",
                 parameter="conninfo",
-                value=conninfo,
+                value=redact(conninfo),
             )
         if not key:
             raise ConfigurationError(
                 f"malformed conninfo: '=' without a key at position {start}",
                 parameter="conninfo",
-                value=conninfo,
+                value=redact(conninfo),
             )
         i += 1
         while i < n and conninfo[i].isspace():
@@ -74,7 +137,7 @@ def parse_keyvalue(conninfo: str) -> dict[str, str]:
                     raise ConfigurationError(
                         f"malformed conninfo: unterminated quoted value for {key!r}",
                         parameter=key,
-                        value=conninfo,
+                        value=redact(conninfo),
                     )
                 ch = conninfo[i]
                 if ch == "\\" and i + 1 < n:
@@ -95,6 +158,7 @@ def parse_keyvalue(conninfo: str) -> dict[str, str]:
                     value_chars.append(conninfo[i])
                     i += 1
         result[key] = "".join(value_chars)
+        previous = key
 
 
 def parse_uri(uri: str, *, database_key: str) -> dict[str, str]:
@@ -178,11 +242,17 @@ def _split_host_port(item: str, uri: str) -> tuple[str, str]:
 
 
 def _redact(uri: str) -> str:
-    """The URI with any password replaced, for error messages."""
+    """The URI with any password (user info or a secret query parameter) replaced, for error
+    messages."""
     scheme, sep, rest = uri.partition("://")
+    rest, qmark, query = rest.partition("?")
     netloc, slash, tail = rest.partition("/")
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         user, has_pw, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if has_pw else f"{user}@{hosts}"
-    return f"{scheme}{sep}{netloc}{slash}{tail}"
+        netloc = f"{user}:{REDACTED}@{hosts}" if has_pw else f"{user}@{hosts}"
+    pairs = []
+    for pair in query.split("&") if query else []:
+        key, eq, _ = pair.partition("=")
+        pairs.append(f"{key}={REDACTED}" if eq and looks_secret(unquote(key)) else pair)
+    return f"{scheme}{sep}{netloc}{slash}{tail}{qmark}{'&'.join(pairs)}"

@@ -22,12 +22,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from ._conninfo import REDACTED
 from .errors import ConfigurationError
 
 T = TypeVar("T")
 
-#: What errors show instead of a secret value.
-REDACTED = "***"
 #: The longest duration any property accepts: a day. A longer timeout is "none" in practice,
 #: and a bound keeps every deadline finite for the watchdog's and ``threading``'s clock
 #: arithmetic (``Event.wait`` raises ``OverflowError`` beyond ``threading.TIMEOUT_MAX``).
@@ -362,5 +361,7 @@ def unknown_name_error(
         f"unknown connection parameter {name!r}: it is neither a resilient_db property nor a "
         f"{driver} connect parameter{hint}. See docs/parameters.md for resilient_db properties.",
         parameter=name,
-        value=value,
+        # Never the value: an unknown name may be a misspelled password key ("pasword"), and
+        # the value does not help fix the name.
+        value=REDACTED,
     )

@@ -63,7 +63,10 @@ class ConfigurationError(Error, ValueError):
     """Invalid input to :func:`resilient_db.connect`: the message names the culprit and the fix.
 
     ``parameter`` is the offending property, keyword or conninfo key (``None`` when the problem
-    is not tied to one name); ``value`` is what was given.
+    is not tied to one name); ``value`` is what was given, with secrets replaced by ``***``:
+    the value of a password-like key, the password in a conninfo string or URI, and the value
+    of an unknown parameter name (which may be a misspelled password key). Messages follow
+    the same rule.
     """
 
     __module__ = "resilient_db"

@@ -236,3 +236,13 @@ def test_secret_property_value_is_redacted_in_errors() -> None:
             assert "hunter2" not in text
     finally:
         del REGISTRY["test_only_secret"]
+
+
+@pytest.mark.parametrize("name", ["pasword", "passwrod", "pwsd", "sslpasword", "hots"])
+def test_unknown_name_error_never_keeps_the_value(name: str) -> None:
+    # A misspelled password key is unknown to both us and the driver; its value is the
+    # password.
+    err = unknown_name_error(name, "hunter2xyz", ["password", "host"], "psycopg")
+    for text in (str(err), repr(err), repr(err.args), repr(err.value)):
+        assert "hunter2xyz" not in text
+    assert err.parameter == name
