@@ -185,12 +185,13 @@ def integer(
     default: int | None,
     description: str,
     *,
-    minimum: int,
-    maximum: int,
+    minimum: int = 0,
+    maximum: int = 2**31 - 1,
     **kw: Any,
 ) -> Property[int | None]:
-    """A whole number from ``minimum`` to ``maximum``. ``None`` (or an empty string) means
-    unset, accepted only when ``default`` is ``None``."""
+    """A whole number from ``minimum`` to ``maximum`` (by default what fits a C ``int``, as
+    drivers pass counts on). ``None`` (or an empty string) means unset, accepted only when
+    ``default`` is ``None``."""
     range_text = f"{minimum} to {maximum}"
     expected = f"a whole number from {range_text}"
 
