@@ -126,10 +126,10 @@ class ConnectContext:
     """
 
     host: HostSpec
-    args: dict[str, Any]
+    args: dict[str, Any] = field(repr=False)  # holds the password: never in a repr or log
     settings: Settings
     driver: DriverDialect
-    target: Callable[..., Any]
+    target: Callable[..., Any] = field(repr=False)  # a partial may hold the password too
     initial: bool = True
 
 

@@ -232,3 +232,18 @@ def test_third_party_plugin_via_entry_point(third_party_plugin: str) -> None:
 def test_entry_point_that_is_not_a_plugin(third_party_plugin: str) -> None:
     with pytest.raises(ConfigurationError, match="not a resilient_db Plugin subclass"):
         registry.resolve(["broken"])
+
+
+def test_connect_context_repr_never_shows_the_password() -> None:
+    # Plugins log and chain what they see; the driver arguments and a partial target carry
+    # the password.
+    import functools
+
+    from resilient_db._pipeline import ConnectContext, HostSpec
+    from resilient_db.drivers import get_driver
+
+    target = functools.partial(print, password="hunter2xyz")
+    ctx = ConnectContext(HostSpec("db", 5432), {"host": "db", "password": "hunter2xyz"},
+                         Settings({}), get_driver("psycopg"), target)
+    assert "hunter2xyz" not in repr(ctx)
+    assert "db" in repr(ctx)
