@@ -182,6 +182,20 @@ def parse_uri(uri: str, *, database_key: str) -> dict[str, str]:
             result["user"] = unquote(user)
         if has_password:
             result["password"] = unquote(password)
+    elif "@" in uri.partition("://")[2] and ":" in netloc:
+        # An unencoded '/' or '?' in the password ends the authority early, so the password
+        # would be read as a port and shown in the error: name the cause instead.
+        try:
+            for item in netloc.split(","):
+                _split_host_port(item, uri)
+        except ConfigurationError:
+            raise ConfigurationError(
+                "malformed conninfo: the URI's authority (user:password@host:port) ends at a "
+                "'/' or '?' before its '@'; percent-encode those characters in the password "
+                "(%2F for '/', %3F for '?', %40 for '@')",
+                parameter="conninfo",
+                value=_redact(uri),
+            ) from None
     hosts: list[str] = []
     ports: list[str] = []
     for item in netloc.split(",") if netloc else []:
@@ -241,18 +255,27 @@ def _split_host_port(item: str, uri: str) -> tuple[str, str]:
     return host, port
 
 
+def _hide_password(userinfo: str) -> str:
+    user, has_password, _ = userinfo.partition(":")
+    return f"{user}:{REDACTED}" if has_password else user
+
+
 def _redact(uri: str) -> str:
     """The URI with any password (user info or a secret query parameter) replaced, for error
     messages."""
     scheme, sep, rest = uri.partition("://")
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        userinfo, _, after = authority.rpartition("@")
+        rest = _hide_password(userinfo) + "@" + after + rest[len(authority):]
+    elif "@" in rest and not authority.rpartition(":")[2].isdigit():
+        # No '@' before the first '/' or '?', yet one later and no numeric port: a password
+        # with an unencoded '/' or '?'. Hide up to the last '@' (at worst, more than needed).
+        userinfo, _, after = rest.rpartition("@")
+        rest = _hide_password(userinfo) + "@" + after
     rest, qmark, query = rest.partition("?")
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user, has_pw, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{hosts}" if has_pw else f"{user}@{hosts}"
     pairs = []
     for pair in query.split("&") if query else []:
         key, eq, _ = pair.partition("=")
         pairs.append(f"{key}={REDACTED}" if eq and looks_secret(unquote(key)) else pair)
-    return f"{scheme}{sep}{netloc}{slash}{tail}{qmark}{'&'.join(pairs)}"
+    return f"{scheme}{sep}{rest}{qmark}{'&'.join(pairs)}"

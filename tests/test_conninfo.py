@@ -122,13 +122,22 @@ def _leaks(err: ConfigurationError) -> list[str]:
      f"postgresql://u:{SECRET}@h:99999/d",
      f"postgresql://u@h:5432/d?password={SECRET}&=x",
      f"postgresql://u@h/d?sslpassword={SECRET}&=x",
-     f"redis://u:{SECRET}@h/0?token={SECRET}"],
+     f"redis://u:{SECRET}@h/0?token={SECRET}",
+     # unencoded '/' or '?' in the password: the authority ends early
+     f"postgresql://u:{SECRET[:7]}/{SECRET[7:]}@h/d",
+     f"postgresql://u:{SECRET[:7]}?{SECRET[7:]}@h/d",
+     f"postgresql://u:{SECRET[:7]}/{SECRET[7:]}@h/d?application_name=a@b"],
 )
 def test_malformed_conninfo_never_shows_the_password(text: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         parse(text, database_key="dbname")
     assert _leaks(info.value) == []
     assert info.value.parameter is not None
+
+
+def test_unencoded_slash_in_uri_password_says_how_to_fix_it() -> None:
+    with pytest.raises(ConfigurationError, match="percent-encode"):
+        parse(f"postgresql://u:{SECRET[:7]}/{SECRET[7:]}@h/d", database_key="dbname")
 
 
 def test_malformed_after_a_password_says_how_to_fix_it() -> None:
@@ -152,7 +161,9 @@ def test_non_string_conninfo_value_is_not_kept() -> None:
      (f"pasword={SECRET} host=db", "pasword=*** host=db"),
      ("host=db sslkey=/k dbname", "host=db sslkey=/k dbname"),
      (f"postgresql://u:{SECRET}@h/d?token={SECRET}&sslmode=require",
-      "postgresql://u:***@h/d?token=***&sslmode=require")],
+      "postgresql://u:***@h/d?token=***&sslmode=require"),
+     (f"postgresql://u:a/b@{SECRET}@h:5432/d", "postgresql://u:***@h:5432/d"),
+     ("postgresql://h:5432/d?application_name=a@b", "postgresql://h:5432/d?application_name=a@b")],
 )
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
