@@ -100,7 +100,7 @@ CONNECT_TIMEOUT = duration(
     "to the driver unchanged (libpq `connect_timeout`, mysql-connector `connect_timeout`). "
     "Unset: the driver's own default.",
     unit="s",
-    zero="passed on as is (libpq: wait forever)",
+    zero="no limit (libpq's meaning; given to mysql-connector as None)",
     minimum=0.5,
     driver_param=True,
     aws_name=True,

@@ -114,6 +114,16 @@ def test_connect_timeout_is_read_and_forwarded(backend: Backend) -> None:
     conn.close()
 
 
+@pytest.mark.parametrize("zero", [0, "0", 0.0])
+def test_connect_timeout_zero_means_no_limit(backend: Backend, zero: Any) -> None:
+    # libpq's meaning; mysql-connector turned 0 into a non-blocking socket (EINPROGRESS).
+    conn = backend.connect(connect_timeout=zero)
+    assert _one(conn) == 1
+    if backend.name == "mysql":
+        assert conn.resilient.raw._connection_timeout is None
+    conn.close()
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

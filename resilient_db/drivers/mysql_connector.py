@@ -191,6 +191,10 @@ class MysqlConnectorDriver(DriverDialect):
         return self._params
 
     def coerce_arg(self, name: str, value: Any) -> Any:
+        if name in _SECONDS_ARGS and not isinstance(value, (str, bool)) and value == 0:
+            # 0 means no limit (libpq's meaning, and connect_timeout's documented one), but
+            # mysql-connector would make the socket non-blocking and fail with EINPROGRESS.
+            return None
         if not isinstance(value, str):
             return value
         if name in _INT_ARGS:
@@ -213,6 +217,8 @@ class MysqlConnectorDriver(DriverDialect):
                     parameter=name,
                     value=value,
                 ) from None
+            if seconds == 0:
+                return None  # no limit, as above
             return int(seconds) if seconds.is_integer() else seconds
         if name in _BOOL_ARGS:
             result = parse_bool(value)
