@@ -119,7 +119,7 @@ class Watchdog:
         unless :meth:`disarm` is called first. A deadline already past fires at once; one
         too far to reach (``math.inf``) never fires. NaN raises ``ValueError`` here, in the
         caller: it compares false with everything and would break the heap order."""
-        if deadline != deadline:
+        if math.isnan(deadline):
             raise ValueError(f"watchdog deadline must be a number, got {deadline!r}")
         armed = Armed(deadline, fire)
         with self._lock:
