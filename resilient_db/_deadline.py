@@ -113,11 +113,15 @@ class DeadlineStage(Plugin):
         self.entry: _Entry | None = None
         self.entry_at = _INF
         self.flight: _Flight | None = None
-        # Held by the statement in flight through this stage, so that the fields above always
-        # describe the statement the server is running, even when threads share the
-        # connection (see _shared). Unshared, a statement takes it with a non-blocking
-        # acquire that always succeeds.
-        self.turn = threading.Lock()
+        # The connection's turn, held by the statement in flight through this stage so that
+        # the fields above always describe the statement the server is running, even when
+        # threads share the connection (see _shared). A one-token list: list.pop() and
+        # list.append() are atomic, and cost far less than Lock.acquire(False) on the
+        # unshared path (CPython parses acquire's arguments on every call). ``waiters``
+        # counts threads queued in _take_turn; ``turn_cond`` is where they sleep.
+        self.free: list[bool] = [True]
+        self.waiters = 0
+        self.turn_cond = threading.Condition(threading.Lock())
         if self.timeout is None:
             with _lock:
                 if not _per_call:
@@ -136,8 +140,9 @@ class DeadlineStage(Plugin):
         arm = self._arm
         timed_out = self._timed_out
         shared = self._shared
-        acquire = self.turn.acquire
-        release = self.turn.release
+        take = self.free.pop
+        give = self.free.append
+        pass_turn = self._pass_turn
 
         if proceed is RUN_CALL:  # always the case: the stage is innermost
             # _run, inlined and calling the driver itself: this is the per-statement path.
@@ -145,7 +150,9 @@ class DeadlineStage(Plugin):
                 timeout = current().timeout
                 if timeout is None:
                     timeout = default
-                if not acquire(False):
+                try:
+                    take()
+                except IndexError:
                     return shared(call, timeout, proceed)  # another thread's statement runs
                 try:
                     kwargs = call.kwargs
@@ -174,20 +181,26 @@ class DeadlineStage(Plugin):
                         timed_out(flight, call, None)
                     return result
                 finally:
-                    release()
+                    give(True)
+                    if stage.waiters:
+                        pass_turn()
         else:
             def handler(call: Call) -> Any:
                 timeout = current().timeout
                 if timeout is None:
                     timeout = default
-                if not acquire(False):
+                try:
+                    take()
+                except IndexError:
                     return shared(call, timeout, proceed)
                 try:
                     if not timeout:
                         return proceed(call)
                     return run(call, timeout, monotonic() + timeout, proceed)
                 finally:
-                    release()
+                    give(True)
+                    if stage.waiters:
+                        pass_turn()
 
         return handler
 
@@ -206,11 +219,11 @@ class DeadlineStage(Plugin):
     # a finished statement clears ``deadline`` before it reads ``flight``, and the watchdog
     # publishes ``flight`` before it reads ``deadline`` again. Each side sees the other.
     #
-    # All of this describes one statement per connection, the one holding ``turn``: a
-    # statement (with a deadline or without) holds it from before it publishes its deadline
-    # until its timeout, if any, has settled (the cancel landed). Threads sharing a connection
-    # (psycopg serialises them on its own lock) therefore queue on ``turn`` instead, outside
-    # the driver: see _shared.
+    # All of this describes one statement per connection, the one holding the turn (the
+    # token in ``free``): a statement (with a deadline or without) holds it from before it
+    # publishes its deadline until its timeout, if any, has settled (the cancel landed).
+    # Threads sharing a connection (psycopg serialises them on its own lock) therefore queue
+    # for the turn instead, outside the driver: see _shared.
 
     def _run(self, call: Call, timeout: float, deadline: float, proceed: Handler) -> Any:
         """Run ``call`` with its deadline; the caller holds ``turn``."""
@@ -245,21 +258,49 @@ class DeadlineStage(Plugin):
         the statement running is left alone. This is the only path with a blocking lock;
         an unshared connection never takes it.
         """
-        turn = self.turn
-        if not timeout:
-            with turn:
-                return proceed(call)
-        start = time.monotonic()
-        deadline = start + timeout
-        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (OverflowError).
-        if not turn.acquire(timeout=min(timeout, threading.TIMEOUT_MAX)):
+        deadline = time.monotonic() + timeout if timeout else _INF
+        if not self._take_turn(deadline):
+            assert timeout
             raise self._waited_out(call, timeout)
         try:
+            if not timeout:
+                return proceed(call)
             if time.monotonic() >= deadline:
                 raise self._waited_out(call, timeout)
             return self._run(call, timeout, deadline, proceed)
         finally:
-            turn.release()
+            self.free.append(True)
+            if self.waiters:
+                self._pass_turn()
+
+    def _take_turn(self, deadline: float) -> bool:
+        """Wait for the turn until ``deadline`` (``inf``: no limit). Returns whether it got it.
+
+        No wake-up is lost: a waiter counts itself in ``waiters`` and tries the token again
+        under ``turn_cond`` before each wait, and whoever gives the token back reads
+        ``waiters`` after doing so and then notifies under ``turn_cond``."""
+        free = self.free
+        cond = self.turn_cond
+        with cond:
+            self.waiters += 1
+            try:
+                while True:
+                    try:
+                        free.pop()
+                        return True
+                    except IndexError:
+                        pass
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    # Condition.wait refuses timeouts beyond TIMEOUT_MAX (OverflowError).
+                    cond.wait(min(remaining, _MAX_TURN_WAIT))
+            finally:
+                self.waiters -= 1
+
+    def _pass_turn(self) -> None:
+        with self.turn_cond:
+            self.turn_cond.notify()
 
     def _waited_out(self, call: Call, timeout: float) -> QueryTimeoutError:
         log.debug("statement deadline of %g s expired on %s while waiting for another "
@@ -339,6 +380,8 @@ class DeadlineStage(Plugin):
 
 
 _INF = math.inf
+#: Longest single sleep of a thread waiting for its connection's turn (it waits again after).
+_MAX_TURN_WAIT = 3600.0
 # Stages that armed a watchdog entry (weakly): resilient_db.shutdown() releases the entries of
 # idle connections so that the watchdog thread can end; entries of statements in flight stay
 # (the watchdog serves them first, then ends).

@@ -796,3 +796,59 @@ def test_a_huge_deadline_neither_crashes_the_watchdog_nor_delays_other_deadlines
     assert result["crashes"] == 0, result
     assert result["alive"], result
     assert result["elapsed"] < QUICK, result
+
+
+def test_the_turn_lets_one_statement_at_a_time_through_and_loses_no_wake_up() -> None:
+    # The stage alone, around a driver call that checks it runs alone: eight threads, with
+    # and without deadlines, some of which expire while waiting. Every call either ran alone
+    # or raised QueryTimeoutError without running; none is left waiting.
+    from resilient_db._deadline import DeadlineStage
+    from resilient_db._params import SOCKET_TIMEOUT
+    from resilient_db._pipeline import RUN_CALL, Call, HostSpec, Op, PluginContext
+    from resilient_db._properties import Settings
+
+    ctx = PluginContext(Settings({SOCKET_TIMEOUT: 30.0}), get_driver("psycopg"),
+                        HostSpec("turn", 1))
+    handler = DeadlineStage(ctx).wrap_execute(RUN_CALL)
+    inside: list[int] = []
+    overlaps: list[int] = []
+    ran: list[int] = []
+
+    def driver_call(n: int) -> int:
+        inside.append(n)
+        if len(inside) > 1:
+            overlaps.append(n)
+        time.sleep(0.002)
+        inside.remove(n)
+        ran.append(n)
+        return n
+
+    class Proxy:
+        _raw = None
+        _host = HostSpec("turn", 1)
+
+    timeouts: list[int] = []
+
+    def worker(k: int) -> None:
+        # Threads 0-1: no deadline; 2-5: the connection's 30 s; 6-7: 1 ms, often expiring
+        # while waiting for the turn.
+        option = 0.0 if k < 2 else (0.001 if k >= 6 else None)
+        for i in range(40):
+            call = Call(Op.EXECUTE, "Cursor.execute", driver_call, (k * 1000 + i,), {},
+                        Proxy())
+            with resilient_db.call_options(timeout=option):
+                try:
+                    assert handler(call) == k * 1000 + i
+                except resilient_db.QueryTimeoutError as exc:
+                    assert not exc.cancelled
+                    timeouts.append(k)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)  # no lost wake-up
+    assert overlaps == []
+    assert len(ran) + len(timeouts) == 8 * 40
+    assert set(timeouts) <= {6, 7}  # only the 1 ms deadlines expire
