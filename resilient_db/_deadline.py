@@ -19,6 +19,13 @@ is not a dead host. After a server-side cancel the connection stays usable; afte
 socket it is closed and reported broken. A disconnect the deadline did not cause (the failure
 monitor broke the socket, the server went away) is re-raised untouched, for failover.
 
+A deadline belongs to a statement. Threads may share a psycopg connection (psycopg runs
+their statements one after the other), so every statement through the stage first takes its
+connection's turn (an atomic token, free when unshared; see ``DeadlineStage._shared``): the
+statement the watchdog finds overdue is then always the one the server is running, and a
+deadline that expires while its statement waits for the turn raises ``QueryTimeoutError``
+without sending anything or touching the statement running.
+
 The stage is innermost in a connection's chains (after every plugin, so each retry of a
 statement gets its own deadline) and exists only where a deadline can apply: connections with
 ``socket_timeout`` set, and every connection once ``call_options(timeout=...)`` has been used
