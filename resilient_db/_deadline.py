@@ -19,6 +19,13 @@ is not a dead host. After a server-side cancel the connection stays usable; afte
 socket it is closed and reported broken. A disconnect the deadline did not cause (the failure
 monitor broke the socket, the server went away) is re-raised untouched, for failover.
 
+A deadline belongs to a statement. Threads may share a psycopg connection (psycopg runs
+their statements one after the other), so every statement through the stage first takes its
+connection's turn (an atomic token, free when unshared; see ``DeadlineStage._shared``): the
+statement the watchdog finds overdue is then always the one the server is running, and a
+deadline that expires while its statement waits for the turn raises ``QueryTimeoutError``
+without sending anything or touching the statement running.
+
 The stage is innermost in a connection's chains (after every plugin, so each retry of a
 statement gets its own deadline) and exists only where a deadline can apply: connections with
 ``socket_timeout`` set, and every connection once ``call_options(timeout=...)`` has been used
@@ -113,6 +120,15 @@ class DeadlineStage(Plugin):
         self.entry: _Entry | None = None
         self.entry_at = _INF
         self.flight: _Flight | None = None
+        # The connection's turn, held by the statement in flight through this stage so that
+        # the fields above always describe the statement the server is running, even when
+        # threads share the connection (see _shared). A one-token list: list.pop() and
+        # list.append() are atomic, and cost far less than Lock.acquire(False) on the
+        # unshared path (CPython parses acquire's arguments on every call). ``waiters``
+        # counts threads queued in _take_turn; ``turn_cond`` is where they sleep.
+        self.free: list[bool] = [True]
+        self.waiters = 0
+        self.turn_cond = threading.Condition(threading.Lock())
         if self.timeout is None:
             with _lock:
                 if not _per_call:
@@ -130,6 +146,10 @@ class DeadlineStage(Plugin):
         monotonic = time.monotonic
         arm = self._arm
         timed_out = self._timed_out
+        shared = self._shared
+        take = self.free.pop
+        give = self.free.append
+        pass_turn = self._pass_turn
 
         if proceed is RUN_CALL:  # always the case: the stage is innermost
             # _run, inlined and calling the driver itself: this is the per-statement path.
@@ -137,38 +157,57 @@ class DeadlineStage(Plugin):
                 timeout = current().timeout
                 if timeout is None:
                     timeout = default
-                kwargs = call.kwargs
-                if not timeout:
-                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                seq = stage.seq + 1
-                stage.seq = seq
-                stage.call = call
-                stage.statement_timeout = timeout
-                deadline = monotonic() + timeout
-                stage.deadline = deadline
-                if deadline < stage.entry_at:
-                    arm(deadline)
                 try:
-                    result = call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                except BaseException as exc:
+                    take()
+                except IndexError:
+                    return shared(call, timeout, proceed)  # another thread's statement runs
+                try:
+                    kwargs = call.kwargs
+                    if not timeout:
+                        return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                    seq = stage.seq + 1
+                    stage.seq = seq
+                    stage.call = call
+                    stage.statement_timeout = timeout
+                    deadline = monotonic() + timeout
+                    stage.deadline = deadline
+                    if deadline < stage.entry_at:
+                        arm(deadline)
+                    try:
+                        result = (call.fn(*call.args, **kwargs) if kwargs
+                                  else call.fn(*call.args))
+                    except BaseException as exc:
+                        stage.deadline = _INF
+                        flight = stage.flight
+                        if flight is not None and flight.seq == seq:
+                            timed_out(flight, call, exc)
+                        raise
                     stage.deadline = _INF
                     flight = stage.flight
                     if flight is not None and flight.seq == seq:
-                        timed_out(flight, call, exc)
-                    raise
-                stage.deadline = _INF
-                flight = stage.flight
-                if flight is not None and flight.seq == seq:
-                    timed_out(flight, call, None)
-                return result
+                        timed_out(flight, call, None)
+                    return result
+                finally:
+                    give(True)
+                    if stage.waiters:
+                        pass_turn()
         else:
             def handler(call: Call) -> Any:
                 timeout = current().timeout
                 if timeout is None:
                     timeout = default
-                if not timeout:
-                    return proceed(call)
-                return run(call, timeout, proceed)
+                try:
+                    take()
+                except IndexError:
+                    return shared(call, timeout, proceed)
+                try:
+                    if not timeout:
+                        return proceed(call)
+                    return run(call, timeout, monotonic() + timeout, proceed)
+                finally:
+                    give(True)
+                    if stage.waiters:
+                        pass_turn()
 
         return handler
 
@@ -186,15 +225,19 @@ class DeadlineStage(Plugin):
     # reads ``entry_at``, and the watchdog clears ``entry_at`` before it reads ``deadline``;
     # a finished statement clears ``deadline`` before it reads ``flight``, and the watchdog
     # publishes ``flight`` before it reads ``deadline`` again. Each side sees the other.
-    # With two threads sharing one connection, the deadline follows the statement started
-    # last.
+    #
+    # All of this describes one statement per connection, the one holding the turn (the
+    # token in ``free``): a statement (with a deadline or without) holds it from before it
+    # publishes its deadline until its timeout, if any, has settled (the cancel landed).
+    # Threads sharing a connection (psycopg serialises them on its own lock) therefore queue
+    # for the turn instead, outside the driver: see _shared.
 
-    def _run(self, call: Call, timeout: float, proceed: Handler) -> Any:
+    def _run(self, call: Call, timeout: float, deadline: float, proceed: Handler) -> Any:
+        """Run ``call`` with its deadline; the caller holds ``turn``."""
         seq = self.seq + 1
         self.seq = seq
         self.call = call
         self.statement_timeout = timeout
-        deadline = time.monotonic() + timeout
         self.deadline = deadline
         if deadline < self.entry_at:
             self._arm(deadline)  # first statement, after idling, or a shorter deadline
@@ -211,6 +254,69 @@ class DeadlineStage(Plugin):
         if flight is not None and flight.seq == seq:
             self._timed_out(flight, call, None)
         return result
+
+    def _shared(self, call: Call, timeout: float | None, proceed: Handler) -> Any:
+        """Another statement of this connection is in flight: threads share the connection.
+
+        Wait for it to finish before publishing this statement's deadline, so that the
+        watchdog only ever cancels the statement the server is running, and only because of
+        that statement's own deadline. The wait counts against this statement's deadline:
+        if it expires while waiting, QueryTimeoutError is raised here, nothing was sent and
+        the statement running is left alone. This is the only path with a blocking lock;
+        an unshared connection never takes it.
+        """
+        deadline = time.monotonic() + timeout if timeout else _INF
+        if not self._take_turn(deadline):
+            assert timeout
+            raise self._waited_out(call, timeout)
+        try:
+            if not timeout:
+                return proceed(call)
+            if time.monotonic() >= deadline:
+                raise self._waited_out(call, timeout)
+            return self._run(call, timeout, deadline, proceed)
+        finally:
+            self.free.append(True)
+            if self.waiters:
+                self._pass_turn()
+
+    def _take_turn(self, deadline: float) -> bool:
+        """Wait for the turn until ``deadline`` (``inf``: no limit). Returns whether it got it.
+
+        No wake-up is lost: a waiter counts itself in ``waiters`` and tries the token again
+        under ``turn_cond`` before each wait, and whoever gives the token back reads
+        ``waiters`` after doing so and then notifies under ``turn_cond``."""
+        free = self.free
+        cond = self.turn_cond
+        with cond:
+            self.waiters += 1
+            try:
+                while True:
+                    try:
+                        free.pop()
+                        return True
+                    except IndexError:
+                        pass
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    # Condition.wait refuses timeouts beyond TIMEOUT_MAX (OverflowError).
+                    cond.wait(min(remaining, _MAX_TURN_WAIT))
+            finally:
+                self.waiters -= 1
+
+    def _pass_turn(self) -> None:
+        with self.turn_cond:
+            self.turn_cond.notify()
+
+    def _waited_out(self, call: Call, timeout: float) -> QueryTimeoutError:
+        log.debug("statement deadline of %g s expired on %s while waiting for another "
+                  "thread's statement on the same connection", timeout, self.ctx.host)
+        return _timeout_error(
+            self, call.connection, timeout,
+            "it expired while waiting for the connection, held by another thread's "
+            "statement; nothing was sent and that statement was left alone; the connection "
+            "is usable", cancelled=False, broken=False)
 
     @staticmethod
     def _timed_out(flight: _Flight, call: Call, exc: BaseException | None) -> None:
@@ -281,6 +387,8 @@ class DeadlineStage(Plugin):
 
 
 _INF = math.inf
+#: Longest single sleep of a thread waiting for its connection's turn (it waits again after).
+_MAX_TURN_WAIT = 3600.0
 # Stages that armed a watchdog entry (weakly): resilient_db.shutdown() releases the entries of
 # idle connections so that the watchdog thread can end; entries of statements in flight stay
 # (the watchdog serves them first, then ends).
@@ -409,16 +517,22 @@ class _Flight:
             outcome = "it was cancelled on the server; the connection is usable"
         else:
             outcome = "the cancel could not be confirmed; the connection is usable"
-        host = str(proxy._host)
-        stage.ctx.decide("statement.deadline_expired", None, **{
-            "resilient_db.deadline.timeout": self.timeout,
-            "resilient_db.deadline.cancelled": self.cancelled and not self.broken,
-            "resilient_db.deadline.socket_broken": self.broken,
-            "server.address": host,
-        })
-        err = stage.ctx.driver.error(
-            QueryTimeoutError,
-            f"statement deadline of {self.timeout:g} s expired on {host}: {outcome}",
-            timeout=self.timeout, cancelled=self.cancelled and not self.broken, host=host)
-        assert isinstance(err, QueryTimeoutError)
-        return err
+        return _timeout_error(stage, proxy, self.timeout, outcome,
+                              cancelled=self.cancelled and not self.broken, broken=self.broken)
+
+
+def _timeout_error(stage: DeadlineStage, proxy: Any, timeout: float, outcome: str, *,
+                   cancelled: bool, broken: bool) -> QueryTimeoutError:
+    """Report the expiry (a decision) and build the error the application thread raises."""
+    host = str(proxy._host)
+    stage.ctx.decide("statement.deadline_expired", None, **{
+        "resilient_db.deadline.timeout": timeout,
+        "resilient_db.deadline.cancelled": cancelled,
+        "resilient_db.deadline.socket_broken": broken,
+        "server.address": host,
+    })
+    err = stage.ctx.driver.error(
+        QueryTimeoutError, f"statement deadline of {timeout:g} s expired on {host}: {outcome}",
+        timeout=timeout, cancelled=cancelled, host=host)
+    assert isinstance(err, QueryTimeoutError)
+    return err

@@ -6,7 +6,8 @@ clashes with the driver's own keyword arguments because it does not travel as on
 an inner block overrides only the options it names.
 
 - ``timeout``: statement deadline in seconds, overriding the ``socket_timeout`` property for
-  these calls (``None``: inherit; ``0``: no deadline). Enforced by the process-wide watchdog
+  these calls (``None``: inherit; ``0``: no deadline; ``inf`` and NaN are refused: ``0`` says
+  "no deadline"). Enforced by the process-wide watchdog
   (docs/deadlines.md); an expired deadline raises ``QueryTimeoutError`` and never fails over.
 - ``idempotent``: mark statements safe to run twice; transparent retry after failover only
   replays statements marked so (``None``: inherit; default false).
@@ -66,10 +67,10 @@ def call_options(
                 parameter="timeout",
                 value=timeout,
             )
-        if timeout < 0 or math.isnan(timeout):
+        if not 0 <= timeout < math.inf:  # also NaN
             raise ConfigurationError(
-                f"call_options(timeout=...): expected seconds >= 0 (0 = no deadline), got "
-                f"{timeout!r}",
+                f"call_options(timeout=...): expected a finite number of seconds >= 0 "
+                f"(0 = no deadline), got {timeout!r}",
                 parameter="timeout",
                 value=timeout,
             )

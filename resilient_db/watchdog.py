@@ -45,6 +45,10 @@ MAX_RESTART_BACKOFF = 2.0
 #: Rebuild the heap when more than this many disarmed entries are waiting in it and they are
 #: at least half of it (keeps the heap O(live deadlines); amortised O(1) per disarm).
 _COMPACT_MIN = 256
+#: Longest single sleep of the thread. ``Condition.wait`` refuses timeouts beyond
+#: ``threading.TIMEOUT_MAX`` (OverflowError); a far-future deadline (``socket_timeout=1e300``,
+#: ``inf``) is slept towards in steps of this length instead (a wake-up per hour is free).
+_MAX_SLEEP = 3600.0
 
 _PENDING = 0
 _FIRING = 1
@@ -112,7 +116,11 @@ class Watchdog:
     # --- the per-statement path -------------------------------------------------------------
     def arm(self, deadline: float, fire: Callable[[], object]) -> Armed:
         """Run ``fire()`` on the watchdog thread at ``deadline`` (``time.monotonic()`` clock)
-        unless :meth:`disarm` is called first. A deadline already past fires at once."""
+        unless :meth:`disarm` is called first. A deadline already past fires at once; one
+        too far to reach (``math.inf``) never fires. NaN raises ``ValueError`` here, in the
+        caller: it compares false with everything and would break the heap order."""
+        if math.isnan(deadline):
+            raise ValueError(f"watchdog deadline must be a number, got {deadline!r}")
         armed = Armed(deadline, fire)
         with self._lock:
             heapq.heappush(self._heap, (deadline, armed))
@@ -237,7 +245,7 @@ class Watchdog:
                         break
                     if heap:
                         self._wake_at = heap[0][0]
-                        cond.wait(heap[0][0] - now)
+                        cond.wait(min(heap[0][0] - now, _MAX_SLEEP))
                     else:
                         self._wake_at = math.inf
                         cond.wait()

@@ -616,3 +616,239 @@ def test_mysql_client_timeouts_count_as_disconnects_but_the_server_3024_does_not
     assert not driver.is_disconnect(mysql.connector.errors.DatabaseError(
         errno=3024, msg="Query execution was interrupted, maximum statement execution time "
                         "exceeded"))
+
+
+# --- one psycopg connection shared by threads -------------------------------------------------
+#
+# psycopg 3 connections are thread-safe: statements from several threads run one after the
+# other. A deadline belongs to a statement: a cancel only ever hits the statement whose
+# deadline expired; a statement whose deadline expires while it waits for the connection gets
+# QueryTimeoutError without touching the one running; nobody sees a raw QueryCanceled, and the
+# connection survives.
+
+
+def _active_on_server(observer: Any, pid: int) -> bool:
+    row = observer.execute("SELECT state FROM pg_catalog.pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()
+    return row is not None and row[0] == "active"
+
+
+class _Outcome:
+    """What one thread's statements came to: results, or the exception and when."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.error: BaseException | None = None
+        self.ended = 0.0
+
+
+def _in_thread(name: str, work: Callable[[], Any], outcomes: dict[str, _Outcome],
+               timeout: float | None = None) -> threading.Thread:
+    outcome = outcomes[name] = _Outcome()
+
+    def run() -> None:
+        try:
+            if timeout is None:
+                outcome.results.append(work())
+            else:
+                with resilient_db.call_options(timeout=timeout):
+                    outcome.results.append(work())
+        except BaseException as exc:  # recorded and asserted on by the test
+            outcome.error = exc
+        finally:
+            outcome.ended = time.monotonic()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _no_raw_cancel(outcomes: dict[str, _Outcome]) -> None:
+    for name, outcome in outcomes.items():
+        assert not isinstance(outcome.error, psycopg.errors.QueryCanceled), (name, outcome.error)
+
+
+def test_shared_connection_a_statement_waiting_for_the_connection_never_cancels_the_running_one(
+        pg_backend: Backend, sink: resilient_db.CollectingSink) -> None:
+    conn = pg_backend.connect(plugins="", socket_timeout=30, autocommit=True,
+                              query_timeout_grace=5)
+    pid = one(conn, "SELECT pg_backend_pid()")
+    observer = pg_backend.raw(autocommit=True)
+    outcomes: dict[str, _Outcome] = {}
+    running = _in_thread("running", lambda: one(conn, "SELECT 7 FROM pg_sleep(3)"), outcomes)
+    assert wait_for(lambda: _active_on_server(observer, pid))
+    # The waiter's 0.3 s deadline expires while "running" holds the connection for 3 s.
+    waiter = _in_thread("waiter", lambda: one(conn, "SELECT 1"), outcomes, timeout=0.3)
+    for thread in (running, waiter):
+        thread.join(30)
+    _no_raw_cancel(outcomes)
+    assert outcomes["running"].error is None and outcomes["running"].results == [7]
+    err = outcomes["waiter"].error
+    assert isinstance(err, resilient_db.QueryTimeoutError), err
+    assert isinstance(err, psycopg.OperationalError)
+    assert err.timeout == pytest.approx(0.3) and err.cancelled is False
+    assert "waiting for the connection" in str(err)
+    # Its deadline bounded its wait: it did not wait for the running statement to end.
+    assert outcomes["waiter"].ended < outcomes["running"].ended
+    decision = sink.of_kind("statement.deadline_expired")[-1]
+    assert decision.attributes["resilient_db.deadline.cancelled"] is False
+    assert decision.attributes["resilient_db.deadline.socket_broken"] is False
+    assert not conn.resilient.raw.broken and not conn.closed
+    assert one(conn, "SELECT pg_backend_pid()") == pid  # same session, still usable
+    observer.close()
+    conn.close()
+
+
+def test_shared_connection_the_running_statement_times_out_on_its_own_deadline(
+        pg_backend: Backend) -> None:
+    conn = pg_backend.connect(plugins="", socket_timeout=1.0, autocommit=True,
+                              query_timeout_grace=5)
+    pid = one(conn, "SELECT pg_backend_pid()")
+    observer = pg_backend.raw(autocommit=True)
+    outcomes: dict[str, _Outcome] = {}
+    slow = _in_thread("slow", lambda: one(conn, "SELECT pg_sleep(30)"), outcomes)
+    assert wait_for(lambda: _active_on_server(observer, pid))
+    # A later statement with a longer deadline must not carry the slow one past its own.
+    fast = _in_thread("fast", lambda: one(conn, "SELECT 42"), outcomes, timeout=8)
+    for thread in (slow, fast):
+        thread.join(30)
+    _no_raw_cancel(outcomes)
+    err = outcomes["slow"].error
+    assert isinstance(err, resilient_db.QueryTimeoutError), err
+    assert err.timeout == pytest.approx(1.0) and err.cancelled is True
+    assert outcomes["fast"].error is None and outcomes["fast"].results == [42]
+    assert not conn.resilient.raw.broken
+    assert one(conn, "SELECT pg_backend_pid()") == pid
+    observer.close()
+    conn.close()
+
+
+@pytest.mark.parametrize("how", ["socket_timeout", "call_options"])
+def test_shared_connection_four_threads_each_get_their_own_outcome(
+        pg_backend: Backend, how: str) -> None:
+    # Two threads run statements that exceed a 1 s deadline, two run many short ones with a
+    # long deadline, all on one connection. Every slow statement gets QueryTimeoutError (the
+    # server cancelled it, or its deadline passed while it waited for the connection); every
+    # short one succeeds; nobody sees QueryCanceled; the connection survives.
+    slow_timeout = 1.0
+    if how == "socket_timeout":
+        conn = pg_backend.connect(plugins="", socket_timeout=slow_timeout, autocommit=True,
+                                  query_timeout_grace=5)
+        slow_option, fast_option = None, 20.0
+    else:
+        conn = pg_backend.connect(plugins="", socket_timeout=20, autocommit=True,
+                                  query_timeout_grace=5)
+        slow_option, fast_option = slow_timeout, None
+    pid = one(conn, "SELECT pg_backend_pid()")
+
+    def fast_work(n: int) -> list[Any]:
+        return [one(conn, f"SELECT {n} + {i}") for i in range(20)]
+
+    outcomes: dict[str, _Outcome] = {}
+    threads = [
+        _in_thread("slow-1", lambda: one(conn, "SELECT pg_sleep(30)"), outcomes, slow_option),
+        _in_thread("fast-1", lambda: fast_work(100), outcomes, fast_option),
+        _in_thread("slow-2", lambda: one(conn, "SELECT pg_sleep(30)"), outcomes, slow_option),
+        _in_thread("fast-2", lambda: fast_work(200), outcomes, fast_option),
+    ]
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    _no_raw_cancel(outcomes)
+    for name in ("slow-1", "slow-2"):
+        err = outcomes[name].error
+        assert isinstance(err, resilient_db.QueryTimeoutError), (name, err)
+        assert err.timeout == pytest.approx(slow_timeout)
+    assert outcomes["fast-1"].error is None, outcomes["fast-1"].error
+    assert outcomes["fast-2"].error is None, outcomes["fast-2"].error
+    assert outcomes["fast-1"].results == [[100 + i for i in range(20)]]
+    assert outcomes["fast-2"].results == [[200 + i for i in range(20)]]
+    assert not conn.resilient.raw.broken
+    assert one(conn, "SELECT pg_backend_pid()") == pid
+    conn.close()
+
+
+def test_a_huge_deadline_neither_crashes_the_watchdog_nor_delays_other_deadlines(
+        backend: Backend) -> None:
+    # A fresh process, so that the far entry is the only one the watchdog sleeps towards.
+    code = _CHILD_PRELUDE + """
+    from resilient_db.watchdog import get_watchdog
+    huge = resilient_db.connect(target, plugins="", **kwargs)
+    with resilient_db.call_options(timeout=1e300):  # a far-future entry in the heap
+        cur = huge.cursor(); cur.execute("SELECT 1"); cur.fetchall()
+    time.sleep(0.3)  # the watchdog now sleeps towards it
+    other = resilient_db.connect(target, plugins="", socket_timeout=0.3,
+                                 query_timeout_grace=5, **kwargs)
+    cur = other.cursor()
+    start = time.monotonic()
+    try:
+        cur.execute(sleep)
+    except resilient_db.QueryTimeoutError as exc:
+        assert exc.cancelled, exc
+    else:
+        raise AssertionError("no timeout")
+    watchdog = get_watchdog()
+    print(json.dumps({"elapsed": time.monotonic() - start, "crashes": watchdog.crashes,
+                      "alive": watchdog.thread is not None and watchdog.thread.is_alive()}))
+    """
+    out, _ = run_child(code, backend)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["crashes"] == 0, result
+    assert result["alive"], result
+    assert result["elapsed"] < QUICK, result
+
+
+def test_the_turn_lets_one_statement_at_a_time_through_and_loses_no_wake_up() -> None:
+    # The stage alone, around a driver call that checks it runs alone: eight threads, with
+    # and without deadlines, some of which expire while waiting. Every call either ran alone
+    # or raised QueryTimeoutError without running; none is left waiting.
+    from resilient_db._deadline import DeadlineStage
+    from resilient_db._params import SOCKET_TIMEOUT
+    from resilient_db._pipeline import RUN_CALL, Call, HostSpec, Op, PluginContext
+    from resilient_db._properties import Settings
+
+    ctx = PluginContext(Settings({SOCKET_TIMEOUT: 30.0}), get_driver("psycopg"),
+                        HostSpec("turn", 1))
+    handler = DeadlineStage(ctx).wrap_execute(RUN_CALL)
+    inside: list[int] = []
+    overlaps: list[int] = []
+    ran: list[int] = []
+
+    def driver_call(n: int) -> int:
+        inside.append(n)
+        if len(inside) > 1:
+            overlaps.append(n)
+        time.sleep(0.002)
+        inside.remove(n)
+        ran.append(n)
+        return n
+
+    class Proxy:
+        _raw = None
+        _host = HostSpec("turn", 1)
+
+    timeouts: list[int] = []
+
+    def worker(k: int) -> None:
+        # Threads 0-1: no deadline; 2-5: the connection's 30 s; 6-7: 1 ms, often expiring
+        # while waiting for the turn.
+        option = 0.0 if k < 2 else (0.001 if k >= 6 else None)
+        for i in range(40):
+            call = Call(Op.EXECUTE, "Cursor.execute", driver_call, (k * 1000 + i,), {},
+                        Proxy())
+            with resilient_db.call_options(timeout=option):
+                try:
+                    assert handler(call) == k * 1000 + i
+                except resilient_db.QueryTimeoutError as exc:
+                    assert not exc.cancelled
+                    timeouts.append(k)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)  # no lost wake-up
+    assert overlaps == []
+    assert len(ran) + len(timeouts) == 8 * 40
+    assert set(timeouts) <= {6, 7}  # only the 1 ms deadlines expire

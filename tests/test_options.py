@@ -37,10 +37,17 @@ def test_options_are_per_thread() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "culprit"),
     [({"timeout": -1}, "timeout"), ({"timeout": "5"}, "timeout"), ({"timeout": True}, "timeout"),
-     ({"idempotent": "yes"}, "idempotent")],
+     ({"timeout": float("inf")}, "timeout"), ({"timeout": float("nan")}, "timeout"),
+     ({"timeout": -float("inf")}, "timeout"), ({"idempotent": "yes"}, "idempotent")],
 )
 def test_bad_options(kwargs: dict[str, object], culprit: str) -> None:
     with pytest.raises(ConfigurationError) as info, resilient_db.call_options(**kwargs):  # type: ignore[arg-type]
         pass
     assert info.value.parameter == culprit
     assert culprit in str(info.value)
+
+
+def test_a_huge_but_finite_timeout_is_accepted() -> None:
+    # Effectively no deadline; the watchdog copes with any finite deadline (test_watchdog.py).
+    with resilient_db.call_options(timeout=1e300) as options:
+        assert options.timeout == 1e300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import sys
 import textwrap
@@ -253,3 +254,29 @@ def test_interpreter_exit_never_waits_for_the_watchdog() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "exiting"
     assert time.monotonic() - start < 15  # liveness bound (interpreter start-up included)
+
+
+@pytest.mark.parametrize("far", [1e300, math.inf, 1.7976931348623157e308])
+def test_a_deadline_too_far_to_sleep_towards_neither_crashes_nor_delays_others(
+        watchdog: Watchdog, far: float) -> None:
+    # Condition.wait() refuses timeouts beyond threading.TIMEOUT_MAX (OverflowError): the loop
+    # must not crash-loop on such an entry, and nearer deadlines must still fire on time.
+    watchdog.arm(far, lambda: None)
+    time.sleep(0.1)  # the thread now sleeps towards the far deadline
+    fired = threading.Event()
+    start = time.monotonic()
+    watchdog.arm(start + 0.2, fired.set)
+    assert fired.wait(5.0)
+    assert time.monotonic() - start < 5.0
+    assert watchdog.crashes == 0
+    assert watchdog.pending() == 1  # the far one, neither fired nor lost
+
+
+def test_a_nan_deadline_is_refused_at_arm_and_leaves_the_heap_alone(watchdog: Watchdog) -> None:
+    with pytest.raises(ValueError, match="deadline"):
+        watchdog.arm(math.nan, lambda: None)
+    assert watchdog.pending() == 0
+    fired = threading.Event()
+    watchdog.arm(time.monotonic() + 0.05, fired.set)
+    assert fired.wait(5.0)
+    assert watchdog.crashes == 0
