@@ -34,6 +34,10 @@ DIALECT_CODES = (
     "mysql",
 )
 DRIVER_CODES = ("psycopg", "mysql-connector")
+#: The AWS Advanced Python Wrapper's ``wrapper_driver_dialect`` values (its
+#: ``DriverDialectCodes``) that name one of ours. Its third value, ``generic``, has no
+#: equivalent: resilient_db needs to know the driver.
+AWS_DRIVER_CODES = {"mysql-connector-python": "mysql-connector"}
 
 
 def _host_pattern_problem(value: str) -> str | None:
@@ -73,7 +77,9 @@ WRAPPER_DRIVER_DIALECT = choice(
     None,
     DRIVER_CODES,
     "Force the driver dialect instead of recognising it from `target` (for a wrapped or "
-    "renamed connect callable).",
+    "renamed connect callable). The AWS wrapper's value `mysql-connector-python` is accepted "
+    "for `mysql-connector`.",
+    aliases=AWS_DRIVER_CODES,
     aws_name=True,
 )
 CLUSTER_INSTANCE_HOST_PATTERN = text(

@@ -225,9 +225,13 @@ def text(
 
 
 def choice(
-    name: str, default: str | None, choices: Iterable[str], description: str, **kw: Any
+    name: str, default: str | None, choices: Iterable[str], description: str, *,
+    aliases: Mapping[str, str] | None = None, **kw: Any
 ) -> Property[str | None]:
+    """One of ``choices`` (case-insensitive, ``-`` or ``_``). ``aliases`` maps other accepted
+    spellings (the AWS wrapper's values) to one of ``choices``."""
     options = tuple(choices)
+    other = {a.replace("_", "-"): target for a, target in (aliases or {}).items()}
 
     def convert(prop: Property[str | None], value: object) -> str | None:
         if value is None:
@@ -238,6 +242,8 @@ def choice(
         for option in options:
             if option.replace("_", "-") == low:
                 return option
+        if low in other:
+            return other[low]
         hint = _suggest(low, options)
         raise prop.fail(value, f"one of {', '.join(options)}{hint}")
 

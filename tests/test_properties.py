@@ -70,6 +70,16 @@ def test_choice_normalises_case_and_underscores() -> None:
     assert _params.WRAPPER_DRIVER_DIALECT.parse("mysql_connector") == "mysql-connector"
 
 
+def test_driver_dialect_accepts_aws_values() -> None:
+    prop = _params.WRAPPER_DRIVER_DIALECT
+    assert prop.parse("mysql-connector-python") == "mysql-connector"
+    assert prop.parse("mysql_connector_python") == "mysql-connector"
+    assert prop.parse("mysql-connector") == "mysql-connector"
+    assert prop.parse("psycopg") == "psycopg"
+    with pytest.raises(ConfigurationError, match="wrapper_driver_dialect"):
+        prop.parse("generic")
+
+
 def test_choice_suggests_close_match() -> None:
     with pytest.raises(ConfigurationError) as info:
         _params.WRAPPER_DIALECT.parse("aurora-pq")
