@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from ._aws_properties import aws_unsupported
 from .errors import ConfigurationError
 
 T = TypeVar("T")
@@ -303,7 +304,18 @@ def unknown_name_error(
     """The error for a name that is neither ours nor the driver's, with a suggestion.
 
     ``renames`` maps other drivers' names to this driver's (``database`` -> ``dbname``).
+    A property of the AWS wrapper that resilient_db does not implement yet gets an error
+    saying so (and naming its plugin), not a typo suggestion.
     """
+    owner = aws_unsupported(name)
+    if owner is not None:
+        return ConfigurationError(
+            f"known AWS property {name!r} ({owner}), not supported yet by resilient_db: remove "
+            "it from the connection settings. docs/parameters.md lists the AWS properties "
+            "resilient_db implements and the ones it does not yet.",
+            parameter=name,
+            value=value,
+        )
     if renames and name in renames:
         hint = f" (did you mean {renames[name]!r}? {driver} calls it that)"
     else:

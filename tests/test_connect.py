@@ -214,6 +214,13 @@ def test_forced_driver_accepts_the_aws_value(mysql_backend: Backend) -> None:
     conn.close()
 
 
+def test_known_aws_property_not_supported_yet() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(psycopg.Connection.connect, "host=x", iam_region="us-east-1")
+    assert "known AWS property 'iam_region' (iam), not supported yet" in str(info.value)
+    assert info.value.parameter == "iam_region"
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from resilient_db import ConfigurationError, _docs, _params
+from resilient_db._aws_properties import AWS_UNSUPPORTED
 from resilient_db._properties import REGISTRY, Settings, duration, parse_bool, unknown_name_error
 
 pytestmark = pytest.mark.unit
@@ -113,6 +114,32 @@ def test_settings_default_and_explicit() -> None:
     assert settings[_params.AUTO_SORT_PLUGINS] is True
     assert settings.explicit(_params.CONNECT_TIMEOUT)
     assert not settings.explicit(_params.AUTO_SORT_PLUGINS)
+
+
+@pytest.mark.parametrize(("name", "owner"), [
+    ("iam_region", "iam"), ("srw_read_endpoint", "srw"), ("bg_id", "bg"),
+    ("secrets_manager_secret_id", "aws_secrets_manager"),
+    ("reader_host_selector_strategy", "read_write_splitting"),
+    ("monitoring-connect_timeout", "properties of efm's monitoring connections"),
+])
+def test_known_aws_property_is_not_called_unknown(name: str, owner: str) -> None:
+    err = unknown_name_error(name, "x", ["dbname", "host"], "psycopg")
+    assert f"known AWS property {name!r} ({owner}" in str(err)
+    assert "not supported yet" in str(err)
+    assert "unknown" not in str(err) and "did you mean" not in str(err)
+    assert err.parameter == name
+
+
+def test_aws_property_table_is_complete_and_disjoint_from_ours() -> None:
+    aws = pytest.importorskip("aws_advanced_python_wrapper.utils.properties")
+    names = {p.name for p in vars(aws.WrapperProperties).values()
+             if isinstance(p, aws.WrapperProperty)}
+    # Not ours to declare: the plugin list and the driver's own connect parameters.
+    handled_elsewhere = {"plugins", "user", "password", "database"}
+    missing = names - set(REGISTRY) - set(AWS_UNSUPPORTED) - handled_elsewhere
+    assert not missing, f"AWS properties neither implemented nor listed: {sorted(missing)}"
+    assert not set(AWS_UNSUPPORTED) & set(REGISTRY)
+    assert not set(AWS_UNSUPPORTED) - names, "listed but not an AWS property"
 
 
 def test_unknown_name_suggests_our_or_driver_name() -> None:
