@@ -14,6 +14,7 @@ import itertools
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -414,6 +415,34 @@ def test_initial_connection_reader_endpoint_lands_on_a_reader(
     assert all(a != b for a, b in itertools.pairwise(landed))
     assert len(sink.of_kind("initial_connection.redirected")) >= 4
     assert env.rows(table) == {}
+
+
+@pytest.mark.real_server
+def test_initial_connection_least_connections_balances_the_readers(env: Env) -> None:
+    """least_connections counts every open application connection of the process per
+    instance (whatever its plugins): new reader connections go to the least busy reader."""
+    cluster = env.cluster
+    readers = {r.id for r in cluster.readers}
+    seed = env.connect(cluster.reader_endpoint, plugins="failover")
+    monitor = failover_of(seed).monitor()
+
+    def known() -> bool:
+        snapshot = monitor.snapshot
+        return snapshot is not None and len(snapshot.readers) == len(readers)
+
+    wait_until("the topology known", known)
+    busy = cluster.readers[0]
+    pinned = [env.connect(busy.endpoint, plugins="") for _ in range(6)]
+    assert {env.instance(c) for c in pinned} == {busy.id}
+    landed = [env.instance(env.connect(
+        cluster.reader_endpoint, plugins="initial_connection",
+        initial_connection_host_selector_strategy="least_connections")) for _ in range(10)]
+    # The first six avoid the busy reader (random would hit it half the time); then the
+    # readers take turns, so the totals end up even.
+    assert busy.id not in landed[:6], landed
+    totals = Counter(landed) + Counter({busy.id: len(pinned)})
+    assert set(totals) <= readers
+    assert max(totals[r] for r in readers) - min(totals[r] for r in readers) <= 1, totals
 
 
 @pytest.mark.real_server

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.unit
 class FakeDriver:
     """Just enough driver for the connect terminal."""
 
+    default_port = 5432
+
     def connect(self, target: Any, args: dict[str, Any], settings: Any = None) -> Any:
         return target(**args)
 
