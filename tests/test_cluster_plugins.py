@@ -697,6 +697,12 @@ def test_codes_are_built_in_and_ordered() -> None:
     ("open_connection_retry_interval_ms", -5),
     ("open_connection_retry_interval_ms", 0),
     ("open_connection_retry_timeout_ms", "soon"),
+    ("initial_connection_host_selector_strategy", "fastest_response"),
+    ("initial_connection_host_selector_strategy", "highest_weight"),
+    ("initial_connection_host_selector_strategy", "weighted_random"),
+    ("weighted_random_host_weight_pairs", "instance-1:0"),
+    ("round_robin_host_weight_pairs", "instance-1"),
+    ("round_robin_default_weight", 0),
 ])
 def test_bad_input_names_the_parameter(name: str, value: object) -> None:
     kwargs: dict[str, Any] = {name: value}
@@ -705,6 +711,16 @@ def test_bad_input_names_the_parameter(name: str, value: object) -> None:
                              host="db.cluster-abc123.us-east-1.rds.amazonaws.com", **kwargs)
     assert info.value.parameter == name
     assert name in str(info.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("strategy", ["fastest_response", "highest_weight", "weighted_random"])
+def test_failover_refuses_a_strategy_that_would_act_as_random(strategy: str) -> None:
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.connect(psycopg.Connection.connect, plugins="failover",
+                             host="db.cluster-abc123.us-east-1.rds.amazonaws.com",
+                             failover_reader_host_selector_strategy=strategy)
+    assert info.value.parameter == "failover_reader_host_selector_strategy"
 
 
 @pytest.mark.unit

@@ -81,6 +81,21 @@ def test_driver_dialect_accepts_aws_values() -> None:
         prop.parse("generic")
 
 
+def test_weight_pairs_parse_like_the_aws_wrapper() -> None:
+    prop = _params.WEIGHTED_RANDOM_HOST_WEIGHT_PAIRS
+    assert prop.parse("Instance-1:3, instance-2.abc.rds.amazonaws.com:1,") == (
+        ("instance-1", 3), ("instance-2.abc.rds.amazonaws.com", 1))
+    assert prop.parse({"instance-1": 2}) == (("instance-1", 2),)
+    assert prop.parse("") == ()
+    for bad in ("instance-1", "instance-1:0", "instance-1:x", "instance-1:1.5", ":3",
+                "a:1,A:2", "a b:1"):
+        with pytest.raises(ConfigurationError, match="weighted_random_host_weight_pairs") as info:
+            prop.parse(bad)
+        assert "'<host>:<weight>'" in str(info.value)
+    with pytest.raises(ConfigurationError, match="round_robin_default_weight"):
+        _params.ROUND_ROBIN_DEFAULT_WEIGHT.parse(0)
+
+
 def test_choice_suggests_close_match() -> None:
     with pytest.raises(ConfigurationError) as info:
         _params.WRAPPER_DIALECT.parse("aurora-pq")
