@@ -9,9 +9,11 @@ connections: the monitors' own connections do not go through a connection proxy.
 
 Which instance: the address the driver was actually asked to connect to, recorded by the
 innermost connect step (:func:`note_opened`), so a connection made through a cluster or reader
-endpoint and redirected by ``initial_connection`` counts on the instance it reached. A
-connection that went through an endpoint by DNS counts on the endpoint's name (which no
-topology host has): its instance is not known without asking the server.
+endpoint and redirected by ``initial_connection`` counts on the instance it reached. One that
+``initial_connection`` verified through the endpoint's DNS is re-noted on its instance when the
+instance's address is known (topology or host pattern); otherwise (no ``initial_connection``)
+it counts on the endpoint's name, which no topology host has: its instance is not known
+without asking the server.
 """
 
 from __future__ import annotations
