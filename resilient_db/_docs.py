@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _params
+from ._aws_properties import AWS_PREFIXES, AWS_UNSUPPORTED
 from ._plugin_registry import ALIASES, BUILTIN, CANONICAL_ORDER, DEFAULT_PLUGINS
 from ._properties import REGISTRY, Property
 
@@ -96,6 +97,18 @@ def render() -> str:
         "## Database dialects (`wrapper_dialect`)",
         "",
         ", ".join(f"`{c}`" for c in _params.DIALECT_CODES) + ".",
+        "",
+        "## AWS properties not supported yet",
+        "",
+        "Properties of the AWS Advanced Python Wrapper that resilient_db does not implement "
+        "yet. Setting one raises `ConfigurationError: known AWS property '<name>' (<plugin>), "
+        "not supported yet` (not \"unknown\"): ignoring it silently could, for instance, "
+        "connect without the authentication it asks for. So do names starting with "
+        + ", ".join(f"`{p}` ({what})" for p, what in AWS_PREFIXES.items()) + ".",
+        "",
+        "| Name | AWS plugin or feature |",
+        "| --- | --- |",
+        *(f"| `{name}` | {owner} |" for name, owner in AWS_UNSUPPORTED.items()),
         "",
     ]
     return "\n".join(lines)

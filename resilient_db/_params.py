@@ -8,7 +8,7 @@ Group order here is the order of the generated docs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._properties import (
@@ -34,6 +34,10 @@ DIALECT_CODES = (
     "mysql",
 )
 DRIVER_CODES = ("psycopg", "mysql-connector")
+#: The AWS Advanced Python Wrapper's ``wrapper_driver_dialect`` values (its
+#: ``DriverDialectCodes``) that name one of ours. Its third value, ``generic``, has no
+#: equivalent: resilient_db needs to know the driver.
+AWS_DRIVER_CODES = {"mysql-connector-python": "mysql-connector"}
 
 
 def _host_pattern_problem(value: str) -> str | None:
@@ -73,7 +77,9 @@ WRAPPER_DRIVER_DIALECT = choice(
     None,
     DRIVER_CODES,
     "Force the driver dialect instead of recognising it from `target` (for a wrapped or "
-    "renamed connect callable).",
+    "renamed connect callable). The AWS wrapper's value `mysql-connector-python` is accepted "
+    "for `mysql-connector`.",
+    aliases=AWS_DRIVER_CODES,
     aws_name=True,
 )
 CLUSTER_INSTANCE_HOST_PATTERN = text(
@@ -122,6 +128,80 @@ AURORA_MYSQL_LOOKALIKE_SCHEMA = text(
     "the aurora-mysql dialect on that source (verified at connect). Never set it against a "
     "real Aurora cluster.",
     validate=_schema_problem,
+)
+
+# --- reader selection weights (resilient_db/selection.py; failover and initial_connection) ----
+
+
+def _to_weight_pairs(prop: Property[tuple[tuple[str, int], ...]], value: object,
+                     ) -> tuple[tuple[str, int], ...]:
+    """``'<host>:<weight>,...'`` (or a mapping of host to weight) as ``((host, weight), ...)``;
+    weights are whole numbers >= 1, as in the AWS wrapper."""
+    expected = ("comma-separated '<host>:<weight>' pairs with a host name or instance id and "
+                "a whole-number weight >= 1, e.g. 'instance-1:3,instance-2:1'")
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            host, sep, weight = part.strip().rpartition(":")
+            if not sep:
+                raise prop.fail(value, f"{expected} ({part.strip()!r} has no ':')")
+            items.append((host.strip(), weight.strip()))
+    else:
+        raise prop.fail(value, expected)
+    pairs: dict[str, int] = {}
+    for host, weight in items:
+        if not host or any(ch.isspace() or ch in "/?#:" for ch in host):
+            raise prop.fail(value, f"{expected} (bad host {host!r})")
+        try:
+            number = int(str(weight))
+        except ValueError:
+            number = 0
+        if number < 1 or isinstance(weight, bool):
+            raise prop.fail(value, f"{expected} (bad weight {weight!r} for {host!r})")
+        if host.lower() in pairs:
+            raise prop.fail(value, f"{expected} ({host!r} is listed twice)")
+        pairs[host.lower()] = number
+    return tuple(pairs.items())
+
+
+def _weight_pairs(name: str, description: str) -> Property[tuple[tuple[str, int], ...]]:
+    return _register(Property(name, "host:weight list", (), description, _to_weight_pairs,
+                              aws_name=True))
+
+
+ROUND_ROBIN_HOST_WEIGHT_PAIRS = _weight_pairs(
+    "round_robin_host_weight_pairs",
+    "Weights of the `round_robin` reader selection strategy: `<host>:<weight>` pairs "
+    "(comma-separated; a host by host name or instance id; whole-number weights >= 1). A "
+    "host of weight w gets w consecutive turns.",
+)
+ROUND_ROBIN_DEFAULT_WEIGHT = integer(
+    "round_robin_default_weight",
+    1,
+    "`round_robin` weight of every host `round_robin_host_weight_pairs` does not name.",
+    minimum=1,
+    aws_name=True,
+)
+WEIGHTED_RANDOM_HOST_WEIGHT_PAIRS = _weight_pairs(
+    "weighted_random_host_weight_pairs",
+    "Weights of the `weighted_random` strategy (chosen at random in proportion to weight) and "
+    "of `highest_weight` (the heaviest host; AWS's `highest_weight` has no weight property "
+    "of its own): `<host>:<weight>` pairs as for `round_robin_host_weight_pairs`. Both "
+    "strategies refuse to run without it, since equal weights would make them random.",
+)
+WEIGHTED_RANDOM_DEFAULT_WEIGHT = integer(
+    "weighted_random_default_weight",
+    1,
+    "`weighted_random`/`highest_weight` weight of every host "
+    "`weighted_random_host_weight_pairs` does not name.",
+    minimum=1,
+    aws_name=True,
 )
 
 # --- execute_time plugin ---------------------------------------------------------------------
@@ -214,7 +294,9 @@ FAILOVER_READER_HOST_SELECTOR_STRATEGY = choice(
     "failover_reader_host_selector_strategy",
     "random",
     READER_STRATEGIES,
-    "How failover in a reader mode picks the reader to try first.",
+    "How failover in a reader mode picks the reader to try first (docs/plugins.md, reader "
+    "selection strategies: the weighted ones need `weighted_random_host_weight_pairs`; "
+    "`fastest_response` is refused until its plugin lands).",
     plugin="failover",
     aws_name=True,
 )
@@ -297,7 +379,7 @@ INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY = choice(
     READER_STRATEGIES,
     "How `initial_connection` picks the reader to connect to when a reader is wanted (reader "
     "endpoint) and the cluster's topology is known, or when the instance DNS gave is not a "
-    "reader.",
+    "reader (docs/plugins.md, reader selection strategies).",
     plugin="initial_connection",
     aws_name=True,
 )

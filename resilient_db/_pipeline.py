@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._decisions import Decision, get_decision_sink
+from ._open_counts import note_opened
 from ._properties import Property, Settings
 
 if TYPE_CHECKING:
@@ -396,7 +397,10 @@ class Pipeline:
 
 
 def _connect_terminal(ctx: ConnectContext) -> Any:
-    return ctx.driver.connect(ctx.target, ctx.args, ctx.settings)
+    raw = ctx.driver.connect(ctx.target, ctx.args, ctx.settings)
+    # Where this physical connection went, for the per-host connection counts.
+    note_opened(raw, ctx.host, ctx.driver.default_port)
+    return raw
 
 
 def _hosts_terminal(ctx: HostsContext) -> tuple[HostSpec, ...]:

@@ -36,19 +36,32 @@ BUILTIN: dict[str, str] = {
     "efm": "resilient_db.plugins.efm:EfmPlugin",
 }
 
-#: Built-in codes announced for later releases: selecting one gives a clear error, not a typo
-#: suggestion.
-PLANNED = frozenset(
-    {"read_write_splitting", "blue_green", "custom_endpoint", "iam", "aws_secrets_manager",
-     "federated_auth", "okta", "limitless", "fastest_response_strategy"}
-)
+#: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
+#: resilient_db plugin yet, and what each does: selecting one gives a clear "known AWS plugin,
+#: not available in this release" error, not a typo suggestion. ``blue_green`` is our code
+#: for AWS's ``bg`` (an alias below).
+PLANNED: dict[str, str] = {
+    "read_write_splitting": "read/write splitting by topology",
+    "srw": "simple read/write splitting through srw_read_endpoint/srw_write_endpoint",
+    "gdb_rw": "read/write splitting for Aurora Global Database",
+    "gdb_failover": "failover for Aurora Global Database",
+    "blue_green": "blue/green deployment switchover",
+    "custom_endpoint": "Aurora custom endpoints",
+    "iam": "IAM database authentication",
+    "aws_secrets_manager": "credentials from AWS Secrets Manager",
+    "federated_auth": "federated (ADFS) authentication",
+    "okta": "Okta authentication",
+    "limitless": "Aurora Limitless transaction routers",
+    "fastest_response_strategy": "the fastest_response reader selection strategy",
+}
 
-#: AWS Advanced Python Wrapper codes accepted as aliases (documented in docs/plugins.md).
+#: AWS Advanced Python Wrapper codes accepted as aliases (documented in docs/plugins.md). AWS's
+#: ``srw`` is *not* an alias of ``read_write_splitting``: it is a separate plugin that splits
+#: by endpoint, not by topology.
 ALIASES: dict[str, str] = {
     "failover_v2": "failover",
     "host_monitoring": "efm",
     "host_monitoring_v2": "efm",
-    "srw": "read_write_splitting",
     "bg": "blue_green",
 }
 
@@ -71,10 +84,13 @@ CANONICAL_ORDER: tuple[str, ...] = (
     "blue_green",
     # Splitting chooses reader vs writer; failover then keeps that choice alive.
     "read_write_splitting",
+    "srw",
+    "gdb_rw",
     "fastest_response_strategy",
     "limitless",
     # Failover reacts to errors raised by everything inside it, including EFM aborts.
     "failover",
+    "gdb_failover",
     # EFM is inside failover: its abort surfaces as a network error that failover handles.
     "efm",
     # Credentials are innermost among the real plugins: every physical connect (initial,
@@ -87,11 +103,17 @@ CANONICAL_ORDER: tuple[str, ...] = (
     "dev",
 )
 
-#: Used when ``plugins`` is omitted: the AWS Advanced Python Wrapper's default set (its
-#: ``aurora_connection_tracker,failover_v2,host_monitoring_v2``), so a migrating application
-#: keeps the protection it had. On a server without topology (plain PostgreSQL/MySQL) failover
-#: reconnects to the same endpoint and efm still detects a dead host.
-DEFAULT_PLUGINS: tuple[str, ...] = ("aurora_connection_tracker", "failover", "efm")
+#: Used when ``plugins`` is omitted. The AWS Advanced Python Wrapper 3.x's default is
+#: ``initial_connection,aurora_connection_tracker,failover_v2,host_monitoring_v2`` (without
+#: ``host_monitoring_v2`` for mysql-connector, which it cannot monitor); ours is the same set,
+#: for both drivers (efm monitors MySQL too). ``initial_connection`` earns its place: through a
+#: cluster or reader endpoint whose DNS is stale after a failover, a new connection would land
+#: on the demoted writer and fail its first write; it costs one role check (two short
+#: statements) per connect through such an endpoint and nothing elsewhere (dormant). On a
+#: server without topology (plain PostgreSQL/MySQL) failover reconnects to the same endpoint
+#: and efm still detects a dead host.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "initial_connection", "aurora_connection_tracker", "failover", "efm")
 
 _entry_points: dict[str, EntryPoint] | None = None
 
@@ -171,7 +193,7 @@ def resolve(codes: Iterable[PluginSpec], *, auto_sort: bool = True) -> list[type
     order unless ``auto_sort`` is false (then the given order is kept)."""
     classes: list[type[Plugin]] = []
     for item in codes:
-        cls = item if isinstance(item, type) else _load(ALIASES.get(item, item))
+        cls = item if isinstance(item, type) else _load(ALIASES.get(item, item), item)
         if cls not in classes:
             classes.append(cls)
     if auto_sort:
@@ -183,7 +205,8 @@ def resolve(codes: Iterable[PluginSpec], *, auto_sort: bool = True) -> list[type
     return classes
 
 
-def _load(code: str) -> type[Plugin]:
+def _load(code: str, typed: str) -> type[Plugin]:
+    """The plugin class of ``code`` (``typed``: what the user wrote, before alias mapping)."""
     target = BUILTIN.get(code)
     if target is not None:
         module_name, class_name = target.split(":")
@@ -204,12 +227,12 @@ def _load(code: str) -> type[Plugin]:
         return loaded
     if code in PLANNED:
         raise ConfigurationError(
-            f"plugin {code!r} is not available in this release of resilient_db; available: "
-            f"{', '.join(sorted(available()))}",
+            f"plugin {typed!r}: known AWS plugin ({PLANNED[code]}), not available in this "
+            f"release of resilient_db; available: {', '.join(sorted(available()))}",
             parameter="plugins",
             value=code,
         )
-    candidates = sorted(set(available()) | PLANNED | set(ALIASES))
+    candidates = sorted(set(available()) | set(PLANNED) | set(ALIASES))
     close = difflib.get_close_matches(code, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigurationError(

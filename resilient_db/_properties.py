@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from ._aws_properties import aws_unsupported
 from ._conninfo import REDACTED
 from .errors import ConfigurationError
 
@@ -280,9 +281,13 @@ def text(
 
 
 def choice(
-    name: str, default: str | None, choices: Iterable[str], description: str, **kw: Any
+    name: str, default: str | None, choices: Iterable[str], description: str, *,
+    aliases: Mapping[str, str] | None = None, **kw: Any
 ) -> Property[str | None]:
+    """One of ``choices`` (case-insensitive, ``-`` or ``_``). ``aliases`` maps other accepted
+    spellings (the AWS wrapper's values) to one of ``choices``."""
     options = tuple(choices)
+    other = {a.replace("_", "-"): target for a, target in (aliases or {}).items()}
 
     def convert(prop: Property[str | None], value: object) -> str | None:
         if value is None:
@@ -293,6 +298,8 @@ def choice(
         for option in options:
             if option.replace("_", "-") == low:
                 return option
+        if low in other:
+            return other[low]
         hint = _suggest(low, options)
         raise prop.fail(value, f"one of {', '.join(options)}{hint}")
 
@@ -352,7 +359,18 @@ def unknown_name_error(
     """The error for a name that is neither ours nor the driver's, with a suggestion.
 
     ``renames`` maps other drivers' names to this driver's (``database`` -> ``dbname``).
+    A property of the AWS wrapper that resilient_db does not implement yet gets an error
+    saying so (and naming its plugin), not a typo suggestion.
     """
+    owner = aws_unsupported(name)
+    if owner is not None:
+        return ConfigurationError(
+            f"known AWS property {name!r} ({owner}), not supported yet by resilient_db: remove "
+            "it from the connection settings. docs/parameters.md lists the AWS properties "
+            "resilient_db implements and the ones it does not yet.",
+            parameter=name,
+            value=value,
+        )
     if renames and name in renames:
         hint = f" (did you mean {renames[name]!r}? {driver} calls it that)"
     else:

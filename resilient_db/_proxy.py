@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._open_counts import Seat, address_for
 from ._pipeline import (
     Call,
     Chains,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 _OWN_CONNECTION_ATTRS = frozenset(
     {"_raw", "_driver", "_pipeline", "_chains", "_host", "_session", "_closed_by_us",
-     "_cursors", "__weakref__"}
+     "_cursors", "_seat", "__weakref__"}
 )
 
 # Enum member lookups cost ~0.2 µs each on Python 3.11: the hot paths (here and in the driver
@@ -62,7 +63,7 @@ class ConnectionProxy:
     """
 
     __slots__ = ("__weakref__", "_chains", "_closed_by_us", "_cursors", "_driver", "_host",
-                 "_pipeline", "_raw", "_session")
+                 "_pipeline", "_raw", "_seat", "_session")
     _raw: Any
     _driver: DriverDialect
     _pipeline: Pipeline
@@ -71,6 +72,7 @@ class ConnectionProxy:
     _session: dict[str, Any]
     _closed_by_us: bool
     _cursors: weakref.WeakSet[CursorProxy]
+    _seat: Seat
 
     def __init__(
         self, raw: Any, driver: DriverDialect, pipeline: Pipeline, host: HostSpec
@@ -85,6 +87,9 @@ class ConnectionProxy:
         object.__setattr__(self, "_closed_by_us", False)
         # Live cursor proxies, rebound lazily after the physical connection is replaced.
         object.__setattr__(self, "_cursors", weakref.WeakSet())
+        # This connection in the process-wide per-host counts (least_connections), until it is
+        # closed or collected.
+        object.__setattr__(self, "_seat", Seat(address_for(raw, host, driver.default_port)))
 
     # --- resilient_db surface -----------------------------------------------------------------
     @property
@@ -158,7 +163,10 @@ class ConnectionProxy:
 
     def close(self) -> None:
         object.__setattr__(self, "_closed_by_us", True)
-        self._call(_CLOSE, "Connection.close", self._raw.close)
+        try:
+            self._call(_CLOSE, "Connection.close", self._raw.close)
+        finally:
+            self._seat.release()
 
     def __enter__(self) -> ConnectionProxy:
         self._raw.__enter__()
@@ -171,7 +179,11 @@ class ConnectionProxy:
         tb: TracebackType | None,
     ) -> Any:
         object.__setattr__(self, "_closed_by_us", True)
-        return self._call(_CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc, tb)
+        try:
+            return self._call(_CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc,
+                              tb)
+        finally:
+            self._seat.release()
 
     def __repr__(self) -> str:
         plugins = ",".join(p.code for p in self._pipeline.plugins) or "none"
@@ -226,6 +238,7 @@ class ResilientView:
         old = proxy._host
         object.__setattr__(proxy, "_raw", raw)
         object.__setattr__(proxy, "_host", host)
+        proxy._seat.move(address_for(raw, host, proxy._driver.default_port))
         for cursor in list(proxy._cursors):
             cursor._mark_stale()
         proxy._pipeline.notify_connection_changed(ConnectionChanged(old, host, reason))

@@ -8,7 +8,13 @@ strategies are pure given their context, and tests seed the generator.
 
 The names are the AWS Advanced Python Wrapper's (``reader_host_selector_strategy``):
 ``random``, ``round_robin``, ``least_connections``, ``highest_weight``, ``weighted_random``,
-``fastest_response``. :func:`strategy_from_name` turns a name into a strategy.
+``fastest_response``. :func:`strategy_from_name` turns a name into a strategy, and
+:func:`configured` a name and the connection's settings into a strategy and its weights.
+No strategy silently degrades to random: ``least_connections`` reads the process-wide open
+connection counts (``resilient_db._open_counts``), the weighted strategies read the AWS
+``*_host_weight_pairs`` properties (and refuse to run without them where equal weights would
+make them random), and ``fastest_response`` is refused until the plugin that measures response
+times lands.
 
 Replica lag is handled once, outside the strategies, by :func:`within_lag` (and
 :func:`choose`, which records the choice as a decision value).
@@ -24,6 +30,13 @@ from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 from ._decisions import Decision
+from ._params import (
+    ROUND_ROBIN_DEFAULT_WEIGHT,
+    ROUND_ROBIN_HOST_WEIGHT_PAIRS,
+    WEIGHTED_RANDOM_DEFAULT_WEIGHT,
+    WEIGHTED_RANDOM_HOST_WEIGHT_PAIRS,
+)
+from ._properties import Settings
 from .errors import ConfigurationError
 from .hosts import Host
 
@@ -31,6 +44,7 @@ __all__ = [
     "STRATEGY_NAMES",
     "FastestResponse",
     "HighestWeight",
+    "HostWeights",
     "LeastConnections",
     "Random",
     "ReaderChoice",
@@ -40,6 +54,7 @@ __all__ = [
     "Strategy",
     "WeightedRandom",
     "choose",
+    "configured",
     "strategy_from_name",
     "within_lag",
 ]
@@ -59,14 +74,15 @@ class RoundRobinCursor:
         self._last: str | None = None
         self._turns = 0
 
-    def advance(self, candidates: Sequence[Host]) -> Host:
+    def advance(self, candidates: Sequence[Host],
+                weight: Callable[[Host], float] = lambda h: h.weight) -> Host:
         """The next host in address order after the last one chosen (wrapping round); a host
-        of weight ``w`` gets ``max(1, int(w))`` consecutive turns. Hosts that joined or left
-        since the last call are simply in or out of the cycle."""
+        of weight ``w`` (``weight(host)``) gets ``max(1, int(w))`` consecutive turns. Hosts
+        that joined or left since the last call are simply in or out of the cycle."""
         ring = sorted(candidates, key=lambda h: h.address)
         with self._lock:
             current = next((h for h in ring if h.address == self._last), None)
-            if current is not None and self._turns < max(1, int(current.weight)):
+            if current is not None and self._turns < max(1, int(weight(current))):
                 self._turns += 1
                 return current
             last = self._last
@@ -83,14 +99,36 @@ class RoundRobinCursor:
 
 
 @dataclass(frozen=True)
+class HostWeights:
+    """Selection weights from a ``<host>:<weight>`` list (the AWS wrapper's
+    ``round_robin_host_weight_pairs`` / ``weighted_random_host_weight_pairs``). A pair names a
+    host by its host name or by its instance id (case-insensitive); every host no pair names
+    weighs ``default``."""
+
+    pairs: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    default: int = 1
+
+    @classmethod
+    def of_pairs(cls, pairs: Sequence[tuple[str, int]], default: int) -> HostWeights:
+        return cls(MappingProxyType({name.lower(): w for name, w in pairs}), default)
+
+    def weight(self, host: Host) -> float:
+        found = self.pairs.get(host.host.lower())
+        if found is None and host.instance_id is not None:
+            found = self.pairs.get(host.instance_id.lower())
+        return float(self.default if found is None else found)
+
+
+@dataclass(frozen=True)
 class SelectionContext:
     """What a strategy may look at besides the candidates.
 
     ``rng``: the random generator (seed it in tests). ``now``: the injected clock (monotonic
     seconds). ``cursor``: the round-robin state (``None``: round robin is not in use).
-    ``connections``: open connections per address (absent: 0). ``response_times``: per
-    address, ``(seconds, measured_at)`` from the fastest-response monitor (absent: not
-    measured).
+    ``connections``: open application connections per address, process-wide (absent: 0).
+    ``response_times``: per address, ``(seconds, measured_at)`` from the fastest-response
+    monitor (absent: not measured). ``weights``: the configured weights (``None``: each
+    host's own ``Host.weight``).
     """
 
     rng: random.Random = field(default_factory=random.Random)
@@ -98,6 +136,11 @@ class SelectionContext:
     cursor: RoundRobinCursor | None = None
     connections: Mapping[str, int] = field(default_factory=lambda: _NO_COUNTS)
     response_times: Mapping[str, tuple[float, float]] = field(default_factory=lambda: _NO_TIMES)
+    weights: HostWeights | None = None
+
+    def weight(self, host: Host) -> float:
+        """``host``'s selection weight."""
+        return host.weight if self.weights is None else self.weights.weight(host)
 
 
 class Strategy(Protocol):
@@ -146,7 +189,7 @@ class RoundRobin:
             return None
         if ctx.cursor is None:
             raise ValueError("round_robin needs a RoundRobinCursor in SelectionContext.cursor")
-        return ctx.cursor.advance(candidates)
+        return ctx.cursor.advance(candidates, ctx.weight)
 
 
 @dataclass(frozen=True)
@@ -161,12 +204,12 @@ class LeastConnections:
 
 @dataclass(frozen=True)
 class HighestWeight:
-    """The host with the highest weight."""
+    """The host with the highest weight (``ctx.weight``; ties at random)."""
 
     name: ClassVar[str] = "highest_weight"
 
     def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
-        return _best(candidates, lambda h: -h.weight, ctx)
+        return _best(candidates, lambda h: -ctx.weight(h), ctx)
 
 
 @dataclass(frozen=True)
@@ -178,7 +221,7 @@ class WeightedRandom:
     def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
         if not candidates:
             return None
-        weights = [h.weight for h in candidates]
+        weights = [ctx.weight(h) for h in candidates]
         if sum(weights) <= 0:
             return ctx.rng.choice(list(candidates))
         return ctx.rng.choices(list(candidates), weights=weights)[0]
@@ -216,6 +259,16 @@ def strategy_from_name(name: str, *, parameter: str = "reader_host_selector_stra
     """The strategy called ``name`` (case-insensitive, ``-`` or ``_``); a
     ``ConfigurationError`` naming ``parameter`` and the valid names otherwise."""
     key = name.strip().lower().replace("-", "_")
+    if key == FastestResponse.name:
+        # The strategy itself is here (pure, tested); what it needs, response times measured
+        # per host in the background, comes with the plugin. Without them it would be random.
+        raise ConfigurationError(
+            f"{parameter}: strategy 'fastest_response' needs the fastest_response_strategy "
+            "plugin (it measures each host's response time), which is planned but not in this "
+            "release; use least_connections, round_robin or random",
+            parameter=parameter,
+            value=name,
+        )
     factory = _STRATEGIES.get(key)
     if factory is None:
         raise ConfigurationError(
@@ -225,6 +278,42 @@ def strategy_from_name(name: str, *, parameter: str = "reader_host_selector_stra
             value=name,
         )
     return factory()
+
+
+#: Strategies whose weights come from ``weighted_random_host_weight_pairs``: without the pairs
+#: every host weighs the same and the choice would be random in disguise. (AWS's own
+#: highest_weight reads a host weight its topology sets to one value for every instance; it
+#: has no weight property of its own, so it shares weighted_random's.)
+_NEEDS_PAIRS = frozenset({WeightedRandom.name, HighestWeight.name})
+
+
+def configured(name: str, settings: Settings, *, parameter: str,
+               ) -> tuple[Strategy, HostWeights | None]:
+    """The strategy ``name`` and the weights it reads from ``settings``; a
+    ``ConfigurationError`` naming ``parameter`` for an unknown name, for ``fastest_response``
+    and for a weighted strategy without weights.
+
+    ``round_robin``: ``round_robin_host_weight_pairs`` / ``round_robin_default_weight``
+    (consecutive turns). ``weighted_random`` and ``highest_weight``:
+    ``weighted_random_host_weight_pairs`` / ``weighted_random_default_weight``."""
+    strategy = strategy_from_name(name, parameter=parameter)
+    if strategy.name == RoundRobin.name:
+        rr_pairs: tuple[tuple[str, int], ...] = settings[ROUND_ROBIN_HOST_WEIGHT_PAIRS]
+        return strategy, HostWeights.of_pairs(rr_pairs, settings[ROUND_ROBIN_DEFAULT_WEIGHT] or 1)
+    if strategy.name in _NEEDS_PAIRS:
+        pairs: tuple[tuple[str, int], ...] = settings[WEIGHTED_RANDOM_HOST_WEIGHT_PAIRS]
+        if not pairs:
+            pairs_name = WEIGHTED_RANDOM_HOST_WEIGHT_PAIRS.name
+            raise ConfigurationError(
+                f"{parameter}: strategy {strategy.name!r} needs weights: set {pairs_name} "
+                "('<host>:<weight>,...', e.g. 'instance-1:3,instance-2:1'); without them "
+                "every reader weighs the same and the choice would be plain random (use "
+                "'random' for that)",
+                parameter=parameter,
+                value=name,
+            )
+        return strategy, HostWeights.of_pairs(pairs, settings[WEIGHTED_RANDOM_DEFAULT_WEIGHT] or 1)
+    return strategy, None
 
 
 # --- replica lag and the recorded choice -------------------------------------------------

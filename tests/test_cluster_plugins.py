@@ -14,6 +14,7 @@ import itertools
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -417,6 +418,34 @@ def test_initial_connection_reader_endpoint_lands_on_a_reader(
 
 
 @pytest.mark.real_server
+def test_initial_connection_least_connections_balances_the_readers(env: Env) -> None:
+    """least_connections counts every open application connection of the process per
+    instance (whatever its plugins): new reader connections go to the least busy reader."""
+    cluster = env.cluster
+    readers = {r.id for r in cluster.readers}
+    seed = env.connect(cluster.reader_endpoint, plugins="failover")
+    monitor = failover_of(seed).monitor()
+
+    def known() -> bool:
+        snapshot = monitor.snapshot
+        return snapshot is not None and len(snapshot.readers) == len(readers)
+
+    wait_until("the topology known", known)
+    busy = cluster.readers[0]
+    pinned = [env.connect(busy.endpoint, plugins="") for _ in range(6)]
+    assert {env.instance(c) for c in pinned} == {busy.id}
+    landed = [env.instance(env.connect(
+        cluster.reader_endpoint, plugins="initial_connection",
+        initial_connection_host_selector_strategy="least_connections")) for _ in range(10)]
+    # The first six avoid the busy reader (random would hit it half the time); then the
+    # readers take turns, so the totals end up even.
+    assert busy.id not in landed[:6], landed
+    totals = Counter(landed) + Counter({busy.id: len(pinned)})
+    assert set(totals) <= readers
+    assert max(totals[r] for r in readers) - min(totals[r] for r in readers) <= 1, totals
+
+
+@pytest.mark.real_server
 def test_initial_connection_reader_endpoint_falls_back_to_the_writer(
         env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
@@ -668,6 +697,12 @@ def test_codes_are_built_in_and_ordered() -> None:
     ("open_connection_retry_interval_ms", -5),
     ("open_connection_retry_interval_ms", 0),
     ("open_connection_retry_timeout_ms", "soon"),
+    ("initial_connection_host_selector_strategy", "fastest_response"),
+    ("initial_connection_host_selector_strategy", "highest_weight"),
+    ("initial_connection_host_selector_strategy", "weighted_random"),
+    ("weighted_random_host_weight_pairs", "instance-1:0"),
+    ("round_robin_host_weight_pairs", "instance-1"),
+    ("round_robin_default_weight", 0),
 ])
 def test_bad_input_names_the_parameter(name: str, value: object) -> None:
     kwargs: dict[str, Any] = {name: value}
@@ -676,6 +711,16 @@ def test_bad_input_names_the_parameter(name: str, value: object) -> None:
                              host="db.cluster-abc123.us-east-1.rds.amazonaws.com", **kwargs)
     assert info.value.parameter == name
     assert name in str(info.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("strategy", ["fastest_response", "highest_weight", "weighted_random"])
+def test_failover_refuses_a_strategy_that_would_act_as_random(strategy: str) -> None:
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.connect(psycopg.Connection.connect, plugins="failover",
+                             host="db.cluster-abc123.us-east-1.rds.amazonaws.com",
+                             failover_reader_host_selector_strategy=strategy)
+    assert info.value.parameter == "failover_reader_host_selector_strategy"
 
 
 @pytest.mark.unit

@@ -85,7 +85,8 @@ def test_typed_driver_arguments_from_strings(backend: Backend) -> None:
 
 def test_plugins_selection_forms(backend: Backend) -> None:
     default = backend.connect(plugins=None)
-    assert default.resilient.plugins == ("aurora_connection_tracker", "failover", "efm")
+    assert default.resilient.plugins == (
+        "initial_connection", "aurora_connection_tracker", "failover", "efm")
     default.close()
     assert backend.connect(plugins="").resilient.plugins == ()
     assert backend.connect(plugins=[]).resilient.plugins == ()
@@ -210,6 +211,26 @@ def test_wrapped_target_with_forced_driver(pg_backend: Backend) -> None:
     conn = resilient_db.connect(my_connect, wrapper_driver_dialect="psycopg", **pg_backend.kwargs)
     assert _one(conn) == 1
     conn.close()
+
+
+def test_forced_driver_accepts_the_aws_value(mysql_backend: Backend) -> None:
+    # The AWS wrapper calls the driver "mysql-connector-python"; a migrating application keeps
+    # its setting.
+    def my_connect(**kwargs: Any) -> Any:
+        return mysql.connector.connect(**kwargs)
+
+    conn = resilient_db.connect(my_connect, wrapper_driver_dialect="mysql-connector-python",
+                                plugins="", **mysql_backend.kwargs)
+    assert _one(conn) == 1
+    assert conn.resilient.pipeline.ctx.driver.code == "mysql-connector"
+    conn.close()
+
+
+def test_known_aws_property_not_supported_yet() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.connect(psycopg.Connection.connect, "host=x", iam_region="us-east-1")
+    assert "known AWS property 'iam_region' (iam), not supported yet" in str(info.value)
+    assert info.value.parameter == "iam_region"
 
 
 def _closed_port() -> int:

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.unit
 class FakeDriver:
     """Just enough driver for the connect terminal."""
 
+    default_port = 5432
+
     def connect(self, target: Any, args: dict[str, Any], settings: Any = None) -> Any:
         return target(**args)
 
@@ -180,9 +182,39 @@ def test_unknown_plugin_suggests() -> None:
     assert info.value.parameter == "plugins"
 
 
-def test_planned_plugin_is_a_clear_error() -> None:
-    with pytest.raises(ConfigurationError, match="not available in this release"):
-        registry.resolve(["bg"])  # alias of a plugin that has not landed yet
+@pytest.mark.parametrize("code", [
+    "srw", "read_write_splitting", "gdb_rw", "custom_endpoint", "bg", "limitless", "iam",
+    "aws_secrets_manager", "federated_auth", "okta", "fastest_response_strategy",
+    "gdb_failover",
+])
+def test_planned_aws_plugin_is_a_clear_error(code: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        registry.resolve([code])
+    message = str(info.value)
+    assert f"plugin {code!r}: known AWS plugin" in message
+    assert "not available in this release" in message
+    assert info.value.parameter == "plugins"
+
+
+def test_srw_is_not_read_write_splitting() -> None:
+    # AWS's srw splits by the endpoints the user names, read_write_splitting by topology:
+    # two plugins, so srw must not stand in for the other.
+    assert "srw" not in registry.ALIASES
+    with pytest.raises(ConfigurationError, match="srw_read_endpoint"):
+        registry.resolve(["srw"])
+
+
+def test_every_aws_plugin_code_is_known() -> None:
+    aws = pytest.importorskip("aws_advanced_python_wrapper.plugin_service")
+    for code in aws.PluginManager.PLUGIN_FACTORIES:
+        assert code in registry.BUILTIN or code in registry.ALIASES or code in registry.PLANNED, \
+            code
+
+
+def test_default_plugins_are_the_aws_default_set() -> None:
+    properties = pytest.importorskip("aws_advanced_python_wrapper.utils.properties")
+    aws = properties.WrapperProperties.DEFAULT_PLUGINS.split(",")
+    assert [registry.ALIASES.get(c, c) for c in aws] == list(registry.DEFAULT_PLUGINS)
 
 
 @pytest.fixture

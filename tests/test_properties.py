@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from resilient_db import ConfigurationError, _docs, _params
+from resilient_db._aws_properties import AWS_UNSUPPORTED
 from resilient_db._properties import REGISTRY, Settings, duration, parse_bool, unknown_name_error
 
 pytestmark = pytest.mark.unit
@@ -71,6 +72,31 @@ def test_choice_normalises_case_and_underscores() -> None:
     assert _params.WRAPPER_DRIVER_DIALECT.parse("mysql_connector") == "mysql-connector"
 
 
+def test_driver_dialect_accepts_aws_values() -> None:
+    prop = _params.WRAPPER_DRIVER_DIALECT
+    assert prop.parse("mysql-connector-python") == "mysql-connector"
+    assert prop.parse("mysql_connector_python") == "mysql-connector"
+    assert prop.parse("mysql-connector") == "mysql-connector"
+    assert prop.parse("psycopg") == "psycopg"
+    with pytest.raises(ConfigurationError, match="wrapper_driver_dialect"):
+        prop.parse("generic")
+
+
+def test_weight_pairs_parse_like_the_aws_wrapper() -> None:
+    prop = _params.WEIGHTED_RANDOM_HOST_WEIGHT_PAIRS
+    assert prop.parse("Instance-1:3, instance-2.abc.rds.amazonaws.com:1,") == (
+        ("instance-1", 3), ("instance-2.abc.rds.amazonaws.com", 1))
+    assert prop.parse({"instance-1": 2}) == (("instance-1", 2),)
+    assert prop.parse("") == ()
+    for bad in ("instance-1", "instance-1:0", "instance-1:x", "instance-1:1.5", ":3",
+                "a:1,A:2", "a b:1"):
+        with pytest.raises(ConfigurationError, match="weighted_random_host_weight_pairs") as info:
+            prop.parse(bad)
+        assert "'<host>:<weight>'" in str(info.value)
+    with pytest.raises(ConfigurationError, match="round_robin_default_weight"):
+        _params.ROUND_ROBIN_DEFAULT_WEIGHT.parse(0)
+
+
 def test_choice_suggests_close_match() -> None:
     with pytest.raises(ConfigurationError) as info:
         _params.WRAPPER_DIALECT.parse("aurora-pq")
@@ -104,6 +130,32 @@ def test_settings_default_and_explicit() -> None:
     assert settings[_params.AUTO_SORT_PLUGINS] is True
     assert settings.explicit(_params.CONNECT_TIMEOUT)
     assert not settings.explicit(_params.AUTO_SORT_PLUGINS)
+
+
+@pytest.mark.parametrize(("name", "owner"), [
+    ("iam_region", "iam"), ("srw_read_endpoint", "srw"), ("bg_id", "bg"),
+    ("secrets_manager_secret_id", "aws_secrets_manager"),
+    ("reader_host_selector_strategy", "read_write_splitting"),
+    ("monitoring-connect_timeout", "properties of efm's monitoring connections"),
+])
+def test_known_aws_property_is_not_called_unknown(name: str, owner: str) -> None:
+    err = unknown_name_error(name, "x", ["dbname", "host"], "psycopg")
+    assert f"known AWS property {name!r} ({owner}" in str(err)
+    assert "not supported yet" in str(err)
+    assert "unknown" not in str(err) and "did you mean" not in str(err)
+    assert err.parameter == name
+
+
+def test_aws_property_table_is_complete_and_disjoint_from_ours() -> None:
+    aws = pytest.importorskip("aws_advanced_python_wrapper.utils.properties")
+    names = {p.name for p in vars(aws.WrapperProperties).values()
+             if isinstance(p, aws.WrapperProperty)}
+    # Not ours to declare: the plugin list and the driver's own connect parameters.
+    handled_elsewhere = {"plugins", "user", "password", "database"}
+    missing = names - set(REGISTRY) - set(AWS_UNSUPPORTED) - handled_elsewhere
+    assert not missing, f"AWS properties neither implemented nor listed: {sorted(missing)}"
+    assert not set(AWS_UNSUPPORTED) & set(REGISTRY)
+    assert not set(AWS_UNSUPPORTED) - names, "listed but not an AWS property"
 
 
 def test_unknown_name_suggests_our_or_driver_name() -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from resilient_db._properties import REGISTRY, Settings
 from resilient_db.errors import ConfigurationError
 from resilient_db.hosts import Host, Role
 from resilient_db.selection import (
@@ -25,6 +26,7 @@ from resilient_db.selection import (
     Strategy,
     WeightedRandom,
     choose,
+    configured,
     strategy_from_name,
     within_lag,
 )
@@ -122,7 +124,7 @@ def test_fastest_response_ignores_stale_and_missing_measurements() -> None:
     assert unmeasured == {A, B}
 
 
-@pytest.mark.parametrize("name", STRATEGY_NAMES)
+@pytest.mark.parametrize("name", [n for n in STRATEGY_NAMES if n != "fastest_response"])
 def test_strategy_from_name(name: str) -> None:
     assert strategy_from_name(name).name == name
     assert strategy_from_name(f" {name.upper().replace('_', '-')} ").name == name
@@ -136,6 +138,73 @@ def test_strategy_from_name_names_the_valid_ones() -> None:
     for name in ("random", "round_robin", "least_connections", "highest_weight",
                  "weighted_random", "fastest_response"):
         assert name in str(info.value)
+
+
+def test_fastest_response_is_refused_until_its_plugin_lands() -> None:
+    # Without measured response times it would pick at random: refused, with the reason.
+    with pytest.raises(ConfigurationError) as info:
+        strategy_from_name("fastest_response", parameter="failover_reader_host_selector_strategy")
+    assert info.value.parameter == "failover_reader_host_selector_strategy"
+    assert "fastest_response_strategy plugin" in str(info.value)
+    assert "planned" in str(info.value)
+
+
+# --- configured strategies: weights from the AWS properties --------------------------------
+
+
+def settings(**values: object) -> Settings:
+    return Settings({REGISTRY[k]: REGISTRY[k].parse(v) for k, v in values.items()})
+
+
+@pytest.mark.parametrize("name", ["weighted_random", "highest_weight"])
+def test_weighted_strategies_refuse_to_run_without_weights(name: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        configured(name, settings(), parameter="failover_reader_host_selector_strategy")
+    assert info.value.parameter == "failover_reader_host_selector_strategy"
+    assert "weighted_random_host_weight_pairs" in str(info.value)
+    assert "plain random" in str(info.value)
+
+
+def test_highest_weight_reads_the_weight_pairs() -> None:
+    # By host name, or by instance id; hosts not named weigh the default.
+    for pairs in ("b.db:5,c.db:2", "B:5,c:2"):
+        strategy, weights = configured(
+            "highest_weight", settings(weighted_random_host_weight_pairs=pairs),
+            parameter="p")
+        picks = {strategy.select([A, B, C], ctx(seed, weights=weights)) for seed in range(20)}
+        assert picks == {B}
+    strategy, weights = configured(
+        "highest_weight", settings(weighted_random_host_weight_pairs="a:2",
+                                   weighted_random_default_weight=3), parameter="p")
+    picks = {strategy.select([A, B, C], ctx(seed, weights=weights)) for seed in range(30)}
+    assert picks == {B, C}
+
+
+def test_weighted_random_follows_the_weight_pairs() -> None:
+    strategy, weights = configured(
+        "weighted_random", settings(weighted_random_host_weight_pairs="a.db:1,b.db:3"),
+        parameter="p")
+    rng = random.Random(7)
+    counts = Counter(strategy.select([A, B, C], SelectionContext(rng=rng, weights=weights))
+                     for _ in range(5000))
+    # a:1, b:3, c: default 1 -> 20%, 60%, 20%.
+    assert counts[B] / 5000 == pytest.approx(0.6, abs=0.05)
+    assert counts[A] / 5000 == pytest.approx(0.2, abs=0.05)
+
+
+def test_round_robin_reads_its_weight_pairs() -> None:
+    strategy, weights = configured(
+        "round_robin", settings(round_robin_host_weight_pairs="b.db:3"), parameter="p")
+    c = SelectionContext(cursor=RoundRobinCursor(), weights=weights)
+    picks = [strategy.select([A, B, C], c) for _ in range(6)]
+    assert picks == [A, B, B, B, C, A]
+
+
+def test_least_connections_uses_the_counts_it_is_given() -> None:
+    strategy, _ = configured("least_connections", settings(), parameter="p")
+    counts = {A.address: 4, B.address: 1, C.address: 2}
+    assert {strategy.select([A, B, C], ctx(seed, connections=counts))
+            for seed in range(20)} == {B}
 
 
 # --- replica lag --------------------------------------------------------------------------

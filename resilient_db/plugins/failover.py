@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from .. import topology
 from .._decisions import decision_span, get_decision_sink
+from .._open_counts import open_counts
 from .._options import current_options
 from .._params import (
     CLUSTER_ID,
@@ -95,7 +96,7 @@ from ..failover_core import (
 )
 from ..hosts import Host, Role, TopologySnapshot
 from ..rds import classify, cluster_identity
-from ..selection import SelectionContext, strategy_from_name
+from ..selection import SelectionContext, configured
 from ..telemetry.context import suppress_instrumentation
 from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
 
@@ -152,8 +153,8 @@ class FailoverPlugin(Plugin):
         self.timeout = settings[FAILOVER_TIMEOUT]
         self.connect_timeout: float = settings[FAILOVER_READER_CONNECT_TIMEOUT] or 30.0
         self.reconnect_interval: float = settings[FAILOVER_WRITER_RECONNECT_INTERVAL] or 2.0
-        self.strategy = strategy_from_name(
-            settings[FAILOVER_READER_HOST_SELECTOR_STRATEGY] or "random",
+        self.strategy, self.weights = configured(
+            settings[FAILOVER_READER_HOST_SELECTOR_STRATEGY] or "random", settings,
             parameter=FAILOVER_READER_HOST_SELECTOR_STRATEGY.name)
         self.max_lag = settings[MAX_REPLICA_LAG]
         self.cooldown = settings[FAILOVER_HOST_COOLDOWN] or 0.0
@@ -632,7 +633,8 @@ class FailoverPlugin(Plugin):
               remaining: float | None) -> FailoverPlan | None:
         """The hosts to try now; ``None`` when the budget ran out waiting for the monitor."""
         now = time.monotonic()
-        ctx = SelectionContext(rng=monitor.rng, now=now, cursor=monitor.round_robin)
+        ctx = SelectionContext(rng=monitor.rng, now=now, cursor=monitor.round_robin,
+                               connections=open_counts(), weights=self.weights)
         if self.mode is FailoverMode.STRICT_WRITER:
             writer = monitor.wait_for_writer(since, remaining)
             if writer is None:

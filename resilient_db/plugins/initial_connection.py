@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 from .._decisions import get_decision_sink
+from .._open_counts import note_opened, open_counts
 from .._params import (
     INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY,
     MAX_REPLICA_LAG,
@@ -54,7 +55,7 @@ from ..hosts import Host, Role, TopologySnapshot
 from ..rds import EndpointKind, classify
 from ..rds import reader_endpoint as rds_reader_endpoint
 from ..rds import writer_endpoint as rds_writer_endpoint
-from ..selection import ReaderChoice, SelectionContext, Strategy, choose, strategy_from_name
+from ..selection import ReaderChoice, SelectionContext, Strategy, choose, configured
 from ..topology import TopologyMonitor
 from . import _cluster_connect as cc
 
@@ -125,7 +126,8 @@ class InitialConnectionPlugin(Plugin):
                 READER_INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY] is not None:
             prop = READER_INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY
             name = settings[prop]
-        self.strategy = strategy_from_name(name or "random", parameter=prop.name)
+        self.strategy, self.weights = configured(name or "random", settings,
+                                                 parameter=prop.name)
         self.endpoint = classify(ctx.host.host)
         self.wanted = wanted_role(self.endpoint.kind, settings[VERIFY_OPENED_CONNECTION_TYPE])
         self.window = settings[OPEN_CONNECTION_RETRY_TIMEOUT]
@@ -238,6 +240,8 @@ class _Opening:
             if by_name:
                 tried.add(Host(spec.host, spec.port).address)
             if cc.has_role(report, self.wanted):
+                if by_name and report.instance_id is not None:
+                    self._note_instance(raw, report.instance_id, monitor)
                 if fallback is not None:
                     cc.close_quietly(fallback[0])
                 kind = "initial_connection.verified" if via_dns else \
@@ -273,7 +277,8 @@ class _Opening:
             return (writer,) if writer.address not in tried else ()
         now = time.monotonic()
         rng = monitor.rng if monitor is not None else self.plugin._rng
-        sctx = SelectionContext(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor))
+        sctx = SelectionContext(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor),
+                                connections=open_counts(), weights=self.plugin.weights)
         cooling = monitor.bad_hosts().cooling(now) if monitor is not None else frozenset()
         hosts, choice = candidates(self.wanted, snapshot, self.plugin.strategy, sctx,
                                    max_lag=self.plugin.max_lag, exclude=frozenset(tried),
@@ -281,6 +286,20 @@ class _Opening:
         if choice is not None and choice.host is not None:
             get_decision_sink().record(choice.to_decision())
         return hosts
+
+    def _note_instance(self, raw: Any, instance_id: str, monitor: TopologyMonitor | None,
+                       ) -> None:
+        """Count a connection made through an endpoint name on the instance it reached (the
+        per-host counts of ``least_connections``), when that instance's address is known."""
+        snapshot = monitor.snapshot if monitor is not None else None
+        listed = snapshot.by_instance(instance_id) if snapshot is not None else None
+        default_port = self.ctx.driver.default_port
+        if listed is not None:
+            note_opened(raw, listed.spec, default_port)
+        elif self.addressing.pattern is not None:
+            host, port = self.addressing.pattern.expand(instance_id)
+            note_opened(raw, HostSpec(host, port if port is not None else
+                                      self.addressing.default_port), default_port)
 
     def _fall_back(self, raw: Any, spec: HostSpec, instance_id: str | None) -> Any:
         """No reader: use the writer reached earlier (again, if another connection was opened

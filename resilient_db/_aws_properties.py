@@ -1,0 +1,124 @@
+"""AWS Advanced Python Wrapper property names that resilient_db does not implement yet.
+
+A migrating application may pass any of the AWS wrapper's properties. The ones resilient_db
+implements are in the property registry (``_params``) under the same name; the ones below
+belong to AWS plugins or features that have not landed here. Setting one is still an error
+(silently ignoring, say, ``iam_region`` would connect without IAM), but the error says
+"known AWS property, not supported yet" and names its plugin instead of guessing a typo.
+
+Collected from ``aws_advanced_python_wrapper.utils.properties.WrapperProperties`` (3.1); a test
+keeps the table complete against the installed AWS wrapper. ``docs/parameters.md`` lists it
+(generated).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AWS_PREFIXES", "AWS_UNSUPPORTED", "aws_unsupported"]
+
+#: Name -> the AWS plugin (or feature) it belongs to.
+AWS_UNSUPPORTED: dict[str, str] = {
+    # core features of the AWS wrapper
+    "profile_name": "configuration profiles",
+    "transfer_session_state_on_switch": "session state transfer",
+    "reset_session_state_on_close": "session state transfer",
+    "rollback_on_switch": "session state transfer",
+    "auxiliary_query_timeout_sec": "auxiliary queries",
+    "default_host_availability_strategy": "host availability strategy",
+    "host_availability_strategy_max_retries": "host availability strategy",
+    "host_availability_strategy_initial_backoff_time": "host availability strategy",
+    "telemetry_failover_additional_top_trace": "telemetry",
+    # failover / failover_v2 and the topology monitor
+    "failover_cluster_topology_refresh_rate_sec": "failover",
+    "enable_connect_failover": "failover",
+    "monitoring_connection_priority": "failover",
+    # initial_connection
+    "endpoint_substitution_role": "initial_connection",
+    "inactive_cluster_writer_endpoint_substitution_role": "initial_connection",
+    "verify_inactive_cluster_writer_endpoint_connection_type": "initial_connection",
+    "wait_for_initial_topology_ms": "initial_connection",
+    # read/write splitting
+    "reader_host_selector_strategy": "read_write_splitting",
+    "srw_read_endpoint": "srw",
+    "srw_write_endpoint": "srw",
+    "srw_verify_new_connections": "srw",
+    "srw_verify_initial_connection_type": "srw",
+    "srw_connect_retry_timeout_ms": "srw",
+    "srw_connect_retry_interval_ms": "srw",
+    # Aurora Global Database
+    "global_cluster_instance_host_patterns": "gdb_failover",
+    "failover_home_region": "gdb_failover",
+    "active_home_failover_mode": "gdb_failover",
+    "inactive_home_failover_mode": "gdb_failover",
+    "gdb_accessible_regions": "gdb_failover",
+    "gdb_monitoring_connection_priority": "gdb_failover",
+    "gdb_rw_home_region": "gdb_rw",
+    "gdb_rw_restrict_writer_to_home_region": "gdb_rw",
+    "gdb_rw_restrict_reader_to_home_region": "gdb_rw",
+    "gdb_enable_global_write_forwarding": "gdb_rw",
+    # custom endpoints
+    "custom_endpoint_info_refresh_rate_ms": "custom_endpoint",
+    "custom_endpoint_idle_monitor_expiration_ms": "custom_endpoint",
+    "wait_for_custom_endpoint_info": "custom_endpoint",
+    "wait_for_custom_endpoint_info_timeout_ms": "custom_endpoint",
+    # fastest response
+    "response_measurement_interval_ms": "fastest_response_strategy",
+    # authentication
+    "aws_profile": "iam, aws_secrets_manager",
+    "iam_host": "iam",
+    "iam_default_port": "iam",
+    "iam_region": "iam",
+    "iam_expiration": "iam",
+    "secrets_manager_secret_id": "aws_secrets_manager",
+    "secrets_manager_secret_username_key": "aws_secrets_manager",
+    "secrets_manager_secret_password_key": "aws_secrets_manager",
+    "secrets_manager_region": "aws_secrets_manager",
+    "secrets_manager_endpoint": "aws_secrets_manager",
+    "secrets_manager_expiration": "aws_secrets_manager",
+    "idp_endpoint": "federated_auth, okta",
+    "idp_port": "federated_auth, okta",
+    "rp_identifier": "federated_auth",
+    "iam_role_arn": "federated_auth, okta",
+    "iam_idp_arn": "federated_auth, okta",
+    "iam_token_expiration": "federated_auth, okta",
+    "idp_username": "federated_auth, okta",
+    "idp_password": "federated_auth, okta",
+    "http_request_connect_timeout": "federated_auth, okta",
+    "ssl_secure": "federated_auth, okta",
+    "idp_name": "federated_auth",
+    "db_user": "federated_auth, okta",
+    "app_id": "okta",
+    # Limitless
+    "limitless_transaction_router_monitor_disposal_time_ms": "limitless",
+    "limitless_transaction_router_monitor_interval_ms": "limitless",
+    "limitless_wait_for_transaction_router_info": "limitless",
+    "limitless_get_transaction_router_retry_interval_ms": "limitless",
+    "limitless_get_transaction_router_max_retries": "limitless",
+    "limitless_max_retries_ms": "limitless",
+    # blue/green
+    "bg_connect_timeout_ms": "bg",
+    "bg_id": "bg",
+    "bg_interval_baseline_ms": "bg",
+    "bg_interval_increased_ms": "bg",
+    "bg_interval_high_ms": "bg",
+    "bg_switchover_timeout_ms": "bg",
+    "bg_suspend_new_blue_connections": "bg",
+}
+
+#: Prefixes under which the AWS wrapper passes driver properties to its monitoring
+#: connections (``monitoring-connect_timeout``, ...).
+AWS_PREFIXES: dict[str, str] = {
+    "monitoring-": "properties of efm's monitoring connections",
+    "topology-monitoring-": "properties of the topology monitor's connections",
+}
+
+
+def aws_unsupported(name: str) -> str | None:
+    """What the AWS wrapper uses ``name`` for, when it is an AWS property resilient_db does not
+    implement yet; ``None`` otherwise."""
+    owner = AWS_UNSUPPORTED.get(name)
+    if owner is not None:
+        return owner
+    for prefix, owner in AWS_PREFIXES.items():
+        if name.startswith(prefix):
+            return owner
+    return None
