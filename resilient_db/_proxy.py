@@ -157,8 +157,13 @@ class ConnectionProxy:
                                   self))
 
     def close(self) -> None:
+        # Final: from here on every call goes straight to the closed driver connection (its
+        # own "connection is closed" error) and nothing reconnects it (Pipeline.close).
         object.__setattr__(self, "_closed_by_us", True)
-        self._call(_CLOSE, "Connection.close", self._raw.close)
+        try:
+            self._call(_CLOSE, "Connection.close", self._raw.close)
+        finally:
+            self._pipeline.close(self._host)
 
     def __enter__(self) -> ConnectionProxy:
         self._raw.__enter__()
@@ -171,7 +176,11 @@ class ConnectionProxy:
         tb: TracebackType | None,
     ) -> Any:
         object.__setattr__(self, "_closed_by_us", True)
-        return self._call(_CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc, tb)
+        try:
+            return self._call(_CLOSE, "Connection.__exit__", self._raw.__exit__, exc_type, exc,
+                              tb)
+        finally:
+            self._pipeline.close(self._host)
 
     def __repr__(self) -> str:
         plugins = ",".join(p.code for p in self._pipeline.plugins) or "none"

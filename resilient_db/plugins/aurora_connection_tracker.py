@@ -121,6 +121,11 @@ class ConnectionTrackerPlugin(Plugin):
 
     def on_connection_changed(self, event: ConnectionChanged) -> None:
         global _warned
+        if event.reason == "close":
+            with _lock:  # closed by the application: nothing left to move
+                _trackers.discard(self)
+                self._pending = None
+            return
         if event.reason == "connect" and self.failover() is None and not _warned:
             _warned = True
             log.warning("aurora_connection_tracker needs the failover plugin (and "
