@@ -422,3 +422,16 @@ class _Flight:
             timeout=self.timeout, cancelled=self.cancelled and not self.broken, host=host)
         assert isinstance(err, QueryTimeoutError)
         return err
+
+
+def _reset_in_child() -> None:
+    # After fork(): fresh locks (a parent thread may have held them); the parent's stages
+    # belong to connections the child must not use (see _proxy), so they are forgotten.
+    global _lock, _flight_lock, _waiting, _armed_stages
+    _lock = threading.Lock()
+    _flight_lock = threading.Lock()
+    _waiting = weakref.WeakSet()
+    _armed_stages = weakref.WeakSet()
+
+
+_lifecycle.on_fork_child(_reset_in_child)

@@ -8,16 +8,24 @@ and one ``is None`` test. Rows are never wrapped or copied.
 Driver-specific methods (psycopg's ``Connection.execute``/``transaction``/``pipeline`` and
 ``Cursor.copy``/``stream``; mysql-connector's ``cmd_query``/``start_transaction``/...) live in
 the subclasses each driver dialect names.
+
+After ``fork()``, a connection the child inherited is the parent's session: in the child its
+socket is cut off without a word to the server (``DriverDialect.forget``) and every call
+raises ``ForkedConnectionError`` (also the driver's ``OperationalError``), except ``close()``,
+which sends nothing. Checked once, in the child, never on the per-statement path.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _lifecycle
 from ._pipeline import (
+    CLOSED,
     Call,
     Chains,
     ConnectionChanged,
@@ -25,6 +33,7 @@ from ._pipeline import (
     Op,
     Pipeline,
 )
+from .errors import ForkedConnectionError
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
@@ -85,6 +94,7 @@ class ConnectionProxy:
         object.__setattr__(self, "_closed_by_us", False)
         # Live cursor proxies, rebound lazily after the physical connection is replaced.
         object.__setattr__(self, "_cursors", weakref.WeakSet())
+        _live.add(self)
 
     # --- resilient_db surface -----------------------------------------------------------------
     @property
@@ -181,6 +191,32 @@ class ConnectionProxy:
                               tb)
         finally:
             self._pipeline.close(self._host)
+
+    def _inherited(self, parent_pid: int) -> None:
+        """In a child process after ``fork()``: this connection is the parent's session. Cut
+        its socket off (nothing is sent) and make every call raise ``ForkedConnectionError``;
+        ``close()`` is allowed and sends nothing."""
+        pipeline = self._pipeline
+        if pipeline.state is CLOSED:
+            return  # closed before fork(): its calls raise the driver's own error already
+        driver = self._driver
+        driver.forget(self._raw)
+        host = str(self._host)
+
+        def handler(call: Call) -> Any:
+            if call.op is _CLOSE:
+                return None  # a close would end the parent's session: there is nothing to do
+            raise driver.error(
+                ForkedConnectionError,
+                f"the connection is closed in this process: it was opened in process "
+                f"{parent_pid} (to {host}) before fork(), and its session belongs to that "
+                "process. Open a new connection in the child (nothing was sent to the "
+                "server; the parent's session is untouched)",
+                host=host, parent_pid=parent_pid)
+
+        pipeline.fork(handler)
+        for cursor in list(self._cursors):
+            cursor._unbind_fetch()
 
     def __repr__(self) -> str:
         plugins = ",".join(p.code for p in self._pipeline.plugins) or "none"
@@ -324,6 +360,12 @@ class CursorProxy:
             raw.close()
         self._bind(raw)
 
+    def _unbind_fetch(self) -> None:
+        """Route fetches through the chains again (a connection inherited across fork())."""
+        state = self.__dict__
+        for name in _FETCH_METHODS:
+            state.pop(name, None)
+
     def _bound_to(self, raw: Any) -> bool:
         """Whether ``raw`` is (or, before a rebind, was) this proxy's driver cursor."""
         state = self.__dict__
@@ -464,3 +506,20 @@ class PipelinedContext:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cm, name)
+
+
+# Every connection proxy of the process (weakly; adding costs one set insertion per connect),
+# so that a forked child can disarm the ones it inherited (ConnectionProxy._inherited).
+_live: weakref.WeakSet[ConnectionProxy] = weakref.WeakSet()
+_pid = os.getpid()
+
+
+def _reset_in_child() -> None:
+    global _live, _pid
+    parent, _pid = _pid, os.getpid()
+    inherited, _live = list(_live), weakref.WeakSet()
+    for proxy in inherited:
+        proxy._inherited(parent)
+
+
+_lifecycle.on_fork_child(_reset_in_child)

@@ -34,6 +34,7 @@ from .base import DriverDialect, NetworkOptions, TxStatus, set_socket_options
 __all__ = [
     "FailoverFailedError",
     "FailoverSuccessError",
+    "ForkedConnectionError",
     "MysqlConnectorDriver",
     "QueryTimeoutError",
     "TransactionResolutionUnknownError",
@@ -56,6 +57,10 @@ class FailoverFailedError(errors.FailoverFailedError, myerrors.OperationalError)
 
 
 class QueryTimeoutError(errors.QueryTimeoutError, myerrors.OperationalError):
+    __module__ = __name__
+
+
+class ForkedConnectionError(errors.ForkedConnectionError, myerrors.OperationalError):
     __module__ = __name__
 
 
@@ -172,6 +177,7 @@ class MysqlConnectorDriver(DriverDialect):
         errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
         errors.FailoverFailedError: FailoverFailedError,
         errors.QueryTimeoutError: QueryTimeoutError,
+        errors.ForkedConnectionError: ForkedConnectionError,
     }
 
     def __init__(self) -> None:
@@ -273,6 +279,12 @@ class MysqlConnectorDriver(DriverDialect):
     def discard_pending(self, conn: Any, call: Any) -> None:
         if getattr(conn, "unread_result", False):
             conn.consume_results()
+
+    def fileno(self, conn: Any) -> int | None:
+        sock = getattr(getattr(conn, "_socket", None), "sock", None)
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            return None
+        return sock.fileno()
 
     def socket_of(self, conn: Any) -> socket.socket | None:
         holder = getattr(conn, "_socket", None)
