@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Hard limit for one child (a broken child is killed, and the test fails, after this).
 CHILD_TIMEOUT = 120.0
 #: efm settings that make the monitor probe during a statement of a second or more.
-EFM = {"failure_detection_time_ms": 300, "failure_detection_interval_ms": 200,
+EFM: dict[str, Any] = {"failure_detection_time_ms": 300, "failure_detection_interval_ms": 200,
        "failure_detection_count": 3}
 
 
@@ -87,9 +87,9 @@ def in_child(body: Callable[[], dict[str, Any]], timeout: float = CHILD_TIMEOUT)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    result: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
-    assert "crash" not in result, result.get("traceback", result)
-    return result
+    report: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
+    assert "crash" not in report, report.get("traceback", report)
+    return report
 
 
 def session_id(name: str, raw: Any) -> int:
@@ -241,7 +241,7 @@ def test_a_child_never_touches_the_parents_sessions(backend: Backend) -> None:
     app = session_id(backend.name, parent.resilient.raw)
 
     def child() -> dict[str, Any]:
-        errors = []
+        errors: list[list[Any] | None] = []
         for use in (lambda: parent.cursor().execute("SELECT 1"), parent.commit,
                     lambda: run(parent, "SELECT 1")):
             try:
