@@ -354,7 +354,7 @@ class Pipeline:
     ``state`` is :data:`OPEN` until the application closes the connection (:data:`CLOSED`:
     every chain is empty from then on, so calls go straight to the closed driver connection,
     which raises its own "connection is closed" error, and no plugin can reconnect it) or the
-    process forks (:data:`FORKED`, in the child: see ``_fork``)."""
+    process forks (:data:`FORKED`, in the child: see ``ConnectionProxy._inherited``)."""
 
     __slots__ = ("__weakref__", "chains", "connect", "ctx", "forked_handler", "hosts", "inner",
                  "listeners", "may_intercept", "plugins", "state")
@@ -419,7 +419,7 @@ class Pipeline:
 
     def fork(self, handler: Handler) -> None:
         """In a child process after ``fork()``: every op of this (inherited) connection runs
-        ``handler`` instead of the driver call (see ``_fork``)."""
+        ``handler`` instead of the driver call (see ``ConnectionProxy._inherited``)."""
         self.state = FORKED
         self.forked_handler = handler
         self.rebuild()
