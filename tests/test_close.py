@@ -75,7 +75,12 @@ class Env:
 
     def app_sessions(self) -> int:
         """The application user's sessions on every running instance, minus resilient_db's
-        own monitoring sessions where the server can tell them apart (PostgreSQL)."""
+        own monitoring sessions (PostgreSQL: by application name; MariaDB, which cannot tell
+        them apart: by the ids of this process's monitor connections)."""
+        monitors = {m._conn for m in topology.monitors()} | {m._conn for m in
+                                                              efm_monitor.monitors()}
+        ids = (getattr(c, "connection_id", None) for c in monitors)  # mysql-connector's
+        own = {int(ident) for ident in ids if ident is not None}
         total = 0
         for instance in self.cluster.instances.values():
             if instance.role == "stopped":
@@ -88,10 +93,11 @@ class Env:
                         "AND application_name NOT IN (%s, %s)",
                         (self.kwargs()["user"], topology.MONITOR_APPLICATION_NAME,
                          efm_monitor.PROBE_APPLICATION_NAME))
+                    total += int(cur.fetchone()[0])
                 else:
-                    cur.execute("SELECT count(*) FROM information_schema.processlist "
-                                "WHERE user = %s", (self.kwargs()["user"],))
-                total += int(cur.fetchone()[0])
+                    cur.execute("SELECT id FROM information_schema.processlist WHERE user = %s",
+                                (self.kwargs()["user"],))
+                    total += sum(1 for (ident,) in cur.fetchall() if int(ident) not in own)
         return total
 
     def backend_id(self, conn: Any) -> int:
