@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -167,6 +168,46 @@ def test_deadlines_work_in_a_child(backend: Backend) -> None:
     assert result["timeout"], f"the statement deadline did not fire in the child: {result}"
     assert result["elapsed"] < 8.0, result  # a 1 s deadline on a 10 s statement
     assert run(parent, "SELECT 1") == [(1,)]  # and the parent's connection is untouched
+    parent.close()
+
+
+def test_locks_held_by_other_threads_at_fork_time_do_not_block_the_child(
+        backend: Backend) -> None:
+    """A parent thread inside resilient_db at the moment of fork() (here: holding the monitor
+    registries' and the watchdog's locks) does not exist in the child; its locks must not stay
+    held there."""
+    parent = backend.connect(plugins="failover,efm", socket_timeout=5, autocommit=True, **EFM)
+    run(parent, "SELECT 1")
+    locks = [topology._registry.lock, efm_monitor._registry.lock,
+             watchdog.get_watchdog()._lock]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        for lock in locks:
+            lock.acquire()
+        holding.set()
+        release.wait()
+        for lock in reversed(locks):
+            lock.release()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+
+    def child() -> dict[str, Any]:
+        conn = backend.connect(plugins="failover,efm", socket_timeout=5, autocommit=True,
+                               **EFM)
+        rows = run(conn, "SELECT 1")
+        conn.close()
+        resilient_db.shutdown()
+        return {"rows": [list(r) for r in rows]}
+
+    try:
+        result = in_child(child, timeout=60)
+    finally:
+        release.set()
+        holder.join(10)
+    assert result["rows"] == [[1]]
     parent.close()
 
 
