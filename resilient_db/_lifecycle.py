@@ -51,8 +51,10 @@ def _after_fork_in_child() -> None:
             log.warning("resetting %r after fork() failed", reset, exc_info=True)
 
 
-# Registering is neither a thread nor a socket: allowed at import (DESIGN §6).
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# Registering is neither a thread nor a socket: allowed at import (DESIGN §6). Platforms
+# without fork() (Windows) have no register_at_fork.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(name: str, stop: Callable[[], None]) -> None:
