@@ -42,6 +42,7 @@ from .errors import (
     FailoverError,
     FailoverFailedError,
     FailoverSuccessError,
+    ForkedConnectionError,
     QueryTimeoutError,
     TransactionResolutionUnknownError,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "FailoverError",
     "FailoverFailedError",
     "FailoverSuccessError",
+    "ForkedConnectionError",
     "HostChanged",
     "HostSpec",
     "HostsContext",

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _conninfo
+from . import _conninfo, _lifecycle
 from ._deadline import DeadlineStage
 from ._params import (
     AURORA_MYSQL_LOOKALIKE_SCHEMA,
@@ -169,3 +169,11 @@ def _note_inactive(settings: Settings, enabled: set[str]) -> None:
                 continue
             _noted_inactive.add(prop.name)
         log.debug("property %s has no effect: plugin %r is not enabled", prop.name, prop.plugin)
+
+
+def _reset_in_child() -> None:
+    global _noted_lock
+    _noted_lock = threading.Lock()  # another thread may have held it at fork()
+
+
+_lifecycle.on_fork_child(_reset_in_child)

@@ -536,3 +536,16 @@ def _timeout_error(stage: DeadlineStage, proxy: Any, timeout: float, outcome: st
         timeout=timeout, cancelled=cancelled, host=host)
     assert isinstance(err, QueryTimeoutError)
     return err
+
+
+def _reset_in_child() -> None:
+    # After fork(): fresh locks (a parent thread may have held them); the parent's stages
+    # belong to connections the child must not use (see _proxy), so they are forgotten.
+    global _lock, _flight_lock, _waiting, _armed_stages
+    _lock = threading.Lock()
+    _flight_lock = threading.Lock()
+    _waiting = weakref.WeakSet()
+    _armed_stages = weakref.WeakSet()
+
+
+_lifecycle.on_fork_child(_reset_in_child)

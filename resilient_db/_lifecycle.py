@@ -4,12 +4,24 @@ Nothing starts at import. Components that start background work (topology monito
 monitors, the watchdog) register a stop callable here when they first start;
 :func:`shutdown` stops them all, in reverse order of registration, and runs at interpreter exit
 without delaying it (every registered stop must be bounded).
+
+``fork()``: the child inherits the parent's objects but none of its threads, and every socket
+it inherits is shared with the parent (closing a libpq connection sends Terminate, a
+mysql-connector close sends COM_QUIT and shuts the socket down: either ends the *parent's*
+session). So, in the child (``os.register_at_fork(after_in_child=...)``), each component that
+keeps process-wide state resets it through the callable it registered with
+:func:`on_fork_child`: registries start empty with fresh locks (a lock held by a parent thread
+at fork time would stay held forever), inherited monitors are abandoned without a word to the
+server (:meth:`DriverDialect.forget`), and the next use starts fresh monitors and a fresh
+watchdog lazily. The parent's stop callables are dropped, never run: a child's
+:func:`shutdown` (or exit) stops only what the child started.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from collections.abc import Callable
 
@@ -18,6 +30,31 @@ log = logging.getLogger("resilient_db.lifecycle")
 _lock = threading.Lock()
 _stoppers: dict[str, Callable[[], None]] = {}
 _atexit_registered = False
+_child_resets: list[Callable[[], None]] = []
+
+
+def on_fork_child(reset: Callable[[], None]) -> None:
+    """Run ``reset`` in the child after every ``fork()`` (registered at import by modules with
+    process-wide state; in registration order). ``reset`` must not do I/O on inherited
+    connections nor take a lock inherited from the parent."""
+    _child_resets.append(reset)
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _stoppers
+    _lock = threading.Lock()
+    _stoppers = {}  # the parent's: stopping them would close the parent's sessions
+    for reset in _child_resets:
+        try:
+            reset()
+        except Exception:  # a failed reset must not break the application's child
+            log.warning("resetting %r after fork() failed", reset, exc_info=True)
+
+
+# Registering is neither a thread nor a socket: allowed at import (DESIGN §6). Platforms
+# without fork() (Windows) have no register_at_fork.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(name: str, stop: Callable[[], None]) -> None:

@@ -17,6 +17,10 @@ class Monitor(Protocol):
 
     def stop(self) -> None: ...
 
+    def abandon(self) -> None:
+        """In a child process after ``fork()``: look stopped and let go of every connection
+        without sending anything (they are the parent's sessions)."""
+
 
 M = TypeVar("M", bound=Monitor)
 
@@ -71,3 +75,14 @@ class MonitorRegistry(Generic[M]):
         if stopping:
             get_decision_sink().record(Decision(self._stopped_kind, None,
                                                 {self._count_attribute: len(stopping)}))
+
+    def reset_in_child(self) -> None:
+        """In a child process after ``fork()``: start empty with a fresh lock (a parent thread
+        may have held the old one at fork time) and abandon the inherited monitors (their
+        threads do not exist here; stopping them would close the parent's sessions). The
+        child's next connection starts a monitor of its own."""
+        inherited = list(self._monitors.values())
+        self.lock = threading.Lock()
+        self._monitors = {}
+        for monitor in inherited:
+            monitor.abandon()

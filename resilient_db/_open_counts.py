@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from . import _lifecycle
+
 if TYPE_CHECKING:
     from ._pipeline import HostSpec
 
@@ -106,3 +108,16 @@ def _drop(address: str) -> None:
         _counts[address] = left
     else:
         _counts.pop(address, None)
+
+
+def _reset_in_child() -> None:
+    # After fork(): the child starts with no open connections of its own (the inherited ones
+    # are disarmed and drop their seats without touching these counts: ConnectionProxy
+    # ._inherited) and a fresh lock (a parent thread may have held it).
+    global _lock, _counts, _opened_to
+    _lock = threading.Lock()
+    _counts = {}
+    _opened_to = weakref.WeakKeyDictionary()
+
+
+_lifecycle.on_fork_child(_reset_in_child)

@@ -331,17 +331,34 @@ class Chains:
                     built[key] = handler
             setattr(self, op.value, handler)
 
+    def fill(self, handler: Handler) -> None:
+        """Every op runs ``handler`` (a connection inherited across ``fork()``)."""
+        for op in Op:
+            setattr(self, op.value, handler)
+
     def for_op(self, op: Op) -> Handler | None:
         handler: Handler | None = getattr(self, _SLOT[op])
         return handler
 
 
+#: A pipeline's state: open, closed by the application (``close()``), or inherited by a
+#: child process across ``fork()``.
+OPEN = "open"
+CLOSED = "closed"
+FORKED = "forked"
+
+
 class Pipeline:
     """The plugins of one connection and the chains built from them, once (and again only
-    when a plugin's dormancy changes)."""
+    when a plugin's dormancy changes).
 
-    __slots__ = ("__weakref__", "chains", "connect", "ctx", "hosts", "inner", "listeners",
-                 "may_intercept", "plugins")
+    ``state`` is :data:`OPEN` until the application closes the connection (:data:`CLOSED`:
+    every chain is empty from then on, so calls go straight to the closed driver connection,
+    which raises its own "connection is closed" error, and no plugin can reconnect it) or the
+    process forks (:data:`FORKED`, in the child: see ``ConnectionProxy._inherited``)."""
+
+    __slots__ = ("__weakref__", "chains", "connect", "ctx", "forked_handler", "hosts", "inner",
+                 "listeners", "may_intercept", "plugins", "state")
 
     def __init__(self, plugins: Sequence[Plugin], ctx: PluginContext,
                  inner: Sequence[Plugin] = ()) -> None:
@@ -350,6 +367,9 @@ class Pipeline:
         #: listed in ``plugins`` (the statement deadline, ``_deadline.DeadlineStage``).
         self.inner = tuple(inner)
         self.ctx = ctx
+        self.state = OPEN
+        #: In a forked child: the handler every op of an inherited connection gets.
+        self.forked_handler: Handler | None = None
         #: Ops some plugin intercepts when awake: the others can never have a chain.
         self.may_intercept = subscribed_ops(self.plugins + self.inner)
         self.chains = Chains(())
@@ -369,7 +389,14 @@ class Pipeline:
         ctx.rebuild = rebuild
 
     def rebuild(self) -> None:
-        """(Re)build every chain from the plugins that are not dormant."""
+        """(Re)build every chain from the plugins that are not dormant (none once closed: a
+        plugin waking up later, e.g. the connection tracker after a writer change, must not
+        bring a closed connection back)."""
+        if self.state is not OPEN:
+            self.chains.build(())
+            if self.forked_handler is not None:
+                self.chains.fill(self.forked_handler)
+            return
         awake = [p for p in self.plugins + self.inner if not p.dormant()]
         self.chains.build(awake)
         connect: ConnectHandler = _connect_terminal
@@ -380,6 +407,23 @@ class Pipeline:
         for plugin in reversed([p for p in awake if _overrides(p, "hosts")]):
             hosts = _link_hosts(plugin, hosts)
         self.hosts = hosts
+
+    def close(self, host: HostSpec) -> None:
+        """The application closed the connection (``host``: where it was): empty every
+        chain for good and tell the plugins (``ConnectionChanged`` with reason ``"close"``)
+        so that they let go of monitors. Idempotent."""
+        if self.state is not OPEN:
+            return
+        self.state = CLOSED
+        self.rebuild()
+        self.notify_connection_changed(ConnectionChanged(host, None, "close"))
+
+    def fork(self, handler: Handler) -> None:
+        """In a child process after ``fork()``: every op of this (inherited) connection runs
+        ``handler`` instead of the driver call (see ``ConnectionProxy._inherited``)."""
+        self.state = FORKED
+        self.forked_handler = handler
+        self.rebuild()
 
     def notify_connection_changed(self, event: ConnectionChanged) -> None:
         for plugin in self.listeners:

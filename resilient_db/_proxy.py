@@ -8,17 +8,25 @@ and one ``is None`` test. Rows are never wrapped or copied.
 Driver-specific methods (psycopg's ``Connection.execute``/``transaction``/``pipeline`` and
 ``Cursor.copy``/``stream``; mysql-connector's ``cmd_query``/``start_transaction``/...) live in
 the subclasses each driver dialect names.
+
+After ``fork()``, a connection the child inherited is the parent's session: in the child its
+socket is cut off without a word to the server (``DriverDialect.forget``) and every call
+raises ``ForkedConnectionError`` (also the driver's ``OperationalError``), except ``close()``,
+which sends nothing. Checked once, in the child, never on the per-statement path.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _lifecycle
 from ._open_counts import Seat, address_for
 from ._pipeline import (
+    CLOSED,
     Call,
     Chains,
     ConnectionChanged,
@@ -26,6 +34,7 @@ from ._pipeline import (
     Op,
     Pipeline,
 )
+from .errors import ForkedConnectionError
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
@@ -90,6 +99,7 @@ class ConnectionProxy:
         # This connection in the process-wide per-host counts (least_connections), until it is
         # closed or collected.
         object.__setattr__(self, "_seat", Seat(address_for(raw, host, driver.default_port)))
+        _live.add(self)
 
     # --- resilient_db surface -----------------------------------------------------------------
     @property
@@ -162,11 +172,14 @@ class ConnectionProxy:
                                   self))
 
     def close(self) -> None:
+        # Final: from here on every call goes straight to the closed driver connection (its
+        # own "connection is closed" error) and nothing reconnects it (Pipeline.close).
         object.__setattr__(self, "_closed_by_us", True)
         try:
             self._call(_CLOSE, "Connection.close", self._raw.close)
         finally:
             self._seat.release()
+            self._pipeline.close(self._host)
 
     def __enter__(self) -> ConnectionProxy:
         self._raw.__enter__()
@@ -184,6 +197,34 @@ class ConnectionProxy:
                               tb)
         finally:
             self._seat.release()
+            self._pipeline.close(self._host)
+
+    def _inherited(self, parent_pid: int) -> None:
+        """In a child process after ``fork()``: this connection is the parent's session. Cut
+        its socket off (nothing is sent) and make every call raise ``ForkedConnectionError``;
+        ``close()`` is allowed and sends nothing."""
+        pipeline = self._pipeline
+        if pipeline.state is CLOSED:
+            return  # closed before fork(): its calls raise the driver's own error already
+        self._seat.address = None  # counted in the parent, not here (_open_counts reset)
+        driver = self._driver
+        driver.forget(self._raw)
+        host = str(self._host)
+
+        def handler(call: Call) -> Any:
+            if call.op is _CLOSE:
+                return None  # a close would end the parent's session: there is nothing to do
+            raise driver.error(
+                ForkedConnectionError,
+                f"the connection is closed in this process: it was opened in process "
+                f"{parent_pid} (to {host}) before fork(), and its session belongs to that "
+                "process. Open a new connection in the child (nothing was sent to the "
+                "server; the parent's session is untouched)",
+                host=host, parent_pid=parent_pid)
+
+        pipeline.fork(handler)
+        for cursor in list(self._cursors):
+            cursor._unbind_fetch()
 
     def __repr__(self) -> str:
         plugins = ",".join(p.code for p in self._pipeline.plugins) or "none"
@@ -328,6 +369,12 @@ class CursorProxy:
             raw.close()
         self._bind(raw)
 
+    def _unbind_fetch(self) -> None:
+        """Route fetches through the chains again (a connection inherited across fork())."""
+        state = self.__dict__
+        for name in _FETCH_METHODS:
+            state.pop(name, None)
+
     def _bound_to(self, raw: Any) -> bool:
         """Whether ``raw`` is (or, before a rebind, was) this proxy's driver cursor."""
         state = self.__dict__
@@ -468,3 +515,20 @@ class PipelinedContext:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cm, name)
+
+
+# Every connection proxy of the process (weakly; adding costs one set insertion per connect),
+# so that a forked child can disarm the ones it inherited (ConnectionProxy._inherited).
+_live: weakref.WeakSet[ConnectionProxy] = weakref.WeakSet()
+_pid = os.getpid()
+
+
+def _reset_in_child() -> None:
+    global _live, _pid
+    parent, _pid = _pid, os.getpid()
+    inherited, _live = list(_live), weakref.WeakSet()
+    for proxy in inherited:
+        proxy._inherited(parent)
+
+
+_lifecycle.on_fork_child(_reset_in_child)

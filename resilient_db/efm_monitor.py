@@ -331,6 +331,21 @@ class HostMonitor:
             self.driver.abort(conn)  # wakes a thread waiting on the probe's socket
         self._release_users()
 
+    def abandon(self) -> None:
+        """In a child process after ``fork()``: this monitor's thread does not exist here and
+        its probe connection is the parent's session. Look stopped and let the connection go
+        without a word to the server (:meth:`DriverDialect.forget`); the locks are replaced,
+        as a parent thread may have held them at fork time."""
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._stopping.set()
+        self._thread = None
+        conn, self._conn, self._probe = self._conn, None, None
+        self._users = weakref.WeakSet()
+        self.inflight = {}
+        if conn is not None:
+            self.driver.forget(conn)
+
     def _release_users(self) -> None:
         with self._cond:
             users = list(self._users)
@@ -628,3 +643,6 @@ def stop_all() -> None:
     """Stop every monitor and forget them (``resilient_db.shutdown``); connections that need
     one later start a new one."""
     _registry.stop_all()
+
+
+_lifecycle.on_fork_child(_registry.reset_in_child)

@@ -12,9 +12,11 @@ resilient_db raises its own errors only for its own outcomes::
           │    ├── FailoverSuccessError            replaced; no open transaction was lost
           │    ├── TransactionResolutionUnknownError  replaced; open transaction's fate unknown
           │    └── FailoverFailedError             no usable connection within the budget
-          └── QueryTimeoutError                a client-side statement deadline expired
+          ├── QueryTimeoutError                a client-side statement deadline expired
+          └── ForkedConnectionError            a connection opened before fork() used in the child
 
-The four runtime outcomes (the ``FailoverError`` family and ``QueryTimeoutError``) are also
+The runtime outcomes (the ``FailoverError`` family, ``QueryTimeoutError`` and
+``ForkedConnectionError``) are also
 catchable as the target driver's ``OperationalError``: each driver dialect creates one subclass
 per outcome that inherits from both (``resilient_db.drivers.psycopg.FailoverSuccessError`` is a
 ``resilient_db.FailoverSuccessError`` *and* a ``psycopg.OperationalError``), so code and ORMs that
@@ -34,6 +36,7 @@ __all__ = [
     "FailoverError",
     "FailoverFailedError",
     "FailoverSuccessError",
+    "ForkedConnectionError",
     "QueryTimeoutError",
     "TransactionResolutionUnknownError",
 ]
@@ -199,10 +202,29 @@ class QueryTimeoutError(Error):
         self.host = host
 
 
+class ForkedConnectionError(Error):
+    """A connection opened before ``fork()`` was used in the child process.
+
+    Its socket is the parent's session: the child must open connections of its own. Nothing
+    was sent to the server (the parent's session is untouched); ``close()`` in the child is
+    allowed and sends nothing either. ``host`` is the instance the connection was on;
+    ``parent_pid`` the process that opened it.
+    """
+
+    __module__ = "resilient_db"
+
+    def __init__(self, message: str = "", *, host: str | None = None,
+                 parent_pid: int | None = None) -> None:
+        super().__init__(message)
+        self.host = host
+        self.parent_pid = parent_pid
+
+
 #: The outcomes each driver dialect mirrors as a subclass of its ``OperationalError``.
 RUNTIME_ERRORS: tuple[type[Error], ...] = (
     FailoverSuccessError,
     TransactionResolutionUnknownError,
     FailoverFailedError,
     QueryTimeoutError,
+    ForkedConnectionError,
 )

@@ -482,6 +482,22 @@ class TopologyMonitor:
                 episode.done.set()
             self._cond.notify_all()
 
+    def abandon(self) -> None:
+        """In a child process after ``fork()``: the monitor's threads do not exist here and its
+        connections are the parent's sessions. Look stopped and let the connections go
+        without a word to the server (:meth:`DriverDialect.forget`); the lock is replaced,
+        as a parent thread may have held it at fork time."""
+        self._cond = threading.Condition(threading.RLock())
+        self._stopping = threading.Event()
+        self._stopping.set()
+        self._thread = None
+        self._episode = None  # its probe threads do not exist here either
+        self._subscribers = weakref.WeakSet()
+        for conn in (self._conn, self._reading):
+            if conn is not None:
+                self.driver.forget(conn)
+        self._conn = self._reading = None
+
     # --- publishing --------------------------------------------------------------------------
     def _publish(self, election: Election, *, quiet: bool = False) -> None:
         """Make a verified writer and its own topology current (caller holds the lock)."""
@@ -815,3 +831,13 @@ def endpoint_key(driver_code: str, dialect_code: str, host: str, port: int | Non
                  cluster_id: str | None) -> tuple[Any, ...]:
     """The key :func:`known_monitor` and :func:`monitor_for` remember endpoints under."""
     return (driver_code, dialect_code, address_of(host, port), cluster_id)
+
+
+def _reset_in_child() -> None:
+    global _by_endpoint, _listeners_lock
+    _listeners_lock = threading.Lock()
+    _registry.reset_in_child()
+    _by_endpoint = {}
+
+
+_lifecycle.on_fork_child(_reset_in_child)

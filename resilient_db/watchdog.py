@@ -282,3 +282,15 @@ def _create() -> Watchdog:
         if _instance is None:
             _instance = Watchdog()
         return _instance
+
+
+def _reset_in_child() -> None:
+    # After fork() the parent's watchdog has a thread object but no thread (its deadlines
+    # would never fire) and a lock a parent thread may have held: the child gets a new one,
+    # started by its first deadline. Inherited deadlines belong to the parent's statements.
+    global _instance, _instance_lock
+    _instance_lock = threading.Lock()
+    _instance = None
+
+
+_lifecycle.on_fork_child(_reset_in_child)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
+from .. import _lifecycle
 from .._decisions import Decision, get_decision_sink
 from ..errors import ConfigurationError, DialectMismatchError
 from .base import (
@@ -351,3 +352,13 @@ def aurora_mysql_lookalike(schema: str) -> AuroraMysqlDialect:
         instance_id_query=f"SELECT {schema}.aurora_server_id()",
         is_reader_query="SELECT @@read_only",
     )
+
+
+def _reset_in_child() -> None:
+    # After fork(): fresh locks (a parent thread may have held them); what was detected stays.
+    global _cache_lock, _in_flight
+    _cache_lock = threading.Lock()
+    _in_flight = {}
+
+
+_lifecycle.on_fork_child(_reset_in_child)

@@ -14,6 +14,7 @@ import contextlib
 import enum
 import functools
 import math
+import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -288,6 +289,36 @@ class DriverDialect(abc.ABC):
             return False
         finally:
             sock.close()
+
+    def fileno(self, conn: Any) -> int | None:
+        """The connection's own socket descriptor (not a duplicate), or ``None`` (closed, or
+        not reachable for this driver)."""
+        return None
+
+    def forget(self, conn: Any) -> None:
+        """In a child process after ``fork()``: cut this inherited connection off from its
+        server without sending anything. The socket is shared with the parent, so the
+        child's descriptor is pointed at ``/dev/null`` instead (``dup2``: nothing is closed,
+        no FIN, no Terminate or COM_QUIT): whatever the child does with the connection later
+        (use it, close it, let the garbage collector or interpreter exit close it, which for
+        mysql-connector shuts the socket down) fails or goes nowhere, and the parent's
+        session is untouched. Never raises."""
+        try:
+            fd = self.fileno(conn)
+        except Exception:
+            return
+        if fd is None or fd < 0:
+            return
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            pass
+        finally:
+            os.close(null)
 
     def cancel(self, conn: Any, target: Callable[..., Any] | None,
                args: Mapping[str, Any], timeout: float) -> bool:

@@ -36,6 +36,7 @@ from .base import DriverDialect, NetworkOptions, TxStatus, set_socket_options
 __all__ = [
     "FailoverFailedError",
     "FailoverSuccessError",
+    "ForkedConnectionError",
     "MysqlConnectorDriver",
     "QueryTimeoutError",
     "TransactionResolutionUnknownError",
@@ -58,6 +59,10 @@ class FailoverFailedError(errors.FailoverFailedError, myerrors.OperationalError)
 
 
 class QueryTimeoutError(errors.QueryTimeoutError, myerrors.OperationalError):
+    __module__ = __name__
+
+
+class ForkedConnectionError(errors.ForkedConnectionError, myerrors.OperationalError):
     __module__ = __name__
 
 
@@ -178,6 +183,7 @@ class MysqlConnectorDriver(DriverDialect):
         errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
         errors.FailoverFailedError: FailoverFailedError,
         errors.QueryTimeoutError: QueryTimeoutError,
+        errors.ForkedConnectionError: ForkedConnectionError,
     }
 
     def __init__(self) -> None:
@@ -285,6 +291,12 @@ class MysqlConnectorDriver(DriverDialect):
     def discard_pending(self, conn: Any, call: Any) -> None:
         if getattr(conn, "unread_result", False):
             conn.consume_results()
+
+    def fileno(self, conn: Any) -> int | None:
+        sock = getattr(getattr(conn, "_socket", None), "sock", None)
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            return None
+        return sock.fileno()
 
     def socket_of(self, conn: Any) -> socket.socket | None:
         holder = getattr(conn, "_socket", None)

@@ -35,6 +35,7 @@ from .base import DriverDialect, NetworkOptions, TxStatus
 __all__ = [
     "FailoverFailedError",
     "FailoverSuccessError",
+    "ForkedConnectionError",
     "PsycopgDriver",
     "QueryTimeoutError",
     "TransactionResolutionUnknownError",
@@ -58,6 +59,10 @@ class FailoverFailedError(errors.FailoverFailedError, psycopg.OperationalError):
 
 
 class QueryTimeoutError(errors.QueryTimeoutError, psycopg.OperationalError):
+    __module__ = __name__
+
+
+class ForkedConnectionError(errors.ForkedConnectionError, psycopg.OperationalError):
     __module__ = __name__
 
 
@@ -201,6 +206,7 @@ class PsycopgDriver(DriverDialect):
         errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
         errors.FailoverFailedError: FailoverFailedError,
         errors.QueryTimeoutError: QueryTimeoutError,
+        errors.ForkedConnectionError: ForkedConnectionError,
     }
 
     def __init__(self) -> None:
@@ -259,6 +265,9 @@ class PsycopgDriver(DriverDialect):
 
     def is_closed(self, conn: Any) -> bool:
         return bool(conn.closed or conn.broken)
+
+    def fileno(self, conn: Any) -> int | None:
+        return None if conn.closed else int(conn.pgconn.socket)
 
     def socket_of(self, conn: Any) -> socket.socket | None:
         if conn.closed:

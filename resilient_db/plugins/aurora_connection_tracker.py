@@ -41,7 +41,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, cast
 
-from .. import topology
+from .. import _lifecycle, topology
 from .._decisions import Decision, get_decision_sink
 from .._pipeline import Call, ConnectionChanged, Handler, Op, Plugin, PluginContext
 from ..drivers.base import TxStatus
@@ -121,6 +121,11 @@ class ConnectionTrackerPlugin(Plugin):
 
     def on_connection_changed(self, event: ConnectionChanged) -> None:
         global _warned
+        if event.reason == "close":
+            with _lock:  # closed by the application: nothing left to move
+                _trackers.discard(self)
+                self._pending = None
+            return
         if event.reason == "connect" and self.failover() is None and not _warned:
             _warned = True
             log.warning("aurora_connection_tracker needs the failover plugin (and "
@@ -201,3 +206,14 @@ class ConnectionTrackerPlugin(Plugin):
             "resilient_db.topology.writer_before": old, "resilient_db.tracker.reason": why})
         log.info("connection on the old writer %s aborted (%s): its statement fails over",
                  old, why)
+
+
+def _reset_in_child() -> None:
+    # After fork(): a fresh lock (the topology monitor's thread may have held it); the
+    # parent's connections are not the child's to move (see _proxy).
+    global _lock, _trackers
+    _lock = threading.Lock()
+    _trackers = weakref.WeakSet()
+
+
+_lifecycle.on_fork_child(_reset_in_child)

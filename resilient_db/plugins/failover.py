@@ -396,6 +396,8 @@ class FailoverPlugin(Plugin):
             return _RERAISE
         if isinstance(exc, Error):
             return _RERAISE  # resilient_db's own outcome from an inner plugin
+        if call.connection._closed_by_us:
+            return _RERAISE  # closed by the application (another thread, mid-call): final
         swaps = self._swaps
         trigger: str | None = None
         if driver.is_disconnect(exc):
@@ -585,6 +587,8 @@ class FailoverPlugin(Plugin):
         A writer the monitor already verified is used as is. Returns whether it moved; the
         old physical connection is aborted and closed."""
         with self._lock:
+            if proxy._closed_by_us:
+                return False  # closed by the application: never reopened
             old_raw = proxy._raw
             monitor = self.monitor()
             try:

@@ -19,6 +19,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .. import _lifecycle
 from .._decisions import NullSink, get_decision_sink, set_decision_sink
 from . import names
 from ._sink import TelemetrySink
@@ -86,6 +87,19 @@ def disable() -> None:
         current = active()
         if current is not None:
             set_decision_sink(current.forward)
+
+
+def _reset_in_child() -> None:
+    # After fork(): fresh locks (a monitor thread may have held the sink's while recording a
+    # decision); the sink itself, and its providers, carry on in the child.
+    global _lock
+    _lock = threading.Lock()
+    sink = active()
+    if sink is not None:
+        sink._lock = threading.Lock()
+
+
+_lifecycle.on_fork_child(_reset_in_child)
 
 
 def setup(**kwargs: Any) -> Telemetry:
