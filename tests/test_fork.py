@@ -30,6 +30,7 @@ import pytest
 
 import resilient_db
 from resilient_db import efm_monitor, topology, watchdog
+from resilient_db._open_counts import open_counts
 from resilient_db.efm_monitor import HostMonitor
 from simulator.cluster import Cluster, Timeline
 from tests.conftest import Backend
@@ -282,6 +283,7 @@ def test_a_child_never_touches_the_parents_sessions(backend: Backend) -> None:
     app = session_id(backend.name, parent.resilient.raw)
 
     def child() -> dict[str, Any]:
+        counts = [sum(open_counts().values())]  # the parent's connection is not the child's
         errors: list[list[Any] | None] = []
         for use in (lambda: parent.cursor().execute("SELECT 1"), parent.commit,
                     lambda: run(parent, "SELECT 1")):
@@ -293,15 +295,21 @@ def test_a_child_never_touches_the_parents_sessions(backend: Backend) -> None:
                                isinstance(exc, backend.operational_error), str(exc)])
         parent.close()  # allowed, and sends nothing
         own = backend.connect(plugins="efm", autocommit=True, **EFM)
+        counts.append(sum(open_counts().values()))
         run(own, sleep_sql(backend, 0.8))  # the child's own monitor probes
         own.close()
+        counts.append(sum(open_counts().values()))
         resilient_db.shutdown()
-        return {"errors": errors}
+        return {"errors": errors, "counts": counts}
 
     result = in_child(child)
     for error in result["errors"]:
         assert error is not None and error[0] and error[1], result
     assert "fork()" in result["errors"][0][2]
+    # least_connections' input in the child: its own connections only, and closing the
+    # inherited one does not take a seat from them
+    assert result["counts"] == [0, 1, 0], result
+    assert sum(open_counts().values()) == 1  # the parent's count is untouched
     assert session_alive(backend, probe), "the child killed the parent's efm probe session"
     assert session_alive(backend, app), "the child killed the parent's connection"
     before = monitor.probes_ok
