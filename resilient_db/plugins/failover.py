@@ -2,8 +2,9 @@
 writer (or a reader) as soon as the cluster has one, without waiting for DNS.
 
 What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback,
-transaction blocks and opening a cursor (mysql-connector checks the connection in
-``cursor()``; a cursor opened on a lost connection with no transaction open is simply opened
+transaction blocks, opening a cursor and setting a session attribute (mysql-connector pings
+the server in ``cursor()`` and sends a ``SET`` for ``autocommit``: a cursor opened, or a
+session attribute set, on a lost connection with no transaction open is simply opened or set
 on the new connection, without an error). The no-failure path is a ``try`` around the rest
 of the chain (plus, on psycopg, reading the transaction status libpq already holds: after a
 lost connection it no longer tells). Fetches are not intercepted: a connection lost while
@@ -107,7 +108,9 @@ _RERAISE: Final = object()
 _COMMIT = Op.COMMIT
 _ROLLBACK = Op.ROLLBACK
 _TRANSACTION = Op.TRANSACTION
-_CURSOR = Op.CURSOR
+#: Calls that send no statement and change nothing but the lost session: always safe to redo
+#: on the new connection (opening a cursor, setting autocommit or another session attribute).
+_REDOABLE = frozenset({Op.CURSOR, Op.SESSION})
 #: psycopg's libpq transaction status values that mean "inside a transaction" (INTRANS,
 #: INERROR); IDLE is 0, ACTIVE 1, UNKNOWN 4.
 #: Connect arguments that would bypass the address failover chose.
@@ -140,7 +143,8 @@ class FailoverPlugin(Plugin):
     many times this connection failed over."""
 
     code = "failover"
-    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR}
+    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR,
+                                  Op.SESSION}
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)
@@ -475,10 +479,9 @@ class FailoverPlugin(Plugin):
         driver = self.ctx.driver
         proxy = call.connection
         started = time.monotonic()
-        # Opening a cursor sends no statement and changes nothing: always safe to redo.
-        opening_cursor = call.op is _CURSOR
-        statement_sent = trigger == "network" and not opening_cursor
-        idempotent = opening_cursor or current_options().idempotent is True
+        redoable = call.op in _REDOABLE
+        statement_sent = trigger == "network" and not redoable
+        idempotent = redoable or current_options().idempotent is True
         with self._lock:
             old_raw = proxy._raw
             failed = proxy._host
