@@ -47,6 +47,7 @@ from .._options import current_options
 from .._params import (
     CLUSTER_ID,
     CLUSTER_INSTANCE_HOST_PATTERN,
+    CONNECT_TIMEOUT,
     ENABLE_FAILOVER,
     FAILOVER_HOST_COOLDOWN,
     FAILOVER_MODE,
@@ -99,6 +100,7 @@ from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, strategy_from_name
 from ..telemetry.context import suppress_instrumentation
 from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
+from ..watchdog import Armed, abort_after
 
 __all__ = ["FailoverPlugin"]
 
@@ -215,7 +217,12 @@ class FailoverPlugin(Plugin):
         if event.reason != "connect" or raw is None:
             return
         try:
-            with suppress_instrumentation():  # internal statements: not the application's
+            # Internal statements: not the application's. Part of connecting, so bounded like
+            # the connect (connect_timeout, else failover's): neither driver bounds a read by
+            # default, and an instance that stops answering now must not hang connect().
+            driver = self.ctx.driver
+            bound = self.ctx.settings[CONNECT_TIMEOUT] or self.connect_timeout
+            with suppress_instrumentation(), abort_after(bound, lambda: driver.abort(raw)):
                 self._attach(raw, event.new_host or self.ctx.host)
         except Exception as exc:
             if self.ctx.driver.is_disconnect(exc):
@@ -445,7 +452,10 @@ class FailoverPlugin(Plugin):
         status = driver.transaction_status(raw)
         here = Host(self.ctx.host.host, addressing.default_port, instance_id=self.instance_id)
         if status in (TxStatus.IDLE, TxStatus.IN_TRANSACTION):
-            return read_self_report(driver, dialect, raw, here, addressing)
+            # On the application's connection, which may have no read timeout: bounded like
+            # the monitor's reads (a broken socket then reads as a network failure).
+            with abort_after(self.probe_timeout, lambda: driver.abort(raw)):
+                return read_self_report(driver, dialect, raw, here, addressing)
         # PostgreSQL after an error inside a transaction: ask the same instance on the side.
         monitor = self._monitor
         snapshot = monitor.snapshot if monitor is not None else None
@@ -695,17 +705,26 @@ class FailoverPlugin(Plugin):
                                            time.monotonic() - start))
             monitor.mark_down(host)
             return False
+        armed: Armed | None = None
         try:
             assert self._dialect is not None and self._addressing is not None
-            report = read_self_report(driver, self._dialect, raw, host, self._addressing,
-                                      with_topology=False)
-            problem = self._role_problem(report, attempt)
-            if problem is None:
-                driver.apply_session_state(raw, proxy._session)
-                if self.on_connect is not None:
-                    self.on_connect(raw)
+            # The connect timeout bounds only the connect: the role check and the session
+            # state get the same bound (an instance that stops answering right after the
+            # handshake must not hold the failover past its budget).
+            with abort_after(timeout, lambda: driver.abort(raw)) as armed:
+                report = read_self_report(driver, self._dialect, raw, host, self._addressing,
+                                          with_topology=False)
+                problem = self._role_problem(report, attempt)
+                if problem is None:
+                    driver.apply_session_state(raw, proxy._session)
+            if armed is not None and armed.fired:
+                problem = f"no answer within {timeout:g} s after connecting"
+            elif problem is None and self.on_connect is not None:
+                self.on_connect(raw)
         except Exception as exc:
             problem, report = f"failed after connecting: {exc!r}", None
+            if armed is not None and armed.fired:
+                problem = f"no answer within {timeout:g} s after connecting ({exc!r})"
         if problem is not None:
             attempts.append(ConnectAttempt(host.host, host.port, problem, None,
                                            time.monotonic() - start))
