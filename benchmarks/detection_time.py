@@ -20,8 +20,9 @@ writer rejoins as a reader). Measured per run:
 - hangs: a run whose application does not write on the new writer within 30 s;
 - sim publish: from ``promoted`` to the simulator's ``topology_updated`` (context: the failover
   plugin accepts a writer only once its own topology names it, so recovery cannot be shorter).
-  On MariaDB it is ~2 s while the old writer stays blackholed: re-pointing the other replica
-  (``STOP SLAVE``) waits for its I/O thread, stuck connecting to the blackholed address.
+  On MariaDB it was ~2 s while the old writer stayed blackholed (re-pointing the other replica
+  waited for ``STOP SLAVE``, stuck on the blackholed address) until the simulator stopped the
+  replicas inside the detection window (``ClusterEngine.detach_replicas``): now tens of ms.
   ``--heal-at-promotion`` lifts the blackhole just before the promotion to show the client's
   part alone.
 
