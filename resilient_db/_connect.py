@@ -12,6 +12,7 @@ from ._deadline import DeadlineStage
 from ._params import (
     AURORA_MYSQL_LOOKALIKE_SCHEMA,
     AUTO_SORT_PLUGINS,
+    CONNECT_TIMEOUT,
     ENABLE_TELEMETRY,
     WRAPPER_DIALECT,
     WRAPPER_DRIVER_DIALECT,
@@ -29,6 +30,7 @@ from ._properties import Property, Settings, lookup, unknown_name_error
 from ._proxy import ConnectionProxy
 from .drivers import driver_for
 from .errors import ConfigurationError
+from .watchdog import abort_after
 
 log = logging.getLogger("resilient_db.connect")
 
@@ -126,7 +128,11 @@ def connect(
         from .dialects import verify
 
         try:
-            ctx.extra["dialect"] = verify(forced_dialect, driver, raw)
+            # Part of connecting, so bounded like the connect (connect_timeout): neither driver
+            # bounds a read, and a server that stops answering after the handshake must not
+            # hang connect() (its socket is broken: the driver's network error goes up).
+            with abort_after(settings[CONNECT_TIMEOUT] or None, lambda: driver.abort(raw)):
+                ctx.extra["dialect"] = verify(forced_dialect, driver, raw)
         except BaseException:
             raw.close()
             raise

@@ -53,11 +53,13 @@ __all__ = ["DEADLINE_OPS", "DeadlineStage", "enable_per_call"]
 log = logging.getLogger("resilient_db.deadline")
 
 #: The ops a statement deadline bounds: everything that sends a statement and waits for its
-#: answer. Not FETCH (psycopg's client-side cursors fetch from memory; keeping fetches out of
-#: the chain keeps them free), CLOSE or SESSION.
+#: answer, and what mysql-connector makes a round trip of (``cursor()`` pings the server, a
+#: session attribute is a ``SET``; psycopg does no I/O there). Not FETCH (psycopg's
+#: client-side cursors fetch from memory; keeping fetches out of the chain keeps them free) or
+#: CLOSE.
 DEADLINE_OPS: frozenset[Op] = frozenset(
     {Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.COPY, Op.COMMIT, Op.ROLLBACK,
-     Op.TRANSACTION, Op.PIPELINE}
+     Op.TRANSACTION, Op.PIPELINE, Op.CURSOR, Op.SESSION}
 )
 
 _lock = threading.Lock()

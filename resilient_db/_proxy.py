@@ -58,7 +58,7 @@ _PIPELINE = Op.PIPELINE
 _ROLLBACK = Op.ROLLBACK
 _SESSION = Op.SESSION
 _TRANSACTION = Op.TRANSACTION
-_RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR})
+_RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR, Op.SESSION})
 # Cursor attributes bound to the driver cursor: after the physical connection is replaced they
 # are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
 _BOUND_ATTRS = frozenset({"_cur", "_execute"})
@@ -287,13 +287,15 @@ class ResilientView:
     def retarget(self, call: Call) -> Call | None:
         """``call`` re-aimed at the current physical connection (after :meth:`replace_raw`),
         for a plugin that runs an interrupted statement again: a ``Connection.*`` method of
-        the new driver connection, or a ``Cursor.*`` method of the rebound cursor that made
-        the call. ``None`` when the call cannot be re-aimed (not a statement, or its cursor
-        is gone)."""
+        the new driver connection, a ``Cursor.*`` method of the rebound cursor that made
+        the call, or a session attribute set on the new driver connection. ``None`` when the
+        call cannot be re-aimed (not a statement, or its cursor is gone)."""
         if call.op not in _RETARGETABLE:
             return None
-        kind, _, name = call.method.partition(".")
         proxy = self._proxy
+        if call.op is _SESSION:  # setattr(raw, name, value): the same on the new connection
+            return call.replace(args=(proxy._raw, *call.args[1:]))
+        kind, _, name = call.method.partition(".")
         if kind == "Connection":
             fn = getattr(proxy._raw, name, None)
         elif kind == "Cursor":

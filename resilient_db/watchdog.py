@@ -26,16 +26,17 @@ watchdog thread.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from . import _lifecycle
 
-__all__ = ["Armed", "Watchdog", "get_watchdog"]
+__all__ = ["Armed", "Watchdog", "abort_after", "get_watchdog"]
 
 log = logging.getLogger("resilient_db.watchdog")
 
@@ -282,6 +283,25 @@ def _create() -> Watchdog:
         if _instance is None:
             _instance = Watchdog()
         return _instance
+
+
+@contextlib.contextmanager
+def abort_after(timeout: float | None, abort: Callable[[], object]) -> Iterator[Armed | None]:
+    """Run the block with ``abort()`` (a connection's ``DriverDialect.abort``: its socket is
+    shut down) armed ``timeout`` seconds from now and disarmed when the block ends: internal
+    reads on an instance that stopped answering (a blackholed host sends no RST, and neither
+    driver bounds a read by default) then end with the driver's network error instead of
+    blocking until the network heals. Yields the entry (``armed.fired``: the socket was
+    broken); ``None`` and nothing armed when ``timeout`` is ``None``."""
+    if timeout is None:
+        yield None
+        return
+    watchdog = get_watchdog()
+    armed = watchdog.arm(time.monotonic() + timeout, abort)
+    try:
+        yield armed
+    finally:
+        watchdog.disarm(armed)
 
 
 def _reset_in_child() -> None:

@@ -397,6 +397,45 @@ def test_blackholed_server_no_failover_when_the_deadline_breaks_the_socket(
 
 
 @needs_netfilter
+@pytest.mark.parametrize("step", ["cursor", "session"])
+def test_blackholed_server_opening_a_cursor_or_setting_autocommit_is_bounded_too(
+        lonely: Backend, network_faults: NetworkFaults, step: str) -> None:
+    """mysql-connector's ``cursor()`` pings the server and its ``autocommit`` setter sends a
+    ``SET``: on a blackholed server they are bounded by the deadline like statements
+    (psycopg does no I/O there: they return at once)."""
+    conn = lonely.connect(plugins="", socket_timeout=0.4, query_timeout_grace=0.4,
+                          autocommit=True)
+    one(conn, "SELECT 1")
+    outcome: list[tuple[BaseException | None, float]] = []
+
+    def call() -> None:
+        start = time.monotonic()
+        try:
+            if step == "cursor":
+                conn.cursor()
+            else:
+                conn.autocommit = True
+            outcome.append((None, time.monotonic() - start))
+        except BaseException as exc:
+            outcome.append((exc, time.monotonic() - start))
+
+    network_faults.blackhole(lonely.server.host, lonely.server.port)
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(QUICK)
+    network_faults.clear()  # an unbounded call wakes now, and fails the asserts below
+    thread.join(QUICK)
+    assert outcome, "the call did not return even after the blackhole was lifted"
+    error, elapsed = outcome[0]
+    assert elapsed < QUICK, elapsed
+    if lonely.name == "mysql":
+        assert isinstance(error, resilient_db.QueryTimeoutError), error
+    else:
+        assert error is None
+    conn.close()
+
+
+@needs_netfilter
 def test_keepalive_settings_detect_a_blackholed_server_without_any_deadline(
         lonely: Backend, network_faults: NetworkFaults) -> None:
     # No socket_timeout: the statement was sent and acknowledged, the client waits for the

@@ -8,6 +8,7 @@ stopped with SIGSTOP, supervision, disposal and shutdown."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -230,6 +231,62 @@ def test_blackholed_writer_mid_query_fails_over_to_the_promoted_writer(
     assert env.instance(conn) == new == cluster.writer.id
     kinds = sink.kinds()
     assert kinds.index("efm.host_down") < kinds.index("failover.started")
+
+
+@pytest.mark.parametrize("step", ["cursor", "session"])
+def test_a_call_started_on_the_blackholed_writer_follows_the_promotion(
+        env: Env, faults: NetworkFaults, step: str) -> None:
+    """Issue #11: the old writer stays blackholed while the cluster promotes a reader. A call
+    that does network I/O on mysql-connector without being a statement (``cursor()`` pings
+    the server; setting ``autocommit`` sends a ``SET``) and started after the blackhole is
+    monitored like a statement: it is aborted, fails over transparently, and the next write
+    lands on the new writer soon after the promotion, not when the blackhole heals.
+    (psycopg does no I/O there: its blocked call is the insert, bounded the same way.)"""
+    cluster = env.cluster
+    conn = env.connect()
+    cur = conn.cursor()
+    table = f"t{time.monotonic_ns()}"
+    cur.execute(f"CREATE TABLE {table} (id int primary key, inst varchar(64))")
+    insert = (f"INSERT INTO {table} VALUES (1, pg_catalog.aurora_db_instance_identifier()) "
+              "ON CONFLICT DO NOTHING" if env.name == "pg" else
+              f"INSERT IGNORE INTO {table} VALUES (1, aurora_sim.aurora_server_id())")
+    old = cluster.writer
+    timeline = cluster.timeline
+    # The old writer rejoins (MariaDB: by TCP to its blackholed address) after the heal.
+    cluster.timeline = dataclasses.replace(timeline, rejoin_delay=15.0)
+    wrote: list[float] = []
+    failed: list[BaseException] = []
+
+    def app() -> None:
+        try:
+            target = cur
+            if step == "cursor":
+                target = conn.cursor()
+            else:
+                conn.autocommit = True
+            with resilient_db.call_options(idempotent=True):
+                target.execute(insert)
+            wrote.append(time.monotonic())
+        except BaseException as exc:
+            failed.append(exc)
+
+    fault = faults.blackhole(old.address)
+    try:
+        thread = in_background(app)
+        time.sleep(1.0)  # the call is blocked on the blackholed writer (MySQL: before the fix,
+        # for good: nothing monitored it)
+        events = cluster.failover()  # crash + promotion; the blackhole stays
+        promoted = next(e for e in events if e.name == "promoted")
+        thread.join(10.0)
+        assert fault.active, "the old writer was blackholed all along"
+    finally:
+        faults.heal(fault)
+        cluster.timeline = timeline
+    thread.join(30.0)
+    assert not failed, failed
+    assert wrote, "no write within 10 s of the promotion while the old writer was blackholed"
+    assert wrote[0] - promoted.mono < MARGIN + 1.0, wrote[0] - promoted.mono
+    assert env.instance(conn) == promoted.instance == cluster.writer.id
 
 
 # --- a reader ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import mysql.connector
 import psycopg
@@ -20,7 +20,10 @@ import pytest
 from psycopg.rows import dict_row
 
 import resilient_db
-from resilient_db import topology
+from chaos.netfault import NetworkFaults
+from resilient_db import Plugin, topology
+from resilient_db._pipeline import ConnectContext, ConnectHandler
+from resilient_db.drivers import get_driver
 from resilient_db.hosts import Role
 from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
@@ -70,10 +73,10 @@ class Env:
         return writer.endpoint
 
     def connect(self, endpoint: str | None = None, *, autocommit: bool = True,
-                **extra: Any) -> resilient_db.ConnectionProxy:
+                plugins: Any = "failover", **extra: Any) -> resilient_db.ConnectionProxy:
         kwargs = {**self.cluster.connect_kwargs(endpoint or self.entry()), **self.extra,
                   "autocommit": autocommit, "connect_timeout": 5, **extra}
-        conn = resilient_db.connect(self.target, plugins="failover", **kwargs)
+        conn = resilient_db.connect(self.target, plugins=plugins, **kwargs)
         self.opened.append(conn)
         return conn
 
@@ -644,3 +647,123 @@ def test_opening_a_cursor_on_a_lost_connection_fails_over(env: Env) -> None:
     again = tx.cursor()
     again.execute(env.instance_sql)
     assert str(again.fetchone()[0]) == newer
+
+
+# --- internal reads on an instance that stops answering ------------------------------------------
+
+#: Liveness margin for a loaded machine (the bounds under test are a few seconds).
+MARGIN = 3.0
+
+
+class BlackholeAfterConnect(Plugin):
+    """Blackholes the instance a connection was just opened to, once (for the next connect
+    that is ``initial`` or not, as the test says): an instance that stops answering right
+    after the handshake. Listed before ``failover``, it sees the application's connects and
+    failover's, not the topology monitor's."""
+
+    code = "test_blackhole_after_connect"
+    faults: ClassVar[NetworkFaults | None] = None
+    initial: ClassVar[bool] = False
+
+    def connect(self, ctx: ConnectContext, proceed: ConnectHandler) -> Any:
+        raw = proceed(ctx)
+        cls = type(self)
+        if cls.faults is not None and ctx.initial is cls.initial:
+            faults, cls.faults = cls.faults, None
+            faults.blackhole(socket.gethostbyname(ctx.host.host))
+        return raw
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[tuple[Any, float]]]:
+    """Run ``fn`` on a daemon thread; the list gets ``(result or exception, seconds)``."""
+    outcome: list[tuple[Any, float]] = []
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            result: Any = fn()
+        except BaseException as exc:
+            result = exc
+        outcome.append((result, time.monotonic() - start))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def blackholes(network_faults: NetworkFaults) -> Iterator[NetworkFaults]:
+    try:
+        yield network_faults
+    finally:
+        BlackholeAfterConnect.faults = None
+        network_faults.clear()
+
+
+def test_role_check_on_a_connection_to_a_blackholed_instance_is_bounded(
+        env: Env, blackholes: NetworkFaults) -> None:
+    """The role check after a read-only error runs on the application's connection, which has
+    no read timeout: on an instance that stopped answering it ends after
+    ``topology_probe_timeout`` with the driver's network error (then a failover trigger), not
+    when the network heals."""
+    conn = env.connect(topology_probe_timeout=1.0)
+    assert env.instance(conn) == env.cluster.writer.id
+    blackholes.blackhole(env.cluster.writer.address)
+    thread, outcome = in_thread(lambda: plugin(conn)._role_report(conn.resilient.raw))
+    thread.join(10.0)
+    blackholes.clear()  # an unbounded read wakes now, and fails the asserts below
+    thread.join(30.0)
+    assert outcome, "the role check did not end even after the blackhole was lifted"
+    error, elapsed = outcome[0]
+    assert elapsed < 1.0 + MARGIN, elapsed
+    assert isinstance(error, Exception) and plugin(conn).ctx.driver.is_disconnect(error), error
+
+
+def test_failover_to_an_instance_that_stops_answering_after_the_connect_keeps_its_budget(
+        env: Env, blackholes: NetworkFaults) -> None:
+    """The connect timeout bounds the connect; the role check on the new connection is bounded
+    too: the instance failover connected to is blackholed right after the handshake, and the
+    failover ends with ``FailoverFailedError`` within its budget instead of hanging."""
+    conn = env.connect(plugins=[BlackholeAfterConnect, "failover"],
+                       auto_sort_wrapper_plugin_order=False, failover_timeout_sec=4,
+                       failover_reader_connect_timeout_sec=1.5)
+    cur = conn.cursor()
+    cur.execute(env.instance_sql)
+    cur.fetchall()
+    BlackholeAfterConnect.initial, BlackholeAfterConnect.faults = False, blackholes
+    plugin(conn).ctx.driver.abort(conn.resilient.raw)  # the next statement fails over
+    thread, outcome = in_thread(lambda: cur.execute(env.instance_sql))
+    thread.join(15.0)
+    blackholes.clear()
+    thread.join(30.0)
+    assert BlackholeAfterConnect.faults is None, "failover connected to the writer"
+    assert outcome, "the failover did not end even after the blackhole was lifted"
+    error, elapsed = outcome[0]
+    assert elapsed < 4 + MARGIN, elapsed
+    assert isinstance(error, resilient_db.FailoverFailedError), error
+    assert any("after connecting" in a.outcome for a in error.attempts), error.attempts
+
+
+def test_connecting_to_an_instance_that_stops_answering_after_the_handshake_is_bounded(
+        env: Env, blackholes: NetworkFaults) -> None:
+    """What ``connect()`` reads after the handshake is bounded by ``connect_timeout``: the
+    check of a forced dialect (here the MySQL look-alike's: ``connect()`` raises the driver's
+    network error) and the failover plugin's first topology read (``connect()`` returns;
+    failover handles the dead connection at the first statement)."""
+    writer = env.cluster.writer
+    BlackholeAfterConnect.initial, BlackholeAfterConnect.faults = True, blackholes
+    thread, outcome = in_thread(lambda: env.connect(
+        writer.endpoint, plugins=[BlackholeAfterConnect, "failover"],
+        auto_sort_wrapper_plugin_order=False, connect_timeout=1.5))
+    thread.join(15.0)
+    blackholes.clear()
+    thread.join(30.0)
+    assert BlackholeAfterConnect.faults is None, "the connect went through the plugin"
+    assert outcome, "connect() did not return even after the blackhole was lifted"
+    result, elapsed = outcome[0]
+    assert elapsed < 1.5 + MARGIN, elapsed
+    if env.name == "mysql":
+        assert isinstance(result, env.operational_error), result
+        assert get_driver("mysql-connector").is_disconnect(result), result
+    else:
+        assert isinstance(result, resilient_db.ConnectionProxy), result

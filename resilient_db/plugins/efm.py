@@ -12,9 +12,12 @@ of every connection in flight there: the blocked call wakes with the driver's ow
 failure. The host is also marked down in the cluster's topology monitor (host selection and
 reader failover try it last) until it answers again.
 
-What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback and
-transaction blocks. Not fetches: a fetch that reads from the network (server-side cursors,
-``Cursor.stream``, mysql-connector's unbuffered cursors) is not monitored.
+What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback,
+transaction blocks, opening a cursor and setting a session attribute (``autocommit``...):
+mysql-connector's ``cursor()`` pings the server and its session setters send a ``SET``, so on
+a blackholed host they block like a statement (psycopg does no I/O there; registering costs
+a dict store and a pop). Not fetches: a fetch that reads from the network (server-side
+cursors, ``Cursor.stream``, mysql-connector's unbuffered cursors) is not monitored.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class EfmPlugin(Plugin):
     connection (``None`` until the first statement after a connect or failover)."""
 
     code = "efm"
-    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION}
+    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR,
+                                  Op.SESSION}
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)

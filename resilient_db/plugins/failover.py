@@ -2,8 +2,9 @@
 writer (or a reader) as soon as the cluster has one, without waiting for DNS.
 
 What it intercepts: statements (execute, executemany, callproc, copy), commit, rollback,
-transaction blocks and opening a cursor (mysql-connector checks the connection in
-``cursor()``; a cursor opened on a lost connection with no transaction open is simply opened
+transaction blocks, opening a cursor and setting a session attribute (mysql-connector pings
+the server in ``cursor()`` and sends a ``SET`` for ``autocommit``: a cursor opened, or a
+session attribute set, on a lost connection with no transaction open is simply opened or set
 on the new connection, without an error). The no-failure path is a ``try`` around the rest
 of the chain (plus, on psycopg, reading the transaction status libpq already holds: after a
 lost connection it no longer tells). Fetches are not intercepted: a connection lost while
@@ -47,6 +48,7 @@ from .._options import current_options
 from .._params import (
     CLUSTER_ID,
     CLUSTER_INSTANCE_HOST_PATTERN,
+    CONNECT_TIMEOUT,
     ENABLE_FAILOVER,
     FAILOVER_HOST_COOLDOWN,
     FAILOVER_MODE,
@@ -99,6 +101,7 @@ from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, configured
 from ..telemetry.context import suppress_instrumentation
 from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
+from ..watchdog import Armed, abort_after
 
 __all__ = ["FailoverPlugin"]
 
@@ -108,7 +111,9 @@ _RERAISE: Final = object()
 _COMMIT = Op.COMMIT
 _ROLLBACK = Op.ROLLBACK
 _TRANSACTION = Op.TRANSACTION
-_CURSOR = Op.CURSOR
+#: Calls that send no statement and change nothing but the lost session: always safe to redo
+#: on the new connection (opening a cursor, setting autocommit or another session attribute).
+_REDOABLE = frozenset({Op.CURSOR, Op.SESSION})
 #: psycopg's libpq transaction status values that mean "inside a transaction" (INTRANS,
 #: INERROR); IDLE is 0, ACTIVE 1, UNKNOWN 4.
 #: Connect arguments that would bypass the address failover chose.
@@ -141,7 +146,8 @@ class FailoverPlugin(Plugin):
     many times this connection failed over."""
 
     code = "failover"
-    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR}
+    intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR,
+                                  Op.SESSION}
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)
@@ -212,7 +218,12 @@ class FailoverPlugin(Plugin):
         if event.reason != "connect" or raw is None:
             return
         try:
-            with suppress_instrumentation():  # internal statements: not the application's
+            # Internal statements: not the application's. Part of connecting, so bounded like
+            # the connect (connect_timeout, else failover's): neither driver bounds a read by
+            # default, and an instance that stops answering now must not hang connect().
+            driver = self.ctx.driver
+            bound = self.ctx.settings[CONNECT_TIMEOUT] or self.connect_timeout
+            with suppress_instrumentation(), abort_after(bound, lambda: driver.abort(raw)):
                 self._attach(raw, event.new_host or self.ctx.host)
         except Exception as exc:
             if self.ctx.driver.is_disconnect(exc):
@@ -444,7 +455,10 @@ class FailoverPlugin(Plugin):
         status = driver.transaction_status(raw)
         here = Host(self.ctx.host.host, addressing.default_port, instance_id=self.instance_id)
         if status in (TxStatus.IDLE, TxStatus.IN_TRANSACTION):
-            return read_self_report(driver, dialect, raw, here, addressing)
+            # On the application's connection, which may have no read timeout: bounded like
+            # the monitor's reads (a broken socket then reads as a network failure).
+            with abort_after(self.probe_timeout, lambda: driver.abort(raw)):
+                return read_self_report(driver, dialect, raw, here, addressing)
         # PostgreSQL after an error inside a transaction: ask the same instance on the side.
         monitor = self._monitor
         snapshot = monitor.snapshot if monitor is not None else None
@@ -478,10 +492,9 @@ class FailoverPlugin(Plugin):
         driver = self.ctx.driver
         proxy = call.connection
         started = time.monotonic()
-        # Opening a cursor sends no statement and changes nothing: always safe to redo.
-        opening_cursor = call.op is _CURSOR
-        statement_sent = trigger == "network" and not opening_cursor
-        idempotent = opening_cursor or current_options().idempotent is True
+        redoable = call.op in _REDOABLE
+        statement_sent = trigger == "network" and not redoable
+        idempotent = redoable or current_options().idempotent is True
         with self._lock:
             old_raw = proxy._raw
             failed = proxy._host
@@ -698,17 +711,26 @@ class FailoverPlugin(Plugin):
                                            time.monotonic() - start))
             monitor.mark_down(host)
             return False
+        armed: Armed | None = None
         try:
             assert self._dialect is not None and self._addressing is not None
-            report = read_self_report(driver, self._dialect, raw, host, self._addressing,
-                                      with_topology=False)
-            problem = self._role_problem(report, attempt)
-            if problem is None:
-                driver.apply_session_state(raw, proxy._session)
-                if self.on_connect is not None:
-                    self.on_connect(raw)
+            # The connect timeout bounds only the connect: the role check and the session
+            # state get the same bound (an instance that stops answering right after the
+            # handshake must not hold the failover past its budget).
+            with abort_after(timeout, lambda: driver.abort(raw)) as armed:
+                report = read_self_report(driver, self._dialect, raw, host, self._addressing,
+                                          with_topology=False)
+                problem = self._role_problem(report, attempt)
+                if problem is None:
+                    driver.apply_session_state(raw, proxy._session)
+            if armed is not None and armed.fired:
+                problem = f"no answer within {timeout:g} s after connecting"
+            elif problem is None and self.on_connect is not None:
+                self.on_connect(raw)
         except Exception as exc:
             problem, report = f"failed after connecting: {exc!r}", None
+            if armed is not None and armed.fired:
+                problem = f"no answer within {timeout:g} s after connecting ({exc!r})"
         if problem is not None:
             attempts.append(ConnectAttempt(host.host, host.port, problem, None,
                                            time.monotonic() - start))
