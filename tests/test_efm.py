@@ -35,6 +35,7 @@ from resilient_db import efm_monitor, topology
 from resilient_db.efm_monitor import HostMonitor
 from resilient_db.plugins.efm import EfmPlugin
 from simulator.cluster import Cluster, Timeline
+from tests.conftest import Backend
 
 pytestmark = pytest.mark.real_server
 
@@ -659,3 +660,37 @@ def test_unix_socket_connection_is_monitored(pg_server: Any) -> None:
     finally:
         conn.close()
         resilient_db.shutdown()
+
+
+def test_mysql_probe_connection_that_stops_answering_after_the_handshake_is_bounded(
+        mysql_backend: Backend) -> None:
+    """mysql-connector drops its connect timeout once authenticated, then sends ``SET NAMES``
+    (and the autocommit ``SET``) with no read timeout: a host that stops answering in that
+    window held the monitor thread, and with it every statement it should have released,
+    until the network healed. The probe connection carries read/write timeouts. The window is
+    made deterministic with the server's ``init_connect`` (run before the session's first
+    command is answered, for users without SUPER; MariaDB gives up on it after about 5 s, so
+    an unbounded probe connects late instead of failing at its 1 s bound)."""
+    admin = mysql_backend.raw(autocommit=True)
+    user, password = f"efm_slow_{os.getpid()}", "pw-efm-slow"
+    cur = admin.cursor()
+    cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+    cur.execute(f"GRANT SELECT ON *.* TO '{user}'@'%'")  # not SUPER: init_connect applies
+    try:
+        conn = mysql_backend.connect(plugins="efm", autocommit=True, user=user,
+                                     password=password)
+        try:
+            cur.execute("SET GLOBAL init_connect = 'DO SLEEP(30)'")
+            started = time.monotonic()
+            with pytest.raises(mysql.connector.Error):
+                probe = efm(conn).open_probe_connection(
+                    efm_monitor.ProbeTarget(str(mysql_backend.kwargs["host"]), None,
+                                            int(mysql_backend.kwargs["port"])), 1.0)
+                probe.close()  # connected: the SET waited out the server (the test fails)
+            assert time.monotonic() - started < 1.0 + 10.0
+        finally:
+            cur.execute("SET GLOBAL init_connect = ''")
+            conn.close()
+    finally:
+        cur.execute(f"DROP USER '{user}'@'%'")
+        admin.close()

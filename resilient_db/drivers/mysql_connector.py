@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from mysql.connector import constants
@@ -22,7 +22,7 @@ from mysql.connector.abstracts import MySQLConnectionAbstract
 from mysql.connector.pooling import PooledMySQLConnection
 
 from .. import errors
-from .._properties import parse_bool
+from .._properties import Settings, parse_bool
 from .._proxy import (
     _CALLPROC,
     _EXECUTE,
@@ -161,6 +161,10 @@ class MysqlCursorProxy(CursorProxy):
         return row
 
 
+#: Connection arguments (mysql-connector 9+) that bound every read/write after the connect.
+_POST_CONNECT_TIMEOUTS = ("read_timeout", "write_timeout")
+
+
 class MysqlConnectorDriver(DriverDialect):
     code = "mysql-connector"
     database_key = "database"
@@ -195,6 +199,30 @@ class MysqlConnectorDriver(DriverDialect):
 
     def param_names(self) -> frozenset[str]:
         return self._params
+
+    def connect(self, target: Callable[..., Any], args: Mapping[str, Any],
+                settings: Settings | None = None) -> Any:
+        # mysql-connector bounds the TCP connect and the authentication by
+        # connection_timeout, then drops it and sends SET NAMES (and autocommit, time_zone,
+        # ...) with no read timeout: a server that stops answering right after authenticating
+        # would hold connect() (an efm probe, a failover attempt, the application's connect)
+        # until the network heals. The whole connect gets the bound, as libpq's
+        # connect_timeout does; read/write timeouts the caller did not ask for are then
+        # removed again (none by default), so statements are not bounded by them.
+        limit = args.get("connection_timeout")
+        added = [name for name in _POST_CONNECT_TIMEOUTS
+                 if name not in args and name in self._params]
+        if not limit or not added:
+            return super().connect(target, args, settings)
+        whole = max(1, math.ceil(limit))  # the driver takes whole seconds for these
+        conn = super().connect(target, {**args, **dict.fromkeys(added, whole)}, settings)
+        try:
+            for name in added:
+                setattr(conn, name, None)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def coerce_arg(self, name: str, value: Any) -> Any:
         if name in _SECONDS_ARGS and not isinstance(value, (str, bool)) and value == 0:
