@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -56,7 +56,7 @@ from simulator.pg_cluster import (
 )
 
 from .clusters import SharedCluster
-from .waiting import wait_until
+from .waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.real_server
 
@@ -170,8 +170,8 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
         if instance.role == "reader" and instance.lag:
             cluster.set_replica_lag(instance.id, 0.0)
     wanted = {r.id for r in cluster.readers}
-    wait_until("all readers streaming", lambda: streaming_readers(cluster) == wanted,
-               ignoring=(psycopg.OperationalError,))
+    wait_for(f"readers {sorted(wanted)} streaming", lambda: streaming_readers(cluster),
+             lambda streaming: streaming == wanted, ignoring=(psycopg.OperationalError,))
     wait_until("all readers replaying everything the writer wrote",
                lambda: replayed_everything(cluster), ignoring=(psycopg.OperationalError,))
 
@@ -607,6 +607,27 @@ def test_promote_catches_up_from_a_more_advanced_reader(aurora: Cluster) -> None
     assert aurora.writer is target
     assert query(aurora, "SELECT count(*) FROM catch_up") == [(100,)]
     assert ahead.id in streaming_readers(aurora)
+
+
+def test_what_a_failed_test_leaves_is_undone_before_the_next(
+        aurora_shared: SharedCluster) -> None:
+    """What the two tests above leave behind when they fail half-way (an added reader; a
+    reader cut off its writer by a rewritten configuration) is undone when the test ends:
+    the next test gets the same cluster with its own instances, all streaming."""
+    cluster = aurora_shared.acquire()
+    started = set(cluster.instances)
+    added = cluster.instance(cluster.add_reader()[0].instance or "")
+    cut_off = cluster.readers[0]
+    cut_off.runtime.reconfigure({**cast(PgClusterEngine, cluster.engine)._settings(cut_off.id),
+                                 "primary_conninfo": "host=127.0.0.1 port=1 connect_timeout=1"})
+    cut_off.runtime.reload()
+    wait_until("the reader to stop streaming",
+               lambda: cut_off.id not in streaming_readers(cluster))
+    aurora_shared.release()
+    assert aurora_shared.acquire() is cluster  # restored, not replaced
+    assert set(cluster.instances) == started and added.id not in cluster.instances
+    assert streaming_readers(cluster) == {r.id for r in cluster.readers}
+    assert replayed_everything(cluster)
 
 
 class Writes:
