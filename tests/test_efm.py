@@ -280,7 +280,7 @@ def test_latency_spike_below_the_detection_threshold_is_no_failure(
     cur = conn.cursor()
     env.sleep(cur, 0)
     monitor = monitor_of(conn)
-    wait_until("the probe connection open", lambda: monitor.connection_open, timeout=10)
+    wait_until("the probe connection open", lambda: monitor.connection_open)
     fault = faults.latency(writer.address, writer.port, 0.6)
     env.sleep(cur, 2.5)
     faults.heal(fault)
@@ -385,7 +385,7 @@ def test_two_hundred_connections_to_three_instances(env: Env) -> None:
     assert len({id(monitor_of(c)) for c in conns}) == 3
     app = 0 if env.name == "pg" else 200
     wait_until("every probe connection open",
-               lambda: all(m.connection_open for m in efm_monitor.monitors()), timeout=10)
+               lambda: all(m.connection_open for m in efm_monitor.monitors()))
     # Statements past their grace period on every host: probes run.
     threads = [in_background(functools.partial(env.sleep, c.cursor(), 0.5)) for c in conns[:30]]
     for thread in threads:
@@ -416,13 +416,13 @@ def test_shutdown_stops_monitors_without_waiting(env: Env, faults: NetworkFaults
             env.sleep(cur, 30)
 
     worker = in_background(blocked)
-    wait_until("the host declared dead", lambda: monitor.down, timeout=10)
+    wait_until("the host declared dead", lambda: monitor.down)
     time.sleep(0.1)  # the monitor is now reconnecting to a blackholed host: a blocking connect
     started = time.monotonic()
     resilient_db.shutdown()
     assert time.monotonic() - started < 0.5
     assert monitor.stopped and efm_monitor.monitors() == []
-    wait_until("monitor threads ended", lambda: not _threads("resilient_db-efm"), timeout=5)
+    wait_until("monitor threads ended", lambda: not _threads("resilient_db-efm"))
     faults.clear()
     worker.join(5)
     # The connection attaches to a new monitor at its next statement.
@@ -440,7 +440,7 @@ def test_monitor_is_disposed_without_users(env: Env) -> None:
     conn.close()
     del conn
     gc.collect()
-    wait_until("the monitor disposed", lambda: not monitor.running, timeout=5)
+    wait_until("the monitor disposed", lambda: not monitor.running)
     assert monitor not in efm_monitor.monitors()
     assert not monitor.connection_open
 
@@ -464,7 +464,7 @@ def test_a_crashed_monitor_restarts_and_is_counted(
     assert monitor.crashes == 1 and monitor.running
     restarted = sink.of_kind("efm.monitor_restarted")
     assert len(restarted) == 1 and restarted[0].attributes["error.type"] == "RuntimeError"
-    wait_until("probing again", lambda: monitor.probes_ok > 0, timeout=5)
+    wait_until("probing again", lambda: monitor.probes_ok > 0)
 
 
 # --- our own lateness is not the host's failure --------------------------------------------------

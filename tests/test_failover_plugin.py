@@ -485,7 +485,7 @@ def test_no_write_reaches_a_reader_and_no_acknowledged_write_is_lost(env: Env) -
     time.sleep(0.2)
     old = cluster.writer.id
     new = promoted(cluster.failover())
-    wait_until("writes on the new writer", lambda: new in acked.values(), timeout=10)
+    wait_until("writes on the new writer", lambda: new in acked.values())
     stop.set()
     thread.join(10)
     assert not errors, errors
@@ -528,7 +528,7 @@ def test_two_hundred_connections_share_one_monitor_connection(env: Env) -> None:
     monitor = plugin(conns[0]).monitor()
     assert monitor.subscribers >= 200
     app = 0 if env.name == "pg" else 200
-    wait_until("one monitor connection", lambda: _monitor_sessions(env) == app + 1, timeout=5)
+    wait_until("one monitor connection", lambda: _monitor_sessions(env) == app + 1)
     time.sleep(0.3)  # several refreshes at 50 ms
     # The bound is "at most one": under load a refresh may time out and its connection be
     # replaced, so the monitor can be between connections at the moment of counting.
@@ -536,8 +536,7 @@ def test_two_hundred_connections_share_one_monitor_connection(env: Env) -> None:
     # After a failover the probes were short-lived: one monitor connection again (the
     # application's connections died with the old writer and were not used since).
     env.cluster.failover()
-    wait_until("the monitor back to one connection", lambda: _monitor_sessions(env) == 1,
-               timeout=10)
+    wait_until("the monitor back to one connection", lambda: _monitor_sessions(env) == 1)
     time.sleep(0.3)
     assert _monitor_sessions(env) <= 1
 
@@ -550,7 +549,7 @@ def test_shutdown_stops_monitor_threads_and_failover_still_works(env: Env) -> No
     assert any(m.running for m in topology.monitors())
     resilient_db.shutdown()
     wait_until("monitor threads ended", lambda: not any(
-        t.name.startswith("resilient_db-topology") for t in threading.enumerate()), timeout=5)
+        t.name.startswith("resilient_db-topology") for t in threading.enumerate()))
     assert topology.monitors() == []
     new = promoted(env.cluster.failover())
     with pytest.raises(resilient_db.FailoverSuccessError):
