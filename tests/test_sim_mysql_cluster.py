@@ -47,7 +47,9 @@ DRIVER: DriverDialect = get_driver("mysql-connector")
 LOOKALIKE = aurora_mysql_lookalike(LOOKALIKE_SCHEMA)
 # Generous bounds (liveness, not speed: speed goals live in the report and benchmarks).
 SETTLE_TIMEOUT = 30.0
-PROMOTION_BOUND = 5.0
+#: A promotion takes well under a second on a quiet machine; on a loaded 2-core one it can
+#: queue behind server start-ups. The speed goal is benchmarks/failover_time.py's.
+PROMOTION_BOUND = 30.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +136,14 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
     with cluster.superuser() as conn:
         if query(conn, "SELECT @@read_only")[0][0]:
             cluster.make_writer_read_only(False)
+    replayed(cluster)
+
+
+def replayed(cluster: Cluster) -> None:
+    """Wait until every reader replicates from the writer (what a Multi-AZ reader reports
+    as the writer) and has applied everything the writer has (the control plane's topology
+    rows included)."""
+    engine = engine_of(cluster)
     writer_id = engine.server_id(cluster.writer.id)
 
     def replicating() -> bool:
@@ -146,13 +156,6 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
 
     wait_until(replicating, what="readers replicating from the writer",
                describe=engine.status)
-
-
-def replayed(cluster: Cluster) -> None:
-    """Wait until every reader has applied everything the writer has (the control plane's
-    topology rows included)."""
-    for reader in cluster.readers:
-        caught_up(cluster, reader)
 
 
 def caught_up(cluster: Cluster, reader: Instance) -> None:
