@@ -63,6 +63,8 @@ def settled(cluster: Cluster) -> Iterator[Cluster]:
     no topology monitor left from a previous test (each test sees its host states anew)."""
     wait_until("every instance back in a role",
                lambda: all(i.role != "stopped" for i in cluster.instances.values()))
+    # ... and every reader following the writer again (a rejoin or a re-point may still run).
+    wait_until("every reader following the writer", cluster.settled)
     resilient_db.shutdown()
     yield cluster
     telemetry.disable()
