@@ -35,6 +35,8 @@ from resilient_db.efm_monitor import HostMonitor
 from resilient_db.plugins.efm import EfmPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .waiting import wait_until
+
 pytestmark = pytest.mark.real_server
 
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.5)
@@ -45,14 +47,6 @@ GRACE, INTERVAL, COUNT = 0.3, 0.2, 2
 #: Liveness margin for the machine's load (speed goals are in benchmarks/detection_time.py).
 MARGIN = 2.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g} s")
-        time.sleep(0.02)
 
 
 @dataclass

@@ -25,18 +25,11 @@ from resilient_db.hosts import Role
 from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .waiting import wait_until
+
 pytestmark = pytest.mark.real_server
 
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
-SETTLE_TIMEOUT = 30.0
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g} s")
-        time.sleep(0.02)
 
 
 def resolve(name: str) -> str:
