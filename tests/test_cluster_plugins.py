@@ -36,8 +36,9 @@ from resilient_db.rds import EndpointKind
 from resilient_db.selection import RoundRobinCursor, SelectionContext, strategy_from_name
 from simulator.cluster import Cluster, Timeline
 
+from .waiting import wait_until
+
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
-SETTLE_TIMEOUT = 30.0
 #: How long the cluster endpoint lags behind a promotion in the stale-DNS tests: long enough
 #: for the old writer to rejoin as a reader and the test to run, short enough to wait out.
 STALE_DNS = 12.0
@@ -47,14 +48,6 @@ STALE_DNS = 12.0
 #: when it subscribed during a refresh (fixed: TopologyMonitor._run recomputes the rate under
 #: its lock before waiting). Tests that need a fast monitor still open their fast connection
 #: first, so each starts from a fresh monitor at a known rate.
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g} s")
-        time.sleep(0.02)
 
 
 def resolve_name(name: str) -> str:

@@ -516,8 +516,9 @@ _NO_HANG_CHILD = _CHILD_PRELUDE + """
                 frame = frame.f_back
         return found
 
-    # The cancel thread gives up after the grace too: nothing is left inside driver code.
-    end = time.monotonic() + 1.5
+    # The cancel thread gives up after the grace too: nothing is left inside driver code
+    # (polled with a liveness bound: the grace is 0.5 s, a loaded machine adds to it).
+    end = time.monotonic() + 5.0
     while in_driver() and time.monotonic() < end:
         time.sleep(0.02)
     print("in_driver", in_driver(), flush=True)
@@ -557,7 +558,9 @@ def test_a_process_with_a_blackholed_query_exits_promptly_after_the_deadline(
     assert lines["in_driver"] == "[]", lines
     assert lines["threads"] == "[]", lines  # nothing non-daemon left behind
     assert float(lines["shutdown"]) < 0.5
-    assert ended - aborted < 2.0, ended - aborted  # monotonic clock is system-wide on Linux
+    # Promptly: seconds (the cancel thread's grace, shutdown, interpreter exit; more under
+    # load), not the minutes a blackholed socket blocks for. Monotonic is system-wide on Linux.
+    assert ended - aborted < 10.0, ended - aborted
 
 
 # --- network properties -------------------------------------------------------------------------

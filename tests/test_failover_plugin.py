@@ -28,18 +28,11 @@ from resilient_db.hosts import Role
 from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .waiting import wait_until
+
 pytestmark = pytest.mark.real_server
 
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
-SETTLE_TIMEOUT = 30.0
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g} s")
-        time.sleep(0.02)
 
 
 def resolve(name: str) -> str:
@@ -488,7 +481,7 @@ def test_no_write_reaches_a_reader_and_no_acknowledged_write_is_lost(env: Env) -
     time.sleep(0.2)
     old = cluster.writer.id
     new = promoted(cluster.failover())
-    wait_until("writes on the new writer", lambda: new in acked.values(), timeout=10)
+    wait_until("writes on the new writer", lambda: new in acked.values())
     stop.set()
     thread.join(10)
     assert not errors, errors
@@ -531,7 +524,7 @@ def test_two_hundred_connections_share_one_monitor_connection(env: Env) -> None:
     monitor = plugin(conns[0]).monitor()
     assert monitor.subscribers >= 200
     app = 0 if env.name == "pg" else 200
-    wait_until("one monitor connection", lambda: _monitor_sessions(env) == app + 1, timeout=5)
+    wait_until("one monitor connection", lambda: _monitor_sessions(env) == app + 1)
     time.sleep(0.3)  # several refreshes at 50 ms
     # The bound is "at most one": under load a refresh may time out and its connection be
     # replaced, so the monitor can be between connections at the moment of counting.
@@ -539,8 +532,7 @@ def test_two_hundred_connections_share_one_monitor_connection(env: Env) -> None:
     # After a failover the probes were short-lived: one monitor connection again (the
     # application's connections died with the old writer and were not used since).
     env.cluster.failover()
-    wait_until("the monitor back to one connection", lambda: _monitor_sessions(env) == 1,
-               timeout=10)
+    wait_until("the monitor back to one connection", lambda: _monitor_sessions(env) == 1)
     time.sleep(0.3)
     assert _monitor_sessions(env) <= 1
 
@@ -553,7 +545,7 @@ def test_shutdown_stops_monitor_threads_and_failover_still_works(env: Env) -> No
     assert any(m.running for m in topology.monitors())
     resilient_db.shutdown()
     wait_until("monitor threads ended", lambda: not any(
-        t.name.startswith("resilient_db-topology") for t in threading.enumerate()), timeout=5)
+        t.name.startswith("resilient_db-topology") for t in threading.enumerate()))
     assert topology.monitors() == []
     new = promoted(env.cluster.failover())
     with pytest.raises(resilient_db.FailoverSuccessError):

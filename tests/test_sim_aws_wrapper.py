@@ -35,6 +35,8 @@ from aws_advanced_python_wrapper.errors import (  # type: ignore[import-untyped]
 
 from simulator.cluster import Cluster, Timeline
 
+from .waiting import wait_until
+
 pytestmark = pytest.mark.real_server
 
 FAILOVER_TIMEOUT = 60.0
@@ -48,9 +50,17 @@ def _release_wrapper_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def module_cluster() -> Iterator[Cluster]:
     with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as started:
         yield started
+
+
+@pytest.fixture
+def cluster(module_cluster: Cluster) -> Cluster:
+    """The module's cluster once settled: a failover test that failed before its old writer
+    rejoined must not leave the next test a stopped instance or a reader not yet following."""
+    wait_until("the cluster settled", module_cluster.settled, ignoring=(psycopg.Error,))
+    return module_cluster
 
 
 def wrapper_connect(cluster: Cluster, host: str | None = None, **extra: Any) -> Any:
@@ -72,7 +82,7 @@ def instance_id(conn: Any) -> str:
 
 
 def wait_for_rejoin(cluster: Cluster, since: float) -> None:
-    cluster.events.wait_for("rejoined_as_reader", since=since, timeout=20)
+    cluster.events.wait_for("rejoined_as_reader", since=since, timeout=FAILOVER_TIMEOUT)
 
 
 @pytest.mark.parametrize("mode", ["crash", "graceful"])

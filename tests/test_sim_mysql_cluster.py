@@ -1,6 +1,11 @@
 """The MariaDB cluster engine (simulator.mysql_cluster) against real servers: the interface the
 dialects read (from the writer and from every reader), control-plane timelines, durability
-across failovers, read-only readers, and cleanup."""
+across failovers, read-only readers, and cleanup.
+
+One cluster per flavour serves the module; ``mz`` and ``au`` restore it before and after each
+test (tests.clusters), so a test that fails half-way cannot fail the next one. What the
+control plane writes on the writer reaches a reader by replication: tests wait for it there
+(tests.waiting), they never assume it."""
 
 from __future__ import annotations
 
@@ -33,13 +38,18 @@ from simulator.local import LocalServer
 from simulator.mysql_cluster import LOOKALIKE_SCHEMA, MysqlClusterEngine
 from simulator.names import HostsFile
 
+from .clusters import SharedCluster
+from .waiting import wait_until as wait_for_condition
+
 pytestmark = pytest.mark.real_server
 
 DRIVER: DriverDialect = get_driver("mysql-connector")
 LOOKALIKE = aurora_mysql_lookalike(LOOKALIKE_SCHEMA)
 # Generous bounds (liveness, not speed: speed goals live in the report and benchmarks).
 SETTLE_TIMEOUT = 30.0
-PROMOTION_BOUND = 5.0
+#: A promotion takes well under a second on a quiet machine; on a loaded 2-core one it can
+#: queue behind server start-ups. The speed goal is benchmarks/failover_time.py's.
+PROMOTION_BOUND = 30.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,12 +86,13 @@ def on(cluster: Cluster, instance: Instance, sql: str) -> list[tuple[Any, ...]]:
 
 def wait_until(predicate: Any, timeout: float = SETTLE_TIMEOUT, what: str = "condition",
                describe: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            seen = f"; seen: {describe()}" if describe is not None else ""
-            raise AssertionError(f"{what} not reached within {timeout:g} s{seen}")
-        time.sleep(0.02)
+    """:func:`tests.waiting.wait_until`, reporting ``describe()`` (when given) on timeout."""
+    try:
+        wait_for_condition(what, predicate, timeout)
+    except AssertionError as exc:
+        if describe is None:
+            raise
+        raise AssertionError(f"{exc}; state: {describe()}") from None
 
 
 def names(events: list[Event]) -> list[str]:
@@ -94,21 +105,45 @@ def in_order(events: list[Event], *expected: str) -> bool:
     return all(name in remaining for name in expected)
 
 
-def settle(cluster: Cluster) -> Cluster:
-    """Undo what earlier tests left: wait for pending rejoins, clear lags, stale rows and a
-    read-only writer, and wait until every reader replicates from the writer."""
-    wait_until(lambda: all(i.role != "stopped" for i in cluster.instances.values()),
-               what="every instance back in a role")
+def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
+    """Undo what a test changed, whether it passed or not: wait for a pending rejoin, start
+    what is stopped, remove readers it added, restart replication a test stopped, clear lags,
+    stale rows and a read-only writer; then wait until every reader has applied everything
+    the writer has."""
+    if any(i.role == "stopped" for i in cluster.instances.values()):
+        with contextlib.suppress(TimeoutError):
+            cluster.events.wait_for("rejoined_as_reader",
+                                    since=cluster.events.events()[-1].mono,
+                                    timeout=SETTLE_TIMEOUT)
+    for instance in list(cluster.instances.values()):
+        if instance.role == "stopped":
+            cluster.start_instance(instance.id)
+    for instance in list(cluster.instances.values()):
+        if instance.id not in instance_ids and instance.role == "reader":
+            cluster.remove_reader(instance.id)
+    assert set(cluster.instances) == instance_ids, (
+        f"instances {sorted(cluster.instances)}, expected {sorted(instance_ids)}")
+    engine = engine_of(cluster)
+    if not engine.following(cluster.writer, cluster.readers):
+        for reader in cluster.readers:  # e.g. a test stopped its I/O thread
+            engine.follow(reader, cluster.writer)
     for reader in cluster.readers:
         if reader.lag:
             cluster.set_replica_lag(reader.id, 0)
     for instance in cluster.instances.values():
         if instance.status_age is not None:
             cluster.set_status_age(instance.id, None)
-    engine = engine_of(cluster)
     with cluster.superuser() as conn:
         if query(conn, "SELECT @@read_only")[0][0]:
             cluster.make_writer_read_only(False)
+    replayed(cluster)
+
+
+def replayed(cluster: Cluster) -> None:
+    """Wait until every reader replicates from the writer (what a Multi-AZ reader reports
+    as the writer) and has applied everything the writer has (the control plane's topology
+    rows included)."""
+    engine = engine_of(cluster)
     writer_id = engine.server_id(cluster.writer.id)
 
     def replicating() -> bool:
@@ -121,7 +156,6 @@ def settle(cluster: Cluster) -> Cluster:
 
     wait_until(replicating, what="readers replicating from the writer",
                describe=engine.status)
-    return cluster
 
 
 def caught_up(cluster: Cluster, reader: Instance) -> None:
@@ -221,41 +255,35 @@ def with_suppressed_close(conn: Any) -> None:
 # fixtures: one cluster per flavour for the module, settled before each test
 
 
-#: Seconds each module cluster took to start, by flavour.
-STARTUP: dict[str, float] = {}
+@pytest.fixture(scope="module")
+def multi_az_shared() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("multi-az-mysql"), settle) as shared:
+        yield shared
 
 
 @pytest.fixture(scope="module")
-def multi_az_cluster() -> Iterator[Cluster]:
-    started = time.monotonic()
-    with Cluster.start("multi-az-mysql") as cluster:
-        STARTUP[cluster.flavour.name] = time.monotonic() - started
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def aurora_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=2) as cluster:
-        yield cluster
+def aurora_shared() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-mysql", readers=2), settle) as shared:
+        yield shared
 
 
 @pytest.fixture
-def mz(multi_az_cluster: Cluster) -> Cluster:
-    return settle(multi_az_cluster)
+def mz(multi_az_shared: SharedCluster) -> Iterator[Cluster]:
+    yield from multi_az_shared.fixture()
 
 
 @pytest.fixture
-def au(aurora_cluster: Cluster) -> Cluster:
-    return settle(aurora_cluster)
+def au(aurora_shared: SharedCluster) -> Iterator[Cluster]:
+    yield from aurora_shared.fixture()
 
 
 # --------------------------------------------------------------------------------------------
 # fidelity: the dialects' own checks and queries, from every instance
 
 
-def test_three_instance_cluster_starts_quickly(multi_az_cluster: Cluster) -> None:
-    assert STARTUP["multi-az-mysql"] < 10.0
-    assert [i.role for i in multi_az_cluster.instances.values()].count("reader") == 2
+def test_three_instance_cluster_starts(mz: Cluster) -> None:
+    # A liveness check only: the start-up time goal is benchmarks/sim_startup.py's.
+    assert [i.role for i in mz.instances.values()].count("reader") == 2
 
 
 def test_multi_az_interface_from_every_instance(mz: Cluster) -> None:
@@ -371,6 +399,7 @@ def test_resilient_db_connect_with_lookalike_schema(au: Cluster) -> None:
 def test_aurora_stale_rows_are_ignored(au: Cluster) -> None:
     reader = au.readers[0]
     assert in_order(au.set_status_age(reader.id, 600.0), "topology_updated")
+    replayed(au)  # the rows are written on the writer; read here from a reader
     assert LOOKALIKE.topology_query is not None
     topology = LOOKALIKE.parse_topology(on(au, au.readers[-1], LOOKALIKE.topology_query))
     assert reader.id not in {r.instance_id for r in topology.rows}
@@ -433,6 +462,7 @@ def test_crash_failover_timeline(mz: Cluster) -> None:
     assert mz.events.wait_for("dns_updated", since=promoted.mono).instance == new.id
     rejoined = mz.events.wait_for("rejoined_as_reader", since=promoted.mono, timeout=30)
     assert rejoined.instance == old.id and mz.instance(old.id).role == "reader"
+    replayed(mz)  # the topology is written on the new writer; read here everywhere
     multi_az = get_dialect("multi-az-mysql")
     new_server_id = str(engine_of(mz).server_id(new.id))
     for instance in mz.instances.values():
@@ -546,6 +576,7 @@ def test_add_and_remove_a_reader(au: Cluster) -> None:
     added = au.instance(next(e for e in events if e.name == "reader_added").instance or "")
     assert added.role == "reader"
     assert on(au, added, f"SELECT {LOOKALIKE_SCHEMA}.aurora_server_id()") == [(added.id,)]
+    replayed(au)  # the new topology rows are written on the writer; read here everywhere
     assert LOOKALIKE.topology_query is not None
     for instance in au.instances.values():
         topology = LOOKALIKE.parse_topology(on(au, instance, LOOKALIKE.topology_query))
@@ -568,6 +599,7 @@ def test_aurora_failover_topology(au: Cluster) -> None:
     # The old writer's last report (MASTER_SESSION_ID, no longer updated) loses to the new one.
     assert [r.instance_id for r in topology.ignored] == [old.id]
     au.events.wait_for("rejoined_as_reader", since=events[-1].mono, timeout=30)
+    replayed(au)  # the topology is written on the new writer; read here everywhere
     for instance in au.instances.values():
         assert topology_writer(au, LOOKALIKE, instance) == new.id
     topology = LOOKALIKE.parse_topology(on(au, old, LOOKALIKE.topology_query))

@@ -9,7 +9,10 @@
 - Robustness: teardown leaves nothing behind, even after a SIGKILL; bad input is refused
   with a message naming the culprit.
 
-One Aurora cluster serves most tests (module scope); ``aurora`` resets it between tests.
+One Aurora and one Multi-AZ cluster serve most tests (module scope); ``aurora`` and
+``multi_az`` restore them before and after each test (tests.clusters), so a test that fails
+half-way cannot fail the next one. What the control plane writes on the writer reaches a
+reader by replication: tests wait for it there (tests.waiting), they never assume it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -52,9 +55,16 @@ from simulator.pg_cluster import (
     resource_id,
 )
 
+from .clusters import SharedCluster
+from .waiting import wait_for, wait_until
+
 pytestmark = pytest.mark.real_server
 
 FAST = Timeline(detection_delay=0.2, rejoin_delay=0.3, reboot_downtime=0.2, switchover_phase=0.2)
+#: Liveness bound for a control-plane step that takes about a second on a quiet machine
+#: (promotion, a delayed DNS move): generous, since a step can queue behind a pg_rewind on a
+#: loaded 2-core machine. Speed goals live in benchmarks/sim_startup.py and the chaos reports.
+LIVENESS = 30.0
 DRIVER = get_driver("psycopg")
 
 
@@ -80,14 +90,6 @@ def count(cluster: Cluster, table: str, endpoint: str) -> int:
         return int(query(cluster, f"SELECT count(*) FROM {table}", endpoint)[0][0])
     except psycopg.errors.UndefinedTable:
         return -1
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def resolve(name: str, port: int) -> list[str]:
@@ -118,15 +120,48 @@ def streaming_readers(cluster: Cluster) -> set[str]:
             "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")}
 
 
-def settle(cluster: Cluster) -> None:
-    """Wait for pending rejoins, restart what is stopped, undo per-test changes."""
-    with contextlib.suppress(TimeoutError):
-        if any(i.role == "stopped" for i in cluster.instances.values()):
+def replica_status_ids(cluster: Cluster, endpoint: str | None = None) -> set[str]:
+    """The instances ``aurora_replica_status()`` lists, as seen from ``endpoint`` (a reader
+    sees what it has replayed of the rows the control plane writes on the writer)."""
+    return {r[0] for r in query(cluster, "SELECT server_id FROM "
+                                         "pg_catalog.aurora_replica_status()", endpoint)}
+
+
+def replayed_everything(cluster: Cluster) -> bool:
+    """Every reader has replayed all the writer's WAL: what the control plane published on
+    the writer (topology rows) is what every instance shows."""
+    with cluster.superuser() as conn:
+        position = conn.execute("SELECT pg_catalog.pg_current_wal_lsn()").fetchone()[0]
+    for reader in cluster.readers:
+        with cluster.superuser(reader.id) as conn:
+            row = conn.execute("SELECT pg_catalog.pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                               (str(position),)).fetchone()
+        if not row or not row[0]:
+            return False
+    return True
+
+
+def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
+    """Undo what a test changed, whether it passed or not: wait for pending rejoins, start
+    what is stopped, remove readers it added, restore each reader's configuration (a test may
+    have rewritten it), undo lag, stale rows, DNS staleness and a read-only writer; then wait
+    until every reader streams from the writer and has replayed all it wrote."""
+    if any(i.role == "stopped" for i in cluster.instances.values()):
+        with contextlib.suppress(TimeoutError):
             cluster.events.wait_for("rejoined_as_reader",
-                                    since=cluster.events.events()[-1].mono, timeout=10)
+                                    since=cluster.events.events()[-1].mono, timeout=LIVENESS)
     for instance in list(cluster.instances.values()):
         if instance.role == "stopped":
             cluster.start_instance(instance.id)
+    for instance in list(cluster.instances.values()):
+        if instance.id not in instance_ids and instance.role == "reader":
+            cluster.remove_reader(instance.id)
+    assert set(cluster.instances) == instance_ids, (
+        f"instances {sorted(cluster.instances)}, expected {sorted(instance_ids)}")
+    engine = cluster.engine
+    assert isinstance(engine, PgClusterEngine)
+    for reader in cluster.readers:
+        engine._apply(reader)  # the configuration the engine's state says, reloaded
     cluster.set_dns_staleness(0.0)
     cluster.make_writer_read_only(False)
     for instance in cluster.instances.values():
@@ -135,7 +170,10 @@ def settle(cluster: Cluster) -> None:
         if instance.role == "reader" and instance.lag:
             cluster.set_replica_lag(instance.id, 0.0)
     wanted = {r.id for r in cluster.readers}
-    wait_until("all readers streaming", lambda: streaming_readers(cluster) == wanted)
+    wait_for(f"readers {sorted(wanted)} streaming", lambda: streaming_readers(cluster),
+             lambda streaming: streaming == wanted, ignoring=(psycopg.OperationalError,))
+    wait_until("all readers replaying everything the writer wrote",
+               lambda: replayed_everything(cluster), ignoring=(psycopg.OperationalError,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,23 +181,29 @@ def settle(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def aurora_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=2, timeline=FAST) as cluster:
-        yield cluster
+def aurora_shared() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=FAST),
+                       settle) as shared:
+        yield shared
 
 
 @pytest.fixture
-def aurora(aurora_cluster: Cluster) -> Iterator[Cluster]:
-    """The shared Aurora cluster, settled after each test (a writer and two streaming
-    readers; which instance is the writer varies)."""
-    yield aurora_cluster
-    settle(aurora_cluster)
+def aurora(aurora_shared: SharedCluster) -> Iterator[Cluster]:
+    """The shared Aurora cluster, settled before and after each test (a writer and two
+    streaming readers that replayed everything; which instance is the writer varies)."""
+    yield from aurora_shared.fixture()
 
 
 @pytest.fixture(scope="module")
-def multi_az() -> Iterator[Cluster]:
-    with Cluster.start("multi-az-pg", timeline=FAST) as cluster:
-        yield cluster
+def multi_az_shared() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("multi-az-pg", timeline=FAST), settle) as shared:
+        yield shared
+
+
+@pytest.fixture
+def multi_az(multi_az_shared: SharedCluster) -> Iterator[Cluster]:
+    """The shared Multi-AZ cluster, settled before and after each test."""
+    yield from multi_az_shared.fixture()
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +335,8 @@ def test_stale_rows_are_ignored_by_parse_topology(aurora: Cluster) -> None:
     events = aurora.set_status_age(stale.id, 600)
     assert names(events) == ["topology_updated"]
     aurora.set_status_age(aurora.writer.id, 600)  # a stale writer row still counts
+    # The rows are written on the writer; the readers show them once they replayed them.
+    wait_until("the readers to replay the status rows", lambda: replayed_everything(aurora))
     dialect = get_dialect("aurora-pg")
     for instance in (aurora.writer, fresh):
         with connect(aurora, instance.endpoint) as conn:
@@ -388,14 +434,16 @@ def test_crash_failover_timeline_with_stale_dns(aurora: Cluster) -> None:
     new = aurora.writer
     assert new is not old and failover[2].instance == new.id
     assert failover[2].mono - failover[1].mono >= FAST.detection_delay
-    assert failover[2].mono - failover[0].mono < FAST.detection_delay + 5
+    assert failover[2].mono - failover[0].mono < FAST.detection_delay + LIVENESS
     # Until dns_updated the writer endpoint still resolves to the old writer.
     assert resolve(aurora.writer_endpoint, aurora.port) == [old.address]
-    dns = aurora.events.wait_for("dns_updated", since=failover[0].mono, timeout=10)
+    dns = aurora.events.wait_for("dns_updated", since=failover[0].mono, timeout=LIVENESS)
     assert dns.instance == new.id
-    assert 0.9 <= dns.mono - failover[2].mono < 4
+    # Not before the staleness window (its timer may queue behind the old writer's rejoin).
+    assert 0.9 <= dns.mono - failover[2].mono < LIVENESS
     assert resolve(aurora.writer_endpoint, aurora.port) == [new.address]
-    rejoined = aurora.events.wait_for("rejoined_as_reader", since=failover[0].mono, timeout=15)
+    rejoined = aurora.events.wait_for("rejoined_as_reader", since=failover[0].mono,
+                                      timeout=LIVENESS)
     assert rejoined.instance == old.id and rejoined.mono > failover[2].mono
     assert old.role == "reader"
     # The old writer really replicates from the new one.
@@ -423,7 +471,7 @@ def test_graceful_targeted_failover(aurora: Cluster) -> None:
     in_order(events, "failover_started", "writer_stopped", "promoted", "topology_updated")
     assert aurora.writer is target
     assert query(aurora, "SELECT pg_catalog.aurora_db_instance_identifier()") == [(target.id,)]
-    aurora.events.wait_for("rejoined_as_reader", since=events[0].mono, timeout=15)
+    aurora.events.wait_for("rejoined_as_reader", since=events[0].mono, timeout=LIVENESS)
     assert old.role == "reader"
     assert streaming_readers(aurora) == {r.id for r in aurora.readers}
 
@@ -431,7 +479,9 @@ def test_graceful_targeted_failover(aurora: Cluster) -> None:
 def test_multi_az_failover_moves_the_writer_everywhere(multi_az: Cluster) -> None:
     old = multi_az.writer
     events = multi_az.failover()
-    multi_az.events.wait_for("rejoined_as_reader", since=events[0].mono, timeout=15)
+    multi_az.events.wait_for("rejoined_as_reader", since=events[0].mono, timeout=LIVENESS)
+    # The new topology is written on the new writer; the readers show it once replayed.
+    wait_until("the readers to replay the new topology", lambda: replayed_everything(multi_az))
     dialect = get_dialect("multi-az-pg")
     new_id = resource_id(multi_az.naming.cluster_id, multi_az.writer.id)
     for instance in multi_az.instances.values():
@@ -500,11 +550,13 @@ def test_add_and_remove_reader(aurora: Cluster) -> None:
     in_order(events, "instance_started", "reader_added", "topology_updated")
     added = aurora.instance(events[0].instance or "")
     assert added.role == "reader" and len(aurora.instances) == 4
-    assert added.id in streaming_readers(aurora)
+    wait_until("the new reader streaming", lambda: added.id in streaming_readers(aurora))
     with aurora.superuser() as conn:
         assert f'"{added.id}"' in conn.execute("SHOW synchronous_standby_names").fetchone()[0]
-    assert added.id in {r[0] for r in query(
-        aurora, "SELECT server_id FROM pg_catalog.aurora_replica_status()", added.endpoint)}
+    assert added.id in replica_status_ids(aurora)
+    # Its own view holds the topology row once replication has delivered it.
+    wait_until("the new reader in its own topology view",
+               lambda: added.id in replica_status_ids(aurora, added.endpoint))
     assert query(aurora, "SELECT pg_catalog.aurora_db_instance_identifier()",
                  added.endpoint) == [(added.id,)]
     base_dir = added.runtime.base_dir
@@ -512,8 +564,7 @@ def test_add_and_remove_reader(aurora: Cluster) -> None:
     in_order(events, "reader_removed", "topology_updated")
     assert added.id not in aurora.instances and not base_dir.exists()
     assert added.endpoint not in dict(HostsFile().entries(aurora.name))
-    assert added.id not in {r[0] for r in query(
-        aurora, "SELECT server_id FROM pg_catalog.aurora_replica_status()")}
+    assert added.id not in replica_status_ids(aurora)
 
 
 def test_replica_lag_is_real_and_reported(aurora: Cluster) -> None:
@@ -558,6 +609,27 @@ def test_promote_catches_up_from_a_more_advanced_reader(aurora: Cluster) -> None
     assert ahead.id in streaming_readers(aurora)
 
 
+def test_what_a_failed_test_leaves_is_undone_before_the_next(
+        aurora_shared: SharedCluster) -> None:
+    """What the two tests above leave behind when they fail half-way (an added reader; a
+    reader cut off its writer by a rewritten configuration) is undone when the test ends:
+    the next test gets the same cluster with its own instances, all streaming."""
+    cluster = aurora_shared.acquire()
+    started = set(cluster.instances)
+    added = cluster.instance(cluster.add_reader()[0].instance or "")
+    cut_off = cluster.readers[0]
+    cut_off.runtime.reconfigure({**cast(PgClusterEngine, cluster.engine)._settings(cut_off.id),
+                                 "primary_conninfo": "host=127.0.0.1 port=1 connect_timeout=1"})
+    cut_off.runtime.reload()
+    wait_until("the reader to stop streaming",
+               lambda: cut_off.id not in streaming_readers(cluster))
+    aurora_shared.release()
+    assert aurora_shared.acquire() is cluster  # restored, not replaced
+    assert set(cluster.instances) == started and added.id not in cluster.instances
+    assert streaming_readers(cluster) == {r.id for r in cluster.readers}
+    assert replayed_everything(cluster)
+
+
 class Writes:
     """A thread committing numbered rows through the writer endpoint, reconnecting after
     errors; ``acknowledged`` holds the ids whose commit returned."""
@@ -589,7 +661,7 @@ class Writes:
         if conn is not None:
             conn.close()
 
-    def wait_for_more(self, count: int, timeout: float = 20.0) -> None:
+    def wait_for_more(self, count: int, timeout: float = LIVENESS) -> None:
         target = len(self.acknowledged) + count
         wait_until(f"{count} more commits", lambda: len(self.acknowledged) >= target, timeout)
 
@@ -610,7 +682,7 @@ def test_no_acknowledged_commit_is_lost(aurora: Cluster) -> None:
         writes.wait_for_more(200)
         first = aurora.failover()  # crash: the most advanced reader is promoted
         writes.wait_for_more(200)
-        aurora.events.wait_for("rejoined_as_reader", since=first[0].mono, timeout=15)
+        aurora.events.wait_for("rejoined_as_reader", since=first[0].mono, timeout=LIVENESS)
         target = aurora.readers[0]
         aurora.failover(target=target.id)  # crash, targeted
         assert aurora.writer is target

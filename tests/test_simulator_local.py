@@ -484,7 +484,7 @@ def test_concurrent_processes_get_distinct_addresses() -> None:
         import time
         from simulator._addresses import ProcessIdentity, claim_address
         print(claim_address(ProcessIdentity.current(), "test"), flush=True)
-        time.sleep(3)
+        time.sleep(600)  # holds its claim until the parent, having read all four, kills it
     """
     children = [run_child(code) for _ in range(4)]
     try:

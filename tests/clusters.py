@@ -1,0 +1,86 @@
+"""A simulated cluster shared by the tests of a module, restored before and after each test.
+
+Starting a cluster costs seconds, so a module shares one; but its tests fail it over, add and
+remove readers, kill servers and reconfigure them. If a test fails half-way, what it changed
+must not become the next test's failure. :class:`SharedCluster` hands each test a cluster
+that its module's ``settle`` function has brought back to the module's invariant (the
+instances it started with, each in a role, every reader replicating from the writer), and
+settles it again when the test ends. If settling fails, the cluster is stopped and the error
+is reported at the teardown of the test that broke it; the next test gets a fresh cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from types import TracebackType
+
+from simulator.cluster import Cluster
+
+__all__ = ["Settle", "SharedCluster"]
+
+LOGGER = logging.getLogger("tests.clusters")
+
+#: ``settle(cluster, instance_ids)``: bring ``cluster`` back to the instances it started with
+#: (``instance_ids``), every one in a role and replicating; raise if it cannot.
+Settle = Callable[[Cluster, frozenset[str]], None]
+
+
+class SharedCluster(AbstractContextManager["SharedCluster"]):
+    """One cluster for a module's tests (see the module docstring). Use :meth:`fixture` in
+    the function-scoped fixture the tests ask for."""
+
+    def __init__(self, start: Callable[[], Cluster], settle: Settle) -> None:
+        self._start = start
+        self._settle = settle
+        self._cluster: Cluster | None = None
+        self._instance_ids: frozenset[str] = frozenset()
+
+    def _fresh(self) -> Cluster:
+        cluster = self._start()
+        self._cluster = cluster
+        self._instance_ids = frozenset(cluster.instances)
+        return cluster
+
+    def _discard(self) -> None:
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            cluster.stop()
+
+    def acquire(self) -> Cluster:
+        """The cluster, settled; a cluster that cannot be settled is replaced by a fresh one
+        (what broke it was reported at the teardown of an earlier test)."""
+        cluster = self._cluster or self._fresh()
+        try:
+            self._settle(cluster, self._instance_ids)
+        except Exception:
+            LOGGER.warning("cluster %s cannot be settled; starting a fresh one", cluster.name,
+                           exc_info=True)
+            self._discard()
+            cluster = self._fresh()
+            self._settle(cluster, self._instance_ids)
+        return cluster
+
+    def release(self) -> None:
+        """Settle the cluster after a test; if that fails, stop it and re-raise, so that the
+        error belongs to the test that left it broken and the next test starts fresh."""
+        cluster = self._cluster
+        if cluster is None:
+            return
+        try:
+            self._settle(cluster, self._instance_ids)
+        except BaseException:
+            self._discard()
+            raise
+
+    def fixture(self) -> Iterator[Cluster]:
+        """Body of a function-scoped fixture: ``yield from shared.fixture()``."""
+        cluster = self.acquire()
+        yield cluster
+        self.release()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._discard()
+
