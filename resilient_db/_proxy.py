@@ -51,8 +51,54 @@ _TRANSACTION = Op.TRANSACTION
 _RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR})
 # Cursor attributes bound to the driver cursor: after the physical connection is replaced they
 # are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
-_BOUND_ATTRS = frozenset({"_cur", "_execute"})
+_BOUND_ATTRS = frozenset({"_cur", "_bound"})
 _FETCH_METHODS = ("fetchone", "fetchmany", "fetchall")
+
+
+class _Bound:
+    """What ``CursorProxy.execute`` needs, in one object of plain slots.
+
+    The proxies define ``__getattr__`` (the pass-through), so CPython 3.11 cannot specialize
+    any attribute read on them: each costs several times a read from a plain object. The
+    per-statement path therefore reads one proxy attribute (``_bound``) and the rest from
+    here. ``call``: the cursor's reusable statement call, made on its first pipelined
+    statement (cursors that never run one through a chain, such as those
+    ``Connection.execute`` returns, never pay for it)."""
+
+    __slots__ = ("call", "chains", "cur", "execute")
+
+    def __init__(self, cur: Any, chains: Chains) -> None:
+        self.cur = cur
+        self.execute = cur.execute
+        self.chains = chains
+        self.call: Call | None = None
+
+
+class _Cursors:
+    """The live cursor proxies of a connection (to rebind after a failover), held weakly.
+
+    Cheaper than a ``weakref.WeakSet`` where it matters: registering a cursor is one weak
+    reference without a callback and a list append (``Connection.execute`` opens a cursor per
+    statement); dead references are dropped when the list has doubled since the last prune."""
+
+    __slots__ = ("_limit", "_refs")
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ReferenceType[CursorProxy]] = []
+        self._limit = 64
+
+    def add(self, cursor: CursorProxy) -> None:
+        refs = self._refs
+        refs.append(weakref.ref(cursor))
+        if len(refs) > self._limit:
+            refs[:] = [r for r in refs if r() is not None]
+            self._limit = max(64, 2 * len(refs))
+
+    def __iter__(self) -> Iterator[CursorProxy]:
+        return iter([c for c in (r() for r in self._refs) if c is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for r in self._refs if r() is not None)
 
 
 class ConnectionProxy:
@@ -70,7 +116,7 @@ class ConnectionProxy:
     _host: HostSpec
     _session: dict[str, Any]
     _closed_by_us: bool
-    _cursors: weakref.WeakSet[CursorProxy]
+    _cursors: _Cursors
 
     def __init__(
         self, raw: Any, driver: DriverDialect, pipeline: Pipeline, host: HostSpec
@@ -84,7 +130,7 @@ class ConnectionProxy:
         object.__setattr__(self, "_session", {})
         object.__setattr__(self, "_closed_by_us", False)
         # Live cursor proxies, rebound lazily after the physical connection is replaced.
-        object.__setattr__(self, "_cursors", weakref.WeakSet())
+        object.__setattr__(self, "_cursors", _Cursors())
 
     # --- resilient_db surface -----------------------------------------------------------------
     @property
@@ -111,8 +157,8 @@ class ConnectionProxy:
         if chain is None:
             setattr(raw, name, value)
         else:
-            chain(Call(_SESSION, f"Connection.{name}", setattr, (raw, name, value),
-                                  {}, self))
+            chain(Call(_SESSION, f"Connection.{name}", setattr, (raw, name, value), {}, self,
+                       raw))
         self._session[name] = value
 
     def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
@@ -135,7 +181,7 @@ class ConnectionProxy:
             raw_cursor = raw.cursor(*args, **kwargs)
         else:
             raw_cursor = chain(Call(_CURSOR, "Connection.cursor", raw.cursor, args, kwargs,
-                                    self))
+                                    self, raw))
         proxy = self._driver.cursor_proxy(raw_cursor, self)
         if args or kwargs:  # remembered to open the same kind of cursor after a failover
             proxy.__dict__["_cursor_args"] = (args, kwargs)
@@ -143,18 +189,19 @@ class ConnectionProxy:
 
     def commit(self) -> None:
         chain = self._chains.commit
+        raw = self._raw
         if chain is None:
-            self._raw.commit()
+            raw.commit()
         else:
-            chain(Call(_COMMIT, "Connection.commit", self._raw.commit, (), {}, self))
+            chain(Call(_COMMIT, "Connection.commit", raw.commit, (), {}, self, raw))
 
     def rollback(self) -> None:
         chain = self._chains.rollback
+        raw = self._raw
         if chain is None:
-            self._raw.rollback()
+            raw.rollback()
         else:
-            chain(Call(_ROLLBACK, "Connection.rollback", self._raw.rollback, (), {},
-                                  self))
+            chain(Call(_ROLLBACK, "Connection.rollback", raw.rollback, (), {}, self, raw))
 
     def close(self) -> None:
         object.__setattr__(self, "_closed_by_us", True)
@@ -251,7 +298,7 @@ class ResilientView:
                     break
         else:
             fn = None
-        return None if fn is None else call.replace(fn=fn)
+        return None if fn is None else call.replace(fn=fn, raw=proxy._raw)
 
 
 class CursorProxy:
@@ -265,24 +312,21 @@ class CursorProxy:
     _cur: Any
     _conn: ConnectionProxy
     _chains: Chains
-    _execute: Callable[..., Any]
-    _stmt_call: Call
+    _bound: _Bound
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__
         state["_conn"] = connection
-        state["_chains"] = connection._chains
-        # One call object for this cursor's successive statements (see Call).
-        state["_stmt_call"] = Call(_EXECUTE, "Cursor.execute", raw.execute, (), {}, connection)
-        self._bind(raw)
+        state["_chains"] = chains = connection._chains
+        self._bind(raw, chains)
         cursors = getattr(connection, "_cursors", None)
         if cursors is not None:
             cursors.add(self)
 
-    def _bind(self, raw: Any) -> None:
+    def _bind(self, raw: Any, chains: Chains) -> None:
         state = self.__dict__
         state["_cur"] = raw
-        state["_execute"] = raw.execute  # the hot path skips the raw -> method lookup
+        state["_bound"] = _Bound(raw, chains)
         if _FETCH not in state["_conn"]._pipeline.may_intercept:
             # No plugin of this connection, even a dormant one, intercepts fetches.
             state["fetchone"] = raw.fetchone
@@ -299,7 +343,7 @@ class CursorProxy:
         if "_cur" not in state:
             return
         state["_stale_cur"] = state.pop("_cur")
-        state.pop("_execute", None)
+        state.pop("_bound", None)
         for name in _FETCH_METHODS:
             state.pop(name, None)
 
@@ -313,7 +357,7 @@ class CursorProxy:
             setattr(raw, name, value)
         if state.get("_closed"):
             raw.close()
-        self._bind(raw)
+        self._bind(raw, state["_chains"])
 
     def _bound_to(self, raw: Any) -> bool:
         """Whether ``raw`` is (or, before a rebind, was) this proxy's driver cursor."""
@@ -350,16 +394,17 @@ class CursorProxy:
         return chain(Call(op, method, fn, args, kwargs, self._conn))
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        # The hottest path of the library: keep it to a handful of bytecodes.
-        chain = self._chains.execute
+        # The hottest path of the library: one proxy attribute read (see _Bound), a handful
+        # of bytecodes, no allocation but the argument tuple.
+        bound = self._bound
+        chain = bound.chains.execute
         if chain is None:
-            result = self._execute(query, params, **kwargs) if kwargs else self._execute(
-                query, params)
+            execute = bound.execute
+            result = execute(query, params, **kwargs) if kwargs else execute(query, params)
         else:
-            call = self._stmt_call
-            if call.busy:  # a plugin re-entered this cursor: give it its own call object
-                call = Call(_EXECUTE, "Cursor.execute", self._execute, (), {}, self._conn)
-            call.fn = self._execute
+            call = bound.call
+            if call is None or call.busy:
+                call = self._statement_call(bound)
             call.args = (query, params)
             call.kwargs = kwargs
             call.busy = True
@@ -367,7 +412,18 @@ class CursorProxy:
                 result = chain(call)
             finally:
                 call.busy = False
-        return self if result is self._cur else result
+        return self if result is bound.cur else result
+
+    def _statement_call(self, bound: _Bound) -> Call:
+        """The call object for a statement: the cursor's reusable one (see Call), made on
+        its first statement; a new one when it is in use (a plugin re-entered this cursor).
+        Its ``raw`` is the driver connection the cursor was bound on, which is the proxy's
+        current one: a failover rebinds the cursor (and makes a new ``_Bound``)."""
+        conn = self._conn
+        call = Call(_EXECUTE, "Cursor.execute", bound.execute, (), {}, conn, conn._raw)
+        if bound.call is None:
+            bound.call = call
+        return call
 
     def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._call(_EXECUTEMANY, "Cursor.executemany", self._cur.executemany,

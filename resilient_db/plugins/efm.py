@@ -110,11 +110,10 @@ class EfmPlugin(Plugin):
         grace = self.grace
         if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
             def handler(call: Call) -> Any:
-                proxy = call.connection
-                raw = proxy._raw
+                raw = call.raw  # not call.connection._raw: a proxy attribute is slow
                 inflight = state._inflight
                 if inflight is None:
-                    inflight = state._attach(raw, proxy._host)
+                    inflight = state._attach(raw, call.connection._host)
                 inflight[raw] = clock() + grace
                 try:
                     kwargs = call.kwargs
@@ -127,11 +126,10 @@ class EfmPlugin(Plugin):
             return handler
 
         def chained(call: Call) -> Any:
-            proxy = call.connection
-            raw = proxy._raw
+            raw = call.raw
             inflight = state._inflight
             if inflight is None:
-                inflight = state._attach(raw, proxy._host)
+                inflight = state._attach(raw, call.connection._host)
             inflight[raw] = clock() + grace
             try:
                 return proceed(call)
