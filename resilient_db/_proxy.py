@@ -51,27 +51,8 @@ _TRANSACTION = Op.TRANSACTION
 _RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR})
 # Cursor attributes bound to the driver cursor: after the physical connection is replaced they
 # are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
-_BOUND_ATTRS = frozenset({"_cur", "_bound"})
+_BOUND_ATTRS = frozenset({"_cur"})
 _FETCH_METHODS = ("fetchone", "fetchmany", "fetchall")
-
-
-class _Bound:
-    """What ``CursorProxy.execute`` needs, in one object of plain slots.
-
-    The proxies define ``__getattr__`` (the pass-through), so CPython 3.11 cannot specialize
-    any attribute read on them: each costs several times a read from a plain object. The
-    per-statement path therefore reads one proxy attribute (``_bound``) and the rest from
-    here. ``call``: the cursor's reusable statement call, made on its first pipelined
-    statement (cursors that never run one through a chain, such as those
-    ``Connection.execute`` returns, never pay for it)."""
-
-    __slots__ = ("call", "chains", "cur", "execute")
-
-    def __init__(self, cur: Any, chains: Chains) -> None:
-        self.cur = cur
-        self.execute = cur.execute
-        self.chains = chains
-        self.call: Call | None = None
 
 
 class _Cursors:
@@ -312,21 +293,19 @@ class CursorProxy:
     _cur: Any
     _conn: ConnectionProxy
     _chains: Chains
-    _bound: _Bound
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__
         state["_conn"] = connection
-        state["_chains"] = chains = connection._chains
-        self._bind(raw, chains)
+        state["_chains"] = connection._chains
+        self._bind(raw)
         cursors = getattr(connection, "_cursors", None)
         if cursors is not None:
             cursors.add(self)
 
-    def _bind(self, raw: Any, chains: Chains) -> None:
+    def _bind(self, raw: Any) -> None:
         state = self.__dict__
         state["_cur"] = raw
-        state["_bound"] = _Bound(raw, chains)
         if _FETCH not in state["_conn"]._pipeline.may_intercept:
             # No plugin of this connection, even a dormant one, intercepts fetches.
             state["fetchone"] = raw.fetchone
@@ -343,7 +322,7 @@ class CursorProxy:
         if "_cur" not in state:
             return
         state["_stale_cur"] = state.pop("_cur")
-        state.pop("_bound", None)
+        state.pop("execute", None)
         for name in _FETCH_METHODS:
             state.pop(name, None)
 
@@ -357,7 +336,7 @@ class CursorProxy:
             setattr(raw, name, value)
         if state.get("_closed"):
             raw.close()
-        self._bind(raw, state["_chains"])
+        self._bind(raw)
 
     def _bound_to(self, raw: Any) -> bool:
         """Whether ``raw`` is (or, before a rebind, was) this proxy's driver cursor."""
@@ -394,36 +373,55 @@ class CursorProxy:
         return chain(Call(op, method, fn, args, kwargs, self._conn))
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        # The hottest path of the library: one proxy attribute read (see _Bound), a handful
-        # of bytecodes, no allocation but the argument tuple.
-        bound = self._bound
-        chain = bound.chains.execute
-        if chain is None:
-            execute = bound.execute
-            result = execute(query, params, **kwargs) if kwargs else execute(query, params)
-        else:
-            call = bound.call
-            if call is None or call.busy:
-                call = self._statement_call(bound)
-            call.args = (query, params)
-            call.kwargs = kwargs
-            call.busy = True
-            try:
-                result = chain(call)
-            finally:
-                call.busy = False
-        return self if result is bound.cur else result
+        # The first statement on this driver cursor: install the fast path, then run it.
+        return self._fast_execute()(query, params, **kwargs)
 
-    def _statement_call(self, bound: _Bound) -> Call:
-        """The call object for a statement: the cursor's reusable one (see Call), made on
-        its first statement; a new one when it is in use (a plugin re-entered this cursor).
-        Its ``raw`` is the driver connection the cursor was bound on, which is the proxy's
-        current one: a failover rebinds the cursor (and makes a new ``_Bound``)."""
-        conn = self._conn
-        call = Call(_EXECUTE, "Cursor.execute", bound.execute, (), {}, conn, conn._raw)
-        if bound.call is None:
-            bound.call = call
-        return call
+    def _fast_execute(self) -> Callable[..., Any]:
+        """Build this cursor's ``execute`` for its current driver cursor and store it in the
+        instance, where it shadows the method above until a failover rebinds the cursor.
+
+        The hottest path of the library. The proxies define ``__getattr__`` (the
+        pass-through), so CPython 3.11 cannot specialize attribute reads on them: each
+        costs several times a read from a plain object. This closure reads none: what it
+        needs is in its cells. It holds the proxy weakly (a strong reference would be a
+        cycle, delaying the driver cursor's release to the garbage collector). The call
+        object for pipelined statements is made on the first one and reused (see ``Call``);
+        a plugin re-entering this cursor gets a new one."""
+        state = self.__dict__
+        raw = self._cur  # rebinds first if a failover made the driver cursor stale
+        raw_execute = raw.execute
+        chains: Chains = state["_chains"]
+        conn: ConnectionProxy = state["_conn"]
+        raw_conn = conn._raw  # the driver connection raw belongs to (see _rebind)
+        proxy = weakref.ref(self)
+        reused: Call | None = None
+
+        def execute(query: Any, params: Any = None, **kwargs: Any) -> Any:
+            nonlocal reused
+            chain = chains.execute
+            if chain is None:
+                result = raw_execute(query, params, **kwargs) if kwargs else raw_execute(
+                    query, params)
+            else:
+                call = reused
+                if call is None or call.busy:
+                    call = Call(_EXECUTE, "Cursor.execute", raw_execute, (), {}, conn, raw_conn)
+                    if reused is None:
+                        reused = call
+                call.args = (query, params)
+                call.kwargs = kwargs
+                call.busy = True
+                try:
+                    result = chain(call)
+                finally:
+                    call.busy = False
+            if result is raw:  # the driver returned its cursor: return the proxy
+                cursor = proxy()
+                return result if cursor is None else cursor
+            return result
+
+        state["execute"] = execute
+        return execute
 
     def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._call(_EXECUTEMANY, "Cursor.executemany", self._cur.executemany,

@@ -116,8 +116,12 @@ class EfmPlugin(Plugin):
                     inflight = state._attach(raw, call.connection._host)
                 inflight[raw] = clock() + grace
                 try:
-                    kwargs = call.kwargs
-                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                    args = call.args
+                    if call.kwargs:
+                        return call.fn(*args, **call.kwargs)
+                    if len(args) == 2:  # (statement, parameters): see _pipeline.run_call
+                        return call.fn(args[0], args[1])
+                    return call.fn(*args)
                 except BaseException as exc:
                     state._explain(raw, exc)
                     raise
