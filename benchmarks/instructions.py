@@ -3,7 +3,8 @@
 Wall-clock ratios on a small shared VM move by several percent between runs; instruction
 counts from ``valgrind --tool=callgrind`` do not. This runs ``SELECT 1`` + ``fetchone`` N and 3N
 times in a fresh interpreter per variant under callgrind and reports the difference per query
-(start-up cancels out). It counts only the client process: server time, the kernel and the
+(start-up cancels out). It counts only the client process's main thread (monitor threads
+do work in proportion to wall time, not queries): server time, the kernel and the
 network are not in it, so an instruction ratio overstates the wall-clock ratio.
 
     python benchmarks/instructions.py [--drivers pg,mysql] [--queries 1000]
@@ -17,10 +18,12 @@ import argparse
 import contextlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +31,8 @@ VARIANTS = {
     "raw driver": None,
     "resilient_db, no plugins": "",
     "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
+    "resilient_db, failover,efm": "failover,efm",
+    "resilient_db, failover,efm + decision telemetry": "failover,efm+telemetry",
 }
 
 _CHILD = r"""
@@ -41,11 +46,19 @@ else:
     import mysql.connector
     target = mysql.connector.connect
     kw["use_pure"] = True
+extra = {}
+if plugins.endswith("+telemetry"):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    plugins = plugins.removesuffix("+telemetry")
+    extra = {"enable_telemetry": True, "tracer_provider": TracerProvider(),
+             "meter_provider": MeterProvider(metric_readers=[InMemoryMetricReader()])}
 if plugins == "-":
     conn = target(autocommit=True, **kw)
 else:
     import resilient_db
-    conn = resilient_db.connect(target, plugins=plugins, autocommit=True, **kw)
+    conn = resilient_db.connect(target, plugins=plugins, autocommit=True, **kw, **extra)
 cur = conn.cursor()
 for _ in range(n):
     cur.execute("SELECT 1")
@@ -54,13 +67,20 @@ for _ in range(n):
 
 
 def _count(driver: str, plugins: str | None, n: int, kw: dict[str, Any]) -> int:
+    """Instructions of the main thread only: failover's topology monitor and efm's host
+    monitor run on threads of their own, whose work depends on wall time (callgrind slows
+    the process ~50x), not on the number of queries."""
     env = dict(os.environ, RDB_KW=json.dumps(kw), PYTHONHASHSEED="0")
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         "-c", _CHILD, driver, "-" if plugins is None else plugins, str(n)],
-        env=env, capture_output=True, text=True, check=False, timeout=600,
-    )
-    found = re.search(r"Collected : (\d+)", out.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+             f"--callgrind-out-file={tmp}/cg.out", sys.executable,
+             "-c", _CHILD, driver, "-" if plugins is None else plugins, str(n)],
+            env=env, capture_output=True, text=True, check=False, timeout=600,
+        )
+        main = sorted(pathlib.Path(tmp).glob("cg.out*-01"))
+        text = main[0].read_text() if main else ""
+    found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
     if found is None:
         raise RuntimeError(f"callgrind gave no count:\n{out.stderr[-2000:]}")
     return int(found.group(1))

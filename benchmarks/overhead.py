@@ -71,6 +71,8 @@ VARIANTS: dict[str, str | Variant] = {
         telemetry=True, budget=math.inf),
     "resilient_db, efm": "efm",
     "resilient_db, failover,efm": "failover,efm",
+    "resilient_db, failover,efm + decision telemetry": Variant(
+        "failover,efm", {"enable_telemetry": True}, telemetry=True),
     "resilient_db, no plugins, socket_timeout=30": Variant("", {"socket_timeout": 30}),
 }
 

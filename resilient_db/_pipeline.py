@@ -72,7 +72,10 @@ class Call:
 
     Fields: ``op`` (:class:`Op`), ``method`` (the public method name, e.g.
     ``"Cursor.execute"``, for logs and telemetry only), ``fn``, ``args``, ``kwargs``,
-    ``connection`` (the resilient_db connection).
+    ``connection`` (the resilient_db connection), ``raw`` (the driver connection ``fn`` runs
+    on; default: the connection's current one). Plugins on the per-statement path read
+    ``call.raw``, not ``call.connection._raw``: an attribute of a proxy goes through its
+    ``__getattr__`` pass-through, which CPython cannot specialize (several times slower).
 
     A call object is valid for the duration of the hook only: a cursor reuses one object for
     its successive statements (allocating one per statement is a measurable share of the
@@ -80,7 +83,7 @@ class Call:
     retried statement on a new cursor) passes ``call.replace(fn=...)`` on, never mutates it.
     """
 
-    __slots__ = ("args", "busy", "connection", "fn", "kwargs", "method", "op")
+    __slots__ = ("args", "busy", "connection", "fn", "kwargs", "method", "op", "raw")
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class Call:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         connection: Any,
+        raw: Any = None,
     ) -> None:
         self.op = op
         self.method = method
@@ -97,6 +101,8 @@ class Call:
         self.args = args
         self.kwargs = kwargs
         self.connection = connection
+        # Read from the proxy only when not given (slow path: connection-level calls pass it).
+        self.raw = getattr(connection, "_raw", None) if raw is None else raw
         self.busy = False
 
     def replace(self, **changes: Any) -> Call:
@@ -112,7 +118,7 @@ class Call:
         return f"Call({self.op.name}, {self.method!r}, args={self.args!r})"
 
 
-_CALL_FIELDS = ("op", "method", "fn", "args", "kwargs", "connection")
+_CALL_FIELDS = ("op", "method", "fn", "args", "kwargs", "connection", "raw")
 
 
 Handler = Callable[[Call], Any]

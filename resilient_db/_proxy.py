@@ -61,8 +61,35 @@ _TRANSACTION = Op.TRANSACTION
 _RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR, Op.SESSION})
 # Cursor attributes bound to the driver cursor: after the physical connection is replaced they
 # are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
-_BOUND_ATTRS = frozenset({"_cur", "_execute"})
+_BOUND_ATTRS = frozenset({"_cur"})
 _FETCH_METHODS = ("fetchone", "fetchmany", "fetchall")
+
+
+class _Cursors:
+    """The live cursor proxies of a connection (to rebind after a failover), held weakly.
+
+    Cheaper than a ``weakref.WeakSet`` where it matters: registering a cursor is one weak
+    reference without a callback and a list append (``Connection.execute`` opens a cursor per
+    statement); dead references are dropped when the list has doubled since the last prune."""
+
+    __slots__ = ("_limit", "_refs")
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ReferenceType[CursorProxy]] = []
+        self._limit = 64
+
+    def add(self, cursor: CursorProxy) -> None:
+        refs = self._refs
+        refs.append(weakref.ref(cursor))
+        if len(refs) > self._limit:
+            refs[:] = [r for r in refs if r() is not None]
+            self._limit = max(64, 2 * len(refs))
+
+    def __iter__(self) -> Iterator[CursorProxy]:
+        return iter([c for c in (r() for r in self._refs) if c is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for r in self._refs if r() is not None)
 
 
 class ConnectionProxy:
@@ -80,7 +107,7 @@ class ConnectionProxy:
     _host: HostSpec
     _session: dict[str, Any]
     _closed_by_us: bool
-    _cursors: weakref.WeakSet[CursorProxy]
+    _cursors: _Cursors
     _seat: Seat
 
     def __init__(
@@ -95,7 +122,7 @@ class ConnectionProxy:
         object.__setattr__(self, "_session", {})
         object.__setattr__(self, "_closed_by_us", False)
         # Live cursor proxies, rebound lazily after the physical connection is replaced.
-        object.__setattr__(self, "_cursors", weakref.WeakSet())
+        object.__setattr__(self, "_cursors", _Cursors())
         # This connection in the process-wide per-host counts (least_connections), until it is
         # closed or collected.
         object.__setattr__(self, "_seat", Seat(address_for(raw, host, driver.default_port)))
@@ -126,8 +153,8 @@ class ConnectionProxy:
         if chain is None:
             setattr(raw, name, value)
         else:
-            chain(Call(_SESSION, f"Connection.{name}", setattr, (raw, name, value),
-                                  {}, self))
+            chain(Call(_SESSION, f"Connection.{name}", setattr, (raw, name, value), {}, self,
+                       raw))
         self._session[name] = value
 
     def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
@@ -150,7 +177,7 @@ class ConnectionProxy:
             raw_cursor = raw.cursor(*args, **kwargs)
         else:
             raw_cursor = chain(Call(_CURSOR, "Connection.cursor", raw.cursor, args, kwargs,
-                                    self))
+                                    self, raw))
         proxy = self._driver.cursor_proxy(raw_cursor, self)
         if args or kwargs:  # remembered to open the same kind of cursor after a failover
             proxy.__dict__["_cursor_args"] = (args, kwargs)
@@ -158,18 +185,19 @@ class ConnectionProxy:
 
     def commit(self) -> None:
         chain = self._chains.commit
+        raw = self._raw
         if chain is None:
-            self._raw.commit()
+            raw.commit()
         else:
-            chain(Call(_COMMIT, "Connection.commit", self._raw.commit, (), {}, self))
+            chain(Call(_COMMIT, "Connection.commit", raw.commit, (), {}, self, raw))
 
     def rollback(self) -> None:
         chain = self._chains.rollback
+        raw = self._raw
         if chain is None:
-            self._raw.rollback()
+            raw.rollback()
         else:
-            chain(Call(_ROLLBACK, "Connection.rollback", self._raw.rollback, (), {},
-                                  self))
+            chain(Call(_ROLLBACK, "Connection.rollback", raw.rollback, (), {}, self, raw))
 
     def close(self) -> None:
         # Final: from here on every call goes straight to the closed driver connection (its
@@ -307,7 +335,7 @@ class ResilientView:
                     break
         else:
             fn = None
-        return None if fn is None else call.replace(fn=fn)
+        return None if fn is None else call.replace(fn=fn, raw=proxy._raw)
 
 
 class CursorProxy:
@@ -321,15 +349,11 @@ class CursorProxy:
     _cur: Any
     _conn: ConnectionProxy
     _chains: Chains
-    _execute: Callable[..., Any]
-    _stmt_call: Call
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
         state = self.__dict__
         state["_conn"] = connection
         state["_chains"] = connection._chains
-        # One call object for this cursor's successive statements (see Call).
-        state["_stmt_call"] = Call(_EXECUTE, "Cursor.execute", raw.execute, (), {}, connection)
         self._bind(raw)
         cursors = getattr(connection, "_cursors", None)
         if cursors is not None:
@@ -338,7 +362,6 @@ class CursorProxy:
     def _bind(self, raw: Any) -> None:
         state = self.__dict__
         state["_cur"] = raw
-        state["_execute"] = raw.execute  # the hot path skips the raw -> method lookup
         if _FETCH not in state["_conn"]._pipeline.may_intercept:
             # No plugin of this connection, even a dormant one, intercepts fetches.
             state["fetchone"] = raw.fetchone
@@ -355,7 +378,7 @@ class CursorProxy:
         if "_cur" not in state:
             return
         state["_stale_cur"] = state.pop("_cur")
-        state.pop("_execute", None)
+        state.pop("execute", None)
         for name in _FETCH_METHODS:
             state.pop(name, None)
 
@@ -412,24 +435,55 @@ class CursorProxy:
         return chain(Call(op, method, fn, args, kwargs, self._conn))
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        # The hottest path of the library: keep it to a handful of bytecodes.
-        chain = self._chains.execute
-        if chain is None:
-            result = self._execute(query, params, **kwargs) if kwargs else self._execute(
-                query, params)
-        else:
-            call = self._stmt_call
-            if call.busy:  # a plugin re-entered this cursor: give it its own call object
-                call = Call(_EXECUTE, "Cursor.execute", self._execute, (), {}, self._conn)
-            call.fn = self._execute
-            call.args = (query, params)
-            call.kwargs = kwargs
-            call.busy = True
-            try:
-                result = chain(call)
-            finally:
-                call.busy = False
-        return self if result is self._cur else result
+        # The first statement on this driver cursor: install the fast path, then run it.
+        return self._fast_execute()(query, params, **kwargs)
+
+    def _fast_execute(self) -> Callable[..., Any]:
+        """Build this cursor's ``execute`` for its current driver cursor and store it in the
+        instance, where it shadows the method above until a failover rebinds the cursor.
+
+        The hottest path of the library. The proxies define ``__getattr__`` (the
+        pass-through), so CPython 3.11 cannot specialize attribute reads on them: each
+        costs several times a read from a plain object. This closure reads none: what it
+        needs is in its cells. It holds the proxy weakly (a strong reference would be a
+        cycle, delaying the driver cursor's release to the garbage collector). The call
+        object for pipelined statements is made on the first one and reused (see ``Call``);
+        a plugin re-entering this cursor gets a new one."""
+        state = self.__dict__
+        raw = self._cur  # rebinds first if a failover made the driver cursor stale
+        raw_execute = raw.execute
+        chains: Chains = state["_chains"]
+        conn: ConnectionProxy = state["_conn"]
+        raw_conn = conn._raw  # the driver connection raw belongs to (see _rebind)
+        proxy = weakref.ref(self)
+        reused: Call | None = None
+
+        def execute(query: Any, params: Any = None, **kwargs: Any) -> Any:
+            nonlocal reused
+            chain = chains.execute
+            if chain is None:
+                result = raw_execute(query, params, **kwargs) if kwargs else raw_execute(
+                    query, params)
+            else:
+                call = reused
+                if call is None or call.busy:
+                    call = Call(_EXECUTE, "Cursor.execute", raw_execute, (), {}, conn, raw_conn)
+                    if reused is None:
+                        reused = call
+                call.args = (query, params)
+                call.kwargs = kwargs
+                call.busy = True
+                try:
+                    result = chain(call)
+                finally:
+                    call.busy = False
+            if result is raw:  # the driver returned its cursor: return the proxy
+                cursor = proxy()
+                return result if cursor is None else cursor
+            return result
+
+        state["execute"] = execute
+        return execute
 
     def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._call(_EXECUTEMANY, "Cursor.executemany", self._cur.executemany,

@@ -286,3 +286,31 @@ def test_reentrant_statement_gets_its_own_call(backend: Backend) -> None:
     cur.execute("SELECT 1")
     assert cur.fetchone() == (1,)  # the outer call kept its own statement
     conn.close()
+
+
+def test_statements_read_no_proxy_attribute(backend: Backend,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-statement path (cursor execute, failover's and efm's stages) reads nothing
+    from the proxies: their ``__getattr__`` pass-through keeps CPython from specializing
+    such reads, which made them the largest share of the wrapper's cost (DESIGN §1)."""
+    from resilient_db._proxy import ConnectionProxy, CursorProxy
+
+    conn = backend.connect(plugins="failover,efm")
+    cur = conn.cursor()
+    cur.execute("SELECT 1")  # first statement: builds the fast path, attaches efm
+    assert cur.fetchone() == (1,)
+    reads: list[str] = []
+
+    def counting(self: Any, name: str) -> Any:
+        if name.startswith("_") and not name.startswith("__"):
+            reads.append(name)
+        return object.__getattribute__(self, name)
+
+    monkeypatch.setattr(ConnectionProxy, "__getattribute__", counting)
+    monkeypatch.setattr(CursorProxy, "__getattribute__", counting)
+    for _ in range(5):
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    monkeypatch.undo()
+    assert reads == []
+    conn.close()

@@ -341,6 +341,15 @@ class DriverDialect(abc.ABC):
         runs before every statement a failover-aware plugin wraps). Default: nothing."""
         return None
 
+    def tx_snapshot_reader(self) -> Callable[[Any], Any] | None:
+        """:meth:`tx_snapshot` as a callable, fetched once when a chain is built; ``None``
+        when this driver needs no snapshot, so the per-statement path skips it. A driver may
+        return a C-level callable (``operator.attrgetter``) to save a Python frame per
+        statement."""
+        if type(self).tx_snapshot is DriverDialect.tx_snapshot:
+            return None
+        return self.tx_snapshot
+
     def was_in_transaction(self, conn: Any, snapshot: Any) -> bool:
         """Whether a transaction was open when a call on ``conn`` failed, given the
         :meth:`tx_snapshot` taken before it. Unknown counts as open (an unknown outcome is

@@ -6,9 +6,10 @@ transaction status, ``broken``/``closed``, ``errors.*`` and ``sqlstate`` for cla
 
 from __future__ import annotations
 
+import operator
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import psycopg
@@ -78,6 +79,7 @@ _TX = {
     pq.TransactionStatus.INERROR: TxStatus.IN_ERROR,
     pq.TransactionStatus.UNKNOWN: TxStatus.UNKNOWN,
 }
+_PG_TX_STATUS = operator.attrgetter("pgconn.transaction_status")
 # libpq statuses with a transaction open (IntEnum members: equal to the raw ints).
 _PG_OPEN = frozenset({pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR})
 
@@ -109,10 +111,8 @@ class PsycopgConnectionProxy(ConnectionProxy):
         if chain is None:
             cursor = raw.execute(query, *args, **kwargs)
         else:
-            cursor = chain(
-                Call(_EXECUTE, "Connection.execute", raw.execute, (query, *args),
-                                kwargs, self)
-            )
+            cursor = chain(Call(_EXECUTE, "Connection.execute", raw.execute, (query, *args),
+                                kwargs, self, raw))
         return PsycopgCursorProxy(cursor, self)
 
     def transaction(self, *args: Any, **kwargs: Any) -> PipelinedContext:
@@ -283,6 +283,9 @@ class PsycopgDriver(DriverDialect):
     def tx_snapshot(self, conn: Any) -> Any:
         # libpq's status before the call: once the connection is lost it no longer tells.
         return conn.pgconn.transaction_status
+
+    def tx_snapshot_reader(self) -> Callable[[Any], Any]:
+        return _PG_TX_STATUS  # what tx_snapshot reads, without its Python frame
 
     def was_in_transaction(self, conn: Any, snapshot: Any) -> bool:
         return snapshot in _PG_OPEN  # INTRANS or INERROR before the call

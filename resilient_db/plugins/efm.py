@@ -114,15 +114,18 @@ class EfmPlugin(Plugin):
         grace = self.grace
         if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
             def handler(call: Call) -> Any:
-                proxy = call.connection
-                raw = proxy._raw
+                raw = call.raw  # not call.connection._raw: a proxy attribute is slow
                 inflight = state._inflight
                 if inflight is None:
-                    inflight = state._attach(raw, proxy._host)
+                    inflight = state._attach(raw, call.connection._host)
                 inflight[raw] = clock() + grace
                 try:
-                    kwargs = call.kwargs
-                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+                    args = call.args
+                    if call.kwargs:
+                        return call.fn(*args, **call.kwargs)
+                    if len(args) == 2:  # (statement, parameters): see _pipeline.run_call
+                        return call.fn(args[0], args[1])
+                    return call.fn(*args)
                 except BaseException as exc:
                     state._explain(raw, exc)
                     raise
@@ -131,11 +134,10 @@ class EfmPlugin(Plugin):
             return handler
 
         def chained(call: Call) -> Any:
-            proxy = call.connection
-            raw = proxy._raw
+            raw = call.raw
             inflight = state._inflight
             if inflight is None:
-                inflight = state._attach(raw, proxy._host)
+                inflight = state._attach(raw, call.connection._host)
             inflight[raw] = clock() + grace
             try:
                 return proceed(call)

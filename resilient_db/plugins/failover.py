@@ -367,13 +367,15 @@ class FailoverPlugin(Plugin):
     def wrap_execute(self, proceed: Handler) -> Handler:
         # The no-failure path: a try around the rest of the chain, plus the driver's cheap
         # transaction snapshot (psycopg: the status libpq holds, which it no longer reports
-        # once the connection is lost).
+        # once the connection is lost; a C-level getter, no Python frame) when the driver
+        # needs one (mysql-connector does not: snapshot is None).
         on_error = self._on_error
         state = self
-        snapshot = self.ctx.driver.tx_snapshot
+        snapshot = self.ctx.driver.tx_snapshot_reader()
         if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
             def handler(call: Call) -> Any:
-                state._tx_before = snapshot(call.connection._raw)
+                if snapshot is not None:
+                    state._tx_before = snapshot(call.raw)
                 try:
                     kwargs = call.kwargs
                     return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
@@ -385,7 +387,8 @@ class FailoverPlugin(Plugin):
             return handler
 
         def chained(call: Call) -> Any:
-            state._tx_before = snapshot(call.connection._raw)
+            if snapshot is not None:
+                state._tx_before = snapshot(call.raw)
             try:
                 return proceed(call)
             except Exception as exc:
