@@ -125,9 +125,15 @@ class DaemonUnreachableError(ActionFailedError):
 # The on-disk registry of daemons
 
 
+#: A separate registry of daemons (`list`, `status` and `down --all` see only its clusters):
+#: the CLI tests use one of their own, so they never stop a cluster someone else started.
+DAEMONS_ENV = "RESILIENT_DB_SIM_DAEMONS"
+
+
 def daemons_dir() -> Path:
-    """``<sim_root>/daemons``, created if needed."""
-    return ensure_dir(sim_root() / "daemons")
+    """``$RESILIENT_DB_SIM_DAEMONS`` if set, else ``<sim_root>/daemons``; created if needed."""
+    configured = os.environ.get(DAEMONS_ENV)
+    return ensure_dir(Path(configured) if configured else sim_root() / "daemons")
 
 
 def daemon_dir(name: str) -> Path:

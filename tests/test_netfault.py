@@ -480,7 +480,10 @@ def test_packet_delay_hits_existing_connections(echo: EchoServer,
     assert any(rule.startswith("mangle: ") for rule in network_faults.rules())
     assert 1.0 <= timed_round_trip(existing) < 10.0
     with echo.connect(timeout=30) as fresh:
-        assert 1.0 <= timed_round_trip(fresh) < 10.0
+        # Liveness, not speed: the delay is served by a user-space queue thread, and on a
+        # loaded machine a fresh connection's retransmission back-off stacks on it (24.7 s
+        # seen with three suites and two CPU hogs on two cores); the socket timeout is 30 s.
+        assert 1.0 <= timed_round_trip(fresh) < 30.0
     network_faults.heal(fault)
     assert timed_round_trip(existing) < 1.0
     assert eventually(lambda: packet_delay_threads() == [])

@@ -32,6 +32,23 @@ CLI_DEADLINE = 180.0
 # helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_daemon_registry() -> Iterator[None]:
+    """This module's clusters live in a registry of their own (``down --all`` and the listing
+    tests must not see, or stop, clusters of a concurrent test run or of the developer)."""
+    registry = sim_root() / f"daemons-test-{os.getpid()}"
+    old = os.environ.get(daemon.DAEMONS_ENV)
+    os.environ[daemon.DAEMONS_ENV] = str(registry)  # read by sim()'s subprocesses too
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(daemon.DAEMONS_ENV, None)
+        else:
+            os.environ[daemon.DAEMONS_ENV] = old
+        subprocess.run(["rm", "-rf", str(registry)], check=False, timeout=30)
+
+
 def sim(*args: str, env: dict[str, str] | None = None,
         deadline: float = CLI_DEADLINE) -> subprocess.CompletedProcess[str]:
     """Run ``python -m simulator ARGS`` from the repository and capture its output."""
