@@ -184,3 +184,24 @@ def test_psycopg_socket_is_a_duplicate(pg_backend: Backend) -> None:
     sock.close()
     assert conn.execute("SELECT 1").fetchone() == (1,)  # ours closed, theirs intact
     conn.close()
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("pooled", [False, True])
+def test_mysql_connect_timeout_bounds_only_the_connect(mysql_backend: Backend,
+                                                       pooled: bool) -> None:
+    """The connect timeout also bounds the session set-up after authentication (as read and
+    write timeouts), then those are removed again: a statement longer than the connect
+    timeout runs to its end, pooled connections included."""
+    extra: dict[str, Any] = {"pool_name": f"p{time.monotonic_ns()}", "pool_size": 1} \
+        if pooled else {}
+    conn = mysql_backend.connect(connection_timeout=1, **extra)
+    try:
+        raw = conn.resilient.raw
+        inner = getattr(raw, "_cnx", raw)
+        assert (inner.read_timeout, inner.write_timeout) == (None, None)
+        cur = conn.cursor()
+        cur.execute("SELECT SLEEP(1.5)")
+        assert cur.fetchall() == [(0,)]
+    finally:
+        conn.close()

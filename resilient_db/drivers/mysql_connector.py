@@ -217,8 +217,9 @@ class MysqlConnectorDriver(DriverDialect):
         whole = max(1, math.ceil(limit))  # the driver takes whole seconds for these
         conn = super().connect(target, {**args, **dict.fromkeys(added, whole)}, settings)
         try:
+            inner = getattr(conn, "_cnx", conn)  # a pooled connection wraps the driver's
             for name in added:
-                setattr(conn, name, None)
+                setattr(inner, name, None)
         except BaseException:
             conn.close()
             raise
