@@ -142,19 +142,13 @@ def connect(
     return proxy
 
 
-#: Plugins that find a cluster's instances themselves (topology, DNS, per-host monitors) and
-#: so need the one address the application connects through.
-_CLUSTER_PLUGINS = ("failover", "efm", "initial_connection", "stale_dns",
-                    "aurora_connection_tracker")
-
-
 def _check_multi_host(hosts: tuple[HostSpec, ...], classes: Iterable[type[Plugin]],
                       args: Mapping[str, Any]) -> None:
     """A libpq host list (``host=a,b``) is the driver's to try in order; with a cluster plugin
     it would hide which instance the connection reached, so it is refused, with the fix."""
     if len(hosts) < 2:
         return
-    clashing = [cls.code for cls in classes if cls.code in _CLUSTER_PLUGINS]
+    clashing = [cls.code for cls in classes if cls.single_host]
     if clashing:
         raise ConfigurationError(
             f"host {args.get('host')!r} lists {len(hosts)} hosts, but the plugins "

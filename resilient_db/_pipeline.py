@@ -196,7 +196,9 @@ class Plugin:
 
     Subclasses set ``code`` (the name users write in ``plugins=``), ``intercepts`` (ops of the
     execute phase they want; empty means none even if ``execute`` is overridden) and
-    ``properties`` (third-party plugins only: built-in properties live in ``_params``).
+    ``properties`` (third-party plugins only: built-in properties live in ``_params``), and
+    ``single_host`` (true: the plugin finds the cluster's instances itself, so a driver-level
+    host list such as libpq's ``host=a,b`` is refused when it is selected).
     One instance serves one connection; process-wide state (monitors, caches) belongs in
     module-level managers that instances share.
 
@@ -212,6 +214,7 @@ class Plugin:
     code: ClassVar[str] = ""
     intercepts: ClassVar[frozenset[Op]] = frozenset()
     properties: ClassVar[tuple[Property[Any], ...]] = ()
+    single_host: ClassVar[bool] = False
 
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx

@@ -93,6 +93,7 @@ class ConnectionTrackerPlugin(Plugin):
     moved silently / had its old physical connection aborted."""
 
     code = "aurora_connection_tracker"
+    single_host = True  # finds the cluster's instances itself
     intercepts = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC})
 
     def __init__(self, ctx: PluginContext) -> None:

@@ -63,6 +63,7 @@ class EfmPlugin(Plugin):
     connection (``None`` until the first statement after a connect or failover)."""
 
     code = "efm"
+    single_host = True  # finds the cluster's instances itself
     intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR,
                                   Op.SESSION}
 

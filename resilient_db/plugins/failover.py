@@ -146,6 +146,7 @@ class FailoverPlugin(Plugin):
     many times this connection failed over."""
 
     code = "failover"
+    single_host = True  # finds the cluster's instances itself
     intercepts = STATEMENT_OPS | {Op.COMMIT, Op.ROLLBACK, Op.TRANSACTION, Op.CURSOR,
                                   Op.SESSION}
 

@@ -116,6 +116,7 @@ class InitialConnectionPlugin(Plugin):
     dormant); ``window``/``interval``: seconds (``window`` ``None``: no limit)."""
 
     code = "initial_connection"
+    single_host = True  # finds the cluster's instances itself
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)

@@ -50,6 +50,7 @@ class StaleDnsPlugin(Plugin):
     went to the writer instead of where DNS pointed (0 or 1: one plugin per connection)."""
 
     code = "stale_dns"
+    single_host = True  # finds the cluster's instances itself
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)
