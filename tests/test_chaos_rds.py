@@ -5,17 +5,17 @@ moto has no databases behind its clusters, so the workload itself is not run her
 from __future__ import annotations
 
 import itertools
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from chaos.control import ControlError, writer_spans
 from chaos.rds import RdsControl
+
+from .aws import aws_env, moto_server
 
 pytestmark = pytest.mark.unit
 
@@ -23,21 +23,10 @@ CLUSTER = "chaos-aurora"
 _clusters = itertools.count(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @dataclass
@@ -48,9 +37,7 @@ class Rds:
 
 @pytest.fixture
 def rds(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Rds:
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
+    aws_env(monkeypatch)
     client = boto3.client("rds", region_name="us-east-1", endpoint_url=moto_url)
     # A cluster per test (moto keeps deleted clusters' automatic snapshots by name).
     cluster = f"{CLUSTER}{next(_clusters)}"
