@@ -18,6 +18,7 @@ which sends nothing. Checked once, in the child, never on the per-statement path
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -35,6 +36,8 @@ from ._pipeline import (
     Pipeline,
 )
 from .errors import ForkedConnectionError
+
+_set = object.__setattr__  # a proxy's own slots (its __setattr__ passes through)
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
@@ -59,10 +62,6 @@ _ROLLBACK = Op.ROLLBACK
 _SESSION = Op.SESSION
 _TRANSACTION = Op.TRANSACTION
 _RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR, Op.SESSION})
-# Cursor attributes bound to the driver cursor: after the physical connection is replaced they
-# are dropped from the instance and rebuilt on first use (see CursorProxy._rebind).
-_BOUND_ATTRS = frozenset({"_cur"})
-_FETCH_METHODS = ("fetchone", "fetchmany", "fetchall")
 
 
 class _Cursors:
@@ -180,7 +179,7 @@ class ConnectionProxy:
                                     self, raw))
         proxy = self._driver.cursor_proxy(raw_cursor, self)
         if args or kwargs:  # remembered to open the same kind of cursor after a failover
-            proxy.__dict__["_cursor_args"] = (args, kwargs)
+            _set(proxy, "_cursor_args", (args, kwargs))
         return proxy
 
     def commit(self) -> None:
@@ -331,7 +330,7 @@ class ResilientView:
             fn = None
             for cursor in list(proxy._cursors):
                 if cursor._bound_to(owner):
-                    fn = getattr(cursor._cur, name, None)
+                    fn = getattr(cursor._live(), name, None)
                     break
         else:
             fn = None
@@ -341,178 +340,178 @@ class ResilientView:
 class CursorProxy:
     """A PEP 249 cursor wrapping one driver cursor.
 
-    When no plugin intercepts fetches, ``fetchone``/``fetchmany``/``fetchall`` are the driver
-    cursor's own bound methods (stored in the instance, shadowing the class's), so reading
-    rows costs nothing extra.
+    The hottest object of the library (``execute`` + ``fetchone`` per statement). Its class
+    has ``__slots__`` and no ``__getattr__``, so CPython specializes every attribute read on
+    it (a class with ``__getattr__`` gets none: each read costs several times as much).
+    Driver attributes that do no I/O (``description``, ``rowcount``, ``arraysize``, ...) pass
+    through properties generated once per (proxy class, driver cursor class): see
+    :func:`_pass_through_class`. Rows are never wrapped or copied.
+
+    After a failover replaces the physical connection the driver cursor is stale; the first
+    use of this cursor then opens a new one on the new connection, with the same arguments
+    and the attributes set on the old one (:meth:`_rebind`).
     """
 
-    _cur: Any
-    _conn: ConnectionProxy
+    __slots__ = ("__weakref__", "_call", "_chains", "_closed", "_conn", "_cur",
+                 "_cursor_args", "_cursor_attrs", "_raw_conn", "_stale_cur", "fetchall",
+                 "fetchmany", "fetchone")
+    _call: Call | None
     _chains: Chains
+    _closed: bool
+    _conn: ConnectionProxy
+    _cur: Any  # None while stale (see _mark_stale)
+    _cursor_args: tuple[tuple[Any, ...], dict[str, Any]] | None
+    _cursor_attrs: dict[str, Any] | None
+    _raw_conn: Any
+    _stale_cur: Any
+    #: The fetch methods are slots: the driver cursor's own bound methods when no plugin of
+    #: the connection (even a dormant one) intercepts fetches, so reading rows costs one slot
+    #: read and no frame; else (or while the cursor is stale) the pipelined ones below.
+    fetchone: Callable[[], Any]
+    fetchmany: Callable[..., Any]
+    fetchall: Callable[[], Any]
+
+    def __new__(cls, raw: Any, connection: ConnectionProxy) -> CursorProxy:
+        return object.__new__(_pass_through_class(cls, raw))
 
     def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
-        state = self.__dict__
-        state["_conn"] = connection
-        state["_chains"] = connection._chains
+        _set(self, "_conn", connection)
+        _set(self, "_chains", connection._chains)
+        _set(self, "_closed", False)
+        _set(self, "_cursor_args", None)
+        _set(self, "_cursor_attrs", None)
+        _set(self, "_stale_cur", None)
         self._bind(raw)
         cursors = getattr(connection, "_cursors", None)
         if cursors is not None:
             cursors.add(self)
 
     def _bind(self, raw: Any) -> None:
-        state = self.__dict__
-        state["_cur"] = raw
-        if _FETCH not in state["_conn"]._pipeline.may_intercept:
-            # No plugin of this connection, even a dormant one, intercepts fetches.
-            state["fetchone"] = raw.fetchone
-            state["fetchmany"] = raw.fetchmany
-            state["fetchall"] = raw.fetchall
+        _set(self, "_cur", raw)
+        _set(self, "_raw_conn", self._conn._raw)  # the driver connection raw belongs to
+        _set(self, "_call", None)  # the reused call object holds the old driver cursor
+        if _FETCH in self._conn._pipeline.may_intercept:
+            self._unbind_fetch()
+        else:
+            _set(self, "fetchone", raw.fetchone)
+            _set(self, "fetchmany", raw.fetchmany)
+            _set(self, "fetchall", raw.fetchall)
+
+    def _unbind_fetch(self) -> None:
+        """Fetch through the chains (and rebind a stale cursor first)."""
+        _set(self, "fetchone", self._fetchone)
+        _set(self, "fetchmany", self._fetchmany)
+        _set(self, "fetchall", self._fetchall)
 
     # --- rebinding after the connection's physical connection was replaced -------------------
     def _mark_stale(self) -> None:
         """Forget the driver cursor (it belongs to the old physical connection); the next use
-        of this cursor opens a new one (:meth:`_rebind`). The hot path is untouched: the
-        attributes it reads are simply missing until then, which routes the first access
-        through ``__getattr__``."""
-        state = self.__dict__
-        if "_cur" not in state:
+        of this cursor opens a new one (:meth:`_rebind`)."""
+        raw = self._cur
+        if raw is None:
             return
-        state["_stale_cur"] = state.pop("_cur")
-        state.pop("execute", None)
-        for name in _FETCH_METHODS:
-            state.pop(name, None)
+        _set(self, "_stale_cur", raw)
+        _set(self, "_cur", None)
+        _set(self, "_call", None)
+        self._unbind_fetch()
 
-    def _rebind(self) -> None:
-        state = self.__dict__
-        state.pop("_stale_cur", None)
-        conn: ConnectionProxy = state["_conn"]
-        args, kwargs = state.get("_cursor_args", ((), {}))
+    def _live(self) -> Any:
+        """The driver cursor, opened again first if a failover made it stale."""
+        raw = self._cur
+        if raw is None:
+            raw = self._rebind()
+        return raw
+
+    def _rebind(self) -> Any:
+        _set(self, "_stale_cur", None)
+        conn = self._conn
+        args, kwargs = self._cursor_args or ((), {})
         raw = conn._raw.cursor(*args, **kwargs)
-        for name, value in state.get("_cursor_attrs", {}).items():
+        for name, value in (self._cursor_attrs or {}).items():
             setattr(raw, name, value)
-        if state.get("_closed"):
+        if self._closed:
             raw.close()
         self._bind(raw)
-
-    def _unbind_fetch(self) -> None:
-        """Route fetches through the chains again (a connection inherited across fork())."""
-        state = self.__dict__
-        for name in _FETCH_METHODS:
-            state.pop(name, None)
+        return raw
 
     def _bound_to(self, raw: Any) -> bool:
         """Whether ``raw`` is (or, before a rebind, was) this proxy's driver cursor."""
-        state = self.__dict__
-        return raw is not None and (state.get("_cur") is raw or state.get("_stale_cur") is raw)
+        return raw is not None and (self._cur is raw or self._stale_cur is raw)
 
     @property
     def connection(self) -> ConnectionProxy:
         """The resilient_db connection (not the driver's), as PEP 249 asks."""
         return self._conn
 
-    def __getattr__(self, name: str) -> Any:
-        state = self.__dict__
-        if name in _BOUND_ATTRS:
-            if "_stale_cur" not in state:
-                raise AttributeError(name)
-            self._rebind()
-            return state[name]
-        return getattr(self._cur, name)
+    if TYPE_CHECKING:  # the generated pass-through properties, for type checkers only
+        def __getattr__(self, name: str) -> Any: ...
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._cur, name, value)
+        setattr(self._live(), name, value)
         # Kept to set again on the driver cursor that replaces this one after a failover.
-        self.__dict__.setdefault("_cursor_attrs", {})[name] = value
+        attrs = self._cursor_attrs
+        if attrs is None:
+            attrs = {}
+            _set(self, "_cursor_attrs", attrs)
+        attrs[name] = value
 
     def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(dir(self._cur)))
+        return sorted(set(super().__dir__()) | set(dir(self._live())))
 
-    def _call(self, op: Op, method: str, fn: Callable[..., Any], *args: Any,
-              **kwargs: Any) -> Any:
+    def _call_op(self, op: Op, method: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the driver cursor's method ``name`` as ``op`` (through the chain, if any)."""
+        fn = getattr(self._live(), name)
         chain = self._chains.for_op(op)
         if chain is None:
             return fn(*args, **kwargs)
         return chain(Call(op, method, fn, args, kwargs, self._conn))
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        # The first statement on this driver cursor: install the fast path, then run it.
-        return self._fast_execute()(query, params, **kwargs)
-
-    def _fast_execute(self) -> Callable[..., Any]:
-        """Build this cursor's ``execute`` for its current driver cursor and store it in the
-        instance, where it shadows the method above until a failover rebinds the cursor.
-
-        The hottest path of the library. The proxies define ``__getattr__`` (the
-        pass-through), so CPython 3.11 cannot specialize attribute reads on them: each
-        costs several times a read from a plain object. This closure reads none: what it
-        needs is in its cells. It holds the proxy weakly (a strong reference would be a
-        cycle, delaying the driver cursor's release to the garbage collector). The call
-        object for pipelined statements is made on the first one and reused (see ``Call``);
-        a plugin re-entering this cursor gets a new one."""
-        state = self.__dict__
-        raw = self._cur  # rebinds first if a failover made the driver cursor stale
-        raw_execute = raw.execute
-        chains: Chains = state["_chains"]
-        conn: ConnectionProxy = state["_conn"]
-        raw_conn = conn._raw  # the driver connection raw belongs to (see _rebind)
-        proxy = weakref.ref(self)
-        reused: Call | None = None
-
-        def execute(query: Any, params: Any = None, **kwargs: Any) -> Any:
-            nonlocal reused
-            chain = chains.execute
-            if chain is None:
-                result = raw_execute(query, params, **kwargs) if kwargs else raw_execute(
-                    query, params)
-            else:
-                call = reused
-                if call is None or call.busy:
-                    call = Call(_EXECUTE, "Cursor.execute", raw_execute, (), {}, conn, raw_conn)
-                    if reused is None:
-                        reused = call
-                call.args = (query, params)
-                call.kwargs = kwargs
-                call.busy = True
-                try:
-                    result = chain(call)
-                finally:
-                    call.busy = False
-            if result is raw:  # the driver returned its cursor: return the proxy
-                cursor = proxy()
-                return result if cursor is None else cursor
-            return result
-
-        state["execute"] = execute
-        return execute
+        """The per-statement path: specialized attribute reads only, one reused call object
+        (see ``Call``; a plugin re-entering this cursor gets a new one)."""
+        raw = self._cur
+        if raw is None:
+            raw = self._rebind()
+        chain = self._chains.execute
+        if chain is None:
+            result = raw.execute(query, params, **kwargs) if kwargs else raw.execute(
+                query, params)
+        else:
+            call = self._call
+            if call is None or call.busy:
+                call = Call(_EXECUTE, "Cursor.execute", raw.execute, (), {}, self._conn,
+                            self._raw_conn)
+                if self._call is None:
+                    _set(self, "_call", call)
+            call.args = (query, params)
+            call.kwargs = kwargs
+            call.busy = True
+            try:
+                result = chain(call)
+            finally:
+                call.busy = False
+        return self if result is raw else result  # the driver's own cursor: the proxy
 
     def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
-        result = self._call(_EXECUTEMANY, "Cursor.executemany", self._cur.executemany,
-                            query, *args, **kwargs)
+        result = self._call_op(_EXECUTEMANY, "Cursor.executemany", "executemany", query,
+                               *args, **kwargs)
         return self if result is self._cur else result
 
-    def fetchone(self) -> Any:
-        chain = self._chains.fetch
-        if chain is None:
-            return self._cur.fetchone()
-        return chain(Call(_FETCH, "Cursor.fetchone", self._cur.fetchone, (), {},
-                                     self._conn))
+    def _fetchone(self) -> Any:
+        return self._call_op(_FETCH, "Cursor.fetchone", "fetchone")
 
-    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(_FETCH, "Cursor.fetchmany", self._cur.fetchmany, *args, **kwargs)
+    def _fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call_op(_FETCH, "Cursor.fetchmany", "fetchmany", *args, **kwargs)
 
-    def fetchall(self) -> Any:
-        chain = self._chains.fetch
-        if chain is None:
-            return self._cur.fetchall()
-        return chain(Call(_FETCH, "Cursor.fetchall", self._cur.fetchall, (), {},
-                                     self._conn))
+    def _fetchall(self) -> Any:
+        return self._call_op(_FETCH, "Cursor.fetchall", "fetchall")
 
     def nextset(self) -> Any:
-        return self._call(_FETCH, "Cursor.nextset", self._cur.nextset)
+        return self._call_op(_FETCH, "Cursor.nextset", "nextset")
 
     def __iter__(self) -> Iterator[Any]:
         if self._chains.fetch is None:
-            return iter(self._cur)
+            return iter(self._live())
         return self._iterate()
 
     def _iterate(self) -> Iterator[Any]:
@@ -524,11 +523,10 @@ class CursorProxy:
             yield row
 
     def close(self) -> None:
-        state = self.__dict__
-        state["_closed"] = True
-        if "_stale_cur" in state:
+        _set(self, "_closed", True)
+        if self._cur is None:
             return  # its connection is gone; a new cursor would be opened only to be closed
-        self._call(_CLOSE, "Cursor.close", self._cur.close)
+        self._call_op(_CLOSE, "Cursor.close", "close")
 
     def __enter__(self) -> CursorProxy:
         return self
@@ -542,7 +540,51 @@ class CursorProxy:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<resilient_db cursor raw={self._cur!r}>"
+        return f"<resilient_db cursor raw={self._cur or self._stale_cur!r}>"
+
+
+def _pass_through(name: str) -> property:
+    def get(self: CursorProxy) -> Any:
+        return getattr(self._live(), name)
+
+    def set_(self: CursorProxy, value: Any) -> None:
+        CursorProxy.__setattr__(self, name, value)
+
+    def delete(self: CursorProxy) -> None:
+        delattr(self._live(), name)
+
+    return property(get, set_, delete, f"The driver cursor's ``{name}``.")
+
+
+_PASS_THROUGH: dict[tuple[type, type], type] = {}
+_pass_through_lock = threading.Lock()
+
+
+def _pass_through_class(cls: type[CursorProxy], raw: Any) -> type[CursorProxy]:
+    """``cls`` extended with a pass-through property for every attribute of the driver
+    cursor ``raw`` that ``cls`` does not define itself: the names of its class, and those
+    the driver set on the instance (mysql-connector's cursors have a ``__dict__``). Made
+    once per (``cls``, driver cursor class); an instance attribute first seen later is
+    added to it then."""
+    raw_type = type(raw)
+    key = (cls, raw_type)
+    made = _PASS_THROUGH.get(key)
+    instance_names = getattr(raw, "__dict__", None)
+    if made is not None and (instance_names is None
+                             or all(hasattr(made, n) for n in instance_names)):
+        return made
+    with _pass_through_lock:
+        made = _PASS_THROUGH.get(key)
+        if made is None:
+            made = type(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__,
+                                               "__qualname__": cls.__qualname__})
+        names = {n for n in dir(raw_type) if not (n.startswith("__") and n.endswith("__"))}
+        names.update(instance_names or ())
+        for name in sorted(names):
+            if not hasattr(made, name):
+                setattr(made, name, _pass_through(name))
+        _PASS_THROUGH[key] = made
+    return made
 
 
 class PipelinedContext:

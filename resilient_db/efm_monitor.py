@@ -3,8 +3,10 @@
 One :class:`HostMonitor` per host (the peer address of the application's physical
 connections) is shared by every connection of the process, with one thread and one probe
 connection. Per statement a connection only registers itself as in flight: its driver
-connection goes into the monitor's ``inflight`` dict with the moment its grace period ends
-(``failure_detection_time_ms``), and leaves it when the statement returns.
+connection stores two attributes on itself (its ``efm`` plugin instance, one of the monitor's
+users): its driver connection and the moment its grace period ends
+(``failure_detection_time_ms``), reset when the statement returns. The monitor reads them
+(:meth:`HostMonitor.in_flight`).
 
 Detection (:meth:`HostMonitor._active_step`): once an in-flight statement has outlived its
 grace period, the host is probed every ``interval``. A probe is one round trip on the probe
@@ -54,6 +56,8 @@ from .drivers.base import DriverDialect
 
 __all__ = ["HostMonitor", "MonitorUser", "ProbeTarget", "monitor_for", "monitors", "stop_all"]
 
+_INF = float("inf")
+
 log = logging.getLogger("resilient_db.efm")
 
 #: Application name of the probe connections (PostgreSQL shows it in pg_stat_activity).
@@ -80,6 +84,12 @@ class ProbeTarget:
 
 class MonitorUser(Protocol):
     """What a monitor needs from a connection that uses it (the ``efm`` plugin)."""
+
+    #: The driver connection of the statement in flight (or of the last one).
+    flight_raw: Any
+    #: When the grace period of the statement in flight ends (``time.monotonic()``); inf
+    #: when no statement is in flight.
+    due: float
 
     def open_probe_connection(self, target: ProbeTarget, timeout: float) -> Any:
         """A new autocommit driver connection to ``target`` for probing, opened within about
@@ -233,10 +243,10 @@ class HostMonitor:
     """The failure monitor of one host (``target``; ``address`` is ``ip:port``, or the
     socket directory for a Unix socket), shared by every connection to it in the process.
 
-    ``inflight`` maps a driver connection running a statement on this host to the moment
-    (``time.monotonic()``) its grace period ends; connections write it directly (one dict
-    store and one pop per statement). Read :attr:`down`, :attr:`crashes`, :attr:`detections`
-    any time.
+    :meth:`in_flight` maps a driver connection running a statement on this host to the moment
+    (``time.monotonic()``) its grace period ends, read from the users (each writes its own
+    two attributes per statement: no lock, no shared dict). Read :attr:`down`,
+    :attr:`crashes`, :attr:`detections` any time.
     """
 
     def __init__(self, key: tuple[Any, ...], target: ProbeTarget, driver: DriverDialect, *,
@@ -252,7 +262,6 @@ class HostMonitor:
         self.grace = grace
         self.disposal = disposal
         self._clock = clock
-        self.inflight: dict[Any, float] = {}
         #: Driver connections this monitor aborted (the plugin tells the application why).
         self.aborted: weakref.WeakSet[Any] = weakref.WeakSet()
         self._users: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -299,6 +308,19 @@ class HostMonitor:
     def connection_open(self) -> bool:
         return self._conn is not None
 
+    def in_flight(self) -> dict[Any, float]:
+        """The driver connections with a statement in flight on this host now, each with the
+        moment its grace period ends (the earliest, when threads share a connection)."""
+        with self._cond:
+            users = list(self._users)
+        flights: dict[Any, float] = {}
+        for user in users:
+            due = user.due  # read before the connection: the statement stores it after
+            raw = user.flight_raw
+            if due != _INF and raw is not None and due < flights.get(raw, _INF):
+                flights[raw] = due
+        return flights
+
     def attach(self, user: MonitorUser, *, interval: float, count: int, grace: float,
                disposal: float) -> bool:
         """Register a connection using this monitor (held weakly); the strictest settings of
@@ -342,7 +364,6 @@ class HostMonitor:
         self._thread = None
         conn, self._conn, self._probe = self._conn, None, None
         self._users = weakref.WeakSet()
-        self.inflight = {}
         if conn is not None:
             self.driver.forget(conn)
 
@@ -388,7 +409,7 @@ class HostMonitor:
         idle_since: float | None = None
         while not self._stopping.is_set():
             now = self._clock()
-            inflight = self.inflight.copy()  # atomic under the GIL: connections write it
+            inflight = self.in_flight()
             if not self._users and not inflight:
                 if idle_since is None:
                     idle_since = now
@@ -572,7 +593,7 @@ class HostMonitor:
             "resilient_db.efm.interval": self.interval,
             "resilient_db.efm.count": self.count,
             "resilient_db.efm.grace": self.grace,
-            "resilient_db.efm.in_flight": len(self.inflight)}))
+            "resilient_db.efm.in_flight": len(self.in_flight())}))
         aborted = self._abort_inflight(only_due=False)
         log.warning("host %s declared dead: %d probes unanswered over %.2f s (%s); %d in-flight "
                     "connection(s) aborted", self.address, self._failures, now - first, why,
@@ -586,7 +607,7 @@ class HostMonitor:
         now = self._clock()
         sink = get_decision_sink()
         aborted = 0
-        for raw, due in self.inflight.copy().items():
+        for raw, due in self.in_flight().items():
             if only_due and due > now:
                 continue
             if raw in self.aborted:
@@ -611,7 +632,7 @@ class HostMonitor:
         """Stop for want of users, unless one arrived meanwhile (checked under the locks that
         :func:`monitor_for` and :meth:`attach` take). Returns whether it stopped."""
         with _registry.lock, self._cond:
-            if self._users or self.inflight:
+            if self._users:
                 return False
             _registry.discard_locked(self.key, self)
             self._stopping.set()

@@ -148,11 +148,11 @@ class MysqlCursorProxy(CursorProxy):
     __slots__ = ()
 
     def callproc(self, procname: str, *args: Any, **kwargs: Any) -> Any:
-        return self._call(_CALLPROC, "Cursor.callproc", self._cur.callproc, procname, *args,
-                          **kwargs)
+        return self._call_op(_CALLPROC, "Cursor.callproc", "callproc", procname, *args,
+                             **kwargs)
 
     def fetchsets(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(_FETCH, "Cursor.fetchsets", self._cur.fetchsets, *args, **kwargs)
+        return self._call_op(_FETCH, "Cursor.fetchsets", "fetchsets", *args, **kwargs)
 
     def __next__(self) -> Any:
         row = self.fetchone()

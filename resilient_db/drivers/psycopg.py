@@ -159,11 +159,11 @@ class PsycopgCursorProxy(CursorProxy):
 
     def copy(self, statement: Any, *args: Any, **kwargs: Any) -> PipelinedContext:
         return PipelinedContext(
-            self._cur.copy(statement, *args, **kwargs), _COPY, "Cursor.copy", self._conn
+            self._live().copy(statement, *args, **kwargs), _COPY, "Cursor.copy", self._conn
         )
 
     def stream(self, query: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        rows = self._cur.stream(query, *args, **kwargs)
+        rows = self._live().stream(query, *args, **kwargs)
         if self._chains.fetch is None:
             return rows  # type: ignore[no-any-return]
         return self._stream_steps(rows)
@@ -171,16 +171,21 @@ class PsycopgCursorProxy(CursorProxy):
     def _stream_steps(self, rows: Iterator[Any]) -> Iterator[Any]:
         end = object()
         while True:
-            row = self._call(_FETCH, "Cursor.stream", next, rows, end)
+            chain = self._chains.fetch
+            row = next(rows, end) if chain is None else chain(
+                Call(_FETCH, "Cursor.stream", next, (rows, end), {}, self._conn))
             if row is end:
                 return
             yield row
 
     def scroll(self, *args: Any, **kwargs: Any) -> None:
-        self._call(_FETCH, "Cursor.scroll", self._cur.scroll, *args, **kwargs)
+        self._call_op(_FETCH, "Cursor.scroll", "scroll", *args, **kwargs)
 
     def results(self) -> Iterator[Any]:
-        for _ in self._call(_FETCH, "Cursor.results", lambda: list(self._cur.results())):
+        raw = self._live()
+        chain = self._chains.fetch
+        fetch = Call(_FETCH, "Cursor.results", lambda: list(raw.results()), (), {}, self._conn)
+        for _ in (fetch.fn() if chain is None else chain(fetch)):
             yield self
 
 

@@ -52,6 +52,8 @@ from ..efm_monitor import HostMonitor, ProbeTarget
 
 __all__ = ["EfmPlugin"]
 
+_INF = float("inf")
+
 log = logging.getLogger("resilient_db.plugins.efm")
 
 #: Connect arguments that would bypass the address the probe must reach.
@@ -79,8 +81,14 @@ class EfmPlugin(Plugin):
         disposal = settings[MONITOR_DISPOSAL_TIME]
         self.disposal: float = 60.0 if disposal is None else disposal
         self.monitor: HostMonitor | None = None
-        #: The current monitor's in-flight dict (``None``: attach at the next statement).
-        self._inflight: dict[Any, float] | None = None
+        #: Whether this connection has looked for its host's monitor since it connected
+        #: (false: attach at the next statement; true with ``monitor`` None: not monitored).
+        self.attached = False
+        #: The statement in flight, as the monitor reads it (see ``HostMonitor.in_flight``):
+        #: its driver connection and the moment its grace period ends (inf: none in flight).
+        #: Two attribute stores per statement, the cheapest registration there is.
+        self.flight_raw: Any = None
+        self.due = _INF
         self._host: HostSpec = ctx.host
         self._pending_raw: Any = None
         self._inner_connect: ConnectHandler | None = None
@@ -116,10 +124,10 @@ class EfmPlugin(Plugin):
         if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
             def handler(call: Call) -> Any:
                 raw = call.raw  # not call.connection._raw: a proxy attribute is slow
-                inflight = state._inflight
-                if inflight is None:
-                    inflight = state._attach(raw, call.connection._host)
-                inflight[raw] = clock() + grace
+                if not state.attached:
+                    state._attach(raw, call.connection._host)
+                state.flight_raw = raw
+                state.due = clock() + grace
                 try:
                     args = call.args
                     if call.kwargs:
@@ -131,23 +139,36 @@ class EfmPlugin(Plugin):
                     state._explain(raw, exc)
                     raise
                 finally:
-                    inflight.pop(raw, None)
+                    state.due = _INF
+            # An outer layer may do this registration itself, in its own frame (a frame is
+            # the largest part of a layer's cost): see FailoverPlugin.wrap_execute.
+            handler.efm = self  # type: ignore[attr-defined]
             return handler
 
         def chained(call: Call) -> Any:
             raw = call.raw
-            inflight = state._inflight
-            if inflight is None:
-                inflight = state._attach(raw, call.connection._host)
-            inflight[raw] = clock() + grace
+            if not state.attached:
+                state._attach(raw, call.connection._host)
+            state.flight_raw = raw
+            state.due = clock() + grace
             try:
                 return proceed(call)
             except BaseException as exc:
                 state._explain(raw, exc)
                 raise
             finally:
-                inflight.pop(raw, None)
+                state.due = _INF
         return chained
+
+    def explain(self, raw: Any, exc: BaseException) -> None:
+        """Tell the application, on the error of a statement this plugin registered, that the
+        failure monitor aborted its connection (when it did)."""
+        self._explain(raw, exc)
+
+    def attach(self, raw: Any, host: HostSpec) -> None:
+        """Register with the monitor of the host ``raw`` is connected to (before the first
+        statement after a connect or failover: see ``attached``)."""
+        self._attach(raw, host)
 
     def _explain(self, raw: Any, exc: BaseException) -> None:
         monitor = self.monitor
@@ -159,16 +180,16 @@ class EfmPlugin(Plugin):
                          "connection was aborted")
 
     # --- the host monitor --------------------------------------------------------------------
-    def _attach(self, raw: Any, host: HostSpec) -> dict[Any, float]:
-        """Find (or start) the monitor of the host ``raw`` is connected to and return its
-        in-flight dict; a private dict (nothing monitored) when the host cannot be known."""
+    def _attach(self, raw: Any, host: HostSpec) -> None:
+        """Find (or start) the monitor of the host ``raw`` is connected to and register with
+        it; nothing is monitored when the host cannot be known."""
         driver = self.ctx.driver
+        self.attached = True
         try:
             target = self._probe_target(raw, host)
         except Exception as exc:
             log.debug("cannot tell the address of %s (%r): not monitored", host, exc)
-            self._inflight = {}
-            return self._inflight
+            return
         key = (driver.code, target.address or target.name, target.port)
 
         def create() -> HostMonitor:
@@ -182,11 +203,11 @@ class EfmPlugin(Plugin):
                 break  # else it stopped between the two calls: the next one is new
         self.monitor = monitor
         self._host = host
-        self._inflight = monitor.inflight
-        return monitor.inflight
 
     def _detach(self) -> None:
-        monitor, self.monitor, self._inflight = self.monitor, None, None
+        monitor, self.monitor = self.monitor, None
+        self.attached = False
+        self.flight_raw = None
         if monitor is not None:
             monitor.detach(self)
 
@@ -207,7 +228,7 @@ class EfmPlugin(Plugin):
     def detached(self) -> None:
         """Called by a monitor that stopped: attach again at the next statement."""
         self.monitor = None
-        self._inflight = None
+        self.attached = False
 
     # --- what the monitor asks -------------------------------------------------------------------
     def open_probe_connection(self, target: ProbeTarget, timeout: float) -> Any:

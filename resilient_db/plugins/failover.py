@@ -373,6 +373,9 @@ class FailoverPlugin(Plugin):
         on_error = self._on_error
         state = self
         snapshot = self.ctx.driver.tx_snapshot_reader()
+        efm = getattr(proceed, "efm", None)
+        if efm is not None:  # efm is next and innermost: one frame for both
+            return self._fused_with_efm(efm, proceed)
         if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
             def handler(call: Call) -> Any:
                 if snapshot is not None:
@@ -398,6 +401,50 @@ class FailoverPlugin(Plugin):
                     raise
                 return result
         return chained
+
+    def _fused_with_efm(self, efm: Any, proceed: Handler) -> Handler:
+        """This layer and the ``efm`` layer after it (``proceed``, innermost: it calls the
+        driver) in one frame: the default plugin set's per-statement path. The same steps in
+        the same order as the two layers: failover's snapshot, efm's registration (see
+        ``EfmPlugin.wrap_execute``), the driver call, efm's deregistration and explanation,
+        then failover's decision. A retry goes through ``proceed``, registered again."""
+        on_error = self._on_error
+        state = self
+        snapshot = self.ctx.driver.tx_snapshot_reader()
+        clock = time.monotonic
+        grace = efm.grace
+        inf = float("inf")
+
+        def handler(call: Call) -> Any:
+            raw = call.raw
+            if snapshot is not None:
+                state._tx_before = snapshot(raw)
+            if not efm.attached:
+                efm.attach(raw, call.connection._host)
+            efm.flight_raw = raw
+            efm.due = clock() + grace
+            try:
+                args = call.args
+                if call.kwargs:
+                    result = call.fn(*args, **call.kwargs)
+                elif len(args) == 2:  # (statement, parameters)
+                    result = call.fn(args[0], args[1])
+                else:
+                    result = call.fn(*args)
+            except Exception as exc:
+                efm.due = inf
+                efm.explain(raw, exc)
+                result = on_error(call, exc, proceed)
+                if result is _RERAISE:
+                    raise
+                return result
+            except BaseException as exc:
+                efm.due = inf
+                efm.explain(raw, exc)
+                raise
+            efm.due = inf
+            return result
+        return handler
 
     def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
                   retry: bool = True) -> Any:
