@@ -762,6 +762,12 @@ class PgClusterEngine(ClusterEngine):
                          "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE rds_iam, {}").format(
                 sql.Identifier(user), sql.Identifier(APP_USER)))
+        for reader in self.cluster.readers:  # synchronous commit waits for one of them
+            self._wait_for(
+                f"IAM user {user} to reach {reader.id}",
+                lambda reader=reader: self._query_one(  # type: ignore[misc]
+                    reader, f"SELECT count(*) FROM pg_catalog.pg_roles "
+                    f"WHERE rolname = '{user}'") == 1)
 
 
 def _cpu(instance_id: str) -> float:

@@ -118,6 +118,33 @@ def _artifacts() -> tuple[Path, Path]:
     return module, verifier
 
 
+def _tls_files() -> tuple[Path, Path]:
+    base = ensure_dir(sim_root() / "iam")
+    target = base / "tls"
+    cert, key = target / "cert.pem", target / "key.pem"
+    with file_lock(base / ".build.lock"):
+        if cert.exists() and key.exists():
+            return cert, key
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise IamError("IAM on MariaDB needs TLS: install openssl to make a certificate")
+        building = ensure_dir(base / "tls.building")
+        result = subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+             "-subj", "/CN=resilient_db simulator", "-keyout", str(building / key.name),
+             "-out", str(building / cert.name)],
+            capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise IamError(f"openssl could not make a certificate: {result.stderr[-2000:]}")
+        # A throwaway test key: readable by the servers' OS users, which are not its owner.
+        for path in building.iterdir():
+            os.chmod(path, 0o644)
+        os.chmod(building, 0o755)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(building, target)
+    return cert, key
+
+
 def _usable_by_others(path: Path) -> bool:
     """Whether an unprivileged user (the servers' OS users) can reach and read ``path`` (run
     it, for a file; list it, for a directory)."""
@@ -196,6 +223,11 @@ class ClusterIam:
         os.chmod(temporary, 0o644)
         os.replace(temporary, self._service_file)
         self._installed = True
+
+    def tls_files(self) -> tuple[Path, Path]:
+        """A throwaway self-signed certificate and its key (MariaDB: mysql-connector sends a
+        cleartext password only over TLS), made once under the simulator root."""
+        return _tls_files()
 
     def remove(self) -> None:
         """Remove the PAM service file (idempotent)."""
