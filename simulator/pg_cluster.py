@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -762,12 +763,13 @@ class PgClusterEngine(ClusterEngine):
                          "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE rds_iam, {}").format(
                 sql.Identifier(user), sql.Identifier(APP_USER)))
+        exists = f"SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = '{user}'"
         for reader in self.cluster.readers:  # synchronous commit waits for one of them
-            self._wait_for(
-                f"IAM user {user} to reach {reader.id}",
-                lambda reader=reader: self._query_one(  # type: ignore[misc]
-                    reader, f"SELECT count(*) FROM pg_catalog.pg_roles "
-                    f"WHERE rolname = '{user}'") == 1)
+            self._wait_for(f"IAM user {user} to reach {reader.id}",
+                           functools.partial(self._role_exists, reader, exists))
+
+    def _role_exists(self, instance: Instance, query: str) -> bool:
+        return bool(self._query_one(instance, query) == 1)
 
 
 def _cpu(instance_id: str) -> float:
