@@ -198,6 +198,24 @@ def test_password_user_unaffected_and_token_never_logged(cluster: Cluster) -> No
         assert signature not in instance.runtime.log_path.read_text(errors="replace")
 
 
+def test_iam_user_has_the_application_users_privileges(cluster: Cluster) -> None:
+    # The topology the cluster plugins read, and a table of its own in the test database.
+    topology = ("SELECT count(*) FROM aurora_replica_status()"
+                if cluster.flavour.engine == "postgresql"
+                else "SELECT count(*) FROM aurora_sim.replica_host_status")
+    conn = login(cluster, cluster.writer, token(cluster.writer.endpoint, cluster.port))
+    try:
+        cur = conn.cursor()
+        cur.execute(topology)
+        assert cur.fetchone()[0] == len(cluster.instances)
+        cur.execute("CREATE TABLE iam_owned (id int)")
+        cur.execute("DROP TABLE iam_owned")
+        cur.close()
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def test_pam_service_is_readable_and_names_no_secret(cluster: Cluster) -> None:
     assert cluster.iam is not None
     text = (PAM_DIR / cluster.iam.service).read_text()
