@@ -313,3 +313,15 @@ def test_sweep_removes_services_of_dead_owners() -> None:
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("flavour", ["rds-pg", "rds-mysql"])
+def test_single_instance_flavours(flavour: str) -> None:
+    # No cluster endpoints: the writer and reader endpoints are the instance endpoint.
+    with Cluster.start(flavour) as single:
+        single.enable_iam(USER)
+        instance = single.writer
+        assert single.writer_endpoint == instance.endpoint
+        accepted(single, instance, token(instance.endpoint, single.port))
+        refused(single, instance, token(f"other.{instance.endpoint}", single.port),
+                "is not a name of this instance")
