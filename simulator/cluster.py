@@ -569,6 +569,8 @@ class Cluster:
             "writer_endpoint": self.writer_endpoint,
             "reader_endpoint": self.reader_endpoint,
             "host_pattern": self.host_pattern,
+            "iam": None if self.iam is None else {"users": list(self.iam.users),
+                                                  "region": self.iam.region},
             "instances": [
                 {"id": i.id, "role": i.role, "address": i.address, "endpoint": i.endpoint,
                  "lag": i.lag, "running": bool(i.runtime.is_running())}
