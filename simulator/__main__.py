@@ -123,6 +123,10 @@ def format_status(status: Mapping[str, Any]) -> list[str]:
             f"dns staleness {_seconds_text(timeline.get('dns_staleness'))}, "
             f"rejoin {_seconds_text(timeline.get('rejoin_delay'))}, "
             f"reboot {_seconds_text(timeline.get('reboot_downtime'))}")
+    iam = status.get("iam")
+    if iam:
+        lines.append(f"iam        users {', '.join(iam.get('users') or [])} log in with IAM "
+                     f"auth tokens (region {iam.get('region')})")
     instances = status.get("instances") or []
     rows = [("ID", "ROLE", "ADDRESS", "LAG", "STATE", "ENDPOINT")]
     for instance in instances:
@@ -494,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "from now on the writer endpoint lags SECONDS behind a promotion")
     staleness.add_argument("name", metavar="NAME")
     staleness.add_argument("seconds", type=_seconds, metavar="SECONDS")
+
+    iam = command("enable-iam", _action("enable_iam", user=lambda a: a.user,
+                                        region=lambda a: a.region),
+                  "create a database user that logs in only with IAM auth tokens")
+    iam.add_argument("name", metavar="NAME")
+    iam.add_argument("--user", default="iam_user", help="the user (default iam_user)")
+    iam.add_argument("--region", help="region the tokens must be signed for (default: the "
+                                      "cluster's)")
 
     events = command("events", cmd_events, "every event of a cluster so far")
     events.add_argument("name", metavar="NAME")

@@ -88,7 +88,7 @@ READ_ONLY_OPS = frozenset({"ping", "status", "events"})
 #: Every operation the daemon understands.
 OPS = READ_ONLY_OPS | frozenset({
     "failover", "read_only", "kill", "stop_instance", "start_instance", "reboot",
-    "add_reader", "remove_reader", "lag", "dns_staleness", "down",
+    "add_reader", "remove_reader", "lag", "dns_staleness", "enable_iam", "down",
 })
 
 # A directory without daemon.json is an `up` between mkdir and the daemon's first write;
@@ -782,6 +782,16 @@ def _op_dns_staleness(daemon: _Daemon, request: dict[str, Any]) -> tuple[Any, li
     return None, daemon.require_cluster().set_dns_staleness(_seconds(request, "seconds"))
 
 
+def _op_enable_iam(daemon: _Daemon, request: dict[str, Any]) -> tuple[Any, list[Event]]:
+    user = request.get("user", "iam_user")
+    region = request.get("region")
+    if not isinstance(user, str) or not user:
+        raise BadRequestError(f"user: expected a user name, got {user!r}")
+    if region is not None and (not isinstance(region, str) or not region):
+        raise BadRequestError(f"region: expected a region name, got {region!r}")
+    return None, daemon.require_cluster().enable_iam(user, region=region)
+
+
 def _op_down(daemon: _Daemon, request: dict[str, Any]) -> tuple[Any, list[Event]]:
     cluster = daemon.require_cluster()
     since = time.monotonic()
@@ -804,6 +814,7 @@ _HANDLERS: dict[str, Handler] = {
     "remove_reader": _instance_op(Cluster.remove_reader),
     "lag": _op_lag,
     "dns_staleness": _op_dns_staleness,
+    "enable_iam": _op_enable_iam,
     "down": _op_down,
 }
 assert set(_HANDLERS) == OPS

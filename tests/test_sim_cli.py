@@ -420,3 +420,31 @@ def test_a_cluster_that_cannot_start_reports_why_and_leaves_nothing(names: list[
     assert not daemon.daemon_dir(name).exists()
     after = {line for line in HostsFile().path.read_text().splitlines() if MARK in line}
     assert not {line for line in after - before if f"cluster={name}" in line}
+
+
+@pytest.mark.real_server
+def test_enable_iam(names: list[str]) -> None:
+    import boto3
+
+    status = up(names, "rds-pg")
+    name = status["name"]
+    assert status["iam"] is None
+    events = ok_json("enable-iam", name, "--user", "iam_cli")["events"]
+    assert [e["name"] for e in events] == ["iam_enabled"]
+    status = ok_json("status", name)
+    assert status["iam"] == {"users": ["iam_cli"], "region": "us-east-1"}
+    assert "iam        users iam_cli log in with IAM auth tokens" in ok("status", name).stdout
+    instance = status["instances"][0]
+    rds = boto3.client("rds", region_name="us-east-1", aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    token = rds.generate_db_auth_token(instance["endpoint"], status["port"], "iam_cli")
+    conn = psycopg.connect(host=instance["address"], port=status["port"], user="iam_cli",
+                           password=token, dbname="test", connect_timeout=15)
+    conn.close()
+    with pytest.raises(psycopg.OperationalError, match="PAM authentication failed"):
+        psycopg.connect(host=instance["address"], port=status["port"], user="iam_cli",
+                        password=token[:-1] + ("0" if token[-1] != "0" else "1"),
+                        dbname="test", connect_timeout=15)
+    result = sim("enable-iam", name, "--user", "bad-name")
+    assert (result.returncode, "user 'bad-name'" in result.stderr) == (1, True), result
+    ok("down", name)
