@@ -347,7 +347,7 @@ class Rotating:
     extra: dict[str, Any]
 
     def admin(self, sql: str) -> list[tuple[Any, ...]]:
-        kwargs = self.server.connect_kwargs()
+        kwargs: dict[str, Any] = dict(self.server.connect_kwargs())
         if self.engine == "pg":
             conn: Any = psycopg.connect(**kwargs, autocommit=True)
         else:
