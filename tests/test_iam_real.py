@@ -87,12 +87,6 @@ def pg_iam_cluster() -> Iterator[Cluster]:
 def mysql_iam_cluster() -> Iterator[Cluster]:
     with Cluster.start("aurora-mysql", readers=1, timeline=TIMELINE) as cluster:
         cluster.enable_iam(USER)
-        # What the application user may read of the look-alike topology (enable_iam grants
-        # the database and SLAVE MONITOR only). Replicated to the reader.
-        with cluster.superuser() as conn:
-            cur = conn.cursor()
-            cur.execute(f"GRANT SELECT, EXECUTE ON aurora_sim.* TO '{USER}'@'%'")
-            cur.close()
         yield cluster
 
 
