@@ -201,7 +201,7 @@ def test_failover_reaches_the_new_writer_with_a_token_for_it(
     """Failover connects to the instance the topology names as the new writer, by its own
     endpoint: the token is generated for that instance and the server accepts it."""
     cluster = env.cluster
-    conn = env.connect(plugins="failover,efm,iam")
+    conn = env.connect(plugins="initial_connection,aurora_connection_tracker,failover,efm,iam")
     assert current_user(conn) == USER
     old = cluster.writer
     events = cluster.failover()
