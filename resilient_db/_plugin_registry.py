@@ -34,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "initial_connection": "resilient_db.plugins.initial_connection:InitialConnectionPlugin",
     "stale_dns": "resilient_db.plugins.stale_dns:StaleDnsPlugin",
     "efm": "resilient_db.plugins.efm:EfmPlugin",
+    "iam": "resilient_db.plugins.iam:IamPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -47,7 +48,6 @@ PLANNED: dict[str, str] = {
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
-    "iam": "IAM database authentication",
     "aws_secrets_manager": "credentials from AWS Secrets Manager",
     "federated_auth": "federated (ADFS) authentication",
     "okta": "Okta authentication",

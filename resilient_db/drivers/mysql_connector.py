@@ -12,6 +12,7 @@ implementation). ``tests/test_drivers.py`` fails loudly if a release renames it.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -87,6 +88,8 @@ _CLIENT_TIMEOUTS: tuple[type[BaseException], ...] = tuple(
                     getattr(myerrors, "WriteTimeoutError", None)) if cls is not None)
 # --read-only / super-read-only (1290), read-only transaction (1792), innodb read-only (1836).
 _READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
+# ER_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR.
+_AUTH_ERRNOS = frozenset({1045, 1698})
 
 _INT_ARGS = frozenset(
     {"port", "read_timeout", "write_timeout", "pool_size", "client_flags"}
@@ -277,12 +280,17 @@ class MysqlConnectorDriver(DriverDialect):
             return holder is None or sock is None
         if sock.fileno() < 0:
             return True
+        # Peek at the TCP socket itself: an SSLSocket refuses recv() flags. Under TLS a
+        # pending record (a close_notify alert) reads as "not closed"; end-of-file as closed.
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
         except OSError:
             return True
+        finally:
+            raw.detach()  # the descriptor stays the driver's
 
     def configure_socket(self, conn: Any, options: NetworkOptions) -> None:
         # mysql-connector has no keepalive arguments: set the options on its socket once
@@ -332,8 +340,10 @@ class MysqlConnectorDriver(DriverDialect):
         sock = getattr(holder, "sock", None)
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             return None
-        # A second socket object on a duplicate descriptor: the caller may close it freely.
-        return sock.dup()
+        # A second, plain socket object on a duplicate descriptor (the caller may close it
+        # freely). Not sock.dup(): an SSLSocket (TLS, as IAM authentication requires) cannot
+        # be duplicated; shutting the TCP socket down wakes a TLS read all the same.
+        return socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
 
     def transaction_status(self, conn: Any) -> TxStatus:
         if self.is_closed(conn):
@@ -366,6 +376,27 @@ class MysqlConnectorDriver(DriverDialect):
 
     def is_read_only_error(self, exc: BaseException) -> bool:
         return isinstance(exc, myerrors.Error) and getattr(exc, "errno", None) in _READ_ONLY_ERRNOS
+
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        return (isinstance(exc, myerrors.Error) and not isinstance(exc, errors.Error)
+                and getattr(exc, "errno", None) in _AUTH_ERRNOS)
+
+    def user_of(self, args: Mapping[str, Any]) -> str | None:
+        for name in ("user", "username"):
+            if args.get(name) is not None:
+                return str(args[name])
+        return None
+
+    def apply_credential(self, args: dict[str, Any], user: str | None, password: str,
+                         clear_text: bool = False) -> None:
+        if user is not None:
+            args.pop("username", None)
+            args["user"] = user
+        for alias in ("passwd", "password1"):
+            args.pop(alias, None)
+        args["password"] = password
+        if clear_text:
+            args["auth_plugin"] = "mysql_clear_password"
 
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
         for name in ("database", "autocommit", "time_zone", "sql_mode"):
