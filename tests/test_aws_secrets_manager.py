@@ -11,13 +11,14 @@ import json
 import logging
 import secrets
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+import mysql.connector
+import psycopg
 import pytest
 
 import resilient_db
@@ -104,7 +105,10 @@ class Db:
         if self.name == "pg":
             self.run(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
         else:
-            self.run(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+            database = self.backend.kwargs["database"]
+            # Logging in with a default database needs a privilege on it.
+            self.run(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'",
+                     f"GRANT SELECT ON `{database}`.* TO '{user}'@'%'")
         self.users.append(user)
         return user, password
 
@@ -188,10 +192,8 @@ def test_region_of_arn(arn: str, region: str | None) -> None:
 
 def _connect_nowhere(**props: Any) -> None:
     """A connect whose configuration fails before any I/O (the port is closed)."""
-    import psycopg
-
     resilient_db.connect(psycopg.Connection.connect, host="127.0.0.1", port=9, dbname="x",
-                         plugins="aws_secrets_manager", **props)
+                         **{"plugins": "aws_secrets_manager", **props})
 
 
 @pytest.mark.unit
@@ -217,8 +219,9 @@ def test_configuration_errors_name_the_property() -> None:
 
 @pytest.mark.unit
 def test_expiration_property() -> None:
-    from resilient_db._params import SECRETS_MANAGER_EXPIRATION as prop
+    from resilient_db._params import SECRETS_MANAGER_EXPIRATION
 
+    prop = SECRETS_MANAGER_EXPIRATION
     assert prop.default == 365 * 86400 and prop.default_text() == "31536000"
     assert prop.parse("500") == 500.0 and prop.parse(0) == 0.0
     assert prop.parse(-1) == 365 * 86400.0  # the AWS wrapper's meaning of a negative value
@@ -304,7 +307,7 @@ def test_missing_secret(aws: Aws, caplog: pytest.LogCaptureFixture) -> None:
     assert "secret 'no/such-secret' in region us-east-1" in message
     assert "does not exist" in message and "secrets_manager_secret_id" in message
     assert info.value.parameter == "secrets_manager_secret_id"
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    _assert_unchained(info.value)
 
 
 @pytest.mark.real_server
@@ -325,28 +328,39 @@ def test_unusable_secret(aws: Aws, content: str | bytes,
         assert text not in str(info.value) and text not in repr(info.value)
         assert text not in caplog.text
     # No chained exception carries the document (a JSONDecodeError holds all of it).
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    _assert_unchained(info.value)
+
+
+def _assert_unchained(exc: BaseException) -> None:
+    """No chained exception shows in a traceback (botocore's or json's could carry the
+    response or the whole document)."""
+    assert exc.__cause__ is None
+    assert exc.__context__ is None or exc.__suppress_context__
 
 
 def _moto_auth(url: str, count: str) -> None:
+    # text/plain: a form content type would leave the body to Flask's form parser.
     request = urllib.request.Request(f"{url}/moto-api/reset-auth", data=count.encode(),
-                                     method="POST")
+                                     headers={"Content-Type": "text/plain"}, method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
 
 
 @pytest.mark.real_server
 def test_access_denied(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
-    """moto with IAM enforced: an identity allowed to read one secret is refused another."""
+    """moto with IAM enforced: an identity without secretsmanager:GetSecretValue is refused;
+    once a policy grants it, the same identity reads the secret."""
     iam = boto3.client("iam", region_name=REGION, endpoint_url=aws.url)
-    allowed, allowed_arn = aws.secret({"username": "a", "password": "allowed-pw"})
-    denied, _ = aws.secret({"username": "b", "password": "denied-pw"})
+    name, _ = aws.secret({"username": "a", "password": "hidden-pw"})
     user = f"reader-{secrets.token_hex(3)}"
     iam.create_user(UserName=user)
-    iam.put_user_policy(UserName=user, PolicyName="one-secret", PolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
-                       "Resource": allowed_arn}]}))
+
+    def allow(policy: str, action: str) -> None:
+        iam.put_user_policy(UserName=user, PolicyName=policy, PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": action, "Resource": "*"}]}))
+
+    allow("describe-only", "secretsmanager:DescribeSecret")
     key = iam.create_access_key(UserName=user)["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
@@ -354,14 +368,19 @@ def test_access_denied(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
     _moto_auth(aws.url, "0")
     try:
         with pytest.raises(SecretError) as info:
-            _connect_nowhere(**aws.props(denied))
+            _connect_nowhere(**aws.props(name))
         message = str(info.value)
-        assert "was denied (AccessDeniedException)" in message, message
-        assert "secretsmanager:GetSecretValue" in message and "denied-pw" not in message
-        # The same identity reads the secret it is allowed (then the closed port refuses).
+        assert "was denied (AccessDenied" in message, message
+        assert "secretsmanager:GetSecretValue" in message and "hidden-pw" not in message
+        _assert_unchained(info.value)
+        _moto_auth(aws.url, "inf")  # the test's own IAM client has no identity in moto
+        allow("read", "secretsmanager:GetSecretValue")
+        _moto_auth(aws.url, "0")
+        # Now the secret is read; the closed port refuses the database connect itself.
         with pytest.raises(Exception) as other:
-            _connect_nowhere(**aws.props(allowed))
+            _connect_nowhere(**aws.props(name))
         assert not isinstance(other.value, SecretError), other.value
+        assert CREDENTIALS.peek(next(iter(CREDENTIALS._entries))) is not None
     finally:
         _moto_auth(aws.url, "inf")
 
@@ -376,7 +395,9 @@ def test_wrong_password_retries_once_then_fails(db: Db, aws: Aws,
     refused credential is not kept, so the corrected secret is used by the next connect."""
     user, password = db.create_user()
     name, _ = aws.secret({"username": user, "password": "not-the-password"})
-    with pytest.raises(db.backend.operational_error) as info:
+    # The driver's own error, untouched (mysql-connector raises 1045 as ProgrammingError).
+    refused = psycopg.OperationalError if db.name == "pg" else mysql.connector.Error
+    with pytest.raises(refused) as info:
         db.connect(aws, name)
     assert not isinstance(info.value, resilient_db.Error)
     assert "not-the-password" not in str(info.value)

@@ -14,6 +14,7 @@ errors name the secret id, the region and the key *names* only.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -55,6 +56,11 @@ _CONNECT_TIMEOUT = 3.0
 _READ_TIMEOUT = 5.0
 _MAX_ATTEMPTS = 2
 
+#: Error codes of a refused identity (Secrets Manager's, STS's and signing errors).
+_DENIED = frozenset({"AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
+                     "InvalidSignatureException", "ExpiredTokenException",
+                     "InvalidClientTokenId"})
+
 #: Early refresh: at most this long before the cached secret expires, one connect fetches it
 #: again while the others keep using the cached one.
 _REFRESH_BEFORE = 30.0
@@ -93,14 +99,17 @@ def _client(region: str, endpoint: str | None) -> Any:
         if client is None:
             try:
                 import boto3
-                from botocore.config import Config
+
+                # Through importlib: botocore ships no type information (Any either way).
+                config_module = importlib.import_module("botocore.config")
             except ImportError:
                 raise ConfigurationError(
                     "plugin 'aws_secrets_manager' needs boto3: pip install "
                     "'resilient_db[aws]' (or boto3)", parameter="plugins",
                     value=CODE) from None
-            config = Config(connect_timeout=_CONNECT_TIMEOUT, read_timeout=_READ_TIMEOUT,
-                            retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"})
+            config = config_module.Config(
+                connect_timeout=_CONNECT_TIMEOUT, read_timeout=_READ_TIMEOUT,
+                retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"})
             # A session of its own: boto3's default session is not thread-safe.
             session = boto3.session.Session()
             client = session.client("secretsmanager", region_name=region,
@@ -187,43 +196,46 @@ class SecretsManagerProvider(CredentialProvider):
         return credential
 
     def _get_secret_value(self) -> Any:
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-        )
-
+        boto_errors = importlib.import_module("botocore.exceptions")
         client = _client(self.region, self.endpoint)
         try:
             return client.get_secret_value(SecretId=self.secret_id)
-        except ClientError as exc:
+        except boto_errors.ClientError as exc:
             raise self._client_error(exc) from None
-        except NoCredentialsError:
+        except boto_errors.NoCredentialsError:
             raise SecretError(
                 f"cannot read the {self.where()}: no AWS credentials found (environment, "
                 "shared credentials file, instance or container role)",
                 parameter=SECRETS_MANAGER_SECRET_ID.name, value=self.secret_id) from None
-        except EndpointConnectionError as exc:
+        except boto_errors.EndpointConnectionError as exc:
             raise SecretError(
                 f"cannot read the {self.where()}: the Secrets Manager endpoint cannot be "
                 f"reached ({exc}); check secrets_manager_endpoint and secrets_manager_region",
                 parameter=SECRETS_MANAGER_ENDPOINT.name, value=self.endpoint) from None
-        except BotoCoreError as exc:
+        except boto_errors.BotoCoreError as exc:
             raise SecretError(
                 f"cannot read the {self.where()}: {type(exc).__name__}: {exc}",
                 parameter=SECRETS_MANAGER_SECRET_ID.name, value=self.secret_id) from None
 
     def _client_error(self, exc: Any) -> SecretError:
-        error = exc.response.get("Error", {})
+        response = exc.response
+        error = response.get("Error", {})
         code = str(error.get("Code", "")) or type(exc).__name__
-        message = str(error.get("Message", ""))[:200]
+        message = str(error.get("Message", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if message.lstrip().startswith("<"):
+            # An XML error body on this JSON API (some emulators, proxies): botocore cannot
+            # parse it and reports the HTTP status as the code.
+            found = re.search(r"<Code>([^<]{1,100})</Code>", message)
+            code = found.group(1) if found else code
+            found = re.search(r"<Message>([^<]{1,300})</Message>", message)
+            message = found.group(1) if found else ""
+        message = message[:200]
         where = self.where()
         if code == "ResourceNotFoundException":
             text = (f"{where} does not exist (or has no current version): check "
                     "secrets_manager_secret_id and secrets_manager_region")
-        elif code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
-                      "InvalidSignatureException", "ExpiredTokenException"):
+        elif code in _DENIED or status == 403:
             text = (f"access to the {where} was denied ({code}): the AWS identity needs "
                     "secretsmanager:GetSecretValue on it (and kms:Decrypt for a "
                     "customer-managed key)")
