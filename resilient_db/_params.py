@@ -650,7 +650,7 @@ MONITOR_DISPOSAL_TIME = duration(
 #: A region name as AWS spells them: ``us-east-1``, ``us-gov-west-1``, ``cn-north-1``,
 #: ``eu-central-2``, ``ap-southeast-3``, ``il-central-1``.
 _REGION_SHAPE = "an AWS region name such as 'us-east-2' (lowercase, ending in a number)"
-#: ``secrets_manager_expiration`` below 0 means one year, as in the AWS wrapper.
+#: ``secrets_manager_expiration``'s default, as in the AWS wrapper.
 SECRET_EXPIRATION_ONE_YEAR = 365 * 86_400.0
 _SECRET_EXPIRATION_MAX = 10 * SECRET_EXPIRATION_ONE_YEAR
 
@@ -684,16 +684,20 @@ def _json_key_problem(value: str) -> str | None:
 def _secret_expiration(name: str, description: str) -> Property[float]:
     from ._properties import _blank, _fmt
 
-    range_text = f"0 to {_fmt(_SECRET_EXPIRATION_MAX)}; below 0: one year"
+    range_text = f"0 to {_fmt(_SECRET_EXPIRATION_MAX)}"
+    expected = f"a duration in seconds, {range_text}"
 
     def convert(prop: Property[float], value: object) -> float:
         if _blank(value):
-            raise prop.fail(value, f"a duration in seconds, {range_text}")
+            raise prop.fail(value, expected)
         number = _number(prop, value, integer=False)
         if number < 0:
-            return SECRET_EXPIRATION_ONE_YEAR
+            # The AWS wrapper reads a negative value as "one year", its default: a magic
+            # number is refused here, with the way to get the same thing.
+            raise prop.fail(value, f"{expected} (the AWS wrapper's negative value means a "
+                                   "year, the default)")
         if number > _SECRET_EXPIRATION_MAX:
-            raise prop.fail(value, f"a duration in seconds, {range_text}")
+            raise prop.fail(value, expected)
         return number
 
     # The default as an int so that the docs show 31536000, not 3.1536e+07.

@@ -224,7 +224,9 @@ def test_expiration_property() -> None:
     prop = SECRETS_MANAGER_EXPIRATION
     assert prop.default == 365 * 86400 and prop.default_text() == "31536000"
     assert prop.parse("500") == 500.0 and prop.parse(0) == 0.0
-    assert prop.parse(-1) == 365 * 86400.0  # the AWS wrapper's meaning of a negative value
+    # The AWS wrapper reads a negative value as a year (its default): refused, with that hint.
+    with pytest.raises(ConfigurationError, match="negative value means a year, the default"):
+        prop.parse(-1)
     with pytest.raises(ConfigurationError, match="secrets_manager_expiration"):
         prop.parse("soon")
 
