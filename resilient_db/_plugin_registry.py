@@ -36,6 +36,7 @@ BUILTIN: dict[str, str] = {
     "efm": "resilient_db.plugins.efm:EfmPlugin",
     "aws_secrets_manager":
         "resilient_db.plugins.aws_secrets_manager:AwsSecretsManagerPlugin",
+    "iam": "resilient_db.plugins.iam:IamPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -49,7 +50,6 @@ PLANNED: dict[str, str] = {
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
-    "iam": "IAM database authentication",
     "federated_auth": "federated (ADFS) authentication",
     "okta": "Okta authentication",
     "limitless": "Aurora Limitless transaction routers",
