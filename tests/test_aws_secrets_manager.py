@@ -12,6 +12,7 @@ import logging
 import secrets
 import threading
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,10 +72,12 @@ class Aws:
 def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
     aws_env(monkeypatch)
     sm.clear_clients()
+    sm.clear_refused()
     CREDENTIALS.clear()
     yield Aws(moto_url, boto3.client("secretsmanager", region_name=REGION,
                                      endpoint_url=moto_url))
     sm.clear_clients()
+    sm.clear_refused()
     CREDENTIALS.clear()
 
 
@@ -511,3 +514,47 @@ def _assert_not_leaked(secret: str, sink: resilient_db.CollectingSink) -> None:
     for credential in cached:
         assert secret not in repr(credential) and secret not in str(credential)
 
+
+
+@pytest.mark.real_server
+def test_rotation_window_bridged_with_the_pending_version(
+        db: Db, aws: Aws, sink: resilient_db.CollectingSink) -> None:
+    """AWS's rotation functions set the new password on the database while it is still the
+    secret's AWSPENDING version, and make it AWSCURRENT only after testing it. In that window
+    the refetched AWSCURRENT holds the refused password: the plugin uses AWSPENDING, so the
+    application sees no error during the window or after the rotation finishes."""
+    user, password = db.create_user()
+    table = db.table(user)
+    name, _ = aws.secret({"username": user, "password": password})
+    old_version = next(v for v, stages in aws.client.describe_secret(SecretId=name)
+                       ["VersionIdsToStages"].items() if "AWSCURRENT" in stages)
+    load = Workload(db, aws, name, table)
+    load.start()
+    try:
+        wait_until("writes before the rotation", lambda: load.count() >= 20, timeout=60)
+        new_password = secrets.token_urlsafe(16)
+        token = str(uuid.uuid4())
+        # createSecret, then setSecret: the database expects the pending password now.
+        aws.client.put_secret_value(
+            SecretId=name, ClientRequestToken=token, VersionStages=["AWSPENDING"],
+            SecretString=json.dumps({"username": user, "password": new_password}))
+        db.set_password(user, new_password)
+        in_window = load.count()
+        wait_until("writes inside the rotation window", lambda: load.count() >= in_window + 40,
+                   timeout=60)
+        # finishSecret: the pending version becomes current.
+        aws.client.update_secret_version_stage(
+            SecretId=name, VersionStage="AWSCURRENT", MoveToVersionId=token,
+            RemoveFromVersionId=old_version)
+        finished = load.count()
+        wait_until("writes after the rotation", lambda: load.count() >= finished + 20,
+                   timeout=60)
+    finally:
+        load.finish()
+    assert load.errors == []
+    assert load.acked <= db.ids(table)
+    assert kinds(sink, "auth.failed") == []
+    assert 1 <= len(kinds(sink, "auth.retried")) <= load.threads
+    assert 1 <= len(kinds(sink, "auth.pending_version")) <= load.threads
+    _assert_not_leaked(password, sink)
+    _assert_not_leaked(new_password, sink)

@@ -14,15 +14,17 @@ errors name the secret id, the region and the key *names* only.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import Any
 
 from .._params import (
     SECRETS_MANAGER_ENDPOINT,
@@ -32,13 +34,11 @@ from .._params import (
     SECRETS_MANAGER_SECRET_PASSWORD_KEY,
     SECRETS_MANAGER_SECRET_USERNAME_KEY,
 )
+from .._pipeline import ConnectContext, ConnectHandler
 from .._properties import Settings
 from ..auth._credentials import Credential, CredentialProvider
 from ..auth._plugin import AuthPlugin
 from ..errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from .._pipeline import ConnectContext
 
 __all__ = ["AwsSecretsManagerPlugin", "SecretError", "SecretsManagerProvider", "region_of_arn"]
 
@@ -128,10 +128,68 @@ def _after_fork() -> None:
     global _clients_lock
     _clients_lock = threading.Lock()
     _clients.clear()  # a client's connection pool is the parent's
+    _REFUSED.after_fork()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
+# --- passwords the server refused (to bridge a rotation with AWSPENDING) ----------------------
+
+
+class _Refused:
+    """Digests of passwords a server refused, per cache key (never the passwords). A
+    password that logs in again is forgotten. Process-wide, bounded."""
+
+    _KEEP = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[Hashable, list[bytes]] = {}
+
+    @staticmethod
+    def _digest(password: str) -> bytes:
+        return hashlib.sha256(password.encode()).digest()
+
+    def add(self, key: Hashable, password: str) -> None:
+        digest = self._digest(password)
+        with self._lock:
+            digests = self._by_key.setdefault(key, [])
+            if digest not in digests:
+                digests.append(digest)
+                del digests[:-self._KEEP]
+
+    def discard(self, key: Hashable, password: str) -> None:
+        if key not in self._by_key:  # the common case, without the lock
+            return
+        digest = self._digest(password)
+        with self._lock:
+            digests = self._by_key.get(key)
+            if digests and digest in digests:
+                digests.remove(digest)
+
+    def has(self, key: Hashable, password: str) -> bool:
+        digests = self._by_key.get(key)
+        return bool(digests) and self._digest(password) in (digests or ())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_key.clear()
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+_REFUSED = _Refused()
+
+#: How long an ``AWSPENDING`` version is used before ``AWSCURRENT`` is read again.
+_PENDING_EXPIRATION = 60.0
+
+
+def clear_refused() -> None:
+    """Forget refused passwords (tests)."""
+    _REFUSED.clear()
 
 
 # --- the provider -----------------------------------------------------------------------------
@@ -142,7 +200,9 @@ class SecretsManagerProvider(CredentialProvider):
 
     code = CODE
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 decide: Callable[..., object] | None = None) -> None:
+        self._decide = decide
         secret_id = settings[SECRETS_MANAGER_SECRET_ID]
         if not secret_id:
             raise ConfigurationError(
@@ -190,16 +250,48 @@ class SecretsManagerProvider(CredentialProvider):
 
     def fetch(self, ctx: ConnectContext) -> Credential:
         started = time.time()
-        response = self._get_secret_value()
-        credential = self.parse(response)
+        credential = self.parse(self._get_secret_value())
         log.debug("fetched %s in %.1f ms", self.where(), (time.time() - started) * 1000)
+        if _REFUSED.has(self._key, credential.password):
+            pending = self._pending(ctx)
+            if pending is not None:
+                return pending
         return credential
 
-    def _get_secret_value(self) -> Any:
+    def _pending(self, ctx: ConnectContext) -> Credential | None:
+        """The ``AWSPENDING`` version, when the server refused ``AWSCURRENT``'s password: a
+        rotation in progress has set the new password on the database and not yet made it
+        current (AWS's rotation functions: set, test, then finish; seconds to a minute).
+        ``None`` when there is no usable pending version (then the current one is used and
+        its refusal reaches the application)."""
+        try:
+            pending = self.parse(self._get_secret_value("AWSPENDING"))
+        except SecretError as exc:
+            log.debug("no usable AWSPENDING version of the %s: %s", self.where(),
+                      type(exc).__name__)
+            return None
+        if _REFUSED.has(self._key, pending.password):
+            return None
+        log.info("the server refused the current version of the %s; using its AWSPENDING "
+                 "version (a rotation in progress) for %g s", self.where(),
+                 _PENDING_EXPIRATION)
+        if self._decide is not None:
+            self._decide("auth.pending_version", CODE, **{
+                "auth.source": CODE, "server.address": ctx.host.host,
+                "server.port": ctx.host.port, "db.user": pending.user})
+        # Short-lived: once the rotation finishes, AWSCURRENT is this version; if it is
+        # abandoned instead, AWSCURRENT is right again.
+        expires_at = min(pending.expires_at or math.inf, time.time() + _PENDING_EXPIRATION)
+        return Credential(pending.user, pending.password, expires_at, CODE)
+
+    def _get_secret_value(self, stage: str | None = None) -> Any:
         boto_errors = importlib.import_module("botocore.exceptions")
         client = _client(self.region, self.endpoint)
+        request = {"SecretId": self.secret_id}
+        if stage is not None:
+            request["VersionStage"] = stage
         try:
-            return client.get_secret_value(SecretId=self.secret_id)
+            return client.get_secret_value(**request)
         except boto_errors.ClientError as exc:
             raise self._client_error(exc) from None
         except boto_errors.NoCredentialsError:
@@ -293,9 +385,31 @@ class SecretsManagerProvider(CredentialProvider):
 
 
 class AwsSecretsManagerPlugin(AuthPlugin):
-    """Logs every physical connect in with the user and password of the configured secret."""
+    """Logs every physical connect in with the user and password of the configured secret.
+
+    Besides the base class's refetch-and-retry, it notes which passwords the server refused
+    (digests), so that the refetch can tell a rotation in progress (``AWSCURRENT`` still
+    holds the refused password) and use the ``AWSPENDING`` version instead."""
 
     code = CODE
 
     def provider(self) -> CredentialProvider:
-        return SecretsManagerProvider(self.ctx.settings)
+        return SecretsManagerProvider(self.ctx.settings, self.ctx.decide)
+
+    def connect(self, ctx: ConnectContext, proceed: ConnectHandler) -> Any:
+        provider = self._the_provider()
+        key = provider.key(ctx)
+
+        def noting(applied: ConnectContext) -> Any:
+            password = applied.args.get("password")
+            try:
+                conn = proceed(applied)
+            except Exception as exc:
+                if isinstance(password, str) and ctx.driver.is_auth_failure(exc):
+                    _REFUSED.add(key, password)
+                raise
+            if isinstance(password, str):
+                _REFUSED.discard(key, password)
+            return conn
+
+        return super().connect(ctx, noting)
