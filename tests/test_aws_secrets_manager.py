@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import secrets
 import threading
 import urllib.request
@@ -238,8 +239,9 @@ def test_expiration_property() -> None:
 
 
 @pytest.mark.real_server
-def test_connects_with_the_secret(db: Db, aws: Aws,
-                                  sink: resilient_db.CollectingSink) -> None:
+def test_connects_with_the_secret(db: Db, aws: Aws, sink: resilient_db.CollectingSink,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
     user, password = db.create_user()
     name, _ = aws.secret({"username": user, "password": password, "engine": db.name})
     # The secret wins over a user and password the application gave.
@@ -255,6 +257,9 @@ def test_connects_with_the_secret(db: Db, aws: Aws,
     assert first["auth.source"] == "aws_secrets_manager" and first["db.user"] == user
     assert CREDENTIALS.fetches == 1
     _assert_not_leaked(password, sink)
+    assert "fetched secret" in caplog.text and password not in caplog.text
+    plugin = conn.resilient.plugin("aws_secrets_manager")
+    assert plugin is not None and password not in repr(plugin)
 
 
 @pytest.mark.real_server
@@ -313,6 +318,8 @@ def test_missing_secret(aws: Aws, caplog: pytest.LogCaptureFixture) -> None:
     assert "does not exist" in message and "secrets_manager_secret_id" in message
     assert info.value.parameter == "secrets_manager_secret_id"
     _assert_unchained(info.value)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is SecretError and str(copy) == message
 
 
 @pytest.mark.real_server

@@ -78,8 +78,6 @@ class SecretError(ConfigurationError):
     A ``ConfigurationError`` (the fix is a property, the secret or an IAM policy); the
     message names the secret id, region and key names, never the secret's content."""
 
-    __module__ = "resilient_db"
-
 
 # --- boto3 clients: one per (region, endpoint), shared by the process -------------------------
 
