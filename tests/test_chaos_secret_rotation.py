@@ -54,5 +54,10 @@ def test_secret_rotation_under_load(chaos_run: ChaosRun, flavour: str,
     connects = [d for d in decisions if d.kind == "auth.credential"]
     assert len(connects) > 50
     assert 3 <= CREDENTIALS.fetches <= 1 + len(retried)
+    # Not only the application's connects through the cluster endpoint: the topology
+    # monitor's and failover's connections to instance endpoints log in with the secret too.
+    addresses = {d.attributes["server.address"] for d in connects}
+    assert len(addresses) >= 2, addresses
     print(f"{flavour}: {len(connects)} connects, {len(retried)} retried, "
-          f"{CREDENTIALS.fetches} fetches, errors {metrics['errors_by_kind']}")
+          f"{CREDENTIALS.fetches} fetches, errors {metrics['errors_by_kind']}, "
+          f"addresses {sorted(addresses)}")
