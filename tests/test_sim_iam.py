@@ -10,6 +10,7 @@ the login failed for some unrelated reason).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +21,9 @@ import mysql.connector
 import psycopg
 import pytest
 
+from simulator._addresses import ProcessIdentity
 from simulator.cluster import Cluster, ClusterError, Instance
-from simulator.iam import PAM_DIR, IamCredentials, verify
+from simulator.iam import PAM_DIR, IamCredentials, sweep_services, verify
 
 from .aws import TEST_CREDENTIALS
 from .waiting import wait_until
@@ -196,6 +198,24 @@ def test_password_user_unaffected_and_token_never_logged(cluster: Cluster) -> No
         assert signature not in instance.runtime.log_path.read_text(errors="replace")
 
 
+def test_iam_user_has_the_application_users_privileges(cluster: Cluster) -> None:
+    # The topology the cluster plugins read, and a table of its own in the test database.
+    topology = ("SELECT count(*) FROM aurora_replica_status()"
+                if cluster.flavour.engine == "postgresql"
+                else "SELECT count(*) FROM aurora_sim.replica_host_status")
+    conn = login(cluster, cluster.writer, token(cluster.writer.endpoint, cluster.port))
+    try:
+        cur = conn.cursor()
+        cur.execute(topology)
+        assert cur.fetchone()[0] == len(cluster.instances)
+        cur.execute("CREATE TABLE iam_owned (id int)")
+        cur.execute("DROP TABLE iam_owned")
+        cur.close()
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def test_pam_service_is_readable_and_names_no_secret(cluster: Cluster) -> None:
     assert cluster.iam is not None
     text = (PAM_DIR / cluster.iam.service).read_text()
@@ -274,3 +294,34 @@ def test_verifier_window() -> None:
         verify.check(good, USER, _CONFIG, now + datetime.timedelta(seconds=910))
     with pytest.raises(verify.RefusedError, match="future"):
         verify.check(good, USER, _CONFIG, now - datetime.timedelta(seconds=600))
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes to /etc/pam.d")
+def test_sweep_removes_services_of_dead_owners() -> None:
+    dead = ProcessIdentity(os.getpid(), 0)  # this pid with another start time: gone
+    paths = {name: PAM_DIR / f"rdbsim-iam-sweeptest{name}-{os.getpid()}"
+             for name in ("dead", "alive", "foreign")}
+    try:
+        paths["dead"].write_text(f"# owner: {json.dumps(dead.to_json())}\n")
+        paths["alive"].write_text(
+            f"# owner: {json.dumps(ProcessIdentity.current().to_json())}\n")
+        paths["foreign"].write_text("auth required pam_deny.so\n")
+        removed = sweep_services()
+        assert paths["dead"] in removed and not paths["dead"].exists()
+        assert paths["alive"].exists() and paths["foreign"].exists()
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("flavour", ["rds-pg", "rds-mysql"])
+def test_single_instance_flavours(flavour: str) -> None:
+    # No cluster endpoints: the writer and reader endpoints are the instance endpoint.
+    with Cluster.start(flavour) as single:
+        single.enable_iam(USER)
+        instance = single.writer
+        assert single.writer_endpoint == instance.endpoint
+        accepted(single, instance, token(instance.endpoint, single.port))
+        refused(single, instance, token(f"other.{instance.endpoint}", single.port),
+                "is not a name of this instance")
