@@ -24,6 +24,7 @@ from chaos.analysis import Window, analyse
 from chaos.control import ClusterControl, ControlError, SimulatorControl, writer_spans
 from chaos.faults import AppliedFault, FaultBackend, LocalFaultBackend, Toxic
 from chaos.scenario import FaultStep, Scenario, load
+from chaos.secrets import SecretAuth, needs_secret
 from chaos.workload import Workload
 
 __all__ = ["EXIT_CODES", "Progress", "RunResult", "run"]
@@ -64,8 +65,9 @@ class _Timeline:
     """Plays the fault steps, each on its own daemon thread at its time."""
 
     def __init__(self, control: ClusterControl, backend: FaultBackend | None, t0: float,
-                 end: float) -> None:
+                 end: float, auth: SecretAuth | None = None) -> None:
         self.control, self.backend, self.t0, self.end = control, backend, t0, end
+        self.auth = auth
         self.windows: list[Window] = []
         self.errors: list[str] = []
         self.last = ""
@@ -111,6 +113,11 @@ class _Timeline:
                     self.control.set_replica_lag(instance, 0.0)
             elif step.action == "dns_staleness":
                 self.control.set_dns_staleness(step.seconds or 0.0)
+            elif step.action == "rotate_secret":
+                if self.auth is None:
+                    raise ControlError("rotate_secret: the workload does not log in with a "
+                                       "secret (aws_secrets_manager)")
+                self.auth.rotate()
         except Exception as exc:
             LOGGER.exception("fault step %d (%s) failed", index, label)
             with self._lock:
@@ -318,12 +325,33 @@ def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | No
         # front of every instance before the application connects.
         for instance in getattr(control, "instance_ids", list)():
             prepare(*control.address(instance))
+    plugins = effective_plugins(spec.plugins)
+    auth = None
+    if needs_secret(plugins, [s.action for s in scenario.faults]):
+        auth = SecretAuth.setup(control, sql)
+    try:
+        return _play(scenario, control, backend, progress, kwargs, table, plugins, auth,
+                     drop_table=drop_table)
+    finally:
+        if auth is not None:
+            auth.close()
+
+
+def _play(scenario: Scenario, control: ClusterControl, backend: FaultBackend | None,
+          progress: Progress | None, kwargs: dict[str, Any], table: str, plugins: str,
+          auth: SecretAuth | None, *, drop_table: bool) -> dict[str, Any]:
+    sql = control.sql()
+    spec = scenario.workload
+    # The application logs in with the secret when there is one; the runner's own
+    # connections (set-up, the final read) keep the cluster's user.
+    app_kwargs = kwargs if auth is None else auth.workload_kwargs(kwargs)
     reader_kwargs = None
     if spec.reads == "reader":
-        reader_kwargs = {**kwargs, **control.connect_kwargs(control.reader_endpoint)}
-    plugins = effective_plugins(spec.plugins)
-    workload = Workload(sql, table, kwargs, spec.threads, spec.write_ratio, spec.rate,
-                        spec.tx_size, plugins, reader_kwargs)
+        reader_kwargs = {**app_kwargs, **control.connect_kwargs(control.reader_endpoint)}
+        if auth is not None:
+            reader_kwargs = auth.workload_kwargs(reader_kwargs)
+    workload = Workload(sql, table, app_kwargs, spec.threads, spec.write_ratio, spec.rate,
+                        spec.tx_size, plugins, reader_kwargs, spec.reconnect_every)
     workload.start()
     warm_deadline = time.monotonic() + 60
     while not workload.acked:
@@ -333,7 +361,7 @@ def _run(scenario: Scenario, control: ClusterControl, backend: FaultBackend | No
         time.sleep(0.02)
     t0 = time.monotonic()
     end = t0 + scenario.duration
-    timeline = _Timeline(control, backend, t0, scenario.duration)
+    timeline = _Timeline(control, backend, t0, scenario.duration, auth)
     timeline.start(scenario.faults)
     while (now := time.monotonic()) < end:
         if progress is not None:

@@ -45,6 +45,9 @@ ACTIONS: Mapping[str, tuple[str, ...]] = {
     "reboot": ("instance",),
     "replica_lag": ("instance", "seconds", "duration"),
     "dns_staleness": ("seconds",),
+    # A new password in the workload's Secrets Manager secret and on the database
+    # (chaos/secrets.py): the application logs in with the secret.
+    "rotate_secret": (),
 }
 #: Invariants checked after every run (all by default).
 INVARIANTS: tuple[str, ...] = ("no_lost_writes", "no_reader_writes", "documented_errors")
@@ -104,7 +107,9 @@ class WorkloadSpec:
     (0: as fast as it can), a fraction ``write_ratio`` of them writes of ``tx_size`` rows in
     one transaction (1: autocommit), reads on the ``reads`` endpoint (``writer`` or
     ``reader``), through resilient_db with ``plugins`` (a code ending in ``?`` is used only
-    if this resilient_db has it, e.g. ``failover,efm?``) and ``properties``."""
+    if this resilient_db has it, e.g. ``failover,efm?``) and ``properties``. Each thread
+    closes its connection and opens a new one every ``reconnect_every`` operations (0:
+    never), as an application with short-lived connections does."""
 
     threads: int = 2
     write_ratio: float = 0.8
@@ -113,6 +118,7 @@ class WorkloadSpec:
     reads: str = "writer"
     plugins: str = "failover"
     properties: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reconnect_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +158,8 @@ class FaultStep:
             return f"{self.action} {self.instance}"
         if self.action == "replica_lag":
             return f"replica lag {self.seconds:g} s on {self.instance}"
+        if self.action == "rotate_secret":
+            return "rotate the secret and the database password"
         return f"DNS staleness {self.seconds:g} s"
 
     def to_json(self) -> dict[str, Any]:
@@ -253,7 +261,10 @@ def _workload(data: Any) -> WorkloadSpec:
         raise ScenarioError(f"workload.plugins: expected a comma-separated string or a list, "
                             f"got {plugins!r}")
     properties = _mapping("workload.properties", d.get("properties"))
-    return WorkloadSpec(threads, float(ratio), float(rate), tx_size, reads, plugins, properties)
+    reconnect_every = _number("workload.reconnect_every", d.get("reconnect_every", 0),
+                              integer=True)
+    return WorkloadSpec(threads, float(ratio), float(rate), tx_size, reads, plugins, properties,
+                        reconnect_every)
 
 
 def _toxic(where: str, data: Any) -> Toxic:
@@ -343,6 +354,12 @@ def from_dict(data: Mapping[str, Any]) -> Scenario:
         if step.at >= duration:
             raise ScenarioError(f"faults[{i}].at={step.at:g} is not before the end of the run "
                                 f"(duration {duration:g} s)")
+    workload = _workload(d.get("workload"))
+    for i, step in enumerate(faults):
+        if step.action == "rotate_secret" and "aws_secrets_manager" not in [
+                c.strip().rstrip("?") for c in workload.plugins.split(",")]:
+            raise ScenarioError(f"faults[{i}]: rotate_secret needs the application to log in "
+                                "with the secret: add aws_secrets_manager to workload.plugins")
     invariants = tuple(d.get("invariants") or INVARIANTS)
     for inv in invariants:
         if inv not in INVARIANTS:
@@ -351,7 +368,7 @@ def from_dict(data: Mapping[str, Any]) -> Scenario:
     if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
         raise ScenarioError("allowed_errors: expected a list of exception class names")
     return Scenario(name, str(d.get("description", "")), _cluster(d.get("cluster")),
-                    _workload(d.get("workload")), duration, faults, _steady(d.get("steady_state")),
+                    workload, duration, faults, _steady(d.get("steady_state")),
                     invariants, tuple(allowed))
 
 

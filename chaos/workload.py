@@ -101,6 +101,8 @@ class Workload:
     tx_size: int = 1
     plugins: str = "failover"
     reader_kwargs: dict[str, Any] | None = None
+    #: close the connection and open a new one every this many operations (0: never)
+    reconnect_every: int = 0
     seed: int = 7
     requests: list[Request] = field(default_factory=list)
     #: id -> acknowledgement time (monotonic) of every acknowledged write
@@ -191,8 +193,17 @@ class Workload:
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         next_at = time.monotonic()
         last_acked = 0
+        operations = 0
         try:
             while not self.stop_event.is_set() and conn is not None:
+                operations += 1
+                if self.reconnect_every and operations % self.reconnect_every == 0 \
+                        and not pending:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = self._connect(thread, kwargs, autocommit)
+                    if conn is None:
+                        break
                 if interval:
                     now = time.monotonic()
                     if next_at > now:

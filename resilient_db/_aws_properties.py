@@ -64,12 +64,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "response_measurement_interval_ms": "fastest_response_strategy",
     # authentication
     "aws_profile": "iam, aws_secrets_manager",
-    "secrets_manager_secret_id": "aws_secrets_manager",
-    "secrets_manager_secret_username_key": "aws_secrets_manager",
-    "secrets_manager_secret_password_key": "aws_secrets_manager",
-    "secrets_manager_region": "aws_secrets_manager",
-    "secrets_manager_endpoint": "aws_secrets_manager",
-    "secrets_manager_expiration": "aws_secrets_manager",
     "idp_endpoint": "federated_auth, okta",
     "idp_port": "federated_auth, okta",
     "rp_identifier": "federated_auth",

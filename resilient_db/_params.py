@@ -706,3 +706,118 @@ IAM_EXPIRATION = duration(
     plugin="iam",
     aws_name=True,
 )
+
+# --- aws_secrets_manager plugin (resilient_db/plugins/aws_secrets_manager.py) -----------------
+
+#: A region name as AWS spells them: ``us-east-1``, ``us-gov-west-1``, ``cn-north-1``,
+#: ``eu-central-2``, ``ap-southeast-3``, ``il-central-1``.
+_SECRET_REGION_SHAPE = "an AWS region name such as 'us-east-2' (lowercase, ending in a number)"
+#: ``secrets_manager_expiration``'s default, as in the AWS wrapper.
+SECRET_EXPIRATION_ONE_YEAR = 365 * 86_400.0
+_SECRET_EXPIRATION_MAX = 10 * SECRET_EXPIRATION_ONE_YEAR
+
+
+def _secret_region_problem(value: str) -> str | None:
+    import re
+
+    if re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", value.strip()) is None:
+        return _SECRET_REGION_SHAPE
+    return None
+
+
+def _endpoint_problem(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "a URL such as 'https://secretsmanager.us-east-2.amazonaws.com' (bad port)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ("a URL with a scheme and a host, such as "
+                "'https://secretsmanager.us-east-2.amazonaws.com' or 'http://localhost:4566'")
+    return None
+
+
+def _json_key_problem(value: str) -> str | None:
+    return None if value.strip() else "the name of a key of the secret's JSON object"
+
+
+def _secret_expiration(name: str, description: str) -> Property[float]:
+    from ._properties import _blank, _fmt
+
+    range_text = f"0 to {_fmt(_SECRET_EXPIRATION_MAX)}"
+    expected = f"a duration in seconds, {range_text}"
+
+    def convert(prop: Property[float], value: object) -> float:
+        if _blank(value):
+            raise prop.fail(value, expected)
+        number = _number(prop, value, integer=False)
+        if number < 0:
+            # The AWS wrapper reads a negative value as "one year", its default: a magic
+            # number is refused here, with the way to get the same thing.
+            raise prop.fail(value, f"{expected} (the AWS wrapper's negative value means a "
+                                   "year, the default)")
+        if number > _SECRET_EXPIRATION_MAX:
+            raise prop.fail(value, expected)
+        return number
+
+    # The default as an int so that the docs show 31536000, not 3.1536e+07.
+    default = int(SECRET_EXPIRATION_ONE_YEAR)
+    return _register(Property(name, "duration (s)", default, description,
+                              convert, unit="s", plugin="aws_secrets_manager", aws_name=True,
+                              range_text=range_text))
+
+
+SECRETS_MANAGER_SECRET_ID = text(
+    "secrets_manager_secret_id",
+    None,
+    "The secret holding the database credentials: its name or its ARN "
+    "(`arn:aws:secretsmanager:<region>:<account>:secret:<name>-<6 characters>`). Required "
+    "when `aws_secrets_manager` is selected.",
+    validate=lambda v: None if v.strip() else "a secret name or ARN",
+    plugin="aws_secrets_manager",
+    aws_name=True,
+)
+SECRETS_MANAGER_REGION = text(
+    "secrets_manager_region",
+    None,
+    "Region of the secret. Unset: the region in the secret's ARN; with a secret name "
+    "instead of an ARN it is required.",
+    validate=_secret_region_problem,
+    plugin="aws_secrets_manager",
+    aws_name=True,
+)
+SECRETS_MANAGER_ENDPOINT = text(
+    "secrets_manager_endpoint",
+    None,
+    "Endpoint URL of the Secrets Manager API (a VPC endpoint, a local emulator), e.g. "
+    "`https://vpce-0123.secretsmanager.us-east-2.vpce.amazonaws.com`. Unset: the region's "
+    "public endpoint.",
+    validate=_endpoint_problem,
+    plugin="aws_secrets_manager",
+    aws_name=True,
+)
+SECRETS_MANAGER_SECRET_USERNAME_KEY = text(
+    "secrets_manager_secret_username_key",
+    "username",
+    "Key of the secret's JSON object that holds the database user name.",
+    validate=_json_key_problem,
+    plugin="aws_secrets_manager",
+    aws_name=True,
+)
+SECRETS_MANAGER_SECRET_PASSWORD_KEY = text(
+    "secrets_manager_secret_password_key",
+    "password",
+    "Key of the secret's JSON object that holds the database password.",
+    validate=_json_key_problem,
+    plugin="aws_secrets_manager",
+    aws_name=True,
+)
+SECRETS_MANAGER_EXPIRATION = _secret_expiration(
+    "secrets_manager_expiration",
+    "How long a fetched secret is reused for new connections (process-wide, per secret id, "
+    "region and endpoint) before it is fetched again. A rotated secret is picked up earlier "
+    "anyway: an authentication failure fetches it again and retries once. 0: fetch on every "
+    "physical connect.",
+)

@@ -34,6 +34,8 @@ BUILTIN: dict[str, str] = {
     "initial_connection": "resilient_db.plugins.initial_connection:InitialConnectionPlugin",
     "stale_dns": "resilient_db.plugins.stale_dns:StaleDnsPlugin",
     "efm": "resilient_db.plugins.efm:EfmPlugin",
+    "aws_secrets_manager":
+        "resilient_db.plugins.aws_secrets_manager:AwsSecretsManagerPlugin",
     "iam": "resilient_db.plugins.iam:IamPlugin",
 }
 
@@ -48,7 +50,6 @@ PLANNED: dict[str, str] = {
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
-    "aws_secrets_manager": "credentials from AWS Secrets Manager",
     "federated_auth": "federated (ADFS) authentication",
     "okta": "Okta authentication",
     "limitless": "Aurora Limitless transaction routers",

@@ -44,6 +44,8 @@ EVENT_NAMES = frozenset(
         "switchover_phase",
         "switchover_finished",
         "iam_enabled",
+        # chaos/secrets.py: a new password in the workload's secret and on the database
+        "secret_rotated",
     }
 )
 

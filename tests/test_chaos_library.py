@@ -1,5 +1,5 @@
 """Every shipped scenario on PostgreSQL and MySQL, on the local backend: the invariants must
-hold. About 10-20 s per run (22 runs); part of every CI run::
+hold. About 10-20 s per run (24 runs); part of every CI run::
 
     python -m pytest tests/test_chaos_library.py
 

@@ -146,7 +146,7 @@ def test_list_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "writer-crash" in out and "dns-staleness" in out
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
-    assert names[0] == "default" and len(names) == 11
+    assert names[0] == "default" and len(names) == 12 and "secret-rotation" in names
 
 
 def test_run_command_rejects_bad_input(tmp_path: Path,

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 LIBRARY = ("default", "writer-crash", "targeted-failover", "writer-blackhole", "reader-blackhole",
            "latency-spike", "reset-storm", "flapping-network", "reboot", "replica-lag",
-           "dns-staleness")
+           "dns-staleness", "secret-rotation")
 
 
 def test_library_has_every_shipped_scenario() -> None:
@@ -67,6 +67,9 @@ def test_load_yaml_file(tmp_path: Path) -> None:
     ({"name": "x", "faults": [{"at": 1, "action": "toxic", "toxic": "timeout", "repeat": 3}]},
      "repeat needs duration and every"),
     ({"name": "x", "invariants": ["no_bugs"]}, "invariants: unknown 'no_bugs'"),
+    ({"name": "x", "faults": [{"at": 1, "action": "rotate_secret"}]},
+     "rotate_secret needs the application to log in with the secret"),
+    ({"name": "x", "workload": {"reconnect_every": -1}}, "workload.reconnect_every"),
 ])
 def test_bad_scenarios_name_the_field(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ScenarioError) as info:
