@@ -44,7 +44,16 @@ from typing import Any
 
 from . import _lifecycle, _options
 from ._params import QUERY_TIMEOUT_GRACE, SOCKET_TIMEOUT
-from ._pipeline import RUN_CALL, Call, Handler, Op, Plugin, PluginContext
+from ._pipeline import (
+    CREDENTIALS_HOOK,
+    RUN_CALL,
+    Call,
+    Handler,
+    HostSpec,
+    Op,
+    Plugin,
+    PluginContext,
+)
 from .errors import QueryTimeoutError
 from .watchdog import Armed, get_watchdog
 
@@ -453,8 +462,8 @@ class _Flight:
     def _cancel(self) -> None:
         stage = self.stage
         try:
-            self.cancelled = stage.ctx.driver.cancel(self.raw, stage.target, stage.connect_args,
-                                                     stage.grace)
+            self.cancelled = stage.ctx.driver.cancel(self.raw, _side_target(stage),
+                                                     stage.connect_args, stage.grace)
         except Exception as exc:
             log.info("server-side cancel on %s failed: %r", stage.ctx.host, exc)
         finally:
@@ -551,3 +560,22 @@ def _reset_in_child() -> None:
 
 
 _lifecycle.on_fork_child(_reset_in_child)
+
+
+def _side_target(stage: DeadlineStage) -> Any:
+    """The connect callable for a side connection (KILL QUERY): the connection's own, through
+    its credentials hook when an auth plugin set one (an IAM token cached when the connection
+    was opened may have expired since; the hook gives a current one for the side
+    connection's host)."""
+    target = stage.target
+    hook = stage.ctx.extra.get(CREDENTIALS_HOOK)
+    if target is None or hook is None:
+        return target
+
+    def connect(**args: Any) -> Any:
+        port = args.get("port")
+        host = HostSpec(str(args.get("host") or "localhost"),
+                        port if isinstance(port, int) else None)
+        return target(**hook(host, args))
+
+    return connect

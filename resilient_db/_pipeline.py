@@ -172,9 +172,19 @@ class HostChanged:
     reason: str = ""
 
 
+#: ``PluginContext.extra`` key of the connection's credentials hook, set by an auth plugin
+#: (``resilient_db.auth``): ``hook(host: HostSpec, args: dict) -> dict`` returns a copy of
+#: driver connect arguments carrying a current credential for ``host``. For side connections
+#: that do not go through the connect chain (MySQL's ``KILL QUERY`` connection).
+CREDENTIALS_HOOK = "credentials"
+
+
 @dataclass
 class PluginContext:
-    """What a plugin instance knows about the connection it serves (one per connection)."""
+    """What a plugin instance knows about the connection it serves (one per connection).
+
+    ``extra``: what plugins of the same connection share (e.g. :data:`CREDENTIALS_HOOK`).
+    """
 
     settings: Settings
     driver: DriverDialect

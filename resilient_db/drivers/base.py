@@ -366,6 +366,26 @@ class DriverDialect(abc.ABC):
     def is_read_only_error(self, exc: BaseException) -> bool:
         """The server refused a write because it (or the transaction) is read-only."""
 
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        """The server refused the login (bad password, expired or forged token). Default:
+        never (a driver dialect that cannot tell gets no refresh-and-retry)."""
+        return False
+
+    # --- credentials -----------------------------------------------------------------------
+    def user_of(self, args: Mapping[str, Any]) -> str | None:
+        """The database user the connect arguments name (``None``: the driver's default)."""
+        user = args.get("user")
+        return None if user is None else str(user)
+
+    def apply_credential(self, args: dict[str, Any], user: str | None, password: str,
+                         clear_text: bool = False) -> None:
+        """Set a credential in ``args`` (in place): ``user`` (``None``: keep the one given)
+        and ``password``. ``clear_text``: the password must reach the server as is (an IAM
+        token checked by PAM), not as a hash: drivers that choose an auth method say so."""
+        if user is not None:
+            args["user"] = user
+        args["password"] = password
+
     def error(self, cls: type[errors.Error], message: str, **fields: Any) -> errors.Error:
         """An instance of ``cls`` that is also the driver's ``OperationalError`` when ``cls``
         is one of the runtime outcomes."""

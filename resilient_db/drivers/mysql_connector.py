@@ -87,6 +87,8 @@ _CLIENT_TIMEOUTS: tuple[type[BaseException], ...] = tuple(
                     getattr(myerrors, "WriteTimeoutError", None)) if cls is not None)
 # --read-only / super-read-only (1290), read-only transaction (1792), innodb read-only (1836).
 _READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
+# ER_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR.
+_AUTH_ERRNOS = frozenset({1045, 1698})
 
 _INT_ARGS = frozenset(
     {"port", "read_timeout", "write_timeout", "pool_size", "client_flags"}
@@ -366,6 +368,27 @@ class MysqlConnectorDriver(DriverDialect):
 
     def is_read_only_error(self, exc: BaseException) -> bool:
         return isinstance(exc, myerrors.Error) and getattr(exc, "errno", None) in _READ_ONLY_ERRNOS
+
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        return (isinstance(exc, myerrors.Error) and not isinstance(exc, errors.Error)
+                and getattr(exc, "errno", None) in _AUTH_ERRNOS)
+
+    def user_of(self, args: Mapping[str, Any]) -> str | None:
+        for name in ("user", "username"):
+            if args.get(name) is not None:
+                return str(args[name])
+        return None
+
+    def apply_credential(self, args: dict[str, Any], user: str | None, password: str,
+                         clear_text: bool = False) -> None:
+        if user is not None:
+            args.pop("username", None)
+            args["user"] = user
+        for alias in ("passwd", "password1"):
+            args.pop(alias, None)
+        args["password"] = password
+        if clear_text:
+            args["auth_plugin"] = "mysql_clear_password"
 
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
         for name in ("database", "autocommit", "time_zone", "sql_mode"):

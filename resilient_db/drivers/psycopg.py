@@ -71,6 +71,8 @@ class ForkedConnectionError(errors.ForkedConnectionError, psycopg.OperationalErr
 # crash shutdown, cannot connect now, and idle-session timeout.
 _DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 _READ_ONLY_STATE = "25006"
+# invalid_password, invalid_authorization_specification.
+_AUTH_STATES = frozenset({"28P01", "28000"})
 
 _TX = {
     pq.TransactionStatus.IDLE: TxStatus.IDLE,
@@ -304,6 +306,16 @@ class PsycopgDriver(DriverDialect):
 
     def is_read_only_error(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) == _READ_ONLY_STATE
+
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        if not isinstance(exc, psycopg.OperationalError) or isinstance(exc, errors.Error):
+            return False
+        state = getattr(exc, "sqlstate", None)
+        if state in _AUTH_STATES:
+            return True
+        # A failed connect carries no SQLSTATE (libpq reports only the server's message):
+        # password, md5/SCRAM and PAM failures all read "... authentication failed for user".
+        return state is None and "authentication failed for user" in str(exc)
 
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
         for name in ("autocommit", "isolation_level", "read_only", "deferrable"):
