@@ -34,6 +34,8 @@ BUILTIN: dict[str, str] = {
     "initial_connection": "resilient_db.plugins.initial_connection:InitialConnectionPlugin",
     "stale_dns": "resilient_db.plugins.stale_dns:StaleDnsPlugin",
     "efm": "resilient_db.plugins.efm:EfmPlugin",
+    "federated_auth": "resilient_db.plugins.federated_auth:FederatedAuthPlugin",
+    "okta": "resilient_db.plugins.okta:OktaPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -49,8 +51,6 @@ PLANNED: dict[str, str] = {
     "custom_endpoint": "Aurora custom endpoints",
     "iam": "IAM database authentication",
     "aws_secrets_manager": "credentials from AWS Secrets Manager",
-    "federated_auth": "federated (ADFS) authentication",
-    "okta": "Okta authentication",
     "limitless": "Aurora Limitless transaction routers",
     "fastest_response_strategy": "the fastest_response reader selection strategy",
 }
