@@ -64,10 +64,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "response_measurement_interval_ms": "fastest_response_strategy",
     # authentication
     "aws_profile": "iam, aws_secrets_manager",
-    "iam_host": "iam",
-    "iam_default_port": "iam",
-    "iam_region": "iam",
-    "iam_expiration": "iam",
     "secrets_manager_secret_id": "aws_secrets_manager",
     "secrets_manager_secret_username_key": "aws_secrets_manager",
     "secrets_manager_secret_password_key": "aws_secrets_manager",

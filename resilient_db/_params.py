@@ -645,6 +645,68 @@ MONITOR_DISPOSAL_TIME = duration(
     aws_name=True,
 )
 
+# --- iam plugin (IAM database authentication; resilient_db/plugins/iam.py) ---------------------
+
+
+def _region_problem(value: str) -> str | None:
+    parts = value.split("-")
+    if len(parts) < 3 or not all(p.isascii() and p.isalnum() and p == p.lower() for p in parts):
+        return "an AWS region name such as 'us-east-1', 'us-gov-west-1' or 'cn-north-1'"
+    return None
+
+
+def _iam_host_problem(value: str) -> str | None:
+    if not value.strip() or any(ch.isspace() or ch in "/:," for ch in value):
+        return ("one host name (no port, scheme, path or list), e.g. "
+                "'db.cluster-abc.us-east-1.rds.amazonaws.com'")
+    return None
+
+
+IAM_HOST = text(
+    "iam_host",
+    None,
+    "The host name the IAM token is generated for. Unset: the host of each physical "
+    "connection (the instance failover or a monitor connects to gets a token for its own "
+    "name). Set it when you connect through a name the database does not know (a tunnel, "
+    "a local alias): every token then names this host.",
+    validate=_iam_host_problem,
+    plugin="iam",
+    aws_name=True,
+)
+IAM_DEFAULT_PORT = integer(
+    "iam_default_port",
+    None,
+    "The port the IAM token is generated for. Unset or 0: the port of the connection, else "
+    "the driver's default (5432, 3306).",
+    minimum=0,
+    maximum=65535,
+    plugin="iam",
+    aws_name=True,
+)
+IAM_REGION = text(
+    "iam_region",
+    None,
+    "The AWS region the IAM token is signed for. Unset: taken from the RDS endpoint name "
+    "(`<region>.rds.amazonaws.com`, China's `rds.<region>.amazonaws.com.cn` and "
+    "`<region>.rds.amazonaws.com.cn`, GovCloud's `us-gov-*`); required for any other host.",
+    validate=_region_problem,
+    plugin="iam",
+    aws_name=True,
+)
+IAM_EXPIRATION = duration(
+    "iam_expiration",
+    870.0,
+    "How long a generated IAM token is reused for the same host, port, user and region. "
+    "RDS accepts a token for 15 minutes (900 s) after it is signed; a new one is generated "
+    "ahead of time (from 10% of this before it, at most 60 s), and a token the server refuses "
+    "is replaced at once.",
+    unit="s",
+    minimum=1,
+    maximum=900,
+    plugin="iam",
+    aws_name=True,
+)
+
 
 # --- federated_auth (ADFS) and okta plugins (resilient_db/auth/_federated.py) ----------------
 # Both sign in at an identity provider, exchange its SAML assertion for temporary AWS

@@ -34,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "initial_connection": "resilient_db.plugins.initial_connection:InitialConnectionPlugin",
     "stale_dns": "resilient_db.plugins.stale_dns:StaleDnsPlugin",
     "efm": "resilient_db.plugins.efm:EfmPlugin",
+    "iam": "resilient_db.plugins.iam:IamPlugin",
     "federated_auth": "resilient_db.plugins.federated_auth:FederatedAuthPlugin",
     "okta": "resilient_db.plugins.okta:OktaPlugin",
 }
@@ -49,7 +50,6 @@ PLANNED: dict[str, str] = {
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
-    "iam": "IAM database authentication",
     "aws_secrets_manager": "credentials from AWS Secrets Manager",
     "limitless": "Aurora Limitless transaction routers",
     "fastest_response_strategy": "the fastest_response reader selection strategy",

@@ -133,7 +133,7 @@ def test_settings_default_and_explicit() -> None:
 
 
 @pytest.mark.parametrize(("name", "owner"), [
-    ("iam_region", "iam"), ("srw_read_endpoint", "srw"), ("bg_id", "bg"),
+    ("gdb_rw_home_region", "gdb_rw"), ("srw_read_endpoint", "srw"), ("bg_id", "bg"),
     ("secrets_manager_secret_id", "aws_secrets_manager"),
     ("reader_host_selector_strategy", "read_write_splitting"),
     ("monitoring-connect_timeout", "properties of efm's monitoring connections"),

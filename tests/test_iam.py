@@ -1,0 +1,329 @@
+"""The ``iam`` plugin: properties, region from the endpoint (commercial, China, GovCloud), token
+format from boto3's local signing, caching per (host, port, user, region), and real servers.
+
+Real-server tests here log in as a *password* user with a stand-in token generator (the token
+*is* the password), so what they check is the plugin's plumbing: who gets which credential,
+when it is generated again, what monitors and side connections use, how MySQL sends a long
+clear-text credential. ``tests/test_iam_real.py`` runs against servers that verify real IAM
+tokens."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mysql.connector
+import psycopg
+import pytest
+
+import resilient_db
+from resilient_db import CollectingSink
+from resilient_db._pipeline import ConnectContext, HostSpec
+from resilient_db._properties import Settings, lookup
+from resilient_db.auth import CREDENTIALS
+from resilient_db.drivers import driver_for
+from resilient_db.errors import ConfigurationError
+from resilient_db.plugins import iam
+from resilient_db.plugins.iam import IamPlugin, IamProvider, region_of
+from simulator.local import LocalServer
+from tests.aws import aws_env
+from tests.conftest import Backend
+
+from .waiting import wait_until
+
+
+@pytest.mark.parametrize(("host", "region"), [
+    ("db.cluster-abc123.us-east-1.rds.amazonaws.com", "us-east-1"),
+    ("db.cluster-ro-abc123.eu-west-3.rds.amazonaws.com", "eu-west-3"),
+    ("inst-1.abc123.ap-southeast-2.rds.amazonaws.com.", "ap-southeast-2"),
+    ("inst-1.abc123.rds.cn-north-1.amazonaws.com.cn", "cn-north-1"),
+    ("inst-1.abc123.cn-northwest-1.rds.amazonaws.com.cn", "cn-northwest-1"),
+    ("db.cluster-abc123.us-gov-west-1.rds.amazonaws.com", "us-gov-west-1"),
+    ("db.cluster-abc123.rds.us-gov-east-1.amazonaws.com", "us-gov-east-1"),
+    ("px.proxy-abc123.us-east-2.rds.amazonaws.com", "us-east-2"),
+    ("localhost", None),
+    ("db.example.com", None),
+    ("g.global-abc123.global.rds.amazonaws.com", None),
+])
+def test_region_from_the_endpoint(host: str, region: str | None) -> None:
+    assert region_of(host) == region
+
+
+def _settings(**values: Any) -> Settings:
+    parsed = {}
+    for name, value in values.items():
+        prop = lookup(name)
+        assert prop is not None, name
+        parsed[prop] = prop.parse(value)
+    return Settings(parsed)
+
+
+def _ctx(host: str = "inst-1.abc123.us-west-2.rds.amazonaws.com", port: int | None = None,
+         user: str | None = "iam_user", target: Any = psycopg.Connection.connect,
+         **settings: Any) -> ConnectContext:
+    args: dict[str, Any] = {"host": host}
+    if user is not None:
+        args["user"] = user
+    return ConnectContext(HostSpec(host, port), args, _settings(**settings),
+                          driver_for(target, None), target)
+
+
+def _provider(ctx: ConnectContext, calls: list[tuple[str, int, str, str]] | None = None
+              ) -> IamProvider:
+    def generate(host: str, port: int, user: str, region: str) -> str:
+        if calls is not None:
+            calls.append((host, port, user, region))
+        return f"token-for-{host}"
+    return IamProvider(ctx.settings, ctx.driver.default_port, generate=generate)
+
+
+def test_token_target_defaults_and_overrides() -> None:
+    ctx = _ctx()
+    assert _provider(ctx).target(ctx) == (
+        "inst-1.abc123.us-west-2.rds.amazonaws.com", 5432, "iam_user", "us-west-2")
+    ctx = _ctx(port=6000, target=mysql.connector.connect)
+    assert _provider(ctx).target(ctx)[1] == 6000
+    ctx = _ctx(target=mysql.connector.connect)
+    assert _provider(ctx).target(ctx)[1] == 3306
+    ctx = _ctx(port=6000, iam_host="db.cluster-x.eu-central-1.rds.amazonaws.com",
+               iam_default_port=5555, iam_region="us-east-2")
+    assert _provider(ctx).target(ctx) == (
+        "db.cluster-x.eu-central-1.rds.amazonaws.com", 5555, "iam_user", "us-east-2")
+    ctx = _ctx(port=6000, iam_default_port=0)  # 0: unset, as in the AWS wrapper
+    assert _provider(ctx).target(ctx)[1] == 6000
+    ctx = _ctx(host="localhost", iam_region="us-east-1")
+    assert _provider(ctx).target(ctx)[3] == "us-east-1"
+
+
+@pytest.mark.parametrize(("kwargs", "parameter"), [
+    ({"host": "db.example.com"}, "iam_region"),
+    ({"host": "10.1.2.3", "iam_region": "us-east-1"}, "iam_host"),
+    ({"user": None}, "user"),
+])
+def test_what_cannot_be_signed_is_a_configuration_error(kwargs: dict[str, Any],
+                                                        parameter: str) -> None:
+    ctx = _ctx(**kwargs)
+    with pytest.raises(ConfigurationError) as info:
+        _provider(ctx).target(ctx)
+    assert info.value.parameter == parameter
+    assert parameter in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("iam_region", "useast1"), ("iam_region", "US-EAST-1"), ("iam_host", "h:5432"),
+    ("iam_host", "https://h"), ("iam_expiration", 901), ("iam_expiration", 0),
+    ("iam_default_port", 70000), ("iam_default_port", -1),
+])
+def test_bad_properties_are_refused(name: str, value: Any) -> None:
+    prop = lookup(name)
+    assert prop is not None
+    with pytest.raises(ConfigurationError) as info:
+        prop.parse(value)
+    assert info.value.parameter == name
+
+
+def test_expiration_and_early_refresh() -> None:
+    ctx = _ctx()
+    assert _provider(ctx).expiration == 870.0 and _provider(ctx).refresh_before == 60.0
+    ctx = _ctx(iam_expiration=10)
+    assert _provider(ctx).expiration == 10.0 and _provider(ctx).refresh_before == 1.0
+
+
+def test_credential_is_a_clear_text_token_keyed_per_host_port_user_region() -> None:
+    ctx = _ctx(port=5432)
+    provider = _provider(ctx)
+    credential = provider.fetch(ctx)
+    assert credential.clear_text and credential.user is None and credential.source == "iam"
+    assert provider.key(ctx) == ("iam", "inst-1.abc123.us-west-2.rds.amazonaws.com", 5432,
+                                 "iam_user", "us-west-2")
+    assert "token-for" not in repr(credential)
+
+
+def test_boto3_token_is_a_presigned_connect_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_env(monkeypatch)
+    iam.forget_clients()
+    host = "inst-1.abc123.rds.cn-north-1.amazonaws.com.cn"
+    token = iam.boto3_token(host, 3306, "iam_user", "cn-north-1")
+    assert token.startswith(f"{host}:3306/?")
+    query = urllib.parse.parse_qs(token.split("?", 1)[1])
+    assert query["Action"] == ["connect"] and query["DBUser"] == ["iam_user"]
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["X-Amz-Expires"] == ["900"]
+    assert query["X-Amz-Credential"][0].endswith("/cn-north-1/rds-db/aws4_request")
+    assert len(token) > 255  # what MySQL must send length-encoded
+    iam.forget_clients()
+
+
+def test_mysql_sends_a_long_clear_text_token_length_encoded() -> None:
+    """mysql-connector's pure-Python handshake response with mysql_clear_password and a
+    1,500-byte token: the auth response is a length-encoded string (not the one-byte length
+    of old clients that caps it at 255), followed intact by the database name."""
+    from mysql.connector import constants, utils
+    from mysql.connector.protocol import MySQLProtocol
+
+    token = "h.example:3306/?Action=connect&" + "x" * 1470
+    handshake: Any = {"capabilities": constants.ClientFlag.get_default()
+                      | constants.ClientFlag.PLUGIN_AUTH_LENENC_CLIENT_DATA,
+                      "auth_data": b"a" * 20, "auth_plugin": "mysql_clear_password"}
+    flags = constants.ClientFlag.get_default() | constants.ClientFlag.CONNECT_WITH_DB
+    assert flags & constants.ClientFlag.PLUGIN_AUTH_LENENC_CLIENT_DATA
+    packet, _ = MySQLProtocol.make_auth(handshake, "iam_user", token, "appdb", 45, flags,
+                                        auth_plugin="mysql_clear_password", ssl_enabled=True)
+    rest = bytes(packet)[32:]  # flags, max packet, charset, 23 filler bytes
+    user, rest = rest.split(b"\x00", 1)
+    assert user == b"iam_user"
+    rest, length = utils.read_lc_int(rest)
+    assert length == len(token) + 1  # the token and its terminating NUL
+    assert rest[:length] == token.encode() + b"\x00"
+    assert rest[length:].startswith(b"appdb\x00")
+
+
+# --- real servers: a password user, the generator returns the current password ------------------
+
+class PasswordTokens:
+    """A stand-in token generator: returns the server password of the moment, counting calls
+    per (host, port, user, region)."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        self.calls: list[tuple[str, int, str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, host: str, port: int, user: str, region: str) -> str:
+        with self.lock:
+            self.calls.append((host, port, user, region))
+            return self.password
+
+
+@pytest.fixture
+def tokens(monkeypatch: pytest.MonkeyPatch) -> Iterator[PasswordTokens]:
+    CREDENTIALS.clear()
+    generator = PasswordTokens("")
+    monkeypatch.setattr(IamPlugin, "generate", generator)
+    yield generator
+    CREDENTIALS.clear()
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for a test server (readable by its user)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "resilient-db-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    directory.chmod(0o755)
+    cert_path.chmod(0o644)
+    key_path.chmod(0o644)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def tls_mysql_server() -> Iterator[LocalServer]:
+    """A MariaDB server with TLS (mysql-connector sends mysql_clear_password only over TLS).
+    The certificate lives outside pytest's private temporary directory: the server runs as
+    its own user."""
+    directory = Path(tempfile.mkdtemp(prefix="resilient_db_tls_"))
+    try:
+        cert, key = _tls_files(directory)
+        server = LocalServer.create("mariadb", "mysql", settings={
+            "ssl_cert": str(cert), "ssl_key": str(key)})
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+LONG_PASSWORD = "L" * 1200
+
+
+def _mysql_user(server: LocalServer, user: str, password: str) -> None:
+    conn = mysql.connector.connect(**server.connect_kwargs(), use_pure=True, autocommit=True)
+    try:
+        cur = conn.cursor()
+        cur.execute(f"CREATE OR REPLACE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+        cur.execute(f"GRANT ALL ON *.* TO '{user}'@'%'")
+        cur.close()
+    finally:
+        conn.close()
+
+
+#: Local servers are reached by address; a token names a host (iam_host stands in for one).
+NAME = "db.cluster-abc123.us-east-1.rds.amazonaws.com"
+
+
+def _kwargs(server: LocalServer, user: str | None = None) -> dict[str, Any]:
+    kwargs = {k: v for k, v in server.connect_kwargs().items() if k != "password"}
+    kwargs["iam_host"] = NAME
+    if user is not None:
+        kwargs["user"] = user
+    return kwargs
+
+
+def test_mysql_long_clear_text_token_over_tls(tls_mysql_server: LocalServer,
+                                              tokens: PasswordTokens) -> None:
+    _mysql_user(tls_mysql_server, "longpw", LONG_PASSWORD)
+    tokens.password = LONG_PASSWORD
+    conn = resilient_db.connect(mysql.connector.connect, plugins="iam", use_pure=True,
+                                **_kwargs(tls_mysql_server, "longpw"))
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchone()[0].startswith("longpw@")
+        cur.execute("SHOW STATUS LIKE 'Ssl_cipher'")
+        assert cur.fetchone()[1]  # the token went over TLS
+    finally:
+        conn.close()
+    assert len(tokens.calls) == 1
+
+
+def test_mysql_clear_text_without_tls_is_the_driver_error(mysql_backend: Backend,
+                                                          tokens: PasswordTokens) -> None:
+    tokens.password = mysql_backend.server.password
+    with pytest.raises(mysql.connector.Error, match=r"insecure channels|requires SSL"):
+        resilient_db.connect(mysql.connector.connect, plugins="iam", use_pure=True,
+                             **_kwargs(mysql_backend.server))
+
+
+def test_tokens_are_cached_per_host_and_regenerated_after_expiry(
+        pg_backend: Backend, tokens: PasswordTokens, sink: CollectingSink) -> None:
+    tokens.password = pg_backend.server.password
+    kwargs = _kwargs(pg_backend.server)
+    for _ in range(3):
+        resilient_db.connect(psycopg.Connection.connect, plugins="iam", iam_expiration=1,
+                             **kwargs).close()
+    assert len(tokens.calls) == 1
+    assert [d.attributes["auth.status"] for d in sink.of_kind("auth.credential")] == [
+        "fetched", "cached", "cached"]
+    port = int(kwargs["port"])
+    assert tokens.calls[0] == (NAME, port, kwargs["user"], "us-east-1")
+    cached = CREDENTIALS.peek(("iam", NAME, port, kwargs["user"], "us-east-1"))
+    assert cached is not None and cached.expires_at is not None
+    expires = cached.expires_at
+    wait_until("the token expired", lambda: time.time() > expires, timeout=10)
+    resilient_db.connect(psycopg.Connection.connect, plugins="iam", iam_expiration=1,
+                         **kwargs).close()
+    assert len(tokens.calls) == 2
+    assert sink.of_kind("auth.credential")[-1].attributes["auth.status"] == "refreshed"
