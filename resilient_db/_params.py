@@ -843,3 +843,21 @@ APP_ID = text(
     plugin="okta",
     aws_name=True,
 )
+
+#: Properties read by plugins besides the one that owns them (``Property.plugin``): the
+#: federated plugins sign their tokens with the ``iam`` plugin's target rules, and ``okta``
+#: reads the identity-provider properties declared under ``federated_auth``. Each plugin's
+#: docs page lists them, and setting one counts as used when any reader is enabled.
+SHARED_WITH: dict[str, tuple[str, ...]] = {
+    **{name: ("federated_auth", "okta")
+       for name in ("iam_host", "iam_default_port", "iam_region")},
+    **{name: ("okta",)
+       for name in ("idp_endpoint", "idp_port", "iam_role_arn", "iam_idp_arn", "idp_username",
+                    "idp_password", "db_user", "iam_token_expiration",
+                    "http_request_connect_timeout", "ssl_secure")},
+}
+
+
+def readers_of(prop: Property[Any]) -> tuple[str | None, ...]:
+    """The plugins that read ``prop``: its owner first (``None``: the core)."""
+    return (prop.plugin, *SHARED_WITH.get(prop.name, ()))

@@ -176,6 +176,9 @@ def test_flow_gives_an_iam_token_signed_with_the_sts_credentials(
     assert day == fields["X-Amz-Date"][:8]
     assert fields["X-Amz-Expires"] == "900"
     assert signature_ok(token, "us-east-1", credentials)
+    assert not signature_ok(token.replace("DBUser=iam_user", "DBUser=iam_usex"), "us-east-1",
+                            credentials)
+    assert not signature_ok(token, "us-west-2", credentials)
     # STS: an hour (the SessionDuration of the assertion).
     assert 3500 < credentials.expires_at - time.time() <= 3600
     kinds = [d.kind for d in sink.decisions if d.plugin == code]

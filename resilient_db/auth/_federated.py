@@ -31,12 +31,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import _params as P
+from .. import _params as params
 from ..errors import ConfigurationError
 from ..plugins.iam import IamProvider
 from ._credentials import Credential
+from ._errors import FederatedAuthError
 from ._idp import IdpSettings, split_endpoint
-from ._saml import FederatedAuthError, check_assertion, read_assertion
+from ._saml import check_assertion, read_assertion
 
 if TYPE_CHECKING:
     from .._pipeline import ConnectContext
@@ -142,28 +143,28 @@ class FederatedProvider(IamProvider):
         self._sign_in = sign_in
         self.target_id = target_id
         self._decide = decide
-        self.endpoint = _required(settings, P.IDP_ENDPOINT, code, "adfs.example.com")
-        self.role_arn = _required(settings, P.IAM_ROLE_ARN, code,
+        self.endpoint = _required(settings, params.IDP_ENDPOINT, code, "adfs.example.com")
+        self.role_arn = _required(settings, params.IAM_ROLE_ARN, code,
                                   "arn:aws:iam::123456789012:role/db-access")
-        self.idp_arn = _required(settings, P.IAM_IDP_ARN, code,
+        self.idp_arn = _required(settings, params.IAM_IDP_ARN, code,
                                  "arn:aws:iam::123456789012:saml-provider/adfs")
-        self.db_user = _required(settings, P.DB_USER, code, "db_iam_user")
+        self.db_user = _required(settings, params.DB_USER, code, "db_iam_user")
         host, port = split_endpoint(self.endpoint)
-        if port is None and (settings.explicit(P.IDP_PORT) or not okta_port):
-            port = settings[P.IDP_PORT]
+        if port is None and (settings.explicit(params.IDP_PORT) or not okta_port):
+            port = settings[params.IDP_PORT]
         self.idp_host, self.idp_port = host, port
-        timeout = settings[P.HTTP_REQUEST_CONNECT_TIMEOUT]
+        timeout = settings[params.HTTP_REQUEST_CONNECT_TIMEOUT]
         self.timeout = 60.0 if timeout is None else timeout
-        self.verify = settings[P.SSL_SECURE]
-        lifetime = settings[P.IAM_TOKEN_EXPIRATION]
+        self.verify = settings[params.SSL_SECURE]
+        lifetime = settings[params.IAM_TOKEN_EXPIRATION]
         self.expiration = 870.0 if lifetime is None else lifetime
         self.refresh_before = min(60.0, self.expiration * 0.1)
 
     # --- the identity ---------------------------------------------------------------------
 
     def _idp(self, ctx: ConnectContext) -> IdpSettings:
-        username = self.settings[P.IDP_USERNAME] or ctx.driver.user_of(ctx.args)
-        password = self.settings[P.IDP_PASSWORD]
+        username = self.settings[params.IDP_USERNAME] or ctx.driver.user_of(ctx.args)
+        password = self.settings[params.IDP_PASSWORD]
         if password is None:
             given = ctx.args.get("password")
             password = given if isinstance(given, str) and given else None

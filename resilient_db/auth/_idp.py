@@ -21,7 +21,6 @@ token or the assertion (all three are bearer secrets). Error pages of the IdP ar
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import time
 import urllib.error
@@ -32,7 +31,7 @@ from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from typing import Any
 
-from ._saml import FederatedAuthError
+from ._errors import FederatedAuthError
 
 __all__ = ["IdpSettings", "adfs_saml_assertion", "okta_saml_assertion"]
 
@@ -144,13 +143,13 @@ class _Session:
                 final = response.geturl() or url
         except FederatedAuthError:
             raise
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise FederatedAuthError(
                 f"{idp.where(path)} did not answer within {idp.timeout:g} s "
                 "(http_request_connect_timeout)") from exc
         except urllib.error.URLError as exc:
             reason = exc.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
+            if isinstance(reason, TimeoutError):
                 raise FederatedAuthError(
                     f"{idp.where(path)} did not answer within {idp.timeout:g} s "
                     "(http_request_connect_timeout)") from exc

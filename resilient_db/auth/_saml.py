@@ -22,22 +22,13 @@ import datetime as _dt
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from ..errors import Error
+from ._errors import FederatedAuthError
 
 __all__ = ["FederatedAuthError", "SamlAssertion", "read_assertion"]
 
 _PROTOCOL = "urn:oasis:names:tc:SAML:2.0:protocol"
 _ASSERTION = "urn:oasis:names:tc:SAML:2.0:assertion"
 ROLE_ATTRIBUTE = "https://aws.amazon.com/SAML/Attributes/Role"
-
-
-class FederatedAuthError(Error):
-    """Signing in through an identity provider failed: the IdP refused the user or did not
-    answer, its SAML assertion is expired or does not grant the role, or STS refused it.
-    The message names the identity provider, the user and the role; never a password, token,
-    assertion or AWS secret."""
-
-    __module__ = "resilient_db.auth"
 
 
 @dataclass(frozen=True)

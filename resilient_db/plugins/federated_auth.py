@@ -1,4 +1,5 @@
-"""``federated_auth``: IAM database authentication through ADFS (``docs/plugins/federated_auth.md``).
+"""``federated_auth``: IAM database authentication through ADFS
+(``docs/plugins/federated_auth.md``).
 
 On a physical connect without a cached token the plugin signs in at ADFS (IdP-initiated
 sign-on, form post) as ``idp_username``, exchanges the SAML assertion for temporary AWS
@@ -9,10 +10,9 @@ in as ``db_user`` with an IAM token signed with them (``resilient_db.auth._feder
 from __future__ import annotations
 
 from .._params import RP_IDENTIFIER
-from ..auth import AuthPlugin, CredentialProvider
+from ..auth import AuthPlugin, CredentialProvider, FederatedAuthError
 from ..auth._federated import FederatedProvider
 from ..auth._idp import IdpSettings, adfs_saml_assertion
-from ..auth._saml import FederatedAuthError
 
 __all__ = ["FederatedAuthError", "FederatedAuthPlugin"]
 

@@ -10,10 +10,9 @@ token to get its SAML assertion, exchanges it for temporary AWS credentials (STS
 from __future__ import annotations
 
 from .._params import APP_ID
-from ..auth import AuthPlugin, CredentialProvider
+from ..auth import AuthPlugin, CredentialProvider, FederatedAuthError
 from ..auth._federated import FederatedProvider
 from ..auth._idp import IdpSettings, okta_saml_assertion
-from ..auth._saml import FederatedAuthError
 from ..errors import ConfigurationError
 
 __all__ = ["FederatedAuthError", "OktaPlugin"]
