@@ -20,6 +20,10 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(ma
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(iptables)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)  # telemetry tests (promtool too)
 "$PY" -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+# simulator IAM enforcement (simulator/iam): a PAM module compiled on first use; TLS for MariaDB
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+[ -f /usr/include/security/pam_modules.h ] || missing+=(libpam0g-dev)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # chaos suite: the HTML report is rendered in headless Chromium by tests/test_chaos_report.py
 command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
 [ ${#missing[@]} -eq 0 ] || _apt_install "${missing[@]}"

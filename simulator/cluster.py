@@ -33,17 +33,21 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ._addresses import ProcessIdentity
 from .events import Event, EventLog
 from .names import HostsFile
+
+if TYPE_CHECKING:
+    from .iam import ClusterIam, IamCredentials
 
 __all__ = [
     "BLUE_GREEN_PHASES",
@@ -68,6 +72,8 @@ Role = Literal["writer", "reader", "stopped"]
 FIRST_INSTANCE = "instance-1"
 #: DNS domain of the plain flavours (pg, mysql), which are not RDS.
 _PLAIN_DOMAIN = "sim.internal"
+#: Names :meth:`Cluster.enable_iam` accepts for IAM users (no quoting needed anywhere).
+_IAM_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 
 
 class ClusterError(RuntimeError):
@@ -305,6 +311,17 @@ class ClusterEngine(abc.ABC):
         raise ClusterError(
             f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
 
+    def apply_iam(self, instance: Instance, iam: ClusterIam) -> None:
+        """Make ``instance`` send its IAM users' logins to PAM service ``iam.service``
+        (running or stopped: a stopped instance has it when it starts); return when a
+        running instance enforces it. Optional hook (see :mod:`simulator.iam`)."""
+        raise ClusterError(f"flavour {self.cluster.flavour.name!r} does not support IAM")
+
+    def create_iam_user(self, writer: Instance, user: str, iam: ClusterIam) -> None:
+        """Create database user ``user`` authenticated by PAM service ``iam.service``, on
+        the writer (replication brings it to the readers). Optional hook."""
+        raise ClusterError(f"flavour {self.cluster.flavour.name!r} does not support IAM")
+
 
 EngineFactory = Callable[["Cluster"], ClusterEngine]
 _ENGINES: dict[str, EngineFactory] = {}
@@ -410,6 +427,8 @@ class Cluster:
         self._switched_to: Cluster | None = None
         #: The blue cluster whose names resolve to this (green) cluster after a switchover.
         self._renamed_by: Cluster | None = None
+        #: IAM enforcement (:meth:`enable_iam`); None: IAM users do not exist.
+        self.iam: ClusterIam | None = None
         self.engine = _load_engine(self.flavour)(self)
 
     # --- creation and teardown ------------------------------------------------------------
@@ -450,6 +469,9 @@ class Cluster:
             self.port = int(runtime.port)
         instance = Instance(instance_id, role, runtime, self.naming.instance(instance_id))
         self.instances[instance_id] = instance
+        if self.iam is not None:
+            self.iam.write(instance)
+            self.engine.apply_iam(instance, self.iam)
         return instance
 
     def stop(self) -> None:
@@ -465,6 +487,9 @@ class Cluster:
                     instance.runtime.stop()
             with contextlib.suppress(Exception):
                 self._hosts.remove_cluster(self.name, self._owner)
+            if self.iam is not None:
+                with contextlib.suppress(Exception):
+                    self.iam.remove()
             _live_clusters.discard(self)
             self.events.record("cluster_stopped")
 
@@ -581,6 +606,8 @@ class Cluster:
                                      self.naming.instance)
             entries += self._entries(old.writer, old.reader, _old_instance(self.naming))
         self._hosts.set_cluster(self.name, entries, self._owner)
+        if self.iam is not None:
+            self.iam.sync()  # roles changed: the host names each instance accepts too
         blue = self._renamed_by
         if blue is not None and not blue._stopped:
             blue._update_dns()  # our addresses also stand behind the blue cluster's names
@@ -958,6 +985,52 @@ class Cluster:
         self.engine.publish_blue_green(self.writer, rows)
         with green._lock:
             green.engine.publish_blue_green(green.writer, rows)
+
+    # --- IAM -------------------------------------------------------------------------------
+    def enable_iam(self, user: str = "iam_user", *, region: str | None = None,
+                   credentials: Sequence[IamCredentials] | None = None) -> list[Event]:
+        """Create database user ``user`` that logs in only with an RDS IAM auth token.
+
+        Every instance (also readers added later and whichever instance a failover promotes)
+        then accepts ``user`` only with a valid, unexpired token from boto3's
+        ``generate_db_auth_token`` for one of its host names in its current role, the
+        cluster's port, ``user`` and ``region`` (default: the cluster's region), signed with
+        one of ``credentials`` (default: :data:`simulator.iam.TEST_CREDENTIALS`, the tests'
+        ``testing``/``testing``). Call again to add users or trust more credentials (e.g.
+        temporary ones from STS); the region cannot change. Needs root (a PAM service in
+        ``/etc/pam.d``), gcc and the PAM headers. See :mod:`simulator.iam`.
+        """
+        from .iam import TEST_CREDENTIALS, ClusterIam, IamError
+
+        if not isinstance(user, str) or not _IAM_USER_RE.fullmatch(user):
+            raise ClusterError(f"enable_iam: user {user!r}: expected letters, digits and _ "
+                               "(at most 32, starting with a letter or _)")
+        with self._lock:
+            since = time.monotonic()
+            iam = self.iam
+            if iam is None:
+                try:
+                    iam = ClusterIam(self, region or self.naming.region,
+                                     credentials or [TEST_CREDENTIALS])
+                    iam.install()
+                except IamError as exc:
+                    raise ClusterError(f"cluster {self.name}: {exc}") from exc
+                self.iam = iam
+            elif region is not None and region != iam.region:
+                raise ClusterError(f"enable_iam: region {region!r}: IAM of cluster {self.name} "
+                                   f"is already enabled for region {iam.region!r}")
+            iam.trust(credentials or ())
+            new_user = iam.add_user(user)
+            iam.sync()
+            # Every instance first (MariaDB: the plugin must be loaded where CREATE USER
+            # ... VIA pam replicates to), then the user on the writer.
+            for instance in list(self.instances.values()):
+                self.engine.apply_iam(instance, iam)
+            if new_user:
+                self.engine.create_iam_user(self.writer, user, iam)
+            self.events.record("iam_enabled", None, user=user, region=iam.region,
+                               service=iam.service)
+            return self.events.events(since=since)
 
     # --- helpers for tests and the CLI -------------------------------------------------------
     def settled(self) -> bool:

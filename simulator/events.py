@@ -43,6 +43,7 @@ EVENT_NAMES = frozenset(
         "dns_staleness_set",
         "switchover_phase",
         "switchover_finished",
+        "iam_enabled",
     }
 )
 

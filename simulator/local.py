@@ -671,6 +671,7 @@ class _Postgres(_EngineSpec):
             lines.extend(f"{key} = {_quote_pg(value)}" for key, value in server.settings.items())
         hba = [
             "# TYPE  DATABASE     USER  ADDRESS       METHOD",
+            *server.hba_rules,
             "local   all          all                 trust",
             "local   replication  all                 trust",
             "host    all          all   127.0.0.0/8   scram-sha-256",
@@ -1051,6 +1052,9 @@ class LocalServer:
         self.log_path = base_dir / "server.log"
         self.binary = binary
         self.settings = dict(settings)
+        #: (PostgreSQL) ``pg_hba.conf`` lines placed before the default ones; set it, then
+        #: :meth:`reconfigure` (and :meth:`reload`) to apply (e.g. IAM users' ``pam`` lines).
+        self.hba_rules: list[str] = []
         self.owner = owner
         self._address_claimed = address_claimed
         self._account = account

@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .cluster import (
     BlueGreenRow,
@@ -58,6 +58,9 @@ from .cluster import (
     register_engine,
 )
 from .local import LocalServer, SettingValue, reset_mariadb_data
+
+if TYPE_CHECKING:
+    from .iam import ClusterIam
 
 __all__ = ["LOOKALIKE_SCHEMA", "MysqlClusterEngine", "gtid_seq"]
 
@@ -72,6 +75,11 @@ _FLAVOURS = ("aurora-mysql", "multi-az-mysql", "mysql", "rds-mysql")
 # Seconds the control plane waits for a replica to connect, drain or catch up.
 _CATCH_UP_TIMEOUT = 30.0
 _POLL = 0.01
+#: The PAM plugin of IAM users: version 1 runs PAM inside mariadbd as the mysql user (version 2
+#: needs the setuid helper auth_pam_tool, which Debian's package may not install).
+_PAM_PLUGIN = "auth_pam_v1"
+#: Seconds an IAM user created on the writer may take to reach every reader.
+_IAM_USER_TIMEOUT = 30.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +212,8 @@ class MysqlClusterEngine(ClusterEngine):
             "log_bin_trust_function_creators": "ON",
             "read_only": "ON" if read_only else "OFF",
         }
+        if self.cluster.iam is not None:
+            settings.update(self._iam_settings(self.cluster.iam))
         if replica:
             # Crash recovery of a server that comes back as a replica rolls back what it wrote
             # to its binary log without an acknowledgement (MariaDB >= 10.11.9, MDEV-33465).
@@ -632,6 +642,50 @@ class MysqlClusterEngine(ClusterEngine):
         server.stop(cleanup=False)
         reset_mariadb_data(server)
         server.start()
+
+    # --- IAM (simulator.iam) ---------------------------------------------------------------
+    @staticmethod
+    def _iam_settings(iam: ClusterIam) -> dict[str, str]:
+        """Server options of an IAM-enabled cluster: the PAM plugin, clients sending the token
+        with mysql_clear_password (pam_use_cleartext_plugin) and TLS, without which
+        mysql-connector refuses to send a cleartext password (and RDS refuses IAM logins)."""
+        cert, key = iam.tls_files()
+        return {"plugin_load_add": _PAM_PLUGIN, "loose_pam_use_cleartext_plugin": "ON",
+                "ssl_cert": str(cert), "ssl_key": str(key)}
+
+    def apply_iam(self, instance: Instance, iam: ClusterIam) -> None:
+        server = self._server(instance)
+        wanted = {**server.settings, **self._iam_settings(iam)}
+        if wanted == server.settings:
+            return  # created with them (a reader added after enable_iam)
+        server.reconfigure(wanted)
+        if server.is_running():
+            # The plugin's options and TLS are read at startup only: restart in place, as RDS
+            # reboots an instance to apply static parameters. Readers resume replicating on
+            # their own; they reconnect to a restarted writer within MASTER_CONNECT_RETRY.
+            LOGGER.info("%s: restarting to enable IAM (PAM plugin, TLS)", instance.id)
+            server.stop(cleanup=False)
+            server.start()
+            with self._sql(server) as sql:
+                if sql.value("SELECT @@have_ssl") != "YES":
+                    raise ClusterError(f"{instance.id}: TLS did not come up for IAM logins; "
+                                       f"see {server.log_path}")
+
+    def create_iam_user(self, writer: Instance, user: str, iam: ClusterIam) -> None:
+        account = f"'{user}'@'%'"
+        with self._sql(self._server(writer)) as sql:
+            sql.run(f"CREATE USER {account} IDENTIFIED VIA pam USING '{iam.service}'")
+            sql.run(f"GRANT ALL PRIVILEGES ON `{self._server(writer).database}`.* TO {account}")
+            sql.run(f"GRANT SLAVE MONITOR ON *.* TO {account}")
+        deadline = time.monotonic() + _IAM_USER_TIMEOUT
+        for reader in self.cluster.readers:
+            with self._sql(self._server(reader)) as sql:
+                while not sql.value("SELECT COUNT(*) FROM mysql.global_priv WHERE User = %s",
+                                    (user,)):
+                    if time.monotonic() > deadline:
+                        raise ClusterError(f"IAM user {user} did not reach {reader.id} within "
+                                           f"{_IAM_USER_TIMEOUT:g} s")
+                    time.sleep(_POLL)
 
     # --- ClusterEngine: knobs -------------------------------------------------------------
     def set_read_only(self, instance: Instance, read_only: bool) -> None:

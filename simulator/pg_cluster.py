@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -45,13 +46,16 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from .cluster import BlueGreenRow, Cluster, ClusterEngine, ClusterError, Instance, register_engine
 from .local import LocalServer, SimulatorError
+
+if TYPE_CHECKING:
+    from .iam import ClusterIam
 
 __all__ = [
     "APP_PASSWORD",
@@ -730,6 +734,42 @@ class PgClusterEngine(ClusterEngine):
             conn.execute(
                 "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
                 "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()")
+
+    # ---- IAM (simulator.iam) ---------------------------------------------------------------
+    def apply_iam(self, instance: Instance, iam: ClusterIam) -> None:
+        server: LocalServer = instance.runtime
+        server.hba_rules = [f'host    all          "{user}"  127.0.0.0/8   pam '
+                            f"pamservice={iam.service}" for user in iam.users]
+        self._apply(instance)
+        if not server.is_running() or not iam.users:
+            return
+        # pg_hba.conf is re-read when the postmaster handles SIGHUP, asynchronously: wait
+        # until a login of an IAM user goes to PAM (refused: the password is not a token).
+        def uses_pam() -> bool:
+            try:
+                psycopg.connect(host=server.host, port=server.port, dbname=server.database,
+                                user=iam.users[-1], password="-", connect_timeout=5).close()
+            except psycopg.OperationalError as exc:
+                return "PAM authentication failed" in str(exc)
+            raise ClusterError(f"{instance.id}: IAM user {iam.users[-1]} logged in without "
+                               "a token")
+
+        self._wait_for(f"{instance.id} to send IAM logins to PAM", uses_pam)
+
+    def create_iam_user(self, writer: Instance, user: str, iam: ClusterIam) -> None:
+        with self._connect(writer, "postgres") as conn:
+            # RDS's role for IAM users (GRANT rds_iam TO user); here the hba lines decide.
+            conn.execute("DO $$ BEGIN CREATE ROLE rds_iam NOLOGIN; "
+                         "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE rds_iam, {}").format(
+                sql.Identifier(user), sql.Identifier(APP_USER)))
+        exists = f"SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = '{user}'"
+        for reader in self.cluster.readers:  # synchronous commit waits for one of them
+            self._wait_for(f"IAM user {user} to reach {reader.id}",
+                           functools.partial(self._role_exists, reader, exists))
+
+    def _role_exists(self, instance: Instance, query: str) -> bool:
+        return bool(self._query_one(instance, query) == 1)
 
 
 def _cpu(instance_id: str) -> float:
