@@ -103,6 +103,7 @@ class LocalIdp:
         self.hang = False
         self.requests: Counter[str] = Counter()
         self.posted: list[str] = []  # raw request bodies (to check what a client sent)
+        self.last_saml = ""  # the last SAML response handed out
         self._tokens: dict[str, str] = {}  # Okta session token -> user
         self._cookies: set[str] = set()
         self._stopping = threading.Event()
@@ -185,7 +186,8 @@ class LocalIdp:
             "<samlp:Status><samlp:StatusCode "
             'Value="urn:oasis:names:tc:SAML:2.0:status:Success"/></samlp:Status>'
             f"{assertion}</samlp:Response>")
-        return base64.b64encode(xml.encode()).decode()
+        self.last_saml = base64.b64encode(xml.encode()).decode()
+        return self.last_saml
 
     # --- pages -------------------------------------------------------------------------------
 

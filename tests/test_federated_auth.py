@@ -20,9 +20,9 @@ from typing import Any
 import mysql.connector
 import psycopg
 import pytest
-from botocore.auth import SigV4QueryAuth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
+from botocore.auth import SigV4QueryAuth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+from botocore.credentials import Credentials  # type: ignore[import-untyped]
 
 import resilient_db
 from resilient_db import CollectingSink
@@ -154,7 +154,9 @@ def only_sts_credentials() -> StsCredentials:
 
 @pytest.mark.parametrize("code", ["federated_auth", "okta"])
 def test_flow_gives_an_iam_token_signed_with_the_sts_credentials(
-        code: str, idp: LocalIdp, sink: CollectingSink) -> None:
+        code: str, idp: LocalIdp, sink: CollectingSink,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     plugin = plugin_for(code, settings_for(code, idp))
     terminal = Terminal()
     before = time.time()
@@ -189,6 +191,15 @@ def test_flow_gives_an_iam_token_signed_with_the_sts_credentials(
     assert saml["auth.saml.roles"] == 1
     assert sts["auth.status"] == "fetched" and sts["aws.iam.role_arn"] == ROLE_ARN
     assert credential["auth.status"] == "fetched" and credential["db.user"] == "iam_user"
+    # No secret of the flow in a log line, a decision or a repr.
+    # (botocore's own DEBUG log prints STS answers, as for any boto3 call: not ours.)
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("resilient_db"))
+    assertion = idp.last_saml
+    secrets = (PASSWORD, token, credentials.secret_access_key, credentials.session_token,
+               assertion, assertion[:40])
+    shown = [ours, repr(sink.decisions), repr(credentials), repr(plugin.ctx.settings),
+             repr(CREDENTIALS.peek(next(iter(CREDENTIALS._entries)))), repr(plugin)]
+    assert not [secret for secret in secrets for text in shown if secret in text]
 
 
 def test_mysql_gets_the_token_in_clear_text(idp: LocalIdp) -> None:

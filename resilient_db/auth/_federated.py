@@ -259,9 +259,12 @@ def assume_role_with_saml(assertion: str, *, role_arn: str, idp_arn: str, region
     boto3's configuration: ``AWS_ENDPOINT_URL_STS``, the region's STS endpoint)."""
     try:
         import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
-        from botocore.parsers import ResponseParserError
+        from botocore.config import Config  # type: ignore[import-untyped]
+        from botocore.exceptions import (  # type: ignore[import-untyped]
+            BotoCoreError,
+            ClientError,
+        )
+        from botocore.parsers import ResponseParserError  # type: ignore[import-untyped]
     except ImportError as exc:
         raise ConfigurationError(
             "the federated plugins need boto3: pip install 'resilient_db[aws]'",
