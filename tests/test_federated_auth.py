@@ -375,3 +375,20 @@ def test_idp_without_password_or_user_is_a_configuration_error(idp: LocalIdp) ->
     with pytest.raises(ConfigurationError, match="idp_password") as caught:
         plugin.connect(connect_ctx(plugin), Terminal())
     assert caught.value.parameter == "idp_password"
+
+
+def test_shared_properties_count_as_used_by_every_plugin_that_reads_them() -> None:
+    from resilient_db import _connect
+
+    def noted(names: dict[str, Any], enabled: set[str]) -> set[str]:
+        _connect._noted_inactive.clear()
+        _connect._note_inactive(
+            Settings({REGISTRY[n]: REGISTRY[n].parse(v) for n, v in names.items()}), enabled)
+        return set(_connect._noted_inactive)
+
+    shared = {"idp_endpoint": "idp.example.com", "iam_region": "us-east-1", "db_user": "u"}
+    assert noted(shared, {"okta"}) == set()
+    assert noted(shared, {"federated_auth"}) == set()
+    assert noted({**shared, "app_id": "x"}, {"federated_auth"}) == {"app_id"}
+    assert noted(shared, {"iam"}) == {"idp_endpoint", "db_user"}
+    _connect._noted_inactive.clear()
