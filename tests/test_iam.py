@@ -9,6 +9,7 @@ tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +329,157 @@ def test_tokens_are_cached_per_host_and_regenerated_after_expiry(
                          **kwargs).close()
     assert len(tokens.calls) == 2
     assert sink.of_kind("auth.credential")[-1].attributes["auth.status"] == "refreshed"
+
+
+# --- monitors and side connections get a current token ---------------------------------------
+
+_users = iter(range(10**6))
+
+
+@dataclass
+class Rotating:
+    """A database user whose password (= its "token") the test rotates."""
+
+    engine: str  # "pg" | "mysql"
+    server: LocalServer
+    user: str
+    target: Any
+    extra: dict[str, Any]
+
+    def admin(self, sql: str) -> list[tuple[Any, ...]]:
+        kwargs: dict[str, Any] = dict(self.server.connect_kwargs())
+        if self.engine == "pg":
+            conn: Any = psycopg.connect(**kwargs, autocommit=True)
+        else:
+            conn = mysql.connector.connect(**kwargs, use_pure=True, autocommit=True)
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            rows = list(cur.fetchall()) if cur.description else []
+            cur.close()
+            return rows
+        finally:
+            conn.close()
+
+    def set_password(self, password: str) -> None:
+        if self.engine == "pg":
+            self.admin(f"ALTER ROLE {self.user} PASSWORD '{password}'")
+        else:
+            self.admin(f"ALTER USER '{self.user}'@'%' IDENTIFIED BY '{password}'")
+
+    def kill_sessions(self, keep: int | None = None) -> None:
+        """End this user's sessions (the probe's), except the one with id ``keep``."""
+        if self.engine == "pg":
+            self.admin(f"SELECT pg_catalog.pg_terminate_backend(pid) FROM "
+                       f"pg_catalog.pg_stat_activity WHERE usename = '{self.user}' AND "
+                       f"pid <> {keep or 0}")
+        else:
+            for (session,) in self.admin(
+                    f"SELECT id FROM information_schema.processlist WHERE user = "
+                    f"'{self.user}' AND id <> {keep or 0}"):
+                with contextlib.suppress(mysql.connector.Error):
+                    self.admin(f"KILL {int(session)}")
+
+    def sessions(self) -> int:
+        sql = (f"SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE usename = '{self.user}'"
+               if self.engine == "pg" else
+               f"SELECT count(*) FROM information_schema.processlist WHERE user = '{self.user}'")
+        return int(self.admin(sql)[0][0])
+
+    def connect(self, **extra: Any) -> resilient_db.ConnectionProxy:
+        kwargs = {**_kwargs(self.server, self.user), **self.extra, **extra}
+        return resilient_db.connect(self.target, **kwargs)
+
+
+@pytest.fixture(params=["pg", "mysql"])
+def rotating(request: pytest.FixtureRequest) -> Iterator[Rotating]:
+    user = f"rot{next(_users)}_{int(time.time())}"
+    if request.param == "pg":
+        server: LocalServer = request.getfixturevalue("pg_backend").server
+        env = Rotating("pg", server, user, psycopg.Connection.connect, {})
+        env.admin(f"CREATE ROLE {user} LOGIN PASSWORD 'p1'")
+    else:
+        server = request.getfixturevalue("tls_mysql_server")
+        env = Rotating("mysql", server, user, mysql.connector.connect, {"use_pure": True})
+        env.admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'p1'")
+        env.admin(f"GRANT ALL ON *.* TO '{user}'@'%'")
+    yield env
+    resilient_db.shutdown()  # efm monitors of this user's connections
+    env.kill_sessions()
+
+
+def _session_id(env: Rotating, conn: resilient_db.ConnectionProxy) -> int:
+    cur = conn.cursor()
+    cur.execute("SELECT pg_catalog.pg_backend_pid()" if env.engine == "pg"
+                else "SELECT CONNECTION_ID()")
+    row = cur.fetchone()
+    cur.close()
+    return int(row[0])
+
+
+def _expire_and_rotate(env: Rotating, tokens: PasswordTokens) -> None:
+    """The password changes (the old "token" is refused from now on) and the cached token
+    expires."""
+    env.set_password("p2")
+    tokens.password = "p2"
+    key = ("iam", NAME, env.server.port, env.user, "us-east-1")
+    cached = CREDENTIALS.peek(key)
+    assert cached is not None and cached.expires_at is not None
+    expires = cached.expires_at
+    wait_until("the cached token expired", lambda: time.time() > expires, timeout=10)
+
+
+def test_efm_probe_after_token_expiry_authenticates(rotating: Rotating, tokens: PasswordTokens,
+                                                    sink: CollectingSink) -> None:
+    """The efm monitor's probe connection is opened again after the application's token
+    expired and the old one stopped working: it gets a new token through the connection's
+    chain and authenticates; the host is not declared dead."""
+    env = rotating
+    resilient_db.shutdown()  # no monitor (and probe connection) left from another test
+    tokens.password = "p1"
+    conn = env.connect(plugins="efm,iam", iam_expiration=1, failure_detection_time_ms=100,
+                       failure_detection_interval_ms=200, failure_detection_count=10,
+                       autocommit=True)
+    try:
+        app_session = _session_id(env, conn)
+        wait_until("the probe connection is open", lambda: env.sessions() >= 2)
+        _expire_and_rotate(env, tokens)
+        env.kill_sessions(keep=app_session)  # the probe's session: it must reconnect
+        cur = conn.cursor()
+        cur.execute("SELECT pg_catalog.pg_sleep(3)" if env.engine == "pg" else "SELECT SLEEP(3)")
+        cur.fetchall()
+        assert env.sessions() >= 2  # the probe reconnected, as the new password's user
+    finally:
+        conn.close()
+    assert not sink.of_kind("efm.host_down")
+    assert not sink.of_kind("auth.retried")  # not a refusal: expiry gave a new token
+    statuses = [d.attributes["auth.status"] for d in sink.of_kind("auth.credential")]
+    assert "refreshed" in statuses
+    assert tokens.calls.count((NAME, env.server.port, env.user, "us-east-1")) >= 2
+
+
+def test_kill_query_side_connection_after_token_expiry_authenticates(
+        tls_mysql_server: LocalServer, tokens: PasswordTokens, sink: CollectingSink) -> None:
+    """MySQL cancels an expired statement with KILL QUERY on a side connection: it gets a
+    current token (the one the application's connection used has expired and no longer
+    works), so the statement is cancelled on the server."""
+    user = f"kq{next(_users)}_{int(time.time())}"
+    env = Rotating("mysql", tls_mysql_server, user, mysql.connector.connect, {"use_pure": True})
+    env.admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'p1'")
+    env.admin(f"GRANT ALL ON *.* TO '{user}'@'%'")
+    tokens.password = "p1"
+    conn = env.connect(plugins="iam", iam_expiration=1, autocommit=True)
+    try:
+        _expire_and_rotate(env, tokens)
+        cur = conn.cursor()
+        with resilient_db.call_options(timeout=0.5), pytest.raises(
+                resilient_db.QueryTimeoutError) as info:
+            cur.execute("SELECT SLEEP(30)")
+            cur.fetchall()
+        assert info.value.cancelled is True
+    finally:
+        conn.close()
+        env.kill_sessions()
+    expired = sink.of_kind("statement.deadline_expired")
+    assert expired and expired[-1].attributes["resilient_db.deadline.cancelled"] is True
+    assert tokens.calls.count((NAME, tls_mysql_server.port, user, "us-east-1")) == 2

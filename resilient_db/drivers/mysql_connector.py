@@ -12,6 +12,7 @@ implementation). ``tests/test_drivers.py`` fails loudly if a release renames it.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -279,12 +280,17 @@ class MysqlConnectorDriver(DriverDialect):
             return holder is None or sock is None
         if sock.fileno() < 0:
             return True
+        # Peek at the TCP socket itself: an SSLSocket refuses recv() flags. Under TLS a
+        # pending record (a close_notify alert) reads as "not closed"; end-of-file as closed.
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
         except OSError:
             return True
+        finally:
+            raw.detach()  # the descriptor stays the driver's
 
     def configure_socket(self, conn: Any, options: NetworkOptions) -> None:
         # mysql-connector has no keepalive arguments: set the options on its socket once
@@ -334,8 +340,10 @@ class MysqlConnectorDriver(DriverDialect):
         sock = getattr(holder, "sock", None)
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             return None
-        # A second socket object on a duplicate descriptor: the caller may close it freely.
-        return sock.dup()
+        # A second, plain socket object on a duplicate descriptor (the caller may close it
+        # freely). Not sock.dup(): an SSLSocket (TLS, as IAM authentication requires) cannot
+        # be duplicated; shutting the TCP socket down wakes a TLS read all the same.
+        return socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
 
     def transaction_status(self, conn: Any) -> TxStatus:
         if self.is_closed(conn):
