@@ -729,8 +729,9 @@ IDP_ENDPOINT = text(
     "idp_endpoint",
     None,
     "Host name of the identity provider (ADFS server or Okta org, e.g. `adfs.example.com`, "
-    "`example.okta.com`); an `https://` prefix is accepted, `http://` is refused. Required by "
-    "`federated_auth` and `okta`. Always reached over HTTPS.",
+    "`example.okta.com`), optionally with `:port` (which wins over `idp_port`); an "
+    "`https://` prefix is accepted, `http://` is refused. Required by `federated_auth` and "
+    "`okta`. Always reached over HTTPS.",
     validate=_idp_endpoint_problem,
     plugin="federated_auth",
     aws_name=True,
