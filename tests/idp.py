@@ -20,7 +20,7 @@ The SAML response is the XML AWS expects (``samlp:Response`` / ``saml:Assertion`
 unsigned: moto's STS does not check signatures. Knobs: :attr:`assertion_lifetime` (negative:
 an already expired assertion), :attr:`roles`, :attr:`malformed` (an assertion without its
 ``Assertion`` element: STS refuses it), :attr:`hang` (hold every request until stopped, to
-test timeouts). :attr:`requests` counts requests by path.
+test timeouts), :attr:`delay` (a slow IdP). :attr:`requests` counts requests by path.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class LocalIdp:
         self.session_duration = 3600
         self.malformed = False
         self.hang = False
+        self.delay = 0.0  # seconds every answer waits (a slow IdP)
         self.requests: Counter[str] = Counter()
         self.posted: list[str] = []  # raw request bodies (to check what a client sent)
         self.last_saml = ""  # the last SAML response handed out
@@ -260,6 +261,8 @@ def _handler_for(idp: LocalIdp) -> type[BaseHTTPRequestHandler]:
             idp.requests[url.path] += 1
             if idp.hang:
                 idp._stopping.wait(30)
+            elif idp.delay:
+                idp._stopping.wait(idp.delay)
             return url
 
         def _body(self) -> str:

@@ -71,6 +71,7 @@ def _aws(monkeypatch: pytest.MonkeyPatch, sts_url: str, idp: LocalIdp) -> Iterat
     idp.session_duration = 3600
     idp.malformed = False
     idp.hang = False
+    idp.delay = 0.0
     CREDENTIALS.clear()
     STS_CREDENTIALS.clear()
 
@@ -392,3 +393,34 @@ def test_shared_properties_count_as_used_by_every_plugin_that_reads_them() -> No
     assert noted({**shared, "app_id": "x"}, {"federated_auth"}) == {"app_id"}
     assert noted(shared, {"iam"}) == {"idp_endpoint", "db_user"}
     _connect._noted_inactive.clear()
+
+
+def test_concurrent_connects_with_a_wrong_password_try_it_once(idp: LocalIdp) -> None:
+    """Waiters share the failed sign-in's error: a wrong password is posted once, not once per
+    connect (a directory locks an account after a few failures)."""
+    idp.delay = 1.0  # every thread is waiting before the sign-in fails
+    plugin = plugin_for("okta", settings_for("okta", idp, idp_password="wrong"))
+    failures: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def run(i: int) -> None:
+        try:
+            start.wait(10)
+            plugin.connect(connect_ctx(plugin, host=f"db-{i}.abc123xyz.us-east-1.rds."
+                                       "amazonaws.com"), Terminal())
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(failures) == 6
+    assert all(isinstance(f, FederatedAuthError) for f in failures)
+    assert idp.requests["/api/v1/authn"] == STS_CREDENTIALS.sign_ins == 1
+    # A later connect tries again (the password may have been corrected meanwhile).
+    idp.delay = 0.0
+    with pytest.raises(FederatedAuthError):
+        plugin.connect(connect_ctx(plugin), Terminal())
+    assert idp.requests["/api/v1/authn"] == STS_CREDENTIALS.sign_ins == 2

@@ -69,30 +69,49 @@ class StsCredentials:
 
 class StsCache:
     """Temporary credentials per federated identity, process-wide; one sign-in in flight per
-    identity (the others wait for it and use its result)."""
+    identity: the others wait for it and take its result, or its error (a wrong password
+    tried once, not once per waiting connect: directories lock accounts after a few)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Hashable, StsCredentials] = {}
         self._key_locks: dict[Hashable, threading.Lock] = {}
+        #: Per key: sign-ins attempted, and the error of the last one (``None``: it worked).
+        self._attempts: dict[Hashable, tuple[int, BaseException | None]] = {}
         #: Sign-ins done (tests).
         self.sign_ins = 0
+
+    def _fresh(self, key: Hashable) -> StsCredentials | None:
+        entry = self._entries.get(key)
+        if entry is not None and self.clock() < entry.expires_at - STS_MARGIN:
+            return entry
+        return None
 
     def get(self, key: Hashable, fetch: Callable[[], StsCredentials]) -> tuple[
             StsCredentials, str]:
         """The credentials of ``key`` and ``"cached"`` or ``"fetched"``."""
-        entry = self._entries.get(key)
-        if entry is not None and self.clock() < entry.expires_at - STS_MARGIN:
+        entry = self._fresh(key)
+        if entry is not None:
             return entry, "cached"
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
+            seen = self._attempts.get(key, (0, None))[0]
         with key_lock:
-            entry = self._entries.get(key)  # another thread may have signed in meanwhile
-            if entry is not None and self.clock() < entry.expires_at - STS_MARGIN:
+            entry = self._fresh(key)  # another thread signed in while this one waited
+            if entry is not None:
                 return entry, "cached"
-            self.sign_ins += 1
-            fresh = fetch()
+            count, error = self._attempts.get(key, (0, None))
+            if count != seen and error is not None:
+                raise error  # the sign-in this thread waited for failed: not again
+            with self._lock:
+                self.sign_ins += 1
+            try:
+                fresh = fetch()
+            except BaseException as exc:
+                self._attempts[key] = (count + 1, exc)
+                raise
+            self._attempts[key] = (count + 1, None)
             self._entries[key] = fresh
             return fresh, "fetched"
 
@@ -104,6 +123,7 @@ class StsCache:
         self._lock = threading.Lock()
         self._entries = {}
         self._key_locks = {}
+        self._attempts = {}
         self.sign_ins = 0
 
 
