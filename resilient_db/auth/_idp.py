@@ -55,7 +55,8 @@ class IdpSettings:
 
     @property
     def origin(self) -> str:
-        return f"https://{self.host}" + ("" if self.port is None else f":{self.port}")
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"https://{host}" + ("" if self.port is None else f":{self.port}")
 
     def where(self, path: str) -> str:
         """The IdP and path for messages (no query string: it may hold a one-time token)."""
@@ -97,8 +98,10 @@ class _NoCrossOriginRedirect(urllib.request.HTTPRedirectHandler):
 
 def _origin_of(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     port = parts.port
-    return f"{parts.scheme}://{parts.hostname}" + ("" if port in (None, 443) else f":{port}")
+    return f"{parts.scheme}://{host}" + ("" if port in (None, 443) else f":{port}")
 
 
 def _ssl_context(verify: bool) -> ssl.SSLContext:
