@@ -483,3 +483,37 @@ def test_kill_query_side_connection_after_token_expiry_authenticates(
     expired = sink.of_kind("statement.deadline_expired")
     assert expired and expired[-1].attributes["resilient_db.deadline.cancelled"] is True
     assert tokens.calls.count((NAME, tls_mysql_server.port, user, "us-east-1")) == 2
+
+
+def test_no_aws_credentials_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    iam.forget_clients()
+    try:
+        with pytest.raises(ConfigurationError, match="no AWS credentials"):
+            iam.boto3_token(NAME, 5432, "iam_user", "us-east-1")
+    finally:
+        iam.forget_clients()
+
+
+def test_the_cache_starts_empty_in_a_forked_child() -> None:
+    import os
+
+    clock_provider = _provider(_ctx())
+    CREDENTIALS.clear()
+    ctx = _ctx()
+    CREDENTIALS.get(clock_provider, ctx)
+    assert CREDENTIALS.peek(clock_provider.key(ctx)) is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its cache is empty
+        os._exit(0 if CREDENTIALS.peek(clock_provider.key(ctx)) is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert CREDENTIALS.peek(clock_provider.key(ctx)) is not None  # the parent's stays
+    CREDENTIALS.clear()

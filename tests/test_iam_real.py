@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -226,3 +227,51 @@ def test_failover_reaches_the_new_writer_with_a_token_for_it(
     assert cluster.instance(new).endpoint in tokens.hosts()
     assert sink.of_kind("failover.finished")
     assert not sink.of_kind("auth.failed")
+
+
+def test_no_token_in_logs_spans_decisions_or_errors(
+        env: Env, tokens: Counting, sink: CollectingSink,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A login and a refused login with telemetry on and DEBUG logging: the token (or any
+    part of its signature) appears in none of our log records, spans, span events, decisions
+    or the error."""
+    from resilient_db import telemetry
+
+    from .test_telemetry import make_otel
+
+    otel = make_otel()
+    made: list[str] = []
+    real = tokens.__call__
+
+    def keep(host: str, port: int, user: str, region: str) -> str:
+        token = real(host, port, user, region)
+        made.append(token)
+        return token
+
+    tokens_kept: Any = keep
+    try:
+        with caplog.at_level(logging.DEBUG):
+            IamPlugin.generate = tokens_kept
+            conn = env.connect(plugins="iam", enable_telemetry=True)
+            assert current_user(conn) == USER
+            conn.close()
+            with pytest.raises(Exception) as info:  # the driver's own: checked below
+                env.connect(plugins="iam", enable_telemetry=True,
+                            iam_host=env.cluster.readers[0].endpoint)
+    finally:
+        telemetry.disable()
+        otel.tracer_provider.shutdown()
+        otel.meter_provider.shutdown()
+    assert driver_for(env.target, None).is_auth_failure(info.value)
+    assert len(made) == 3
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("resilient_db"))
+    spans = otel.finished()
+    assert spans
+    exported = repr([(s.name, dict(s.attributes or {}),
+                      [(e.name, dict(e.attributes or {})) for e in s.events]) for s in spans])
+    assert "auth.credential" in exported and "auth.failed" in exported  # what is checked
+    for text in (ours, exported, repr(sink.decisions), str(info.value), repr(info.value)):
+        for token in made:
+            signature = token.rsplit("X-Amz-Signature=", 1)[1]
+            assert token not in text and signature not in text
+        assert "X-Amz-Signature" not in text

@@ -71,8 +71,17 @@ def forget_clients() -> None:
 
 def boto3_token(host: str, port: int, user: str, region: str) -> str:
     """An RDS IAM auth token from boto3's default credential chain (local signing)."""
-    token: str = _rds_client(region).generate_db_auth_token(
-        DBHostname=host, Port=port, DBUsername=user, Region=region)
+    from botocore.exceptions import NoCredentialsError  # type: ignore[import-untyped]
+
+    try:
+        token: str = _rds_client(region).generate_db_auth_token(
+            DBHostname=host, Port=port, DBUsername=user, Region=region)
+    except NoCredentialsError:
+        raise ConfigurationError(
+            "iam: no AWS credentials to sign the token with; give the process credentials "
+            "boto3 finds (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a shared "
+            "credentials file, or a container or instance role)",
+            parameter="plugins", value="iam") from None
     return token
 
 
