@@ -10,6 +10,7 @@ the login failed for some unrelated reason).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +21,9 @@ import mysql.connector
 import psycopg
 import pytest
 
+from simulator._addresses import ProcessIdentity
 from simulator.cluster import Cluster, ClusterError, Instance
-from simulator.iam import PAM_DIR, IamCredentials, verify
+from simulator.iam import PAM_DIR, IamCredentials, sweep_services, verify
 
 from .aws import TEST_CREDENTIALS
 from .waiting import wait_until
@@ -274,3 +276,22 @@ def test_verifier_window() -> None:
         verify.check(good, USER, _CONFIG, now + datetime.timedelta(seconds=910))
     with pytest.raises(verify.RefusedError, match="future"):
         verify.check(good, USER, _CONFIG, now - datetime.timedelta(seconds=600))
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes to /etc/pam.d")
+def test_sweep_removes_services_of_dead_owners() -> None:
+    dead = ProcessIdentity(os.getpid(), 0)  # this pid with another start time: gone
+    paths = {name: PAM_DIR / f"rdbsim-iam-sweeptest{name}-{os.getpid()}"
+             for name in ("dead", "alive", "foreign")}
+    try:
+        paths["dead"].write_text(f"# owner: {json.dumps(dead.to_json())}\n")
+        paths["alive"].write_text(
+            f"# owner: {json.dumps(ProcessIdentity.current().to_json())}\n")
+        paths["foreign"].write_text("auth required pam_deny.so\n")
+        removed = sweep_services()
+        assert paths["dead"] in removed and not paths["dead"].exists()
+        assert paths["alive"].exists() and paths["foreign"].exists()
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)

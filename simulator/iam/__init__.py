@@ -45,12 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simulator._addresses import ensure_dir, file_lock, sim_root
+from simulator._addresses import ProcessIdentity, ensure_dir, file_lock, sim_root
 
 if TYPE_CHECKING:
     from simulator.cluster import Cluster, Instance
 
-__all__ = ["PAM_DIR", "TEST_CREDENTIALS", "ClusterIam", "IamCredentials", "IamError"]
+__all__ = ["PAM_DIR", "TEST_CREDENTIALS", "ClusterIam", "IamCredentials", "IamError",
+           "sweep_services"]
 
 LOGGER = logging.getLogger("resilient_db.simulator")
 
@@ -64,6 +65,28 @@ _VERIFIER_SOURCE = _SOURCE_DIR / "verify.py"
 #: Name of the per-instance settings file, in the server's base directory (the parent of its
 #: data directory, so base backups and pg_rewind never copy it between instances).
 CONFIG_NAME = "iam.json"
+
+
+_OWNER_PREFIX = "# owner: "
+
+
+def sweep_services() -> list[Path]:
+    """Remove the PAM service files of clusters whose owner process is gone; return them."""
+    removed: list[Path] = []
+    for path in PAM_DIR.glob(f"{_SERVICE_PREFIX}*"):
+        try:
+            line = next((x for x in path.read_text().splitlines()
+                         if x.startswith(_OWNER_PREFIX)), None)
+            if line is None:
+                continue
+            owner = ProcessIdentity.from_json(json.loads(line[len(_OWNER_PREFIX):]))
+        except (OSError, ValueError):
+            continue  # not ours, or half-written: leave it
+        if not owner.is_alive():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 class IamError(RuntimeError):
@@ -211,11 +234,15 @@ class ClusterIam:
         self._installed = False
 
     def install(self) -> None:
-        """Write the PAM service file (idempotent)."""
+        """Write the PAM service file (idempotent), after removing those that processes
+        which died without stopping their clusters left behind."""
+        sweep_services()
         module, verifier = _artifacts()
         program = f"{module} {_verifier_command(verifier)}"
+        owner = json.dumps(ProcessIdentity.current().to_json())
         text = ("# Written by the resilient_db simulator (simulator/iam); removed when the "
                 "cluster stops.\n"
+                f"{_OWNER_PREFIX}{owner}\n"
                 f"auth     required  {program}\n"
                 f"account  required  {module}\n")
         temporary = self._service_file.with_name(f".{self.service}.tmp")
