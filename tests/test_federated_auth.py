@@ -424,3 +424,20 @@ def test_concurrent_connects_with_a_wrong_password_try_it_once(idp: LocalIdp) ->
     with pytest.raises(FederatedAuthError):
         plugin.connect(connect_ctx(plugin), Terminal())
     assert idp.requests["/api/v1/authn"] == STS_CREDENTIALS.sign_ins == 2
+
+
+def test_no_aws_credentials_needed(idp: LocalIdp, monkeypatch: pytest.MonkeyPatch,
+                                   tmp_path: Any) -> None:
+    """AssumeRoleWithSAML is an unsigned call and the token is signed with what it returns:
+    the process needs no AWS credentials of its own."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    plugin = plugin_for("federated_auth", settings_for("federated_auth", idp))
+    terminal = Terminal()
+    plugin.connect(connect_ctx(plugin), terminal)
+    access_key = token_fields(terminal.args[0]["password"])[1]["X-Amz-Credential"].split("/")[0]
+    assert access_key == only_sts_credentials().access_key_id
