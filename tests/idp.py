@@ -7,12 +7,13 @@ conversations as the real services do:
 - ADFS, IdP-initiated sign-on: ``GET /adfs/ls/IdpInitiatedSignOn.aspx?loginToRp=<rp>`` gives
   the sign-in page (a form with ``UserName``, ``Password``, a hidden ``AuthMethod``, a
   ``client-request-id`` in its action, and a session cookie); POSTing it back with the right
-  password (and the cookie) gives the auto-post page with a hidden ``SAMLResponse``; a wrong
+  password (and the cookie, unless :attr:`require_cookie` is off) gives the auto-post page with a hidden ``SAMLResponse``; a wrong
   password gives the sign-in page again with ADFS's ``errorText``.
 - Okta: ``POST /api/v1/authn`` (JSON user name and password) answers ``SUCCESS`` with a
   one-time ``sessionToken`` (or 401 ``E0000004 Authentication failed``);
   ``GET /app/amazon_aws/<app_id>/sso/saml?onetimetoken=<token>`` answers the app form with
-  the hidden ``SAMLResponse`` (HTML-escaped as Okta does); a used or unknown token gets the
+  the hidden ``SAMLResponse`` (one input per line, ``+`` and ``=`` as character references,
+  as Okta writes it); a used or unknown token gets the
   Okta sign-in page (no ``SAMLResponse``).
 
 The SAML response is the XML AWS expects (``samlp:Response`` / ``saml:Assertion`` with the
@@ -20,7 +21,9 @@ The SAML response is the XML AWS expects (``samlp:Response`` / ``saml:Assertion`
 unsigned: moto's STS does not check signatures. Knobs: :attr:`assertion_lifetime` (negative:
 an already expired assertion), :attr:`roles`, :attr:`malformed` (an assertion without its
 ``Assertion`` element: STS refuses it), :attr:`hang` (hold every request until stopped, to
-test timeouts), :attr:`delay` (a slow IdP). :attr:`requests` counts requests by path.
+test timeouts), :attr:`delay` (a slow IdP). :attr:`requests` counts requests by path. The
+AWS Advanced Python Wrapper's own ADFS and Okta clients sign in at it too (a cross-check in
+``tests/test_federated_auth.py``).
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ class LocalIdp:
         self.malformed = False
         self.hang = False
         self.delay = 0.0  # seconds every answer waits (a slow IdP)
+        #: ADFS: refuse a sign-in POST without the session cookie of the sign-in page (a
+        #: client must keep cookies, as a browser does). The AWS wrapper's ADFS client keeps
+        #: none: its cross-check turns this off.
+        self.require_cookie = True
         self.requests: Counter[str] = Counter()
         self.posted: list[str] = []  # raw request bodies (to check what a client sent)
         self.last_saml = ""  # the last SAML response handed out
@@ -222,14 +229,24 @@ class LocalIdp:
 
     @staticmethod
     def auto_post_page(saml: str, okta: bool = False) -> str:
-        value = (saml.replace("+", "&#x2b;").replace("=", "&#x3d;") if okta
-                 else html.escape(saml))
-        name = "appForm" if okta else "hiddenform"
+        if okta:
+            # Okta's app page: one input per line, name before type and value, the value
+            # with '+' and '=' as character references.
+            value = saml.replace("+", "&#x2b;").replace("=", "&#x3d;")
+            return (
+                "<!DOCTYPE html>\n<html lang=\"en\">\n<head><title>Amazon Web Services</title>"
+                "</head>\n<body>\n"
+                '<form id="appForm" action="https&#x3a;&#x2f;&#x2f;signin.aws.amazon.com&#x2f;'
+                'saml" method="POST">\n'
+                f'    <input name="SAMLResponse" type="hidden" value="{value}"/>\n'
+                '    <input name="RelayState" type="hidden" value=""/>\n'
+                "</form>\n<script>document.getElementById('appForm').submit();</script>\n"
+                "</body>\n</html>\n")
         return (
             "<html><head><title>Working...</title></head><body>"
-            f'<form method="POST" name="{name}" id="{name}" '
+            '<form method="POST" name="hiddenform" '
             'action="https://signin.aws.amazon.com:443/saml">'
-            f'<input type="hidden" name="SAMLResponse" value="{value}" />'
+            f'<input type="hidden" name="SAMLResponse" value="{html.escape(saml)}" />'
             '<input type="hidden" name="RelayState" value="" />'
             "<noscript><p>Script is disabled. Click Submit to continue.</p>"
             '<input type="submit" value="Submit" /></noscript></form>'
@@ -313,7 +330,7 @@ def _handler_for(idp: LocalIdp) -> type[BaseHTTPRequestHandler]:
                 cookies = dict(
                     c.strip().split("=", 1) for c in (self.headers.get("Cookie") or "").split(";")
                     if "=" in c)
-                if cookies.get(_COOKIE) not in idp._cookies:
+                if idp.require_cookie and cookies.get(_COOKIE) not in idp._cookies:
                     self._send(200, idp.adfs_page(rp, "Your session has expired."))
                     return
                 form = urllib.parse.parse_qs(body)

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,6 +73,7 @@ def _aws(monkeypatch: pytest.MonkeyPatch, sts_url: str, idp: LocalIdp) -> Iterat
     idp.malformed = False
     idp.hang = False
     idp.delay = 0.0
+    idp.require_cookie = True
     CREDENTIALS.clear()
     STS_CREDENTIALS.clear()
 
@@ -441,3 +443,23 @@ def test_no_aws_credentials_needed(idp: LocalIdp, monkeypatch: pytest.MonkeyPatc
     plugin.connect(connect_ctx(plugin), terminal)
     access_key = token_fields(terminal.args[0]["password"])[1]["X-Amz-Credential"].split("/")[0]
     assert access_key == only_sts_credentials().access_key_id
+
+
+def test_the_aws_wrappers_own_clients_sign_in_at_the_test_idp(idp: LocalIdp) -> None:
+    """Cross-check of the test IdP's pages: the AWS Advanced Python Wrapper's ADFS and Okta
+    clients (regular expressions over the HTML) get the assertion from it too. Its ADFS
+    client keeps no cookies between the GET and the POST, so the cookie check is off."""
+    adfs = pytest.importorskip("aws_advanced_python_wrapper.federated_plugin")
+    okta = pytest.importorskip("aws_advanced_python_wrapper.okta_plugin")
+    properties = pytest.importorskip("aws_advanced_python_wrapper.utils.properties")
+    idp.require_cookie = False
+    props = properties.Properties({
+        "idp_endpoint": "localhost", "idp_port": str(idp.port), "idp_username": USER,
+        "idp_password": PASSWORD, "ssl_secure": "false", "app_id": APP_ID})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # urllib3: unverified HTTPS
+        assert adfs.AdfsCredentialsProviderFactory(None, props).get_saml_assertion(
+            props) == idp.last_saml
+        props["idp_endpoint"] = idp.endpoint  # its Okta client ignores idp_port
+        assert okta.OktaCredentialsProviderFactory(None, props).get_saml_assertion(
+            props) == idp.last_saml
