@@ -7,14 +7,15 @@ conversations as the real services do:
 - ADFS, IdP-initiated sign-on: ``GET /adfs/ls/IdpInitiatedSignOn.aspx?loginToRp=<rp>`` gives
   the sign-in page (a form with ``UserName``, ``Password``, a hidden ``AuthMethod``, a
   ``client-request-id`` in its action, and a session cookie); POSTing it back with the right
-  password (and the cookie, unless :attr:`require_cookie` is off) gives the auto-post page with a hidden ``SAMLResponse``; a wrong
-  password gives the sign-in page again with ADFS's ``errorText``.
+  password (and the cookie, unless :attr:`require_cookie` is off) gives the auto-post page
+  with a hidden ``SAMLResponse``; a wrong password gives the sign-in page again with ADFS's
+  ``errorText``.
 - Okta: ``POST /api/v1/authn`` (JSON user name and password) answers ``SUCCESS`` with a
   one-time ``sessionToken`` (or 401 ``E0000004 Authentication failed``);
   ``GET /app/amazon_aws/<app_id>/sso/saml?onetimetoken=<token>`` answers the app form with
   the hidden ``SAMLResponse`` (one input per line, ``+`` and ``=`` as character references,
-  as Okta writes it); a used or unknown token gets the
-  Okta sign-in page (no ``SAMLResponse``).
+  as Okta writes it); a used or unknown token gets the Okta sign-in page (no
+  ``SAMLResponse``).
 
 The SAML response is the XML AWS expects (``samlp:Response`` / ``saml:Assertion`` with the
 ``Role``, ``RoleSessionName`` and ``SessionDuration`` attributes, ``NotOnOrAfter`` limits),
