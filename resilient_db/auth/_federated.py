@@ -176,6 +176,9 @@ class FederatedProvider(IamProvider):
         timeout = settings[params.HTTP_REQUEST_CONNECT_TIMEOUT]
         self.timeout = 60.0 if timeout is None else timeout
         self.verify = settings[params.SSL_SECURE]
+        # Memos of the per-connect work (a provider serves one connection's settings).
+        self._targets: dict[tuple[str, int | None], tuple[str, int, str, str]] = {}
+        self._identities: dict[tuple[str, str, str], tuple[Hashable, ...]] = {}
         lifetime = settings[params.IAM_TOKEN_EXPIRATION]
         self.expiration = 870.0 if lifetime is None else lifetime
         self.refresh_before = min(60.0, self.expiration * 0.1)
@@ -198,18 +201,28 @@ class FederatedProvider(IamProvider):
                            self.timeout, self.verify)
 
     def _identity(self, idp: IdpSettings, region: str) -> tuple[Hashable, ...]:
-        # The password's digest keeps two callers with different IdP passwords from sharing
-        # credentials one of them could not get; ``describe`` never shows it.
-        digest = hashlib.sha256(idp.password.encode()).hexdigest()[:16]
-        return (self.code, idp.origin, self.target_id, idp.username, self.role_arn,
-                self.idp_arn, region, digest)
+        memo = (idp.username, idp.password, region)
+        identity = self._identities.get(memo)
+        if identity is None:
+            # The password's digest keeps two callers with different IdP passwords from
+            # sharing credentials one of them could not get; ``describe`` never shows it.
+            digest = hashlib.sha256(idp.password.encode()).hexdigest()[:16]
+            identity = (self.code, idp.origin, self.target_id, idp.username, self.role_arn,
+                        self.idp_arn, region, digest)
+            self._identities[memo] = identity
+        return identity
 
     def target(self, ctx: ConnectContext) -> tuple[str, int, str, str]:
-        """(host, port, ``db_user``, region) the token is signed for."""
-        args = dict(ctx.args)
-        args["user"] = self.db_user  # the iam rules check a user is given: ours is db_user
-        host, port, _, region = super().target(dataclasses.replace(ctx, args=args))
-        return host, port, self.db_user, region
+        """(host, port, ``db_user``, region) the token is signed for. Depends only on the
+        connection's host and port (the rest is settings): computed once per instance."""
+        memo = (ctx.host.host, ctx.host.port)
+        target = self._targets.get(memo)
+        if target is None:
+            args = dict(ctx.args)
+            args["user"] = self.db_user  # the iam rules want a user: ours is db_user
+            host, port, _, region = super().target(dataclasses.replace(ctx, args=args))
+            target = self._targets[memo] = (host, port, self.db_user, region)
+        return target
 
     def key(self, ctx: ConnectContext) -> Hashable:
         host, port, user, region = self.target(ctx)
@@ -326,17 +339,44 @@ def assume_role_with_saml(assertion: str, *, role_arn: str, idp_arn: str, region
 
 # --- the token ----------------------------------------------------------------------------
 
+_signers_lock = threading.Lock()
+#: (access key id, region) -> an RDS client holding those temporary credentials. Creating a
+#: client costs tens of milliseconds; a failover's new instance must not pay it. Only the
+#: newest credentials' clients are kept.
+_signers: dict[tuple[str, str], Any] = {}
+
+
 def signed_token(host: str, port: int, user: str, region: str,
                  credentials: StsCredentials) -> str:
     """An RDS IAM auth token signed with ``credentials`` (local signing, as the ``iam``
     plugin's, with the temporary credentials instead of the default chain: the token carries
     their session token)."""
-    import boto3
+    key = (credentials.access_key_id, region)
+    client = _signers.get(key)
+    if client is None:
+        import boto3
 
-    session = boto3.session.Session(
-        aws_access_key_id=credentials.access_key_id,
-        aws_secret_access_key=credentials.secret_access_key,
-        aws_session_token=credentials.session_token, region_name=region)
-    token: str = session.client("rds").generate_db_auth_token(
+        with _signers_lock:
+            client = _signers.get(key)
+            if client is None:
+                session = boto3.session.Session(
+                    aws_access_key_id=credentials.access_key_id,
+                    aws_secret_access_key=credentials.secret_access_key,
+                    aws_session_token=credentials.session_token, region_name=region)
+                client = session.client("rds")
+                if len(_signers) >= 16:  # old credentials: expired or about to
+                    _signers.clear()
+                _signers[key] = client
+    token: str = client.generate_db_auth_token(
         DBHostname=host, Port=port, DBUsername=user, Region=region)
     return token
+
+
+def _forget_signers() -> None:
+    global _signers_lock
+    _signers_lock = threading.Lock()
+    _signers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_signers)
