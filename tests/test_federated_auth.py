@@ -335,13 +335,16 @@ def test_assertion_without_the_role_is_a_clear_error(idp: LocalIdp) -> None:
         plugin.connect(connect_ctx(plugin), Terminal())
 
 
-def test_sts_refusal_is_a_clear_error(idp: LocalIdp) -> None:
+def test_sts_refusal_is_a_clear_error(idp: LocalIdp, sink: CollectingSink) -> None:
     idp.malformed = True  # no Assertion element: moto's STS fails on it
     plugin = plugin_for("okta", settings_for("okta", idp))
     with pytest.raises(FederatedAuthError, match=r"STS AssumeRoleWithSAML \(role "
                        f"{ROLE_ARN}, provider {OKTA_ARN}\\) with the SAML assertion of user "
                        f"'{USER}' from Okta at https://{idp.endpoint}: failed"):
         plugin.connect(connect_ctx(plugin), Terminal())
+    (failed,) = [d.attributes for d in sink.decisions if d.kind == "auth.sts_credentials"]
+    assert failed["auth.status"] == "failed"
+    assert failed["error.type"] == "FederatedAuthError"
 
 
 def test_idp_that_does_not_answer_fails_within_the_timeout(idp: LocalIdp) -> None:

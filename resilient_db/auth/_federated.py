@@ -270,11 +270,17 @@ class FederatedProvider(IamProvider):
         self._decide("auth.saml_obtained", self.code, **base, **{
             "auth.saml.expires_at": assertion.not_on_or_after,
             "auth.saml.roles": len(assertion.roles)})
-        check_assertion(assertion, now=self.clock(), role_arn=self.role_arn,
-                        idp_arn=self.idp_arn, where=where, user=idp.username)
-        credentials = assume_role_with_saml(
-            assertion.encoded, role_arn=self.role_arn, idp_arn=self.idp_arn, region=region,
-            timeout=self.timeout, where=where, user=idp.username)
+        try:
+            check_assertion(assertion, now=self.clock(), role_arn=self.role_arn,
+                            idp_arn=self.idp_arn, where=where, user=idp.username)
+            credentials = assume_role_with_saml(
+                assertion.encoded, role_arn=self.role_arn, idp_arn=self.idp_arn,
+                region=region, timeout=self.timeout, where=where, user=idp.username)
+        except FederatedAuthError as exc:
+            self._decide("auth.sts_credentials", self.code, **{
+                "auth.source": self.code, "auth.status": "failed",
+                "aws.iam.role_arn": self.role_arn, "error.type": type(exc).__name__})
+            raise
         self._decide("auth.sts_credentials", self.code, **{
             "auth.source": self.code, "auth.status": "fetched",
             "aws.iam.role_arn": self.role_arn, "auth.sts.expires_at": credentials.expires_at})
