@@ -110,6 +110,9 @@ class LocalIdp:
         #: client must keep cookies, as a browser does). The AWS wrapper's ADFS client keeps
         #: none: its cross-check turns this off.
         self.require_cookie = True
+        #: ADFS: the sign-in form posts to another site (a client must not send it the
+        #: password).
+        self.foreign_action: str | None = None
         self.requests: Counter[str] = Counter()
         self.posted: list[str] = []  # raw request bodies (to check what a client sent)
         self.last_saml = ""  # the last SAML response handed out
@@ -203,6 +206,8 @@ class LocalIdp:
     def adfs_page(self, rp: str, error: str = "") -> str:
         action = (f"{_ADFS_PATH}?loginToRp={urllib.parse.quote(rp, safe='')}"
                   f"&amp;client-request-id={secrets.token_hex(8)}")
+        if self.foreign_action is not None:
+            action = self.foreign_action
         return (
             "<!DOCTYPE html><html lang=\"en-US\"><head><title>Sign In</title></head><body>"
             '<div id="loginArea"><div id="loginMessage" class="groupMargin">Sign in with your '

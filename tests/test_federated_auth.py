@@ -74,6 +74,7 @@ def _aws(monkeypatch: pytest.MonkeyPatch, sts_url: str, idp: LocalIdp) -> Iterat
     idp.hang = False
     idp.delay = 0.0
     idp.require_cookie = True
+    idp.foreign_action = None
     CREDENTIALS.clear()
     STS_CREDENTIALS.clear()
 
@@ -466,3 +467,12 @@ def test_the_aws_wrappers_own_clients_sign_in_at_the_test_idp(idp: LocalIdp) -> 
         props["idp_endpoint"] = idp.endpoint  # its Okta client ignores idp_port
         assert okta.OktaCredentialsProviderFactory(None, props).get_saml_assertion(
             props) == idp.last_saml
+
+
+def test_password_is_never_posted_to_another_site(idp: LocalIdp) -> None:
+    idp.foreign_action = "https://collector.example.net/adfs/ls/"
+    plugin = plugin_for("federated_auth", settings_for("federated_auth", idp))
+    with pytest.raises(FederatedAuthError, match=r"the sign-in form posts to another site "
+                       r"\(https://collector.example.net\); the password is not sent there"):
+        plugin.connect(connect_ctx(plugin), Terminal())
+    assert idp.posted == []
