@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -415,7 +416,8 @@ class MysqlClusterEngine(ClusterEngine):
             sql.run("CREATE TABLE IF NOT EXISTS mysql.rds_topology (version VARCHAR(20) NOT NULL, "
                     "endpoint VARCHAR(255) NOT NULL, port INT UNSIGNED NOT NULL, "
                     "role VARCHAR(64) NOT NULL, status VARCHAR(64) NOT NULL) ENGINE=InnoDB")
-            sql.run(f"GRANT SELECT ON mysql.rds_topology TO '{self.app_user}'@'%'")
+            for user in (self.app_user, *(self.cluster.iam.users if self.cluster.iam else ())):
+                sql.run(f"GRANT SELECT ON mysql.rds_topology TO '{user}'@'%'")
             sql.transaction(statements)
 
     def _forget(self, instance_id: str) -> None:
@@ -675,8 +677,11 @@ class MysqlClusterEngine(ClusterEngine):
         account = f"'{user}'@'%'"
         with self._sql(self._server(writer)) as sql:
             sql.run(f"CREATE USER {account} IDENTIFIED VIA pam USING '{iam.service}'")
-            sql.run(f"GRANT ALL PRIVILEGES ON `{self._server(writer).database}`.* TO {account}")
-            sql.run(f"GRANT SLAVE MONITOR ON *.* TO {account}")
+            # The application user's privileges (database, SLAVE MONITOR, the topology).
+            app = f"`{self.app_user}`@`%`"
+            for row in sql.rows(f"SHOW GRANTS FOR '{self.app_user}'@'%'"):
+                grant = re.sub(r" IDENTIFIED BY PASSWORD '[^']*'", "", next(iter(row.values())))
+                sql.run(grant.replace(f" TO {app}", f" TO {account}"))
         deadline = time.monotonic() + _IAM_USER_TIMEOUT
         for reader in self.cluster.readers:
             with self._sql(self._server(reader)) as sql:

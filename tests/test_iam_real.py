@@ -87,12 +87,6 @@ def pg_iam_cluster() -> Iterator[Cluster]:
 def mysql_iam_cluster() -> Iterator[Cluster]:
     with Cluster.start("aurora-mysql", readers=1, timeline=TIMELINE) as cluster:
         cluster.enable_iam(USER)
-        # What the application user may read of the look-alike topology (enable_iam grants
-        # the database and SLAVE MONITOR only). Replicated to the reader.
-        with cluster.superuser() as conn:
-            cur = conn.cursor()
-            cur.execute(f"GRANT SELECT, EXECUTE ON aurora_sim.* TO '{USER}'@'%'")
-            cur.close()
         yield cluster
 
 
@@ -207,7 +201,7 @@ def test_failover_reaches_the_new_writer_with_a_token_for_it(
     """Failover connects to the instance the topology names as the new writer, by its own
     endpoint: the token is generated for that instance and the server accepts it."""
     cluster = env.cluster
-    conn = env.connect(plugins="failover,efm,iam")
+    conn = env.connect(plugins="initial_connection,aurora_connection_tracker,failover,efm,iam")
     assert current_user(conn) == USER
     old = cluster.writer
     events = cluster.failover()

@@ -198,6 +198,24 @@ def test_password_user_unaffected_and_token_never_logged(cluster: Cluster) -> No
         assert signature not in instance.runtime.log_path.read_text(errors="replace")
 
 
+def test_iam_user_has_the_application_users_privileges(cluster: Cluster) -> None:
+    # The topology the cluster plugins read, and a table of its own in the test database.
+    topology = ("SELECT count(*) FROM aurora_replica_status()"
+                if cluster.flavour.engine == "postgresql"
+                else "SELECT count(*) FROM aurora_sim.replica_host_status")
+    conn = login(cluster, cluster.writer, token(cluster.writer.endpoint, cluster.port))
+    try:
+        cur = conn.cursor()
+        cur.execute(topology)
+        assert cur.fetchone()[0] == len(cluster.instances)
+        cur.execute("CREATE TABLE iam_owned (id int)")
+        cur.execute("DROP TABLE iam_owned")
+        cur.close()
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def test_pam_service_is_readable_and_names_no_secret(cluster: Cluster) -> None:
     assert cluster.iam is not None
     text = (PAM_DIR / cluster.iam.service).read_text()
@@ -295,3 +313,15 @@ def test_sweep_removes_services_of_dead_owners() -> None:
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("flavour", ["rds-pg", "rds-mysql"])
+def test_single_instance_flavours(flavour: str) -> None:
+    # No cluster endpoints: the writer and reader endpoints are the instance endpoint.
+    with Cluster.start(flavour) as single:
+        single.enable_iam(USER)
+        instance = single.writer
+        assert single.writer_endpoint == instance.endpoint
+        accepted(single, instance, token(instance.endpoint, single.port))
+        refused(single, instance, token(f"other.{instance.endpoint}", single.port),
+                "is not a name of this instance")
