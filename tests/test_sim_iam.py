@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pwd
 from collections.abc import Iterator
 from typing import Any
 
@@ -223,6 +224,15 @@ def test_pam_service_is_readable_and_names_no_secret(cluster: Cluster) -> None:
     assert SESSION.secret_access_key not in text
     assert os.stat(PAM_DIR / cluster.iam.service).st_mode & 0o777 == 0o644
     assert "secret" not in repr(SESSION) and "Q" * 10 not in repr(SESSION)
+    # Each instance's settings (trusted secrets included) are private to the server's OS
+    # user, the one the verifier runs as (inside the server process, through PAM).
+    os_user = "postgres" if cluster.flavour.engine == "postgresql" else "mysql"
+    for instance in cluster.instances.values():
+        config = instance.runtime.base_dir / "iam.json"
+        info = os.stat(config)
+        assert info.st_mode & 0o777 == 0o600
+        assert pwd.getpwuid(info.st_uid).pw_name == os_user
+        assert json.loads(config.read_text())["instance"] == instance.id
 
 
 def test_reader_added_later_enforces(cluster: Cluster) -> None:
