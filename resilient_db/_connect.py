@@ -16,6 +16,7 @@ from ._params import (
     ENABLE_TELEMETRY,
     WRAPPER_DIALECT,
     WRAPPER_DRIVER_DIALECT,
+    readers_of,
 )
 from ._pipeline import (
     ConnectContext,
@@ -162,7 +163,7 @@ def _check_multi_host(hosts: tuple[HostSpec, ...], classes: Iterable[type[Plugin
 def _note_inactive(settings: Settings, enabled: set[str]) -> None:
     """Log once (DEBUG) each property set for a built-in plugin that is not enabled."""
     for prop, _ in settings.items():
-        if prop.plugin is None or prop.plugin in enabled:
+        if prop.plugin is None or not enabled.isdisjoint(readers_of(prop)):
             continue
         with _noted_lock:
             if prop.name in _noted_inactive:

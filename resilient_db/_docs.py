@@ -118,7 +118,7 @@ def render_plugin_page(code: str, page: str) -> str:
     """``page`` with its parameter table (between the markers) regenerated for ``code``."""
     if START not in page or END not in page:
         raise ValueError(f"docs/plugins/{code}.md lacks the {START} / {END} markers")
-    props = [p for p in REGISTRY.values() if p.plugin == code]
+    props = [p for p in REGISTRY.values() if code in _params.readers_of(p)]
     table = [*_HEADER, *(_row(p) for p in props)] if props else ["This plugin has no parameters."]
     head, _, rest = page.partition(START)
     _, _, tail = rest.partition(END)

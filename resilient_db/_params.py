@@ -821,3 +821,158 @@ SECRETS_MANAGER_EXPIRATION = _secret_expiration(
     "anyway: an authentication failure fetches it again and retries once. 0: fetch on every "
     "physical connect.",
 )
+
+# --- federated_auth (ADFS) and okta plugins (resilient_db/auth/_federated.py) ----------------
+# Both sign in at an identity provider, exchange its SAML assertion for temporary AWS
+# credentials (STS AssumeRoleWithSAML) and sign an IAM database token with them. Properties
+# used by both plugins are declared once, under federated_auth; docs/plugins/okta.md lists them
+# too.
+
+
+def _idp_endpoint_problem(value: str) -> str | None:
+    host = value.strip().removeprefix("https://").rstrip("/")
+    if value.strip().lower().startswith("http://"):
+        return ("an HTTPS host: the IdP password is sent to it, so plain http:// is refused "
+                "(write the host name, e.g. 'adfs.example.com')")
+    if not host or any(ch.isspace() for ch in host) or "/" in host or "?" in host:
+        return "the IdP's host name (optionally host:port), e.g. 'adfs.example.com'"
+    return None
+
+
+IDP_ENDPOINT = text(
+    "idp_endpoint",
+    None,
+    "Host name of the identity provider (ADFS server or Okta org, e.g. `adfs.example.com`, "
+    "`example.okta.com`), optionally with `:port` (which wins over `idp_port`); an "
+    "`https://` prefix is accepted, `http://` is refused. Required by `federated_auth` and "
+    "`okta`. Always reached over HTTPS.",
+    validate=_idp_endpoint_problem,
+    plugin="federated_auth",
+    aws_name=True,
+)
+IDP_PORT = integer(
+    "idp_port",
+    443,
+    "HTTPS port of the identity provider. `okta` uses it only when set (otherwise the port "
+    "in `idp_endpoint`, or 443), as the AWS wrapper's Okta plugin ignores it.",
+    minimum=1,
+    maximum=65535,
+    plugin="federated_auth",
+    aws_name=True,
+)
+RP_IDENTIFIER = text(
+    "rp_identifier",
+    "urn:amazon:webservices",
+    "ADFS relying party identifier: the `loginToRp` of the IdP-initiated sign-on page "
+    "(`/adfs/ls/IdpInitiatedSignOn.aspx?loginToRp=...`).",
+    plugin="federated_auth",
+    aws_name=True,
+)
+IDP_NAME = choice(
+    "idp_name",
+    "adfs",
+    ("adfs",),
+    "Identity provider implementation of `federated_auth`; only ADFS (`okta` is a plugin of "
+    "its own).",
+    plugin="federated_auth",
+    aws_name=True,
+)
+IAM_ROLE_ARN = text(
+    "iam_role_arn",
+    None,
+    "ARN of the IAM role to assume with the SAML assertion (`arn:aws:iam::<account>:role/"
+    "<name>`); the assertion must grant it. Required.",
+    plugin="federated_auth",
+    aws_name=True,
+)
+IAM_IDP_ARN = text(
+    "iam_idp_arn",
+    None,
+    "ARN of the IAM SAML identity provider (`arn:aws:iam::<account>:saml-provider/<name>`): "
+    "the `PrincipalArn` of AssumeRoleWithSAML. Required.",
+    plugin="federated_auth",
+    aws_name=True,
+)
+IDP_USERNAME = text(
+    "idp_username",
+    None,
+    "User name to sign in at the identity provider (ADFS: usually `user@domain` or "
+    "`DOMAIN\\user`). Unset: the connection's `user`.",
+    plugin="federated_auth",
+    aws_name=True,
+)
+IDP_PASSWORD = text(
+    "idp_password",
+    None,
+    "Password for `idp_username` at the identity provider; never logged or shown. Unset: the "
+    "connection's `password`.",
+    plugin="federated_auth",
+    aws_name=True,
+    secret=True,
+)
+DB_USER = text(
+    "db_user",
+    None,
+    "Database user the IAM token is generated for and that the connection logs in as "
+    "(an IAM-enabled user on the instance). Required.",
+    plugin="federated_auth",
+    aws_name=True,
+)
+IAM_TOKEN_EXPIRATION = duration(
+    "iam_token_expiration",
+    870.0,
+    "How long an IAM token obtained through the identity provider is reused, in seconds (RDS "
+    "accepts a token for 15 minutes; the default leaves 30 s of margin). Never beyond the "
+    "expiry of the STS credentials that signed it.",
+    minimum=1,
+    maximum=900,
+    plugin="federated_auth",
+    aws_name=True,
+)
+HTTP_REQUEST_CONNECT_TIMEOUT = duration(
+    "http_request_connect_timeout",
+    60.0,
+    "Bound on each HTTP request to the identity provider, in seconds: the TCP/TLS connect and "
+    "each read wait at most this long, and a response still arriving after this long is "
+    "abandoned (so one request takes at most twice this). Also the connect and read timeout "
+    "of the STS call.",
+    allow_zero=False,
+    maximum=3600,
+    plugin="federated_auth",
+    aws_name=True,
+)
+SSL_SECURE = boolean(
+    "ssl_secure",
+    True,
+    "Verify the identity provider's TLS certificate and host name (against the system's "
+    "trusted CAs, or `SSL_CERT_FILE`). False sends the IdP password to whoever answers: "
+    "for tests only.",
+    plugin="federated_auth",
+    aws_name=True,
+)
+APP_ID = text(
+    "app_id",
+    None,
+    "Okta: ID of the Amazon Web Services application in Okta (the `<app_id>` of "
+    "`/app/amazon_aws/<app_id>/sso/saml`). Required by `okta`.",
+    plugin="okta",
+    aws_name=True,
+)
+
+#: Properties read by plugins besides the one that owns them (``Property.plugin``): the
+#: federated plugins sign their tokens with the ``iam`` plugin's target rules, and ``okta``
+#: reads the identity-provider properties declared under ``federated_auth``. Each plugin's
+#: docs page lists them, and setting one counts as used when any reader is enabled.
+SHARED_WITH: dict[str, tuple[str, ...]] = {
+    **{name: ("federated_auth", "okta")
+       for name in ("iam_host", "iam_default_port", "iam_region")},
+    **{name: ("okta",)
+       for name in ("idp_endpoint", "idp_port", "iam_role_arn", "iam_idp_arn", "idp_username",
+                    "idp_password", "db_user", "iam_token_expiration",
+                    "http_request_connect_timeout", "ssl_secure")},
+}
+
+
+def readers_of(prop: Property[Any]) -> tuple[str | None, ...]:
+    """The plugins that read ``prop``: its owner first (``None``: the core)."""
+    return (prop.plugin, *SHARED_WITH.get(prop.name, ()))

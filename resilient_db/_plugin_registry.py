@@ -37,6 +37,8 @@ BUILTIN: dict[str, str] = {
     "aws_secrets_manager":
         "resilient_db.plugins.aws_secrets_manager:AwsSecretsManagerPlugin",
     "iam": "resilient_db.plugins.iam:IamPlugin",
+    "federated_auth": "resilient_db.plugins.federated_auth:FederatedAuthPlugin",
+    "okta": "resilient_db.plugins.okta:OktaPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -50,8 +52,6 @@ PLANNED: dict[str, str] = {
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
-    "federated_auth": "federated (ADFS) authentication",
-    "okta": "Okta authentication",
     "limitless": "Aurora Limitless transaction routers",
     "fastest_response_strategy": "the fastest_response reader selection strategy",
 }

@@ -340,7 +340,8 @@ class Settings:
         return list(self._values.items())
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{p.name}={v!r}" for p, v in self._values.items())
+        shown = ", ".join(f"{p.name}={REDACTED if p.secret else v!r}"
+                          for p, v in self._values.items())
         return f"Settings({shown})"
 
 

@@ -16,6 +16,7 @@ from ._credentials import (
     CredentialCache,
     CredentialProvider,
 )
+from ._errors import FederatedAuthError
 from ._plugin import AuthPlugin
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "Credential",
     "CredentialCache",
     "CredentialProvider",
+    "FederatedAuthError",
 ]
