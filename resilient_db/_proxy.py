@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import _lifecycle
 from ._open_counts import Seat, address_for
@@ -370,6 +370,9 @@ class CursorProxy:
     fetchone: Callable[[], Any]
     fetchmany: Callable[..., Any]
     fetchall: Callable[[], Any]
+    #: Attributes the driver's cursors set on the instance (not in their class): passed
+    #: through too. ``arraysize`` is PEP 249's; a driver's proxy class adds its own.
+    instance_attributes: ClassVar[tuple[str, ...]] = ("arraysize",)
 
     def __new__(cls, raw: Any, connection: ConnectionProxy) -> CursorProxy:
         return object.__new__(_pass_through_class(cls, raw))
@@ -456,7 +459,9 @@ class CursorProxy:
         attrs[name] = value
 
     def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(dir(self._live())))
+        # The driver cursor's class, not the instance: see _pass_through_class.
+        return sorted(set(super().__dir__()) | set(dir(type(self._live())))
+                      | set(self.instance_attributes))
 
     def _call_op(self, op: Op, method: str, name: str, *args: Any, **kwargs: Any) -> Any:
         """Run the driver cursor's method ``name`` as ``op`` (through the chain, if any)."""
@@ -562,28 +567,27 @@ _pass_through_lock = threading.Lock()
 
 def _pass_through_class(cls: type[CursorProxy], raw: Any) -> type[CursorProxy]:
     """``cls`` extended with a pass-through property for every attribute of the driver
-    cursor ``raw`` that ``cls`` does not define itself: the names of its class, and those
-    the driver set on the instance (mysql-connector's cursors have a ``__dict__``). Made
-    once per (``cls``, driver cursor class); an instance attribute first seen later is
-    added to it then."""
+    cursor ``raw`` that ``cls`` does not define itself: the names its class defines, and
+    the instance attributes ``cls.instance_attributes`` names (read from the driver's code,
+    never from the instance: reading a driver object's ``__dict__`` makes CPython give up
+    specializing every attribute access of the driver's own code on it). Made once per
+    (``cls``, driver cursor class)."""
     raw_type = type(raw)
     key = (cls, raw_type)
     made = _PASS_THROUGH.get(key)
-    instance_names = getattr(raw, "__dict__", None)
-    if made is not None and (instance_names is None
-                             or all(hasattr(made, n) for n in instance_names)):
+    if made is not None:
         return made
     with _pass_through_lock:
         made = _PASS_THROUGH.get(key)
         if made is None:
             made = type(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__,
                                                "__qualname__": cls.__qualname__})
-        names = {n for n in dir(raw_type) if not (n.startswith("__") and n.endswith("__"))}
-        names.update(instance_names or ())
-        for name in sorted(names):
-            if not hasattr(made, name):
-                setattr(made, name, _pass_through(name))
-        _PASS_THROUGH[key] = made
+            names = {n for n in dir(raw_type) if not (n.startswith("__") and n.endswith("__"))}
+            names.update(cls.instance_attributes)
+            for name in sorted(names):
+                if not hasattr(made, name):
+                    setattr(made, name, _pass_through(name))
+            _PASS_THROUGH[key] = made
     return made
 
 

@@ -149,6 +149,15 @@ class MysqlCursorProxy(CursorProxy):
     """mysql-connector's cursor extras, pipelined."""
 
     __slots__ = ()
+    # What mysql-connector's pure-Python cursors set in __init__ (9.x; the private ones are
+    # read by some frameworks, e.g. ``_executed``): passed through like their class's names.
+    instance_attributes = (
+        "arraysize", "_binary", "_connection", "_cursor_exists", "_description", "_executed",
+        "_executed_list", "_have_result", "_last_insert_id", "_last_row_sent", "_next_row",
+        "_nextrow", "_prepared", "_raw", "_read_timeout", "_rowcount", "_rows",
+        "_stmt_map_results", "_stmt_partition", "_stmt_partitions", "_stored_results",
+        "_warning_count", "_warnings", "_write_timeout",
+    )
 
     def callproc(self, procname: str, *args: Any, **kwargs: Any) -> Any:
         return self._call_op(_CALLPROC, "Cursor.callproc", "callproc", procname, *args,
