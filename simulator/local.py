@@ -319,6 +319,22 @@ def _group_members(pgid: int, exe: str) -> list[int]:
     return members
 
 
+_IPC_DETACH_WAIT = 5.0
+
+
+def _sysv_attach_count(key: int, shmid: int) -> int | None:
+    """How many processes have SysV segment (``key``, ``shmid``) attached; None if it is gone."""
+    try:
+        table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for row in table:
+        fields = row.split()  # key shmid perms size cpid lpid nattch ...
+        if fields[:2] == [str(key), str(shmid)]:
+            return int(fields[6])
+    return None
+
+
 def _kill_group(pgid: int, exe: str, timeout: float = 10.0) -> None:
     """SIGKILL every live member of ``pgid`` running ``exe`` and wait until none is left."""
     deadline = time.monotonic() + timeout
@@ -695,18 +711,30 @@ class _Postgres(_EngineSpec):
     def release_ipc(self, data_dir: Path) -> None:
         # A clean shutdown removes the postmaster's small SysV segment; after SIGKILL it stays
         # until a postmaster restarts on the same data directory. Dynamic shared memory needs
-        # nothing here: "mmap" keeps it in data_dir/pg_dynshmem.
+        # nothing here: "mmap" keeps it in data_dir/pg_dynshmem. Callers have killed every
+        # process of the server, but the kernel detaches a killed process's memory a moment
+        # after it stops being listed (sooner or later on a busy machine), so wait for the
+        # attach count to drop; the segment is marked for removal either way, which frees it
+        # when the last detach happens (its data directory is about to be deleted).
         try:
             lines = (data_dir / "postmaster.pid").read_text().splitlines()
             key, shmid = (int(field) for field in lines[6].split())
-            table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
         except (OSError, IndexError, ValueError):
             return
-        for row in table:
-            fields = row.split()  # key shmid perms size cpid lpid nattch ...
-            orphaned = fields[:2] == [str(key), str(shmid)] and fields[6] == "0"
-            if orphaned and _libc().shmctl(shmid, _IPC_RMID, None) != 0:
-                LOGGER.warning("could not remove SysV segment %d of %s", shmid, data_dir)
+        deadline = time.monotonic() + _IPC_DETACH_WAIT
+        while True:
+            attached = _sysv_attach_count(key, shmid)
+            if attached is None:
+                return  # already gone
+            if attached == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if attached:
+            LOGGER.warning("SysV segment %d of %s still has %d attached after %.0f s; "
+                           "marking it for removal", shmid, data_dir, attached,
+                           _IPC_DETACH_WAIT)
+        if _libc().shmctl(shmid, _IPC_RMID, None) != 0:
+            LOGGER.warning("could not remove SysV segment %d of %s", shmid, data_dir)
 
     def probe(self, server: LocalServer, timeout: float) -> str | None:
         # The postmaster writes its state into line 8 of postmaster.pid (as pg_ctl reads
