@@ -122,6 +122,13 @@ _CALL_FIELDS = ("op", "method", "fn", "args", "kwargs", "connection", "raw")
 
 
 Handler = Callable[[Call], Any]
+#: ``statement(cursor, raw_cursor, query, params)``: what the execute chain does with
+#: ``Call(Op.EXECUTE, "Cursor.execute", raw_cursor.execute, (query, params), {},
+#: cursor.connection, cursor's driver connection)``, for the one call shape that every
+#: statement has, without building the call object first (a layer builds it when it needs
+#: one: on an error). Offered by a ``wrap_execute`` layer as an attribute ``statement`` of the
+#: handler it returns; used only while that handler is the outermost (``Chains.statement``).
+StatementHandler = Callable[[Any, Any, Any, Any], Any]
 
 
 @dataclass
@@ -317,6 +324,7 @@ class Chains:
         "pipeline",
         "rollback",
         "session",
+        "statement",
         "transaction",
     )
     callproc: Handler | None
@@ -331,6 +339,11 @@ class Chains:
     rollback: Handler | None
     session: Handler | None
     transaction: Handler | None
+    #: The execute chain's shortcut for ``Cursor.execute(query, params)`` without keyword
+    #: arguments, when its outermost layer offers one (``handler.statement``: see
+    #: :data:`StatementHandler`): the cursor then builds no ``Call`` unless the statement
+    #: fails. ``None``: every statement goes through ``execute``.
+    statement: StatementHandler | None
 
     def __init__(self, plugins: Sequence[Plugin]) -> None:
         self.build(plugins)
@@ -349,11 +362,13 @@ class Chains:
                         handler = plugin.wrap_execute(handler)
                     built[key] = handler
             setattr(self, op.value, handler)
+        self.statement = getattr(self.execute, "statement", None)
 
     def fill(self, handler: Handler) -> None:
         """Every op runs ``handler`` (a connection inherited across ``fork()``)."""
         for op in Op:
             setattr(self, op.value, handler)
+        self.statement = None
 
     def for_op(self, op: Op) -> Handler | None:
         handler: Handler | None = getattr(self, _SLOT[op])

@@ -477,10 +477,13 @@ class CursorProxy:
         raw = self._cur
         if raw is None:
             raw = self._rebind()
-        chain = self._chains.execute
+        chains = self._chains
+        chain = chains.execute
         if chain is None:
             result = raw.execute(query, params, **kwargs) if kwargs else raw.execute(
                 query, params)
+        elif chains.statement is not None and not kwargs:
+            result = chains.statement(self, raw, query, params)
         else:
             call = self._call
             if call is None or call.busy:

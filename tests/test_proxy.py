@@ -319,6 +319,33 @@ def test_statements_read_no_proxy_attribute(backend: Backend,
     conn.close()
 
 
+def test_statement_shortcut_is_the_outermost_layers_and_keeps_errors(backend: Backend) -> None:
+    """failover fused with efm offers the execute chain a shortcut for ``execute(query,
+    params)`` (no call object unless the statement fails); only while it is the outermost
+    layer, never after close; errors through it are the driver's own and the connection
+    stays usable."""
+    conn = backend.connect(plugins="failover,efm")
+    chains = conn._chains
+    assert chains.statement is not None
+    assert chains.statement is getattr(chains.execute, "statement", None)
+    table = backend.table()
+    cur = conn.cursor()
+    cur.execute("SELECT 2")
+    assert cur.fetchone() == (2,)
+    cur.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    conn.commit()
+    with pytest.raises(backend.unique_violation):  # the driver's own error, untouched
+        cur.execute(f"INSERT INTO {table} VALUES (1, 'b')")
+    conn.rollback()
+    cur.execute("SELECT 3")
+    assert cur.fetchone() == (3,)
+    conn.close()
+    assert chains.statement is None  # closed: straight to the closed driver connection
+    wrapped = backend.connect(plugins="execute_time,failover,efm")
+    assert wrapped._chains.statement is None  # an outer layer sees every statement
+    wrapped.close()
+
+
 def test_pass_through_properties_never_read_the_driver_cursors_instance_dict() -> None:
     """Reading a driver object's ``__dict__`` (``vars()``, ``dir()`` of the instance) makes
     CPython 3.11 stop specializing every attribute access of the driver's own code on it:

@@ -444,6 +444,36 @@ class FailoverPlugin(Plugin):
                 raise
             efm.due = inf
             return result
+
+        def statement(cursor: Any, raw_cursor: Any, query: Any, params: Any) -> Any:
+            # handler(Call(EXECUTE, "Cursor.execute", raw_cursor.execute, (query, params), {},
+            # cursor.connection, its driver connection)), the call built only on an error.
+            raw = cursor._raw_conn
+            if snapshot is not None:
+                state._tx_before = snapshot(raw)
+            if not efm.attached:
+                efm.attach(raw, cursor._conn._host)
+            efm.flight_raw = raw
+            efm.due = clock() + grace
+            try:
+                result = raw_cursor.execute(query, params)
+            except Exception as exc:
+                efm.due = inf
+                efm.explain(raw, exc)
+                call = Call(Op.EXECUTE, "Cursor.execute", raw_cursor.execute, (query, params),
+                            {}, cursor._conn, raw)
+                result = on_error(call, exc, proceed)
+                if result is _RERAISE:
+                    raise
+                return result
+            except BaseException as exc:
+                efm.due = inf
+                efm.explain(raw, exc)
+                raise
+            efm.due = inf
+            return result
+
+        handler.statement = statement  # type: ignore[attr-defined]
         return handler
 
     def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
