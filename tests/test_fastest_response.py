@@ -26,6 +26,7 @@ from resilient_db.plugins.fastest_response_strategy import FastestResponseStrate
 from resilient_db.response_time import ResponseTimeMonitor
 from simulator.cluster import Cluster, Instance, Timeline
 
+from .test_fork import in_child, session_id
 from .waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.real_server
@@ -349,6 +350,35 @@ def test_shutdown_stops_monitors_and_a_new_connection_starts_them_again(
     assert monitor_of(reader) is not monitor
 
 
+def test_a_forked_child_starts_its_own_monitors_and_leaves_the_parents_alone(env: Env) -> None:
+    env.connect()
+    reader = env.cluster.readers[0]
+    wait_until("the reader measured", lambda: measured(reader) is not None)
+    monitor = monitor_of(reader)
+    session = session_id(env.name, monitor._conn)
+
+    def child() -> dict[str, Any]:
+        inherited = response_time.monitors()  # abandoned: the parent's, not the child's
+        conn = env.connect()
+        wait_until("the child's own measurement", lambda: measured(reader) is not None)
+        own = monitor_of(reader)
+        result = {"inherited": len(inherited), "own_is_new": own is not monitor,
+                  "parent_monitor_stopped": monitor.stopped,
+                  "own_session": session_id(env.name, own._conn)}
+        conn.close()
+        resilient_db.shutdown()
+        return result
+
+    result = in_child(child)
+    assert result == {"inherited": 0, "own_is_new": True, "parent_monitor_stopped": True,
+                      "own_session": result["own_session"]}
+    assert result["own_session"] != session
+    # The parent's monitor measures on, on the same session.
+    before = monitor.measurements
+    wait_until("the parent's monitor measuring on", lambda: monitor.measurements > before + 1)
+    assert not monitor.stopped and session_id(env.name, monitor._conn) == session
+
+
 # --- configuration -------------------------------------------------------------------------------
 
 
@@ -376,7 +406,7 @@ def test_fastest_response_without_the_plugin_names_the_fix(prop: str) -> None:
 
 @pytest.mark.unit
 def test_frt_prefixed_properties_are_known_but_not_supported() -> None:
+    kwargs: dict[str, Any] = {"frt-connect_timeout": 3}
     with pytest.raises(resilient_db.ConfigurationError, match="known AWS property"):
         resilient_db.connect(psycopg.Connection.connect, plugins=PLUGINS,
-                             host="db.cluster-abc123.us-east-1.rds.amazonaws.com",
-                             **{"frt-connect_timeout": 3})
+                             host="db.cluster-abc123.us-east-1.rds.amazonaws.com", **kwargs)
