@@ -7,8 +7,9 @@ daemon thread and one server connection of its own. Every ``interval`` it times
 asynchronous API; MySQL: ``COM_PING``: the probes of ``efm``, sent without blocking) and
 publishes their median with the moment it was taken. The median, not the mean: one round trip
 delayed by a garbage collection or a scheduling hiccup of our own must not move a host. Each
-round trip, and the connect before it, is bounded by :attr:`ResponseTimeMonitor.timeout`
-(the interval, at most :data:`MAX_TIMEOUT`); a host that does not answer within it, or cannot
+round trip is bounded by :attr:`ResponseTimeMonitor.timeout` (the interval, at most
+:data:`MAX_TIMEOUT`), and the connect before it by the same bound in the driver's whole
+seconds (at least 2, libpq's minimum); a host that does not answer within it, or cannot
 be reached, has no measurement (:attr:`ResponseTimeMonitor.measured` ``None``), so the
 strategy ranks it behind every measured host, and is retried at the next interval on a new
 connection.
