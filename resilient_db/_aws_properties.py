@@ -60,8 +60,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "custom_endpoint_idle_monitor_expiration_ms": "custom_endpoint",
     "wait_for_custom_endpoint_info": "custom_endpoint",
     "wait_for_custom_endpoint_info_timeout_ms": "custom_endpoint",
-    # fastest response
-    "response_measurement_interval_ms": "fastest_response_strategy",
     # authentication
     "aws_profile": "iam, aws_secrets_manager",
     # Limitless
@@ -86,6 +84,7 @@ AWS_UNSUPPORTED: dict[str, str] = {
 AWS_PREFIXES: dict[str, str] = {
     "monitoring-": "properties of efm's monitoring connections",
     "topology-monitoring-": "properties of the topology monitor's connections",
+    "frt-": "properties of fastest_response_strategy's measuring connections",
 }
 
 

@@ -106,7 +106,7 @@ def connect(
     hosts = driver.hosts_of(driver_args)
     _check_multi_host(hosts, classes, driver_args)
     host = hosts[0]
-    ctx = PluginContext(settings, driver, host)
+    ctx = PluginContext(settings, driver, host, plugins=frozenset(cls.code for cls in classes))
     # The statement-deadline stage: innermost, and dormant (absent from every chain) unless a
     # deadline can apply to this connection (socket_timeout set, or per-call timeouts in use).
     deadline = DeadlineStage(ctx, target, driver_args)

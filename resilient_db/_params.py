@@ -296,7 +296,7 @@ FAILOVER_READER_HOST_SELECTOR_STRATEGY = choice(
     READER_STRATEGIES,
     "How failover in a reader mode picks the reader to try first (docs/plugins.md, reader "
     "selection strategies: the weighted ones need `weighted_random_host_weight_pairs`; "
-    "`fastest_response` is refused until its plugin lands).",
+    "`fastest_response` needs the `fastest_response_strategy` plugin).",
     plugin="failover",
     aws_name=True,
 )
@@ -637,10 +637,26 @@ MONITOR_DISPOSAL_TIME = duration(
     "monitor_disposal_time_ms",
     60.0,
     "A host monitor with no open connection using it stops (thread and probe connection) "
-    "after this long. The minimum keeps a monitor from being torn down and reopened (a new "
-    "probe connection) between two statements.",
+    "after this long: `efm`'s failure monitors and `fastest_response_strategy`'s "
+    "response-time monitors. The minimum keeps a monitor from being torn down and reopened "
+    "(a new probe connection) between two statements.",
     unit="ms",
     plugin="efm",
+    minimum=100,
+    aws_name=True,
+)
+
+# --- fastest_response_strategy plugin (resilient_db/plugins/fastest_response_strategy.py) ------
+
+RESPONSE_MEASUREMENT_INTERVAL = duration(
+    "response_measurement_interval_ms",
+    30.0,
+    "Time between two measurements of an instance's response time (the median of 5 "
+    "round trips on the instance's shared measuring connection). A measurement older than "
+    "three intervals is ignored. A monitor shared by connections with different values uses "
+    "the shortest. The minimum keeps measuring from loading the servers.",
+    unit="ms",
+    plugin="fastest_response_strategy",
     minimum=100,
     aws_name=True,
 )
@@ -964,6 +980,7 @@ APP_ID = text(
 #: reads the identity-provider properties declared under ``federated_auth``. Each plugin's
 #: docs page lists them, and setting one counts as used when any reader is enabled.
 SHARED_WITH: dict[str, tuple[str, ...]] = {
+    "monitor_disposal_time_ms": ("fastest_response_strategy",),
     **{name: ("federated_auth", "okta")
        for name in ("iam_host", "iam_default_port", "iam_region")},
     **{name: ("okta",)

@@ -197,6 +197,10 @@ class PluginContext:
     driver: DriverDialect
     host: HostSpec
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Codes of every plugin selected for the connection (dormant ones included), known before
+    #: any plugin is created: a plugin whose settings depend on another one being selected
+    #: (a ``fastest_response`` strategy on ``fastest_response_strategy``) checks here.
+    plugins: frozenset[str] = frozenset()
     #: Rebuild this connection's chains (set by the pipeline; for plugins whose dormancy
     #: changed).
     rebuild: Callable[[], None] = field(default=lambda: None, repr=False)

@@ -39,6 +39,8 @@ BUILTIN: dict[str, str] = {
     "iam": "resilient_db.plugins.iam:IamPlugin",
     "federated_auth": "resilient_db.plugins.federated_auth:FederatedAuthPlugin",
     "okta": "resilient_db.plugins.okta:OktaPlugin",
+    "fastest_response_strategy":
+        "resilient_db.plugins.fastest_response_strategy:FastestResponseStrategyPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -53,7 +55,6 @@ PLANNED: dict[str, str] = {
     "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
     "limitless": "Aurora Limitless transaction routers",
-    "fastest_response_strategy": "the fastest_response reader selection strategy",
 }
 
 #: AWS Advanced Python Wrapper codes accepted as aliases (documented in docs/plugins.md). AWS's

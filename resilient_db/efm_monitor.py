@@ -54,7 +54,8 @@ from ._decisions import Decision, get_decision_sink
 from ._monitors import MonitorRegistry
 from .drivers.base import DriverDialect
 
-__all__ = ["HostMonitor", "MonitorUser", "ProbeTarget", "monitor_for", "monitors", "stop_all"]
+__all__ = ["HostMonitor", "MonitorUser", "Probe", "ProbeTarget", "monitor_for", "monitors",
+           "probe_for", "stop_all"]
 
 _INF = float("inf")
 
@@ -229,6 +230,12 @@ def _probe_for(driver: DriverDialect, conn: Any) -> _Probe:
     if driver.code == "psycopg":
         return _PgProbe(conn)
     return _MysqlProbe(conn)
+
+
+#: A probe connection's non-blocking round trip, public for the other per-host monitor that
+#: times the same round trip (``resilient_db.response_time``).
+Probe = _Probe
+probe_for = _probe_for
 
 
 def _describe(exc: BaseException) -> str:

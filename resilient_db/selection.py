@@ -13,8 +13,9 @@ The names are the AWS Advanced Python Wrapper's (``reader_host_selector_strategy
 No strategy silently degrades to random: ``least_connections`` reads the process-wide open
 connection counts (``resilient_db._open_counts``), the weighted strategies read the AWS
 ``*_host_weight_pairs`` properties (and refuse to run without them where equal weights would
-make them random), and ``fastest_response`` is refused until the plugin that measures response
-times lands.
+make them random), and ``fastest_response`` reads the response times that the
+``fastest_response_strategy`` plugin measures (``resilient_db.response_time``); without that
+plugin selected it is refused with a ``ConfigurationError`` that names the fix.
 
 Replica lag is handled once, outside the strategies, by :func:`within_lag` (and
 :func:`choose`, which records the choice as a decision value).
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 from ._decisions import Decision
 from ._params import (
+    RESPONSE_MEASUREMENT_INTERVAL,
     ROUND_ROBIN_DEFAULT_WEIGHT,
     ROUND_ROBIN_HOST_WEIGHT_PAIRS,
     WEIGHTED_RANDOM_DEFAULT_WEIGHT,
@@ -41,6 +43,7 @@ from .errors import ConfigurationError
 from .hosts import Host
 
 __all__ = [
+    "MEASURING_PLUGIN",
     "STRATEGY_NAMES",
     "FastestResponse",
     "HighestWeight",
@@ -58,6 +61,9 @@ __all__ = [
     "strategy_from_name",
     "within_lag",
 ]
+
+#: The plugin that measures what ``fastest_response`` reads.
+MEASURING_PLUGIN = "fastest_response_strategy"
 
 _NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 _NO_TIMES: Mapping[str, tuple[float, float]] = MappingProxyType({})
@@ -230,20 +236,25 @@ class WeightedRandom:
 @dataclass(frozen=True)
 class FastestResponse:
     """The host with the lowest measured response time. Measurements older than
-    ``max_age`` seconds (at ``ctx.now``) are ignored; when no host has a usable measurement,
-    the choice is random."""
+    ``max_age`` seconds (at ``ctx.now``) are ignored; a host without a usable measurement
+    comes after every measured one; when no host has one, the choice is random."""
 
-    max_age: float = 60.0
+    max_age: float = 90.0
     name: ClassVar[str] = "fastest_response"
 
-    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
-        def seconds(host: Host) -> float:
+    def usable(self, candidates: Sequence[Host], ctx: SelectionContext) -> dict[str, float]:
+        """``address -> seconds`` of the candidates with a measurement younger than
+        ``max_age``."""
+        usable: dict[str, float] = {}
+        for host in candidates:
             measured = ctx.response_times.get(host.address)
-            if measured is None or ctx.now - measured[1] > self.max_age:
-                return float("inf")
-            return measured[0]
+            if measured is not None and ctx.now - measured[1] <= self.max_age:
+                usable[host.address] = measured[0]
+        return usable
 
-        return _best(candidates, seconds, ctx)
+    def select(self, candidates: Sequence[Host], ctx: SelectionContext) -> Host | None:
+        usable = self.usable(candidates, ctx)
+        return _best(candidates, lambda h: usable.get(h.address, float("inf")), ctx)
 
 
 _STRATEGIES: dict[str, Callable[[], Strategy]] = {
@@ -255,17 +266,20 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGIES)
 
 
 def strategy_from_name(name: str, *, parameter: str = "reader_host_selector_strategy",
-                       ) -> Strategy:
+                       measured: bool = False) -> Strategy:
     """The strategy called ``name`` (case-insensitive, ``-`` or ``_``); a
-    ``ConfigurationError`` naming ``parameter`` and the valid names otherwise."""
+    ``ConfigurationError`` naming ``parameter`` and the valid names otherwise.
+
+    ``measured``: whether response times are measured for this connection (the
+    ``fastest_response_strategy`` plugin is selected); ``fastest_response`` is refused
+    without it, since with no measurements it would be random in disguise."""
     key = name.strip().lower().replace("-", "_")
-    if key == FastestResponse.name:
-        # The strategy itself is here (pure, tested); what it needs, response times measured
-        # per host in the background, comes with the plugin. Without them it would be random.
+    if key == FastestResponse.name and not measured:
         raise ConfigurationError(
-            f"{parameter}: strategy 'fastest_response' needs the fastest_response_strategy "
-            "plugin (it measures each host's response time), which is planned but not in this "
-            "release; use least_connections, round_robin or random",
+            f"{parameter}: strategy 'fastest_response' reads response times that the "
+            f"{MEASURING_PLUGIN} plugin measures, and that plugin is not selected: add "
+            f"{MEASURING_PLUGIN} to plugins (e.g. plugins=\"failover,efm,{MEASURING_PLUGIN}\"; "
+            "it costs one extra server connection per instance), or use another strategy",
             parameter=parameter,
             value=name,
         )
@@ -288,15 +302,23 @@ _NEEDS_PAIRS = frozenset({WeightedRandom.name, HighestWeight.name})
 
 
 def configured(name: str, settings: Settings, *, parameter: str,
-               ) -> tuple[Strategy, HostWeights | None]:
+               plugins: Collection[str] = ()) -> tuple[Strategy, HostWeights | None]:
     """The strategy ``name`` and the weights it reads from ``settings``; a
     ``ConfigurationError`` naming ``parameter`` for an unknown name, for ``fastest_response``
-    and for a weighted strategy without weights.
+    without its plugin in ``plugins`` (the codes selected for the connection,
+    ``PluginContext.plugins``) and for a weighted strategy without weights.
 
     ``round_robin``: ``round_robin_host_weight_pairs`` / ``round_robin_default_weight``
     (consecutive turns). ``weighted_random`` and ``highest_weight``:
-    ``weighted_random_host_weight_pairs`` / ``weighted_random_default_weight``."""
-    strategy = strategy_from_name(name, parameter=parameter)
+    ``weighted_random_host_weight_pairs`` / ``weighted_random_default_weight``.
+    ``fastest_response``: measurements older than three ``response_measurement_interval_ms``
+    are ignored (a working monitor publishes one per interval, each bounded by the
+    interval)."""
+    strategy = strategy_from_name(name, parameter=parameter,
+                                  measured=MEASURING_PLUGIN in plugins)
+    if strategy.name == FastestResponse.name:
+        interval: float = settings[RESPONSE_MEASUREMENT_INTERVAL] or 30.0
+        return FastestResponse(max_age=3 * interval), None
     if strategy.name == RoundRobin.name:
         rr_pairs: tuple[tuple[str, int], ...] = settings[ROUND_ROBIN_HOST_WEIGHT_PAIRS]
         return strategy, HostWeights.of_pairs(rr_pairs, settings[ROUND_ROBIN_DEFAULT_WEIGHT] or 1)
@@ -344,13 +366,17 @@ def within_lag(candidates: Sequence[Host], max_lag: float | None,
 class ReaderChoice:
     """One reader selection, for telemetry. ``host`` ``None``: no candidate. ``skipped`` are
     the addresses left out for lag; ``over_cap`` says every candidate was over the cap and the
-    least-lagged was taken anyway."""
+    least-lagged was taken anyway. ``response_time``: with ``fastest_response``, the chosen
+    host's measured response time in seconds (``None``: not measured, or another
+    strategy); ``measured``: how many candidates had a usable measurement."""
 
     host: Host | None
     strategy: str
     candidates: int
     skipped: tuple[str, ...] = ()
     over_cap: bool = False
+    response_time: float | None = None
+    measured: int | None = None
 
     def to_decision(self) -> Decision:
         attributes: dict[str, object] = {
@@ -359,6 +385,10 @@ class ReaderChoice:
             "resilient_db.selection.skipped_for_lag": self.skipped,
             "resilient_db.selection.over_lag_cap": self.over_cap,
         }
+        if self.measured is not None:
+            attributes["resilient_db.selection.measured"] = self.measured
+            if self.response_time is not None:
+                attributes["resilient_db.selection.response_time"] = self.response_time
         if self.host is not None:
             attributes["server.address"] = self.host.host
             if self.host.port is not None:
@@ -375,10 +405,20 @@ def choose(strategy: Strategy, candidates: Sequence[Host], ctx: SelectionContext
     over_cap = bool(eligible) and max_lag is not None and all(
         h.lag is not None and h.lag > max_lag for h in eligible
     )
+    host = strategy.select(eligible, ctx)
+    response_time: float | None = None
+    measured: int | None = None
+    if isinstance(strategy, FastestResponse):
+        usable = strategy.usable(eligible, ctx)
+        measured = len(usable)
+        if host is not None:
+            response_time = usable.get(host.address)
     return ReaderChoice(
-        strategy.select(eligible, ctx),
+        host,
         strategy.name,
         len(candidates),
         tuple(h.address for h in skipped),
         over_cap,
+        response_time,
+        measured,
     )

@@ -691,6 +691,8 @@ def test_codes_are_built_in_and_ordered() -> None:
     ("open_connection_retry_interval_ms", 0),
     ("open_connection_retry_timeout_ms", "soon"),
     ("initial_connection_host_selector_strategy", "fastest_response"),
+    ("response_measurement_interval_ms", 50),
+    ("response_measurement_interval_ms", "often"),
     ("initial_connection_host_selector_strategy", "highest_weight"),
     ("initial_connection_host_selector_strategy", "weighted_random"),
     ("weighted_random_host_weight_pairs", "instance-1:0"),

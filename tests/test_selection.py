@@ -140,13 +140,49 @@ def test_strategy_from_name_names_the_valid_ones() -> None:
         assert name in str(info.value)
 
 
-def test_fastest_response_is_refused_until_its_plugin_lands() -> None:
-    # Without measured response times it would pick at random: refused, with the reason.
+def test_fastest_response_is_refused_without_its_plugin() -> None:
+    # Without measured response times it would pick at random: refused, naming the fix.
     with pytest.raises(ConfigurationError) as info:
         strategy_from_name("fastest_response", parameter="failover_reader_host_selector_strategy")
     assert info.value.parameter == "failover_reader_host_selector_strategy"
-    assert "fastest_response_strategy plugin" in str(info.value)
-    assert "planned" in str(info.value)
+    assert "add fastest_response_strategy to plugins" in str(info.value)
+    assert strategy_from_name("fastest_response", measured=True).name == "fastest_response"
+
+
+def test_configured_fastest_response_needs_the_plugin_and_follows_the_interval() -> None:
+    with pytest.raises(ConfigurationError, match="add fastest_response_strategy to plugins"):
+        configured("fastest_response", settings(), parameter="p", plugins=("failover",))
+    strategy, weights = configured("fastest_response", settings(), parameter="p",
+                                   plugins=("failover", "fastest_response_strategy"))
+    assert strategy == FastestResponse(max_age=90.0) and weights is None  # 3 x 30 s default
+    strategy, _ = configured("fastest_response",
+                             settings(response_measurement_interval_ms=200), parameter="p",
+                             plugins=("fastest_response_strategy",))
+    assert isinstance(strategy, FastestResponse)
+    assert strategy.max_age == pytest.approx(0.6)
+
+
+def test_fastest_response_ranks_unmeasured_hosts_last() -> None:
+    times = {B.address: (0.050, 99.0)}
+    assert {FastestResponse().select([A, B, C], ctx(i, now=100.0, response_times=times))
+            for i in range(20)} == {B}
+
+
+def test_choice_records_the_measured_response_time() -> None:
+    times = {A.address: (0.010, 99.0), B.address: (0.002, 99.5)}
+    choice = choose(FastestResponse(), [A, B, C], ctx(now=100.0, response_times=times))
+    assert choice.host is B and choice.response_time == 0.002 and choice.measured == 2
+    attributes = choice.to_decision().attributes
+    assert attributes["resilient_db.selection.response_time"] == 0.002
+    assert attributes["resilient_db.selection.measured"] == 2
+    # Nothing measured: random, and the decision says so (no response time, 0 measured).
+    blind = choose(FastestResponse(), [A, B], ctx(now=100.0)).to_decision().attributes
+    assert blind["resilient_db.selection.measured"] == 0
+    assert "resilient_db.selection.response_time" not in blind
+    # Other strategies carry neither attribute.
+    other = choose(Random(), [A, B], ctx(now=100.0, response_times=times))
+    assert other.response_time is None and other.measured is None
+    assert "resilient_db.selection.measured" not in other.to_decision().attributes
 
 
 # --- configured strategies: weights from the AWS properties --------------------------------

@@ -34,6 +34,7 @@ transaction is run once on the new connection instead (transparent retry).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -41,7 +42,7 @@ import time
 import weakref
 from typing import Any, Final
 
-from .. import topology
+from .. import response_time, topology
 from .._decisions import decision_span, get_decision_sink
 from .._open_counts import open_counts
 from .._options import current_options
@@ -162,7 +163,7 @@ class FailoverPlugin(Plugin):
         self.reconnect_interval: float = settings[FAILOVER_WRITER_RECONNECT_INTERVAL] or 2.0
         self.strategy, self.weights = configured(
             settings[FAILOVER_READER_HOST_SELECTOR_STRATEGY] or "random", settings,
-            parameter=FAILOVER_READER_HOST_SELECTOR_STRATEGY.name)
+            parameter=FAILOVER_READER_HOST_SELECTOR_STRATEGY.name, plugins=ctx.plugins)
         self.max_lag = settings[MAX_REPLICA_LAG]
         self.cooldown = settings[FAILOVER_HOST_COOLDOWN] or 0.0
         self.on_connect = settings[ON_CONNECT]
@@ -264,6 +265,11 @@ class FailoverPlugin(Plugin):
             self._monitor = monitor
         monitor.subscribe(self, seed)
         self._learn(report, monitor)
+        snapshot = monitor.snapshot
+        if snapshot is not None:
+            # Response times measured from now on, so that they exist before a failover
+            # needs them (fastest_response_strategy; nothing without it).
+            response_time.measure(ctx, snapshot.hosts)
 
     def _register(self, key: str, endpoint: tuple[Any, ...]) -> TopologyMonitor:
         driver, dialect, addressing = self.ctx.driver, self._dialect, self._addressing
@@ -749,6 +755,8 @@ class FailoverPlugin(Plugin):
             if monitor.wait_for_writer(since, remaining) is None:
                 return None
             snapshot = monitor.snapshot or TopologySnapshot(())
+        ctx = dataclasses.replace(ctx, response_times=response_time.selection_times(
+            self.ctx, self.strategy, snapshot.hosts))
         plan = plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy, ctx,
                              max_lag=self.max_lag)
         if not plan.attempts:

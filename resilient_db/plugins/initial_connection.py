@@ -38,6 +38,7 @@ import random
 import time
 from typing import Any
 
+from .. import response_time
 from .._decisions import get_decision_sink
 from .._open_counts import note_opened, open_counts
 from .._params import (
@@ -128,7 +129,7 @@ class InitialConnectionPlugin(Plugin):
             prop = READER_INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY
             name = settings[prop]
         self.strategy, self.weights = configured(name or "random", settings,
-                                                 parameter=prop.name)
+                                                 parameter=prop.name, plugins=ctx.plugins)
         self.endpoint = classify(ctx.host.host)
         self.wanted = wanted_role(self.endpoint.kind, settings[VERIFY_OPENED_CONNECTION_TYPE])
         self.window = settings[OPEN_CONNECTION_RETRY_TIMEOUT]
@@ -278,8 +279,11 @@ class _Opening:
             return (writer,) if writer.address not in tried else ()
         now = time.monotonic()
         rng = monitor.rng if monitor is not None else self.plugin._rng
+        times = response_time.selection_times(self.plugin.ctx, self.plugin.strategy,
+                                              snapshot.hosts)
         sctx = SelectionContext(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor),
-                                connections=open_counts(), weights=self.plugin.weights)
+                                connections=open_counts(), response_times=times,
+                                weights=self.plugin.weights)
         cooling = monitor.bad_hosts().cooling(now) if monitor is not None else frozenset()
         hosts, choice = candidates(self.wanted, snapshot, self.plugin.strategy, sctx,
                                    max_lag=self.plugin.max_lag, exclude=frozenset(tried),

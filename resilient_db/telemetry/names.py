@@ -45,8 +45,12 @@ MONITOR_RESTARTED_SUFFIX: Final = ".monitor_restarted"
 KIND_DEADLINE_EXPIRED: Final = "statement.deadline_expired"
 #: ``watchdog.aborted`` (and any ``watchdog.*abort*``): the deadline watchdog aborted a call.
 WATCHDOG_PREFIX: Final = "watchdog."
-#: Decisions counted but never traced (too frequent: one per statement or per refresh).
-UNTRACED_KINDS: Final = frozenset({KIND_STATEMENT_TIMED, KIND_TOPOLOGY_REFRESHED})
+#: One response-time measurement of one instance (``fastest_response_strategy``).
+KIND_RESPONSE_MEASURED: Final = "response_time.measured"
+#: Decisions counted but never traced (too frequent: one per statement, per refresh or per
+#: measurement).
+UNTRACED_KINDS: Final = frozenset({KIND_STATEMENT_TIMED, KIND_TOPOLOGY_REFRESHED,
+                                   KIND_RESPONSE_MEASURED})
 
 # --- metrics -------------------------------------------------------------------------------------
 METRIC_OPERATION_DURATION: Final = "db.client.operation.duration"
