@@ -30,6 +30,7 @@ from ._properties import Property, Settings
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
+    from .hosts import TopologySnapshot
 
 
 class Op(enum.Enum):
@@ -145,10 +146,19 @@ ConnectHandler = Callable[[ConnectContext], Any]
 
 @dataclass
 class HostsContext:
-    """A request for the hosts that may serve this connection, with what is known so far."""
+    """A request for the hosts that may serve this connection, with what is known so far.
+
+    ``initial``: the candidates (failover passes every instance of the topology).
+    ``topology``: the snapshot they come from, for instance ids and roles (``None``: hosts
+    named by the user or found through DNS only). ``excluded``: filled by a plugin that
+    leaves a host out, its address (``hosts.address_of``) -> why, so that the caller can say
+    why the host was not tried (``custom_endpoint``: not a member of the endpoint).
+    """
 
     initial: tuple[HostSpec, ...]
     settings: Settings
+    topology: TopologySnapshot | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
 HostsHandler = Callable[[HostsContext], tuple[HostSpec, ...]]

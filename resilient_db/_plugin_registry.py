@@ -39,6 +39,7 @@ BUILTIN: dict[str, str] = {
     "iam": "resilient_db.plugins.iam:IamPlugin",
     "federated_auth": "resilient_db.plugins.federated_auth:FederatedAuthPlugin",
     "okta": "resilient_db.plugins.okta:OktaPlugin",
+    "custom_endpoint": "resilient_db.plugins.custom_endpoint:CustomEndpointPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -51,7 +52,6 @@ PLANNED: dict[str, str] = {
     "gdb_rw": "read/write splitting for Aurora Global Database",
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
-    "custom_endpoint": "Aurora custom endpoints",
     "limitless": "Aurora Limitless transaction routers",
     "fastest_response_strategy": "the fastest_response reader selection strategy",
 }

@@ -34,6 +34,7 @@ transaction is run once on the new connection instead (transparent retry).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -70,6 +71,7 @@ from .._pipeline import (
     ConnectHandler,
     ConnectionChanged,
     Handler,
+    HostsContext,
     HostSpec,
     Op,
     Plugin,
@@ -96,7 +98,7 @@ from ..failover_core import (
     plan_attempts,
     read_only_triggers_failover,
 )
-from ..hosts import Host, Role, TopologySnapshot
+from ..hosts import Host, Role, TopologySnapshot, address_of
 from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, configured
 from ..telemetry.context import suppress_instrumentation
@@ -678,7 +680,7 @@ class FailoverPlugin(Plugin):
         sink = get_decision_sink()
         while True:
             remaining = state.remaining(time.monotonic())
-            plan = self._plan(monitor, since, remaining)
+            plan = self._plan(proxy, monitor, since, remaining)
             if plan is None:
                 attempts.extend(monitor.probe_attempts())
                 raise _NoConnectionError(attempts)
@@ -697,9 +699,12 @@ class FailoverPlugin(Plugin):
                 raise _NoConnectionError(attempts)
             time.sleep(step.delay)
 
-    def _plan(self, monitor: TopologyMonitor, since: float,
+    def _plan(self, proxy: Any, monitor: TopologyMonitor, since: float,
               remaining: float | None) -> FailoverPlan | None:
-        """The hosts to try now; ``None`` when the budget ran out waiting for the monitor."""
+        """The hosts to try now; ``None`` when the budget ran out waiting for the monitor.
+        Only hosts the connection's host list allows are planned (the ``hosts`` phase:
+        ``custom_endpoint`` keeps the endpoint's members); ``_NoConnectionError`` at once when
+        it allows none of the candidates (waiting would not make one a member)."""
         now = time.monotonic()
         ctx = SelectionContext(rng=monitor.rng, now=now, cursor=monitor.round_robin,
                                connections=open_counts(), weights=self.weights)
@@ -711,19 +716,49 @@ class FailoverPlugin(Plugin):
             if snapshot is None or snapshot.writer is None or (
                     snapshot.writer.address != writer.address):
                 snapshot = TopologySnapshot((writer,))
-            return plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy,
+            allowed, excluded = self._allowed(proxy, snapshot)
+            if allowed.writer is None and writer.address in excluded:
+                raise _NoConnectionError([ConnectAttempt(
+                    writer.host, writer.port, f"not allowed: {excluded[writer.address]}")])
+            plan = plan_attempts(self.mode, allowed, monitor.bad_hosts(), now, self.strategy,
                                  ctx, max_lag=self.max_lag)
+            return dataclasses.replace(plan, excluded=tuple(excluded))
         snapshot = monitor.snapshot
         if snapshot is None or not snapshot.hosts:
             monitor.request_refresh()
             if monitor.wait_for_writer(since, remaining) is None:
                 return None
             snapshot = monitor.snapshot or TopologySnapshot(())
-        plan = plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy, ctx,
+        allowed, excluded = self._allowed(proxy, snapshot)
+        plan = plan_attempts(self.mode, allowed, monitor.bad_hosts(), now, self.strategy, ctx,
                              max_lag=self.max_lag)
+        if excluded and self.mode is FailoverMode.STRICT_READER and snapshot.readers and (
+                not allowed.readers):
+            # "The writer only in a cluster without readers" does not apply: the cluster has
+            # readers, none of them allowed.
+            plan = dataclasses.replace(plan, attempts=())
+        if excluded and not plan.attempts:
+            raise _NoConnectionError([
+                ConnectAttempt(h.host, h.port, f"not allowed: {excluded[h.address]}")
+                for h in snapshot.hosts if h.address in excluded])
         if not plan.attempts:
             monitor.request_refresh()
-        return plan
+        return dataclasses.replace(plan, excluded=tuple(excluded))
+
+    def _allowed(self, proxy: Any, snapshot: TopologySnapshot,
+                 ) -> tuple[TopologySnapshot, dict[str, str]]:
+        """``snapshot`` without the hosts the connection's ``hosts`` phase leaves out, and
+        why each was left out (address -> reason)."""
+        pipeline = proxy.resilient.pipeline
+        request = HostsContext(tuple(h.spec for h in snapshot.hosts), self.ctx.settings,
+                               snapshot)
+        allowed = {address_of(h.host, h.port) for h in pipeline.hosts(request)}
+        if all(h.address in allowed for h in snapshot.hosts):
+            return snapshot, {}
+        kept = tuple(h for h in snapshot.hosts if h.address in allowed)
+        excluded = {h.address: request.excluded.get(h.address, "left out by the host list")
+                    for h in snapshot.hosts if h.address not in allowed}
+        return dataclasses.replace(snapshot, hosts=kept), excluded
 
     def _try(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
              remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
