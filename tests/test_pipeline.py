@@ -183,7 +183,7 @@ def test_unknown_plugin_suggests() -> None:
 
 
 @pytest.mark.parametrize("code", [
-    "srw", "read_write_splitting", "gdb_rw", "custom_endpoint", "bg", "limitless",
+    "srw", "read_write_splitting", "gdb_rw", "bg", "limitless",
     "fastest_response_strategy",
     "gdb_failover",
 ])
