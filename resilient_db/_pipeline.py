@@ -203,6 +203,11 @@ class PluginContext:
     #: Rebuild this connection's chains (set by the pipeline; for plugins whose dormancy
     #: changed).
     rebuild: Callable[[], None] = field(default=lambda: None, repr=False)
+    #: This connection's host list (the ``hosts`` phase, set by the pipeline): the hosts of a
+    #: request that may serve the connection. For plugins that choose instances (failover,
+    #: initial connection, read/write splitting); ``hosts.allowed_only`` applies it to a
+    #: topology snapshot.
+    hosts: HostsHandler = field(default=lambda request: request.initial, repr=False)
 
     def decide(self, kind: str, plugin: str | None, **attributes: Any) -> Decision:
         """Record a decision in the process-wide sink and return it."""
@@ -416,6 +421,12 @@ class Pipeline:
                 pipeline.rebuild()
 
         ctx.rebuild = rebuild
+
+        def hosts(request: HostsContext) -> tuple[HostSpec, ...]:
+            pipeline = ref()
+            return request.initial if pipeline is None else pipeline.hosts(request)
+
+        ctx.hosts = hosts
 
     def rebuild(self) -> None:
         """(Re)build every chain from the plugins that are not dormant (none once closed: a

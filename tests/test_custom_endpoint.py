@@ -248,6 +248,32 @@ def test_writer_failover_to_a_non_member_fails_clearly(
     assert "failover.outcome" in sink.kinds()
 
 
+@pytest.mark.real_server
+def test_initial_connection_chooses_only_members(
+        env: Env, sink: resilient_db.CollectingSink) -> None:
+    member, outsider = (r.id for r in env.cluster.readers)
+    host = env.create_endpoint(endpoint_type="READER", static_members=[member])
+    # The outsider weighs the most: initial_connection would choose it from the topology.
+    options = {"plugins": "custom_endpoint,initial_connection,failover",
+               "verify_opened_connection_type": "reader",
+               "initial_connection_host_selector_strategy": "highest_weight",
+               "weighted_random_host_weight_pairs": f"{outsider}:100,{member}:1"}
+    first = env.connect(host, **options)
+    assert env.instance(first) == member  # through DNS: the one member
+    wait_until("the topology listing every instance",
+               lambda: len((failover_of(first).monitor().snapshot or TopologySnapshot(())).hosts)
+               == 3)
+
+    second = env.connect(host, **options)  # chosen from the known topology
+
+    assert env.instance(second) == member
+    landed = [d for d in sink.decisions if d.kind == "initial_connection.redirected"]
+    assert landed and landed[-1].attributes["resilient_db.instance.id"] == member, sink.kinds()
+    assert env.cluster.instance(outsider).endpoint in " ".join(
+        [d for d in sink.decisions if d.kind == "custom_endpoint.hosts_excluded"][-1]
+        .attributes["resilient_db.custom_endpoint.excluded"])
+
+
 # --- the monitor: refresh, waiting, sharing, lifetime ------------------------------------------
 
 

@@ -71,7 +71,6 @@ from .._pipeline import (
     ConnectHandler,
     ConnectionChanged,
     Handler,
-    HostsContext,
     HostSpec,
     Op,
     Plugin,
@@ -98,7 +97,7 @@ from ..failover_core import (
     plan_attempts,
     read_only_triggers_failover,
 )
-from ..hosts import Host, Role, TopologySnapshot, address_of
+from ..hosts import Host, Role, TopologySnapshot, allowed_only
 from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, configured
 from ..telemetry.context import suppress_instrumentation
@@ -680,7 +679,7 @@ class FailoverPlugin(Plugin):
         sink = get_decision_sink()
         while True:
             remaining = state.remaining(time.monotonic())
-            plan = self._plan(proxy, monitor, since, remaining)
+            plan = self._plan(monitor, since, remaining)
             if plan is None:
                 attempts.extend(monitor.probe_attempts())
                 raise _NoConnectionError(attempts)
@@ -699,7 +698,7 @@ class FailoverPlugin(Plugin):
                 raise _NoConnectionError(attempts)
             time.sleep(step.delay)
 
-    def _plan(self, proxy: Any, monitor: TopologyMonitor, since: float,
+    def _plan(self, monitor: TopologyMonitor, since: float,
               remaining: float | None) -> FailoverPlan | None:
         """The hosts to try now; ``None`` when the budget ran out waiting for the monitor.
         Only hosts the connection's host list allows are planned (the ``hosts`` phase:
@@ -716,7 +715,7 @@ class FailoverPlugin(Plugin):
             if snapshot is None or snapshot.writer is None or (
                     snapshot.writer.address != writer.address):
                 snapshot = TopologySnapshot((writer,))
-            allowed, excluded = self._allowed(proxy, snapshot)
+            allowed, excluded = self._allowed(snapshot)
             if allowed.writer is None and writer.address in excluded:
                 raise _NoConnectionError([ConnectAttempt(
                     writer.host, writer.port, f"not allowed: {excluded[writer.address]}")])
@@ -729,7 +728,7 @@ class FailoverPlugin(Plugin):
             if monitor.wait_for_writer(since, remaining) is None:
                 return None
             snapshot = monitor.snapshot or TopologySnapshot(())
-        allowed, excluded = self._allowed(proxy, snapshot)
+        allowed, excluded = self._allowed(snapshot)
         plan = plan_attempts(self.mode, allowed, monitor.bad_hosts(), now, self.strategy, ctx,
                              max_lag=self.max_lag)
         if excluded and self.mode is FailoverMode.STRICT_READER and snapshot.readers and (
@@ -745,20 +744,8 @@ class FailoverPlugin(Plugin):
             monitor.request_refresh()
         return dataclasses.replace(plan, excluded=tuple(excluded))
 
-    def _allowed(self, proxy: Any, snapshot: TopologySnapshot,
-                 ) -> tuple[TopologySnapshot, dict[str, str]]:
-        """``snapshot`` without the hosts the connection's ``hosts`` phase leaves out, and
-        why each was left out (address -> reason)."""
-        pipeline = proxy.resilient.pipeline
-        request = HostsContext(tuple(h.spec for h in snapshot.hosts), self.ctx.settings,
-                               snapshot)
-        allowed = {address_of(h.host, h.port) for h in pipeline.hosts(request)}
-        if all(h.address in allowed for h in snapshot.hosts):
-            return snapshot, {}
-        kept = tuple(h for h in snapshot.hosts if h.address in allowed)
-        excluded = {h.address: request.excluded.get(h.address, "left out by the host list")
-                    for h in snapshot.hosts if h.address not in allowed}
-        return dataclasses.replace(snapshot, hosts=kept), excluded
+    def _allowed(self, snapshot: TopologySnapshot) -> tuple[TopologySnapshot, dict[str, str]]:
+        return allowed_only(snapshot, self.ctx.hosts, self.ctx.settings)
 
     def _try(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
              remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
