@@ -510,3 +510,63 @@ def test_monitor_keeps_the_last_members_when_an_answer_is_bad(
     assert monitor.info.static_members == {"instance-2"}
     assert monitor.problem is not None and "found 0 custom endpoints" in monitor.problem
     assert sink.kinds() == ["custom_endpoint.info_refreshed", "custom_endpoint.fetch_failed"]
+
+
+def _plugin(monkeypatch: pytest.MonkeyPatch, answers: list[list[dict[str, Any]]],
+            **settings: Any) -> CustomEndpointPlugin:
+    from resilient_db._pipeline import PluginContext
+    from resilient_db._properties import REGISTRY, Settings
+
+    monkeypatch.setattr(CustomEndpointPlugin, "describe", _Describe(answers))
+    values = {REGISTRY[name]: REGISTRY[name].parse(value) for name, value in settings.items()}
+    return CustomEndpointPlugin(PluginContext(Settings(values), None,  # type: ignore[arg-type]
+                                              HostSpec(ENDPOINT, 5432)))
+
+
+def _offered() -> HostsContext:
+    snapshot = _topology()
+    return HostsContext(tuple(h.spec for h in snapshot.hosts), None,  # type: ignore[arg-type]
+                        snapshot)
+
+
+def test_unknown_members_keep_failover_away_from_every_instance(
+        monkeypatch: pytest.MonkeyPatch, sink: resilient_db.CollectingSink) -> None:
+    plugin = _plugin(monkeypatch, [[]], wait_for_custom_endpoint_info_timeout_ms=200)
+    try:
+        monitor = plugin.monitor()
+        wait_until("the first (empty) answer", lambda: monitor.problem is not None)
+        request = _offered()
+        assert plugin.hosts(request, lambda r: r.initial) == ()
+        assert len(request.excluded) == 3
+        assert all("found 0 custom endpoints" in why for why in request.excluded.values())
+        assert "custom_endpoint.wait_timed_out" in sink.kinds()
+    finally:
+        resilient_db.shutdown()
+
+
+def test_not_waiting_leaves_the_list_unrestricted_until_the_members_are_known(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = _plugin(monkeypatch, [[]], wait_for_custom_endpoint_info=False)
+    try:
+        request = _offered()
+        assert plugin.hosts(request, lambda r: r.initial) == request.initial
+        assert request.excluded == {}
+    finally:
+        resilient_db.shutdown()
+
+
+def test_allowed_only_applies_the_host_list_to_a_snapshot() -> None:
+    from resilient_db.hosts import allowed_only
+
+    def members(request: HostsContext) -> tuple[HostSpec, ...]:
+        kept, excluded = restrict(_info(static=("instance-2",)), ENDPOINT, request.initial,
+                                  request.topology)
+        request.excluded.update(excluded)
+        return kept
+
+    snapshot, excluded = allowed_only(_topology(), members, None)  # type: ignore[arg-type]
+    assert [h.instance_id for h in snapshot.hosts] == ["instance-2"]
+    assert set(excluded) == {f"instance-1.{SUFFIX}:5432", f"instance-3.{SUFFIX}:5432"}
+    everyone, none = allowed_only(_topology(), lambda request: request.initial,
+                                  None)  # type: ignore[arg-type]
+    assert everyone == _topology() and none == {}

@@ -43,7 +43,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import _lifecycle
 from .._decisions import Decision, get_decision_sink
@@ -453,7 +453,7 @@ class CustomEndpointPlugin(Plugin):
 
     code = CODE
     #: Replaced by tests to count or fake ``DescribeDBClusterEndpoints`` calls.
-    describe: Describe | None = None
+    describe: ClassVar[Describe | None] = None
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)
