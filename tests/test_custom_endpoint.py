@@ -385,6 +385,63 @@ def test_dormant_on_other_endpoints(env: Env) -> None:
     assert custom_endpoint.monitors() == []
 
 
+# --- the simulator's custom endpoints ----------------------------------------------------------
+
+
+def _resolve(name: str) -> list[str]:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return sorted({str(info[4][0]) for info in infos})
+
+
+@pytest.mark.real_server
+def test_simulator_custom_endpoint_names_follow_members_and_roles(env: Env) -> None:
+    cluster = env.cluster
+    writer, (first, second) = cluster.writer, cluster.readers
+    name = f"sim{next(_names)}"
+    events = cluster.create_custom_endpoint(name, endpoint_type="READER",
+                                            static_members=[writer.id, first.id])
+    assert [e.name for e in events] == ["custom_endpoint_created"]
+    host = cluster.custom_endpoint(name).host
+    assert host == f"{name}.cluster-custom-{cluster.naming.suffix}"
+    assert _resolve(host) == [first.address]  # READER: not the writer member
+    cluster.modify_custom_endpoint(name, endpoint_type="ANY")
+    assert _resolve(host) == sorted([writer.address, first.address])
+    cluster.modify_custom_endpoint(name, excluded_members=[first.id])
+    assert _resolve(host) == sorted([writer.address, second.address])
+    assert cluster.custom_endpoint(name).static_members == ()
+    described = {e["DBClusterEndpointIdentifier"]: e for e in cluster.describe_custom_endpoints()}
+    assert described[name]["ExcludedMembers"] == [first.id]
+    assert described[name]["CustomEndpointType"] == "ANY"
+    cluster.kill_instance(second.id)
+    cluster.start_instance(second.id)  # rejoins as a reader: the name follows
+    assert _resolve(host) == sorted([writer.address, second.address])
+    cluster.delete_custom_endpoint(name)
+    assert _resolve(host) == []
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "1bad"}, "starting with a letter"),
+    ({"name": "bad--name"}, "hyphens"),
+    ({"name": "ok", "endpoint_type": "WRITER"}, "expected one of READER, ANY"),
+    ({"name": "ok", "static_members": ["instance-9"]}, "no instance 'instance-9'"),
+    ({"name": "ok", "static_members": ["instance-1"], "excluded_members": ["instance-2"]},
+     "not both"),
+])
+@pytest.mark.real_server
+def test_simulator_refuses_bad_custom_endpoints(pg_cluster: Cluster, kwargs: dict[str, Any],
+                                                message: str) -> None:
+    from simulator.cluster import ClusterError
+
+    with pytest.raises(ClusterError, match=message):
+        pg_cluster.create_custom_endpoint(**kwargs)
+    assert "ok" not in pg_cluster.custom_endpoints
+
+
 # --- configuration ----------------------------------------------------------------------------
 
 
