@@ -55,11 +55,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "gdb_rw_restrict_writer_to_home_region": "gdb_rw",
     "gdb_rw_restrict_reader_to_home_region": "gdb_rw",
     "gdb_enable_global_write_forwarding": "gdb_rw",
-    # custom endpoints
-    "custom_endpoint_info_refresh_rate_ms": "custom_endpoint",
-    "custom_endpoint_idle_monitor_expiration_ms": "custom_endpoint",
-    "wait_for_custom_endpoint_info": "custom_endpoint",
-    "wait_for_custom_endpoint_info_timeout_ms": "custom_endpoint",
     # authentication
     "aws_profile": "iam, aws_secrets_manager",
     # Limitless

@@ -723,6 +723,62 @@ IAM_EXPIRATION = duration(
     aws_name=True,
 )
 
+# --- custom_endpoint plugin (resilient_db/plugins/custom_endpoint.py) --------------------------
+
+CUSTOM_ENDPOINT_INFO_REFRESH = duration(
+    "custom_endpoint_info_refresh_rate_ms",
+    30.0,
+    "How often the custom endpoint's monitor reads its members again (RDS "
+    "`DescribeDBClusterEndpoints`; one monitor per custom endpoint, shared by every "
+    "connection of the process; the first connection's rate applies). The minimum keeps the "
+    "monitor within the RDS API's request limits.",
+    unit="ms",
+    minimum=100,
+    plugin="custom_endpoint",
+    aws_name=True,
+)
+CUSTOM_ENDPOINT_IDLE_EXPIRATION = duration(
+    "custom_endpoint_idle_monitor_expiration_ms",
+    900.0,
+    "A custom endpoint monitor that no open connection uses stops (thread and RDS client "
+    "calls) after this long; a later connection starts a new one.",
+    unit="ms",
+    minimum=100,
+    plugin="custom_endpoint",
+    aws_name=True,
+)
+WAIT_FOR_CUSTOM_ENDPOINT_INFO = boolean(
+    "wait_for_custom_endpoint_info",
+    True,
+    "Whether a connection through a custom endpoint waits for the endpoint's members to be "
+    "known before connecting (bounded by `wait_for_custom_endpoint_info_timeout_ms`), and "
+    "failover waits for them before choosing a host. False: until the first answer, "
+    "connections and failovers are not restricted to the members.",
+    plugin="custom_endpoint",
+    aws_name=True,
+)
+WAIT_FOR_CUSTOM_ENDPOINT_INFO_TIMEOUT = duration(
+    "wait_for_custom_endpoint_info_timeout_ms",
+    5.0,
+    "Longest wait for the custom endpoint's members; when it ends without them, `connect` "
+    "raises `CustomEndpointInfoError` naming the endpoint and the last problem (no such "
+    "endpoint, access denied, API unreachable).",
+    unit="ms",
+    minimum=100,
+    plugin="custom_endpoint",
+    aws_name=True,
+)
+CUSTOM_ENDPOINT_REGION = text(
+    "custom_endpoint_region",
+    None,
+    "AWS region of the custom endpoint's cluster (the AWS JDBC wrapper's "
+    "`customEndpointRegion`). Unset: the region in the endpoint's name "
+    "(`<name>.cluster-custom-<id>.<region>.rds.amazonaws.com`). The RDS API endpoint is "
+    "boto3's (set `AWS_ENDPOINT_URL_RDS` for a VPC endpoint or an emulator).",
+    validate=_region_problem,
+    plugin="custom_endpoint",
+)
+
 # --- aws_secrets_manager plugin (resilient_db/plugins/aws_secrets_manager.py) -----------------
 
 #: A region name as AWS spells them: ``us-east-1``, ``us-gov-west-1``, ``cn-north-1``,

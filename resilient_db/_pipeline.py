@@ -30,6 +30,7 @@ from ._properties import Property, Settings
 
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
+    from .hosts import TopologySnapshot
 
 
 class Op(enum.Enum):
@@ -152,10 +153,19 @@ ConnectHandler = Callable[[ConnectContext], Any]
 
 @dataclass
 class HostsContext:
-    """A request for the hosts that may serve this connection, with what is known so far."""
+    """A request for the hosts that may serve this connection, with what is known so far.
+
+    ``initial``: the candidates (failover passes every instance of the topology).
+    ``topology``: the snapshot they come from, for instance ids and roles (``None``: hosts
+    named by the user or found through DNS only). ``excluded``: filled by a plugin that
+    leaves a host out, its address (``hosts.address_of``) -> why, so that the caller can say
+    why the host was not tried (``custom_endpoint``: not a member of the endpoint).
+    """
 
     initial: tuple[HostSpec, ...]
     settings: Settings
+    topology: TopologySnapshot | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
 HostsHandler = Callable[[HostsContext], tuple[HostSpec, ...]]
@@ -204,6 +214,11 @@ class PluginContext:
     #: Rebuild this connection's chains (set by the pipeline; for plugins whose dormancy
     #: changed).
     rebuild: Callable[[], None] = field(default=lambda: None, repr=False)
+    #: This connection's host list (the ``hosts`` phase, set by the pipeline): the hosts of a
+    #: request that may serve the connection. For plugins that choose instances (failover,
+    #: initial connection, read/write splitting); ``hosts.allowed_only`` applies it to a
+    #: topology snapshot.
+    hosts: HostsHandler = field(default=lambda request: request.initial, repr=False)
 
     def decide(self, kind: str, plugin: str | None, **attributes: Any) -> Decision:
         """Record a decision in the process-wide sink and return it."""
@@ -425,6 +440,12 @@ class Pipeline:
                 pipeline.rebuild()
 
         ctx.rebuild = rebuild
+
+        def hosts(request: HostsContext) -> tuple[HostSpec, ...]:
+            pipeline = ref()
+            return request.initial if pipeline is None else pipeline.hosts(request)
+
+        ctx.hosts = hosts
 
     def rebuild(self) -> None:
         """(Re)build every chain from the plugins that are not dormant (none once closed: a

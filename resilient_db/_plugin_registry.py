@@ -41,6 +41,7 @@ BUILTIN: dict[str, str] = {
     "okta": "resilient_db.plugins.okta:OktaPlugin",
     "fastest_response_strategy":
         "resilient_db.plugins.fastest_response_strategy:FastestResponseStrategyPlugin",
+    "custom_endpoint": "resilient_db.plugins.custom_endpoint:CustomEndpointPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -53,7 +54,6 @@ PLANNED: dict[str, str] = {
     "gdb_rw": "read/write splitting for Aurora Global Database",
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",
-    "custom_endpoint": "Aurora custom endpoints",
     "limitless": "Aurora Limitless transaction routers",
 }
 

@@ -263,13 +263,15 @@ class FailoverPlan:
     """The ordered attempts of one failover round. Empty: nothing to try yet (no writer known
     in writer mode, or an empty topology); wait for the monitor. ``skipped`` are addresses
     left out because they are cooling or down; ``choice`` records how the first reader was
-    picked (``None`` in writer mode)."""
+    picked (``None`` in writer mode); ``excluded`` are addresses a plugin's host list left out
+    (not allowed to serve this connection: ``custom_endpoint`` non-members)."""
 
     mode: FailoverMode
     attempts: tuple[Attempt, ...]
     epoch: int = 0
     skipped: tuple[str, ...] = ()
     choice: ReaderChoice | None = None
+    excluded: tuple[str, ...] = ()
 
     def to_decision(self) -> Decision:
         first = self.attempts[0].host if self.attempts else None
@@ -280,6 +282,7 @@ class FailoverPlan:
             "resilient_db.failover.attempts": tuple(str(a.host) for a in self.attempts),
             "resilient_db.failover.reasons": tuple(a.reason for a in self.attempts),
             "resilient_db.failover.skipped": self.skipped,
+            "resilient_db.failover.excluded": self.excluded,
         })
 
 

@@ -26,7 +26,8 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from ._decisions import Decision
-from ._pipeline import HostSpec
+from ._pipeline import HostsContext, HostsHandler, HostSpec
+from ._properties import Settings
 from .dialects.base import Topology, TopologyRow
 from .rds import HostPattern, normalize_host
 
@@ -40,6 +41,7 @@ __all__ = [
     "TopologySnapshot",
     "address_of",
     "advance",
+    "allowed_only",
     "snapshot_from_rows",
     "snapshot_from_topology",
 ]
@@ -215,6 +217,21 @@ def snapshot_from_topology(
     """:func:`snapshot_from_rows` of a parsed dialect answer, its left-out rows as ``ignored``."""
     ignored = tuple(row.instance_id for row in topology.ignored)
     return snapshot_from_rows(topology.rows, pattern, ignored=ignored, **kwargs)
+
+
+def allowed_only(snapshot: TopologySnapshot, hosts: HostsHandler, settings: Settings,
+                 ) -> tuple[TopologySnapshot, dict[str, str]]:
+    """``snapshot`` without the hosts a connection's host list (``hosts``: the pipeline's
+    ``hosts`` phase, ``PluginContext.hosts``) leaves out, and why each was left out (address
+    -> reason; empty when every host may serve)."""
+    request = HostsContext(tuple(h.spec for h in snapshot.hosts), settings, snapshot)
+    allowed = {address_of(h.host, h.port) for h in hosts(request)}
+    if all(h.address in allowed for h in snapshot.hosts):
+        return snapshot, {}
+    kept = tuple(h for h in snapshot.hosts if h.address in allowed)
+    excluded = {h.address: request.excluded.get(h.address, "left out by the host list")
+                for h in snapshot.hosts if h.address not in allowed}
+    return dataclasses.replace(snapshot, hosts=kept), excluded
 
 
 # --- the topology epoch --------------------------------------------------------------------

@@ -171,6 +171,10 @@ class Naming:
     def host_pattern(self) -> str:
         return f"?.{self.suffix}"
 
+    def custom(self, name: str) -> str:
+        """The DNS name of the custom endpoint ``name``."""
+        return f"{name}.cluster-custom-{self.suffix}"
+
 
 def _old_naming(naming: Naming) -> Naming:
     """The names RDS gives the old blue cluster after a switchover (``<name>-old1``)."""
@@ -229,6 +233,43 @@ class BlueGreenRow:
     port: int
     role: str
     status: str
+
+
+#: ``CustomEndpointType`` values (RDS has no WRITER custom endpoint).
+CUSTOM_ENDPOINT_TYPES = ("READER", "ANY")
+
+
+@dataclass(frozen=True)
+class CustomEndpoint:
+    """An Aurora custom endpoint: ``host`` (its DNS name) leads to its members, the
+    ``static_members`` or, when there are none, every instance except the
+    ``excluded_members``; ``endpoint_type`` ``READER`` leads to members that are readers
+    only, ``ANY`` to any member."""
+
+    name: str
+    host: str
+    endpoint_type: str = "ANY"
+    static_members: tuple[str, ...] = ()
+    excluded_members: tuple[str, ...] = ()
+
+    def is_member(self, instance: Instance) -> bool:
+        """Whether ``instance`` is one the endpoint's DNS may lead to now."""
+        if instance.role not in ("writer", "reader"):
+            return False
+        if self.endpoint_type == "READER" and instance.role != "reader":
+            return False
+        if self.static_members:
+            return instance.id in self.static_members
+        return instance.id not in self.excluded_members
+
+    def describe(self, cluster: str) -> dict[str, Any]:
+        """The endpoint as RDS ``DescribeDBClusterEndpoints`` shows it (one element of
+        ``DBClusterEndpoints``); ``cluster`` is the DB cluster identifier."""
+        return {"DBClusterEndpointIdentifier": self.name, "DBClusterIdentifier": cluster,
+                "Endpoint": self.host, "Status": "available", "EndpointType": "CUSTOM",
+                "CustomEndpointType": self.endpoint_type,
+                "StaticMembers": list(self.static_members),
+                "ExcludedMembers": list(self.excluded_members)}
 
 
 class ClusterEngine(abc.ABC):
@@ -429,6 +470,8 @@ class Cluster:
         self._renamed_by: Cluster | None = None
         #: IAM enforcement (:meth:`enable_iam`); None: IAM users do not exist.
         self.iam: ClusterIam | None = None
+        #: Custom endpoints by name (:meth:`create_custom_endpoint`).
+        self.custom_endpoints: dict[str, CustomEndpoint] = {}
         self.engine = _load_engine(self.flavour)(self)
 
     # --- creation and teardown ------------------------------------------------------------
@@ -569,6 +612,7 @@ class Cluster:
             "writer_endpoint": self.writer_endpoint,
             "reader_endpoint": self.reader_endpoint,
             "host_pattern": self.host_pattern,
+            "custom_endpoints": self.describe_custom_endpoints(),
             "iam": None if self.iam is None else {"users": list(self.iam.users),
                                                   "region": self.iam.region},
             "instances": [
@@ -593,6 +637,10 @@ class Cluster:
         readers = self.readers or [i for i in running if i.role == "writer"]
         entries += [(reader_name, r.address) for r in readers]
         entries += [(instance_name(i.id), i.address) for i in self.instances.values()]
+        if instance_name == self.naming.instance:  # not carried across a blue/green rename
+            for custom in self.custom_endpoints.values():
+                entries += [(custom.host, i.address) for i in self.instances.values()
+                            if custom.is_member(i)]
         return entries
 
     def _update_dns(self) -> None:
@@ -854,6 +902,97 @@ class Cluster:
             self.events.record("reader_removed", instance_id)
             self.events.record("topology_updated", self.writer.id, writer=self.writer.id)
             return self.events.events(since=since)
+
+    # --- custom endpoints -------------------------------------------------------------------
+    def create_custom_endpoint(self, name: str, *, endpoint_type: str = "ANY",
+                               static_members: Sequence[str] | None = None,
+                               excluded_members: Sequence[str] | None = None) -> list[Event]:
+        """Create the custom endpoint ``name`` (RDS ``CreateDBClusterEndpoint``): its DNS name
+        (:attr:`CustomEndpoint.host`, ``cluster.custom_endpoints[name].host``) resolves to its
+        running members, in instance order, and follows role changes as the reader endpoint
+        does. Event ``custom_endpoint_created``."""
+        with self._lock:
+            since = time.monotonic()
+            if self.single_instance:
+                raise ClusterError(f"flavour {self.flavour.name!r} has no custom endpoints "
+                                   "(an RDS DB instance is not a cluster)")
+            if (not name or len(name) > 63 or not name[0].isalpha() or name.endswith("-")
+                    or "--" in name or not name.replace("-", "").isalnum()):
+                raise ClusterError(f"custom endpoint name {name!r}: expected 1-63 letters, "
+                                   "digits and hyphens, starting with a letter")
+            if name.lower() in self.custom_endpoints:
+                raise ClusterError(f"custom endpoint {name!r} already exists")
+            endpoint = self._custom(CustomEndpoint(name.lower(), self.naming.custom(
+                name.lower())), endpoint_type, static_members, excluded_members)
+            self.custom_endpoints[endpoint.name] = endpoint
+            self._update_dns()
+            self.events.record("custom_endpoint_created", None, endpoint=endpoint.host,
+                               **self._custom_fields(endpoint))
+            return self.events.events(since=since)
+
+    def modify_custom_endpoint(self, name: str, *, endpoint_type: str | None = None,
+                               static_members: Sequence[str] | None = None,
+                               excluded_members: Sequence[str] | None = None) -> list[Event]:
+        """Change a custom endpoint (RDS ``ModifyDBClusterEndpoint``): static members replace
+        the excluded ones and vice versa; DNS follows at once. Event
+        ``custom_endpoint_modified``."""
+        with self._lock:
+            since = time.monotonic()
+            endpoint = self._custom(self.custom_endpoint(name), endpoint_type, static_members,
+                                    excluded_members)
+            self.custom_endpoints[endpoint.name] = endpoint
+            self._update_dns()
+            self.events.record("custom_endpoint_modified", None, endpoint=endpoint.host,
+                               **self._custom_fields(endpoint))
+            return self.events.events(since=since)
+
+    def delete_custom_endpoint(self, name: str) -> list[Event]:
+        """Remove a custom endpoint and its DNS name. Event ``custom_endpoint_deleted``."""
+        with self._lock:
+            since = time.monotonic()
+            endpoint = self.custom_endpoint(name)
+            del self.custom_endpoints[endpoint.name]
+            self._update_dns()
+            self.events.record("custom_endpoint_deleted", None, endpoint=endpoint.host)
+            return self.events.events(since=since)
+
+    def custom_endpoint(self, name: str) -> CustomEndpoint:
+        try:
+            return self.custom_endpoints[name.lower()]
+        except KeyError:
+            raise ClusterError(f"no custom endpoint {name!r} in cluster {self.name}; custom "
+                               f"endpoints: {', '.join(self.custom_endpoints) or 'none'}"
+                               ) from None
+
+    def _custom(self, endpoint: CustomEndpoint, endpoint_type: str | None,
+                static_members: Sequence[str] | None,
+                excluded_members: Sequence[str] | None) -> CustomEndpoint:
+        if static_members is not None and excluded_members is not None:
+            raise ClusterError("give static_members or excluded_members, not both (RDS: "
+                               "excluded members apply only when there are no static ones)")
+        kind = (endpoint_type or endpoint.endpoint_type).upper()
+        if kind not in CUSTOM_ENDPOINT_TYPES:
+            raise ClusterError(f"endpoint_type {endpoint_type!r}: expected one of "
+                               f"{', '.join(CUSTOM_ENDPOINT_TYPES)}")
+        for member in (*(static_members or ()), *(excluded_members or ())):
+            self.instance(member)  # raises for an unknown instance
+        changes: dict[str, Any] = {"endpoint_type": kind}
+        if static_members is not None:
+            changes.update(static_members=tuple(static_members), excluded_members=())
+        if excluded_members is not None:
+            changes.update(excluded_members=tuple(excluded_members), static_members=())
+        return dataclasses.replace(endpoint, **changes)
+
+    @staticmethod
+    def _custom_fields(endpoint: CustomEndpoint) -> dict[str, Any]:
+        return {"endpoint_type": endpoint.endpoint_type,
+                "static_members": list(endpoint.static_members),
+                "excluded_members": list(endpoint.excluded_members)}
+
+    def describe_custom_endpoints(self) -> list[dict[str, Any]]:
+        """Every custom endpoint as RDS ``DescribeDBClusterEndpoints`` shows it (the DB
+        cluster identifier is the cluster's name), to mirror into an RDS API stand-in."""
+        return [e.describe(self.name) for e in self.custom_endpoints.values()]
 
     def set_replica_lag(self, instance_id: str, seconds: float) -> list[Event]:
         with self._lock:

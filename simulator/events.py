@@ -44,6 +44,9 @@ EVENT_NAMES = frozenset(
         "switchover_phase",
         "switchover_finished",
         "iam_enabled",
+        "custom_endpoint_created",
+        "custom_endpoint_modified",
+        "custom_endpoint_deleted",
         # chaos/secrets.py: a new password in the workload's secret and on the database
         "secret_rotated",
     }

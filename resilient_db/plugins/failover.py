@@ -97,7 +97,7 @@ from ..failover_core import (
     plan_attempts,
     read_only_triggers_failover,
 )
-from ..hosts import Host, Role, TopologySnapshot
+from ..hosts import Host, Role, TopologySnapshot, allowed_only
 from ..rds import classify, cluster_identity
 from ..selection import SelectionContext, configured
 from ..telemetry.context import suppress_instrumentation
@@ -735,7 +735,10 @@ class FailoverPlugin(Plugin):
 
     def _plan(self, monitor: TopologyMonitor, since: float,
               remaining: float | None) -> FailoverPlan | None:
-        """The hosts to try now; ``None`` when the budget ran out waiting for the monitor."""
+        """The hosts to try now; ``None`` when the budget ran out waiting for the monitor.
+        Only hosts the connection's host list allows are planned (the ``hosts`` phase:
+        ``custom_endpoint`` keeps the endpoint's members); ``_NoConnectionError`` at once when
+        it allows none of the candidates (waiting would not make one a member)."""
         now = time.monotonic()
         ctx = SelectionContext(rng=monitor.rng, now=now, cursor=monitor.round_robin,
                                connections=open_counts(), weights=self.weights)
@@ -747,21 +750,39 @@ class FailoverPlugin(Plugin):
             if snapshot is None or snapshot.writer is None or (
                     snapshot.writer.address != writer.address):
                 snapshot = TopologySnapshot((writer,))
-            return plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy,
+            allowed, excluded = self._allowed(snapshot)
+            if allowed.writer is None and writer.address in excluded:
+                raise _NoConnectionError([ConnectAttempt(
+                    writer.host, writer.port, f"not allowed: {excluded[writer.address]}")])
+            plan = plan_attempts(self.mode, allowed, monitor.bad_hosts(), now, self.strategy,
                                  ctx, max_lag=self.max_lag)
+            return dataclasses.replace(plan, excluded=tuple(excluded))
         snapshot = monitor.snapshot
         if snapshot is None or not snapshot.hosts:
             monitor.request_refresh()
             if monitor.wait_for_writer(since, remaining) is None:
                 return None
             snapshot = monitor.snapshot or TopologySnapshot(())
+        allowed, excluded = self._allowed(snapshot)
         ctx = dataclasses.replace(ctx, response_times=response_time.selection_times(
-            self.ctx, self.strategy, snapshot.hosts))
-        plan = plan_attempts(self.mode, snapshot, monitor.bad_hosts(), now, self.strategy, ctx,
+            self.ctx, self.strategy, allowed.hosts))
+        plan = plan_attempts(self.mode, allowed, monitor.bad_hosts(), now, self.strategy, ctx,
                              max_lag=self.max_lag)
+        if excluded and self.mode is FailoverMode.STRICT_READER and snapshot.readers and (
+                not allowed.readers):
+            # "The writer only in a cluster without readers" does not apply: the cluster has
+            # readers, none of them allowed.
+            plan = dataclasses.replace(plan, attempts=())
+        if excluded and not plan.attempts:
+            raise _NoConnectionError([
+                ConnectAttempt(h.host, h.port, f"not allowed: {excluded[h.address]}")
+                for h in snapshot.hosts if h.address in excluded])
         if not plan.attempts:
             monitor.request_refresh()
-        return plan
+        return dataclasses.replace(plan, excluded=tuple(excluded))
+
+    def _allowed(self, snapshot: TopologySnapshot) -> tuple[TopologySnapshot, dict[str, str]]:
+        return allowed_only(snapshot, self.ctx.hosts, self.ctx.settings)
 
     def _try(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
              remaining: float | None, attempts: list[ConnectAttempt]) -> bool:

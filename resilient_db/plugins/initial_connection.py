@@ -16,6 +16,8 @@ One connect is a series of rounds within ``open_connection_retry_timeout_ms``, p
 2. Otherwise (or when none of those worked) through the endpoint, as DNS resolves it now;
    when that fails too, through the cluster's other endpoint (the reader endpoint for a
    cluster endpoint and vice versa), only to learn the topology from whatever it reaches.
+   Only instances the connection's host list allows are chosen (``custom_endpoint``: the
+   endpoint's members).
 3. Every connection is verified: the instance says who it is and whether it is a reader (two
    short internal statements). Wrong role: the topology that instance reports (read only
    then) names the instances to try next (a demoted writer follows
@@ -52,7 +54,7 @@ from .._params import (
 from .._pipeline import ConnectContext, ConnectHandler, HostSpec, Plugin, PluginContext
 from ..dialects.base import DatabaseDialect
 from ..errors import ConnectAttempt, Error, FailoverFailedError
-from ..hosts import Host, Role, TopologySnapshot
+from ..hosts import Host, Role, TopologySnapshot, allowed_only
 from ..rds import EndpointKind, classify
 from ..rds import reader_endpoint as rds_reader_endpoint
 from ..rds import writer_endpoint as rds_writer_endpoint
@@ -272,9 +274,13 @@ class _Opening:
                        tried: set[str]) -> tuple[Host, ...]:
         if snapshot is None:
             return ()
-        if self.wanted is Role.WRITER and monitor is not None and snapshot is monitor.snapshot:
+        known = monitor is not None and snapshot is monitor.snapshot
+        # Only hosts the connection's host list allows (custom_endpoint: the members).
+        snapshot, excluded = allowed_only(snapshot, self.plugin.ctx.hosts,
+                                          self.plugin.ctx.settings)
+        if self.wanted is Role.WRITER and monitor is not None and known:
             writer = monitor.writer  # first-hand verified by the monitor
-            if writer is None:
+            if writer is None or writer.address in excluded:
                 return ()
             return (writer,) if writer.address not in tried else ()
         now = time.monotonic()
