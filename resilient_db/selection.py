@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 from ._decisions import Decision
+from ._open_counts import open_counts
 from ._params import (
     ROUND_ROBIN_DEFAULT_WEIGHT,
     ROUND_ROBIN_HOST_WEIGHT_PAIRS,
@@ -55,6 +56,7 @@ __all__ = [
     "WeightedRandom",
     "choose",
     "configured",
+    "selection_context",
     "strategy_from_name",
     "within_lag",
 ]
@@ -382,3 +384,13 @@ def choose(strategy: Strategy, candidates: Sequence[Host], ctx: SelectionContext
         tuple(h.address for h in skipped),
         over_cap,
     )
+
+
+def selection_context(*, rng: random.Random, cursor: RoundRobinCursor | None,
+                      weights: HostWeights | None, now: float) -> SelectionContext:
+    """The context of one reader choice made by the library (failover, initial_connection,
+    read_write_splitting): the one place that gathers the process-wide inputs (open
+    connection counts now; measured response times when their plugin lands), so every
+    strategy sees the same ones wherever it is used."""
+    return SelectionContext(rng=rng, now=now, cursor=cursor, connections=open_counts(),
+                            weights=weights)

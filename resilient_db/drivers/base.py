@@ -396,6 +396,23 @@ class DriverDialect(abc.ABC):
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
         """Set the recorded session attributes on a (new) physical connection."""
 
+    def set_session_attribute(self, conn: Any, name: str, value: Any) -> None:
+        """Set one session attribute (a name in ``session_attributes``) on ``conn``. The
+        default sets the driver connection's attribute of that name."""
+        setattr(conn, name, value)
+
+    @abc.abstractmethod
+    def session_baseline(self, conn: Any) -> dict[str, Any]:
+        """The session attributes of a new physical connection as the driver opened it, to
+        restore when an internal pool takes the connection back (:meth:`reset_for_reuse`)."""
+
+    @abc.abstractmethod
+    def reset_for_reuse(self, conn: Any, baseline: Mapping[str, Any]) -> None:
+        """Make ``conn`` as a new connection would be before an internal pool hands it to
+        another application connection: no transaction, the server session reset (temporary
+        tables, session variables, prepared statements), ``baseline`` restored. Raises when
+        the connection cannot be reset (the pool then closes it)."""
+
     @abc.abstractmethod
     def query(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
         """Run an internal, schema-qualified statement and return plain tuples.

@@ -39,7 +39,7 @@ import time
 from typing import Any
 
 from .._decisions import get_decision_sink
-from .._open_counts import note_opened, open_counts
+from .._open_counts import note_opened
 from .._params import (
     INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY,
     MAX_REPLICA_LAG,
@@ -55,7 +55,14 @@ from ..hosts import Host, Role, TopologySnapshot
 from ..rds import EndpointKind, classify
 from ..rds import reader_endpoint as rds_reader_endpoint
 from ..rds import writer_endpoint as rds_writer_endpoint
-from ..selection import ReaderChoice, SelectionContext, Strategy, choose, configured
+from ..selection import (
+    ReaderChoice,
+    SelectionContext,
+    Strategy,
+    choose,
+    configured,
+    selection_context,
+)
 from ..topology import TopologyMonitor
 from . import _cluster_connect as cc
 
@@ -278,8 +285,8 @@ class _Opening:
             return (writer,) if writer.address not in tried else ()
         now = time.monotonic()
         rng = monitor.rng if monitor is not None else self.plugin._rng
-        sctx = SelectionContext(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor),
-                                connections=open_counts(), weights=self.plugin.weights)
+        sctx = selection_context(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor),
+                                 weights=self.plugin.weights)
         cooling = monitor.bad_hosts().cooling(now) if monitor is not None else frozenset()
         hosts, choice = candidates(self.wanted, snapshot, self.plugin.strategy, sctx,
                                    max_lag=self.plugin.max_lag, exclude=frozenset(tried),
