@@ -291,6 +291,9 @@ def pool_for(key: PoolKey, driver: DriverDialect, max_size: int,
         if pool is None:
             pool = _pools[key] = Pool(key, driver, max_size, idle_timeout)
             _lifecycle.register("splitting pools", shutdown)
+            from . import topology  # not at import: topology imports the pipeline
+
+            topology.add_writer_listener(_on_topology_change)
         return pool
 
 
@@ -310,6 +313,21 @@ def evict_host(driver_code: str, host: str, port: int | None) -> None:
         if key.driver == driver_code and key.host == name and (
                 port is None or key.port in (None, port)):
             pool.evict("failover")
+
+
+def _on_topology_change(monitor: Any, change: Any) -> None:
+    """A cluster's writer or membership changed (monitor thread): the pools of its instances
+    close their idle connections now (the ones in use when they come back) instead of at
+    their next use, which may never come."""
+    if not _pools or not (change.writer_changed or change.removed or change.role_changed):
+        return
+    snapshot = monitor.snapshot
+    names = {h.host.lower() for h in snapshot.hosts} if snapshot is not None else set()
+    for pool in pools():
+        if pool.key.host in names:
+            with pool._cond:
+                pool.epoch = change.epoch
+            pool.evict("topology")
 
 
 def shutdown() -> None:

@@ -401,6 +401,12 @@ class DriverDialect(abc.ABC):
         default sets the driver connection's attribute of that name."""
         setattr(conn, name, value)
 
+    def enforce_read_only(self, conn: Any, on: bool) -> None:
+        """Make the server refuse writes on ``conn`` in every statement (``on``) or stop
+        doing so, when the driver's own ``read_only`` does not already (read/write splitting
+        staying on the writer for want of a reader). The default does nothing."""
+        return None
+
     @abc.abstractmethod
     def session_baseline(self, conn: Any) -> dict[str, Any]:
         """The session attributes of a new physical connection as the driver opened it, to

@@ -331,6 +331,20 @@ class PsycopgDriver(DriverDialect):
             if name in state:
                 setattr(conn, name, state[name])
 
+    def enforce_read_only(self, conn: Any, on: bool) -> None:
+        # psycopg's read_only is a BEGIN option: autocommit statements ignore it. The session
+        # default covers them; set outside a transaction (the connection is idle here) so that
+        # it takes effect at once and no transaction is left open.
+        autocommit = conn.autocommit
+        if not autocommit:
+            conn.autocommit = True
+        try:
+            conn.execute("SET SESSION default_transaction_read_only = "
+                         + ("on" if on else "off"), prepare=False)
+        finally:
+            if not autocommit:
+                conn.autocommit = False
+
     def session_baseline(self, conn: Any) -> dict[str, Any]:
         # psycopg keeps these on the client (no I/O to read them).
         return {name: getattr(conn, name) for name in _SESSION_ORDER}

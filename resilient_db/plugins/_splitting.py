@@ -88,6 +88,8 @@ class Slot:
     pool: _pools.Pool | None = None
     session: dict[str, Any] = field(default_factory=dict)
     source: str = "new"  # how it was obtained: "initial", "new", "pool", "failover"
+    #: Made read-only on the server for every statement (staying on the writer, no reader).
+    forced: bool = False
     finalizer: weakref.finalize[Any, Any] | None = None
 
 
@@ -238,6 +240,13 @@ class SplittingPlugin(Plugin):
             # The role is read lazily (failover learns it after this notification).
             self.current = Slot(raw, event.new_host or host, Role.UNKNOWN, None, self.epoch(),
                                 source="initial")
+        elif event.reason not in ("connect", "close", "read_write_splitting"):
+            # Failover (or the tracker) replaced the connection: the old one is gone, and so
+            # is its place in its pool.
+            proxy = self._proxy() if self._proxy is not None else None
+            if proxy is not None:
+                with self._lock:
+                    self._sync(proxy)
 
     # --- execute phase ---------------------------------------------------------------------
     def execute(self, call: Call, proceed: Handler) -> Any:
@@ -247,6 +256,8 @@ class SplittingPlugin(Plugin):
             return proceed(call)
         if call.args[1] != "read_only":
             return proceed(call)
+        if self._proxy is None:
+            self._proxy = weakref.ref(call.connection)
         with self._lock:
             return self._set_read_only(call, proceed, call.args[2])
 
@@ -324,12 +335,19 @@ class SplittingPlugin(Plugin):
         if current.role is want:
             result = proceed(call)
             current.session["read_only"] = value
+            if current.forced and not value:
+                driver.enforce_read_only(raw, False)
+                current.forced = False
             return result
         started = time.monotonic()
         target = self._target_for(proxy, want)
         if target is None:  # no reader: stay on the writer, read-only there
             result = proceed(call)
             current.session["read_only"] = value
+            # Read-only for every statement, autocommit ones too (psycopg applies read_only
+            # only to the transactions it begins).
+            driver.enforce_read_only(raw, True)
+            current.forced = True
             return result
         state = {**proxy._session, "read_only": value}
         self._install(proxy, current, target, state, started)
@@ -361,6 +379,9 @@ class SplittingPlugin(Plugin):
         try:
             if diff:
                 driver.apply_session_state(target.raw, diff)
+            if target.forced and not state.get("read_only"):
+                driver.enforce_read_only(target.raw, False)
+                target.forced = False
         except Exception as exc:
             if target.source != "cached":
                 self._let_go(target, "session_failed")
