@@ -86,7 +86,7 @@ class Pooled:
     """One physical connection of a pool: the driver connection, the epoch it was opened
     under, the session baseline to restore, when it was last given back."""
 
-    __slots__ = ("baseline", "epoch", "evicted", "idle_since", "raw")
+    __slots__ = ("baseline", "epoch", "evicted", "idle_since", "raw", "session")
 
     def __init__(self, raw: Any, epoch: int, baseline: dict[str, Any]) -> None:
         self.raw = raw
@@ -94,6 +94,8 @@ class Pooled:
         self.baseline = baseline
         self.idle_since = 0.0
         self.evicted = False  # to be closed when it comes back (evict_host)
+        #: Session attributes set on it since its reset (by ``release``'s ``prepare``).
+        self.session: dict[str, Any] = {}
 
 
 def _decide(kind: str, key: PoolKey, **attributes: Any) -> None:
@@ -130,10 +132,12 @@ class Pool:
         with self._cond:
             return len(self._idle)
 
-    def acquire(self, epoch: int, opener: Callable[[], Any], timeout: float) -> tuple[Any, bool]:
+    def acquire(self, epoch: int, opener: Callable[[], Any], timeout: float,
+                ) -> tuple[Any, bool, dict[str, Any]]:
         """A connection opened under ``epoch`` (an idle one, else a new one from ``opener``):
-        ``(raw, hit)``. Waits up to ``timeout`` seconds for room when the pool is full, then
-        raises :class:`PoolExhaustedError`."""
+        ``(raw, hit, session)``, ``session`` the attributes set on it since its reset. Waits
+        up to ``timeout`` seconds for room when the pool is full, then raises
+        :class:`PoolExhaustedError`."""
         deadline = time.monotonic() + timeout
         while True:
             doomed: list[tuple[Pooled, str]] = []
@@ -161,8 +165,8 @@ class Pool:
                     self._forget(found, "closed")
                     continue
                 _decide("pool.hit", self.key, epoch=epoch)
-                return found.raw, True
-            return self._open(epoch, opener), False
+                return found.raw, True, dict(found.session)
+            return self._open(epoch, opener), False, {}
 
     def _open(self, epoch: int, opener: Callable[[], Any]) -> Any:
         try:
@@ -179,9 +183,12 @@ class Pool:
         _decide("pool.miss", self.key, epoch=epoch)
         return raw
 
-    def release(self, raw: Any) -> None:
+    def release(self, raw: Any,
+                prepare: Callable[[Any], dict[str, Any]] | None = None) -> None:
         """``raw`` comes back: reset and kept idle, or closed when it is broken, evicted or of
-        an older epoch."""
+        an older epoch. ``prepare(raw)``, after the reset, sets what its next user will want
+        (a reader's read-only mode: the round trip is paid here, not on a switch) and returns
+        the attributes it set."""
         with self._cond:
             slot = self._in_use.pop(id(raw), None)
         if slot is None:
@@ -197,6 +204,7 @@ class Pool:
         else:
             try:
                 self.driver.reset_for_reuse(raw, slot.baseline)
+                slot.session = prepare(raw) if prepare is not None else {}
             except Exception as exc:
                 log.debug("pooled connection to %s not reusable: %r", self.key, exc)
                 reason = "reset_failed"

@@ -184,6 +184,9 @@ class DriverDialect(abc.ABC):
     multi_host: ClassVar[bool] = False
     #: Attributes set on the connection that are session state to restore after a reconnect.
     session_attributes: ClassVar[frozenset[str]]
+    #: What a session attribute is on a new (or reset) connection when nobody set it, where
+    #: setting it costs a round trip: read/write splitting then skips setting it to that.
+    session_defaults: ClassVar[Mapping[str, Any]] = {}
     #: Names other drivers use for this driver's parameters, for "did you mean" hints.
     renames: ClassVar[Mapping[str, str]] = {}
     connection_proxy: ClassVar[type[ConnectionProxy]]

@@ -200,6 +200,8 @@ class MysqlConnectorDriver(DriverDialect):
     example_target = "mysql.connector.connect"
     session_attributes = frozenset(
         {"autocommit", "database", "time_zone", "sql_mode", "read_only"})
+    # The server's transaction access mode is READ WRITE until set (and after a reset).
+    session_defaults: ClassVar[Mapping[str, Any]] = {"read_only": False}
     renames: ClassVar[Mapping[str, str]] = {
         "dbname": "database", "sslrootcert": "ssl_ca", "sslcert": "ssl_cert",
         "sslkey": "ssl_key", "application_name": "conn_attrs",

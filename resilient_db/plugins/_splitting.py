@@ -210,7 +210,7 @@ class SplittingPlugin(Plugin):
         key = _pools.PoolKey.of(self.ctx.driver, host.host, host.port, self._args)
         pool = _pools.pool_for(key, self.ctx.driver, self.pool_max_size, self.pool_idle_timeout)
         try:
-            raw, hit = pool.acquire(epoch, open_one, self.pool_timeout)
+            raw, hit, session = pool.acquire(epoch, open_one, self.pool_timeout)
         except _pools.PoolExhaustedError:
             raise ReadWriteSplittingError(
                 f"the internal pool of {key} is full ({self.pool_max_size} connections, "
@@ -218,7 +218,7 @@ class SplittingPlugin(Plugin):
                 f"{self.pool_timeout:g} s (splitting_pool_timeout); the connection stays "
                 "where it was", reason="pool_exhausted", host=str(host)) from None
         slot = Slot(raw, host, role, opened.get("instance"), epoch, pool=pool,
-                    source="pool" if hit else "new")
+                    session=session, source="pool" if hit else "new")
         # An application connection dropped without close() gives its pooled connections
         # up (closed: their session state is unknown) instead of holding the pool's room.
         slot.finalizer = weakref.finalize(proxy, pool.discard, raw, "abandoned")
@@ -304,7 +304,8 @@ class SplittingPlugin(Plugin):
         if slot.finalizer is not None:
             slot.finalizer.detach()
         if slot.pool is not None:
-            slot.pool.release(slot.raw)
+            slot.pool.release(slot.raw, self._prepare_reader if slot.role is Role.READER
+                              else None)
         else:
             with contextlib.suppress(Exception):
                 slot.raw.close()
@@ -314,6 +315,12 @@ class SplittingPlugin(Plugin):
                 "resilient_db.instance.id": slot.instance_id,
                 "resilient_db.splitting.role": slot.role.value,
                 "resilient_db.splitting.reason": reason})
+
+    def _prepare_reader(self, raw: Any) -> dict[str, Any]:
+        """A reader connection going back to its pool, just reset: read-only again for its
+        next user (who sets ``read_only`` to come to it)."""
+        self.ctx.driver.set_session_attribute(raw, "read_only", True)
+        return {"read_only": True}
 
     def _set_read_only(self, call: Call, proceed: Handler, value: Any) -> Any:
         proxy = call.connection
@@ -375,7 +382,8 @@ class SplittingPlugin(Plugin):
     def _install(self, proxy: Any, current: Slot, target: Slot, state: dict[str, Any],
                  started: float) -> None:
         driver = self.ctx.driver
-        diff = {k: v for k, v in state.items() if target.session.get(k, _MISSING) != v}
+        known, defaults = target.session, driver.session_defaults
+        diff = {k: v for k, v in state.items() if known.get(k, defaults.get(k, _MISSING)) != v}
         try:
             if diff:
                 driver.apply_session_state(target.raw, diff)
