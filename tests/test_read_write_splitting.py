@@ -139,6 +139,24 @@ def test_switch_to_a_reader_and_back(env: Env, sink: resilient_db.CollectingSink
 
 
 @pytest.mark.real_server
+def test_with_the_default_plugins(env: Env) -> None:
+    # initial_connection, the tracker and efm see the connection move and keep working.
+    conn = env.connect(env.cluster.writer_endpoint,
+                       plugins="initial_connection,aurora_connection_tracker,"
+                               "read_write_splitting,failover,efm")
+    efm = conn.resilient.plugin("efm")
+    for _ in range(2):
+        conn.read_only = True
+        assert env.instance(conn) in readers(env)
+        # efm followed: it monitors the instance the statements now go to.
+        assert efm.monitor is not None and efm._host == conn.resilient.host
+        conn.read_only = False
+        assert env.instance(conn) == env.cluster.writer.id
+        assert efm.monitor is not None and efm._host == conn.resilient.host
+    conn.close()
+
+
+@pytest.mark.real_server
 def test_set_read_only_method_and_none(env: Env) -> None:
     conn = env.connect(plugins=RWS)
     if env.name == "pg":
@@ -625,3 +643,38 @@ def test_parse_endpoint() -> None:
         resilient_db.HostSpec("r.example", 6000))
     assert parse_endpoint("[::1]:6000", None, SRW_READ_ENDPOINT) == resilient_db.HostSpec(
         "::1", 6000)
+
+
+# --- fork -------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_server
+def test_a_child_never_touches_the_held_or_pooled_sessions(env: Env) -> None:
+    from .test_fork import in_child
+
+    pooled = _pooled(env)
+    pooled.read_only = True
+    pooled_reader = session_id(env, pooled)
+    pooled.close()  # its reader is idle in the pool
+    idle_raw = next(iter(_pools.pools()))._idle[0].raw
+    conn = env.connect(plugins=RWS)
+    writer_session = session_id(env, conn)
+    conn.read_only = True  # the writer connection is held, not in use
+    held = splitter(conn).writer
+    assert held is not None
+
+    def child() -> dict[str, Any]:
+        plugin = splitter(conn)
+        state = {"held": plugin.writer is not None, "pools": len(_pools.pools())}
+        # Closing what it inherited sends nothing: the descriptors point at /dev/null.
+        held.raw.close()
+        idle_raw.close()
+        conn.close()
+        return state
+
+    assert in_child(child) == {"held": False, "pools": 0}
+    conn.read_only = False
+    assert session_id(env, conn) == writer_session  # the parent's sessions live on
+    again = _pooled(env)
+    again.read_only = True
+    assert session_id(env, again) == pooled_reader

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import _pools
+from .. import _lifecycle, _pools
 from .._params import (
     CONNECT_TIMEOUT,
     SPLITTING_POOL,
@@ -115,6 +115,7 @@ class SplittingPlugin(Plugin):
         self._proxy: weakref.ReferenceType[Any] | None = None
         self._writer_mode: FailoverMode | None = None
         self._pending: tuple[Any, HostSpec] | None = None
+        _live.add(self)
 
     # --- what a subclass provides ----------------------------------------------------------
     def open_reader(self, proxy: Any) -> Slot | None:
@@ -463,3 +464,25 @@ class SplittingPlugin(Plugin):
             object.__setattr__(proxy, "_raw", keep.raw)
             method = call.method.partition(".")[2]
             return proceed(call.replace(fn=getattr(keep.raw, method), raw=keep.raw))
+
+
+#: Every splitting plugin alive, for the fork handler below.
+_live: weakref.WeakSet[SplittingPlugin] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """In a child after ``fork()``: the connections a plugin holds besides the application's
+    current one (which the proxy disarms itself) are the parent's sessions too: cut them off
+    without a word (``DriverDialect.forget``) and let go of them."""
+    for plugin in list(_live):
+        plugin._lock = threading.RLock()
+        current = plugin.current
+        for slot in (plugin.writer, plugin.reader):
+            if slot is not None and slot is not current:
+                if slot.finalizer is not None:
+                    slot.finalizer.detach()
+                plugin.ctx.driver.forget(slot.raw)
+        plugin.writer = plugin.reader = None
+
+
+_lifecycle.on_fork_child(_forget_in_child)
