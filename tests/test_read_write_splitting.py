@@ -262,6 +262,40 @@ def test_round_robin_and_highest_weight_are_honoured(
 
 
 @pytest.mark.real_server
+def test_least_connections_and_the_lag_cap_are_honoured(
+        env: Env, sink: resilient_db.CollectingSink) -> None:
+    cluster = env.cluster
+    first = env.connect(plugins=RWS, topology_refresh_ms=100)
+    first.read_only = True
+    busy = env.instance(first)
+    # least_connections reads the process-wide counts: the reader `first` sits on is busier.
+    for _ in range(2):
+        other = env.connect(plugins=RWS, reader_host_selector_strategy="least_connections")
+        other.read_only = True
+        assert env.instance(other) == (readers(env) - {busy}).pop()
+        other.close()
+    monitor = failover_of(first).monitor()
+    cluster.set_replica_lag(busy, 30.0)
+    try:
+        def lag_seen() -> bool:
+            snapshot = monitor.snapshot
+            listed = snapshot.by_instance(busy) if snapshot is not None else None
+            return listed is not None and listed.lag is not None and listed.lag > 5
+
+        wait_until("the monitor seeing the replica lag", lag_seen)
+        for _ in range(3):
+            capped = env.connect(plugins=RWS, max_replica_lag=5)  # random among the rest
+            capped.read_only = True
+            assert env.instance(capped) != busy
+            capped.close()
+        skipped = [d.attributes["resilient_db.selection.skipped_for_lag"]
+                   for d in sink.of_kind("reader.selected")][-3:]
+        assert all(len(s) == 1 and busy in s[0] for s in skipped), skipped
+    finally:
+        cluster.set_replica_lag(busy, 0.0)
+
+
+@pytest.mark.real_server
 def test_no_reader_reachable_stays_on_the_writer(
         env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
