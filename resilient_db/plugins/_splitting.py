@@ -407,8 +407,12 @@ class SplittingPlugin(Plugin):
         target.session = dict(state)
         current.session = dict(proxy._session)
         if current.role is Role.WRITER:
+            if self.writer is not None and self.writer is not current:
+                self._let_go(self.writer, "replaced")  # failover had moved it onto a writer
             self.writer = current
         elif current.role is Role.READER:
+            if self.reader is not None and self.reader is not current:
+                self._let_go(self.reader, "replaced")
             self.reader = current
         proxy.resilient.replace_raw(target.raw, target.host, "read_write_splitting",
                                     session_applied=True)
