@@ -36,14 +36,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "inactive_cluster_writer_endpoint_substitution_role": "initial_connection",
     "verify_inactive_cluster_writer_endpoint_connection_type": "initial_connection",
     "wait_for_initial_topology_ms": "initial_connection",
-    # read/write splitting
-    "reader_host_selector_strategy": "read_write_splitting",
-    "srw_read_endpoint": "srw",
-    "srw_write_endpoint": "srw",
-    "srw_verify_new_connections": "srw",
-    "srw_verify_initial_connection_type": "srw",
-    "srw_connect_retry_timeout_ms": "srw",
-    "srw_connect_retry_interval_ms": "srw",
     # Aurora Global Database
     "global_cluster_instance_host_patterns": "gdb_failover",
     "failover_home_region": "gdb_failover",

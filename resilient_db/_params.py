@@ -425,6 +425,106 @@ OPEN_CONNECTION_RETRY_INTERVAL = duration(
     aws_name=True,
 )
 
+# --- read/write splitting: read_write_splitting and srw (resilient_db/plugins/_splitting.py) --
+
+READER_HOST_SELECTOR_STRATEGY = choice(
+    "reader_host_selector_strategy",
+    "random",
+    READER_STRATEGIES,
+    "How `read_write_splitting` picks the reader a connection moves to when `read_only` is "
+    "set (docs/plugins.md, reader selection strategies; readers over `max_replica_lag` only "
+    "when none is within it).",
+    plugin="read_write_splitting",
+    aws_name=True,
+)
+SRW_READ_ENDPOINT = text(
+    "srw_read_endpoint",
+    None,
+    "`srw`: the endpoint (`host` or `host:port`) a connection moves to when `read_only` is "
+    "set, usually the cluster's reader endpoint. Required by `srw`.",
+    plugin="srw",
+    aws_name=True,
+)
+SRW_WRITE_ENDPOINT = text(
+    "srw_write_endpoint",
+    None,
+    "`srw`: the endpoint (`host` or `host:port`) a connection moves back to when `read_only` "
+    "is cleared, usually the cluster (writer) endpoint. Required by `srw`.",
+    plugin="srw",
+    aws_name=True,
+)
+SRW_VERIFY_NEW_CONNECTIONS = boolean(
+    "srw_verify_new_connections",
+    True,
+    "`srw`: check the role of every connection it opens (the instance says whether it is a "
+    "reader: one short internal statement) and retry within `srw_connect_retry_timeout_ms` "
+    "until the endpoint leads to the right role (a DNS name lagging behind a failover).",
+    plugin="srw",
+    aws_name=True,
+)
+SRW_VERIFY_INITIAL_CONNECTION_TYPE = choice(
+    "srw_verify_initial_connection_type",
+    None,
+    ("writer", "reader"),
+    "`srw`: the role the application's first connection must have (checked and retried like "
+    "the connections `srw` opens). Unset: not checked.",
+    plugin="srw",
+    aws_name=True,
+)
+SRW_CONNECT_RETRY_TIMEOUT = duration(
+    "srw_connect_retry_timeout_ms",
+    60.0,
+    "`srw`: how long to keep trying an endpoint until it leads to an instance of the wanted "
+    "role; then the switch fails with `ReadWriteSplittingError` listing every attempt.",
+    unit="ms",
+    plugin="srw",
+    aws_name=True,
+)
+SRW_CONNECT_RETRY_INTERVAL = duration(
+    "srw_connect_retry_interval_ms",
+    1.0,
+    "`srw`: pause between two attempts (capped by what is left of "
+    "`srw_connect_retry_timeout_ms`).",
+    unit="ms",
+    plugin="srw",
+    aws_name=True,
+)
+SPLITTING_POOL = boolean(
+    "splitting_pool",
+    False,
+    "Take the reader and writer connections that read/write splitting opens from internal "
+    "pools, one per instance (or endpoint) and identity (host, port, user, database, "
+    "credentials), shared by the process, instead of opening and closing them per "
+    "connection. A connection goes back to its pool, reset, when the application connection "
+    "is closed.",
+    plugin="read_write_splitting",
+)
+SPLITTING_POOL_MAX_SIZE = integer(
+    "splitting_pool_max_size",
+    10,
+    "Most connections an internal pool holds, in use and idle together. A switch that needs "
+    "one more waits up to `splitting_pool_timeout` for one to come back.",
+    minimum=1,
+    maximum=10_000,
+    plugin="read_write_splitting",
+)
+SPLITTING_POOL_IDLE_TIMEOUT = duration(
+    "splitting_pool_idle_timeout",
+    300.0,
+    "An idle pooled connection unused for longer is closed (when the pool is next used: no "
+    "thread). 0: idle connections are never closed for age.",
+    zero="never",
+    minimum=0.001,
+    plugin="read_write_splitting",
+)
+SPLITTING_POOL_TIMEOUT = duration(
+    "splitting_pool_timeout",
+    5.0,
+    "How long a switch waits for a connection to come back to a full pool before failing "
+    "with `ReadWriteSplittingError` (reason `pool_exhausted`). 0: do not wait.",
+    plugin="read_write_splitting",
+)
+
 # --- telemetry (resilient_db.telemetry; docs/telemetry.md) -----------------------------------
 
 ENABLE_TELEMETRY = boolean(
@@ -1037,6 +1137,13 @@ APP_ID = text(
 #: docs page lists them, and setting one counts as used when any reader is enabled.
 SHARED_WITH: dict[str, tuple[str, ...]] = {
     "monitor_disposal_time_ms": ("fastest_response_strategy",),
+    **{name: ("srw",)
+       for name in ("splitting_pool", "splitting_pool_max_size", "splitting_pool_idle_timeout",
+                    "splitting_pool_timeout")},
+    **{name: ("read_write_splitting",)
+       for name in ("max_replica_lag", "round_robin_host_weight_pairs",
+                    "round_robin_default_weight", "weighted_random_host_weight_pairs",
+                    "weighted_random_default_weight")},
     **{name: ("federated_auth", "okta")
        for name in ("iam_host", "iam_default_port", "iam_region")},
     **{name: ("okta",)

@@ -42,6 +42,9 @@ BUILTIN: dict[str, str] = {
     "fastest_response_strategy":
         "resilient_db.plugins.fastest_response_strategy:FastestResponseStrategyPlugin",
     "custom_endpoint": "resilient_db.plugins.custom_endpoint:CustomEndpointPlugin",
+    "read_write_splitting":
+        "resilient_db.plugins.read_write_splitting:ReadWriteSplittingPlugin",
+    "srw": "resilient_db.plugins.srw:SimpleReadWriteSplittingPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -49,8 +52,6 @@ BUILTIN: dict[str, str] = {
 #: not available in this release" error, not a typo suggestion. ``blue_green`` is our code
 #: for AWS's ``bg`` (an alias below).
 PLANNED: dict[str, str] = {
-    "read_write_splitting": "read/write splitting by topology",
-    "srw": "simple read/write splitting through srw_read_endpoint/srw_write_endpoint",
     "gdb_rw": "read/write splitting for Aurora Global Database",
     "gdb_failover": "failover for Aurora Global Database",
     "blue_green": "blue/green deployment switchover",

@@ -149,10 +149,11 @@ class ConnectionProxy:
     def _set_session(self, name: str, value: Any) -> None:
         raw = self._raw
         chain = self._chains.session
+        setter = self._driver.set_session_attribute
         if chain is None:
-            setattr(raw, name, value)
+            setter(raw, name, value)
         else:
-            chain(Call(_SESSION, f"Connection.{name}", setattr, (raw, name, value), {}, self,
+            chain(Call(_SESSION, f"Connection.{name}", setter, (raw, name, value), {}, self,
                        raw))
         self._session[name] = value
 
@@ -294,15 +295,19 @@ class ResilientView:
         """The active plugin instance with ``code``, or ``None``."""
         return self._proxy._pipeline.plugin(code)
 
-    def replace_raw(self, raw: Any, host: HostSpec, reason: str) -> None:
-        """Swap the physical connection (failover, reconnect): session state is re-applied and
-        plugins are notified. The old connection is not closed here.
+    def replace_raw(self, raw: Any, host: HostSpec, reason: str, *,
+                    session_applied: bool = False) -> None:
+        """Swap the physical connection (failover, reconnect): session state is re-applied
+        (unless ``session_applied``: the caller already brought ``raw``'s session up to
+        date, as read/write splitting does with only what differs) and plugins are notified.
+        The old connection is not closed here.
 
         Cursors opened before keep working: each is rebound to a new driver cursor (opened
         with the same arguments, with the attributes set on it since) the first time it is
         used again."""
         proxy = self._proxy
-        proxy._driver.apply_session_state(raw, proxy._session)
+        if not session_applied:
+            proxy._driver.apply_session_state(raw, proxy._session)
         old = proxy._host
         object.__setattr__(proxy, "_raw", raw)
         object.__setattr__(proxy, "_host", host)

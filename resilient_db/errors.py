@@ -13,6 +13,7 @@ resilient_db raises its own errors only for its own outcomes::
           │    ├── TransactionResolutionUnknownError  replaced; open transaction's fate unknown
           │    └── FailoverFailedError             no usable connection within the budget
           ├── QueryTimeoutError                a client-side statement deadline expired
+          ├── ReadWriteSplittingError          a read/write switch refused or impossible
           └── ForkedConnectionError            a connection opened before fork() used in the child
 
 The runtime outcomes (the ``FailoverError`` family, ``QueryTimeoutError`` and
@@ -38,6 +39,7 @@ __all__ = [
     "FailoverSuccessError",
     "ForkedConnectionError",
     "QueryTimeoutError",
+    "ReadWriteSplittingError",
     "TransactionResolutionUnknownError",
 ]
 
@@ -200,6 +202,24 @@ class QueryTimeoutError(Error):
         self.timeout = timeout
         self.cancelled = cancelled
         self.host = host
+
+
+class ReadWriteSplittingError(Error):
+    """Setting ``read_only`` could not move the connection (``read_write_splitting``,
+    ``srw``): a transaction is open (``reason`` ``"in_transaction"``), no instance of the
+    wanted role could be reached (``"no_connection"``, ``attempts`` lists them), or the
+    internal pool of that instance is full (``"pool_exhausted"``). The connection stays where it
+    was, with its session state unchanged, and is usable.
+    """
+
+    __module__ = "resilient_db"
+
+    def __init__(self, message: str = "", *, reason: str = "", host: str | None = None,
+                 attempts: tuple[ConnectAttempt, ...] = ()) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.host = host
+        self.attempts = attempts
 
 
 class ForkedConnectionError(Error):

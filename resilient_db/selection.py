@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 from ._decisions import Decision
+from ._open_counts import open_counts
 from ._params import (
     RESPONSE_MEASUREMENT_INTERVAL,
     ROUND_ROBIN_DEFAULT_WEIGHT,
@@ -58,6 +59,7 @@ __all__ = [
     "WeightedRandom",
     "choose",
     "configured",
+    "selection_context",
     "strategy_from_name",
     "within_lag",
 ]
@@ -422,3 +424,15 @@ def choose(strategy: Strategy, candidates: Sequence[Host], ctx: SelectionContext
         response_time,
         measured,
     )
+
+
+def selection_context(*, rng: random.Random, cursor: RoundRobinCursor | None,
+                      weights: HostWeights | None, now: float,
+                      response_times: Mapping[str, tuple[float, float]] = _NO_TIMES,
+                      ) -> SelectionContext:
+    """The context of one reader choice made by the library (failover, initial_connection,
+    read_write_splitting): the one place that gathers the process-wide inputs (open
+    connection counts; the response times ``response_time.selection_times`` measured, which
+    the caller passes), so every strategy sees the same ones wherever it is used."""
+    return SelectionContext(rng=rng, now=now, cursor=cursor, connections=open_counts(),
+                            response_times=response_times, weights=weights)

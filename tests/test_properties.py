@@ -133,9 +133,9 @@ def test_settings_default_and_explicit() -> None:
 
 
 @pytest.mark.parametrize(("name", "owner"), [
-    ("gdb_rw_home_region", "gdb_rw"), ("srw_read_endpoint", "srw"), ("bg_id", "bg"),
-    ("aws_profile", "iam, aws_secrets_manager"),
-    ("reader_host_selector_strategy", "read_write_splitting"),
+    ("gdb_rw_home_region", "gdb_rw"), ("limitless_max_retries_ms", "limitless"),
+    ("bg_id", "bg"), ("aws_profile", "iam, aws_secrets_manager"),
+    ("custom_endpoint_info_refresh_rate_ms", "custom_endpoint"),
     ("monitoring-connect_timeout", "properties of efm's monitoring connections"),
 ])
 def test_known_aws_property_is_not_called_unknown(name: str, owner: str) -> None:

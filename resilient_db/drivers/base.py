@@ -184,6 +184,9 @@ class DriverDialect(abc.ABC):
     multi_host: ClassVar[bool] = False
     #: Attributes set on the connection that are session state to restore after a reconnect.
     session_attributes: ClassVar[frozenset[str]]
+    #: What a session attribute is on a new (or reset) connection when nobody set it, where
+    #: setting it costs a round trip: read/write splitting then skips setting it to that.
+    session_defaults: ClassVar[Mapping[str, Any]] = {}
     #: Names other drivers use for this driver's parameters, for "did you mean" hints.
     renames: ClassVar[Mapping[str, str]] = {}
     connection_proxy: ClassVar[type[ConnectionProxy]]
@@ -395,6 +398,29 @@ class DriverDialect(abc.ABC):
     @abc.abstractmethod
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
         """Set the recorded session attributes on a (new) physical connection."""
+
+    def set_session_attribute(self, conn: Any, name: str, value: Any) -> None:
+        """Set one session attribute (a name in ``session_attributes``) on ``conn``. The
+        default sets the driver connection's attribute of that name."""
+        setattr(conn, name, value)
+
+    def enforce_read_only(self, conn: Any, on: bool) -> None:
+        """Make the server refuse writes on ``conn`` in every statement (``on``) or stop
+        doing so, when the driver's own ``read_only`` does not already (read/write splitting
+        staying on the writer for want of a reader). The default does nothing."""
+        return None
+
+    @abc.abstractmethod
+    def session_baseline(self, conn: Any) -> dict[str, Any]:
+        """The session attributes of a new physical connection as the driver opened it, to
+        restore when an internal pool takes the connection back (:meth:`reset_for_reuse`)."""
+
+    @abc.abstractmethod
+    def reset_for_reuse(self, conn: Any, baseline: Mapping[str, Any]) -> None:
+        """Make ``conn`` as a new connection would be before an internal pool hands it to
+        another application connection: no transaction, the server session reset (temporary
+        tables, session variables, prepared statements), ``baseline`` restored. Raises when
+        the connection cannot be reset (the pool then closes it)."""
 
     @abc.abstractmethod
     def query(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:

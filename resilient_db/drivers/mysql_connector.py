@@ -118,9 +118,21 @@ _SIDE_CONNECTION_DROP = frozenset(
 
 
 class MysqlConnectionProxy(ConnectionProxy):
-    """mysql-connector's connection extras, pipelined."""
+    """mysql-connector's connection extras, pipelined.
+
+    ``read_only`` is resilient_db's (mysql-connector has no such attribute; the AWS wrapper
+    offers the same one): setting it runs ``SET SESSION TRANSACTION READ ONLY`` (``READ
+    WRITE`` for false), so the server refuses writes in every later transaction, autocommit
+    statements included (error 1792); with ``read_write_splitting`` or ``srw`` it also moves
+    the connection to a reader and back. Re-applied on a new physical connection like the
+    other session attributes. Reading it returns the value last set (false until then).
+    """
 
     __slots__ = ()
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self._session.get("read_only", False))
 
     def cmd_query(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         return self._call(_EXECUTE, "Connection.cmd_query", self._raw.cmd_query, query,
@@ -186,7 +198,10 @@ class MysqlConnectorDriver(DriverDialect):
     connection_types: ClassVar[tuple[type, ...]] = (MySQLConnectionAbstract,
                                                     PooledMySQLConnection)
     example_target = "mysql.connector.connect"
-    session_attributes = frozenset({"autocommit", "database", "time_zone", "sql_mode"})
+    session_attributes = frozenset(
+        {"autocommit", "database", "time_zone", "sql_mode", "read_only"})
+    # The server's transaction access mode is READ WRITE until set (and after a reset).
+    session_defaults: ClassVar[Mapping[str, Any]] = {"read_only": False}
     renames: ClassVar[Mapping[str, str]] = {
         "dbname": "database", "sslrootcert": "ssl_ca", "sslcert": "ssl_cert",
         "sslkey": "ssl_key", "application_name": "conn_attrs",
@@ -408,9 +423,31 @@ class MysqlConnectorDriver(DriverDialect):
             args["auth_plugin"] = "mysql_clear_password"
 
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
-        for name in ("database", "autocommit", "time_zone", "sql_mode"):
+        for name in ("database", "autocommit", "time_zone", "sql_mode", "read_only"):
             if name in state:
-                setattr(conn, name, state[name])
+                self.set_session_attribute(conn, name, state[name])
+
+    def set_session_attribute(self, conn: Any, name: str, value: Any) -> None:
+        if name == "read_only":
+            # Applies to every later transaction of the session, autocommit statements too.
+            mode = "READ ONLY" if value else "READ WRITE"
+            conn.cmd_query(f"SET SESSION TRANSACTION {mode}")
+        else:
+            setattr(conn, name, value)
+
+    def session_baseline(self, conn: Any) -> dict[str, Any]:
+        # After COM_RESET_CONNECTION the server's autocommit is its global default; the
+        # connect argument may have said otherwise.
+        return {"autocommit": bool(conn.autocommit)}
+
+    def reset_for_reuse(self, conn: Any, baseline: Mapping[str, Any]) -> None:
+        if conn.in_transaction:
+            conn.rollback()
+        # COM_RESET_CONNECTION: rolls back, drops temporary tables, clears user and session
+        # variables (the transaction access mode too) and prepared statements.
+        conn.cmd_reset_connection()
+        if "autocommit" in baseline:
+            conn.autocommit = baseline["autocommit"]
 
     def query(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
         was_idle = not conn.in_transaction

@@ -85,6 +85,10 @@ _PG_TX_STATUS = operator.attrgetter("pgconn.transaction_status")
 # libpq statuses with a transaction open (IntEnum members: equal to the raw ints).
 _PG_OPEN = frozenset({pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR})
 
+#: Session attributes in the order they are re-applied (autocommit first: the others apply to
+#: the transactions psycopg starts).
+_SESSION_ORDER = ("autocommit", "isolation_level", "read_only", "deferrable")
+
 # psycopg's own connect keywords (beyond libpq's parameters).
 _PSYCOPG_KEYWORDS = frozenset(
     {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
@@ -323,9 +327,36 @@ class PsycopgDriver(DriverDialect):
         return state is None and "authentication failed for user" in str(exc)
 
     def apply_session_state(self, conn: Any, state: Mapping[str, Any]) -> None:
-        for name in ("autocommit", "isolation_level", "read_only", "deferrable"):
+        for name in _SESSION_ORDER:
             if name in state:
                 setattr(conn, name, state[name])
+
+    def enforce_read_only(self, conn: Any, on: bool) -> None:
+        # psycopg's read_only is a BEGIN option: autocommit statements ignore it. The session
+        # default covers them; set outside a transaction (the connection is idle here) so that
+        # it takes effect at once and no transaction is left open.
+        autocommit = conn.autocommit
+        if not autocommit:
+            conn.autocommit = True
+        try:
+            conn.execute("SET SESSION default_transaction_read_only = "
+                         + ("on" if on else "off"), prepare=False)
+        finally:
+            if not autocommit:
+                conn.autocommit = False
+
+    def session_baseline(self, conn: Any) -> dict[str, Any]:
+        # psycopg keeps these on the client (no I/O to read them).
+        return {name: getattr(conn, name) for name in _SESSION_ORDER}
+
+    def reset_for_reuse(self, conn: Any, baseline: Mapping[str, Any]) -> None:
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            conn.rollback()
+        conn.autocommit = True  # DISCARD ALL cannot run inside a transaction block
+        conn.execute("DISCARD ALL", prepare=False)
+        for name in _SESSION_ORDER:
+            if name in baseline:
+                setattr(conn, name, baseline[name])
 
     def query(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
         was_idle = conn.info.transaction_status == pq.TransactionStatus.IDLE

@@ -42,9 +42,8 @@ import time
 import weakref
 from typing import Any, Final
 
-from .. import response_time, topology
+from .. import _pools, response_time, topology
 from .._decisions import decision_span, get_decision_sink
-from .._open_counts import open_counts
 from .._options import current_options
 from .._params import (
     CLUSTER_ID,
@@ -99,7 +98,7 @@ from ..failover_core import (
 )
 from ..hosts import Host, Role, TopologySnapshot, allowed_only
 from ..rds import classify, cluster_identity
-from ..selection import SelectionContext, configured
+from ..selection import configured, selection_context
 from ..telemetry.context import suppress_instrumentation
 from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
 from ..watchdog import Armed, abort_after
@@ -289,6 +288,18 @@ class FailoverPlugin(Plugin):
         self.role = (Role.UNKNOWN if report.is_reader is None
                      else Role.READER if report.is_reader else Role.WRITER)
         self.epoch = monitor.epoch
+
+    def follow(self, *, instance_id: str | None, role: Role, mode: FailoverMode) -> None:
+        """For read/write splitting: the connection moved to another instance (``instance_id``
+        of ``role``), and failing over from it now means ``mode`` (a reader mode while
+        ``read_only`` keeps it on a reader, the configured mode on the writer)."""
+        with self._lock:
+            self.instance_id = instance_id
+            self.role = role
+            self.mode = mode
+            monitor = self._monitor
+            if monitor is not None:
+                self.epoch = monitor.epoch
 
     def monitor(self) -> TopologyMonitor:
         """The cluster's monitor (started again if ``resilient_db.shutdown`` stopped it).
@@ -607,6 +618,9 @@ class FailoverPlugin(Plugin):
                     monitor = self.monitor()
                     if trigger == "network":
                         monitor.mark_down(self._failed_host(failed, monitor))
+                    # Pooled connections to the failed instance (read/write splitting) must
+                    # not serve anyone again: a demoted writer's never as "the writer".
+                    _pools.evict_host(driver.code, failed.host, failed.port)
                     try:
                         self._reconnect(proxy, monitor, started)
                     except _NoConnectionError as none:
@@ -740,8 +754,8 @@ class FailoverPlugin(Plugin):
         ``custom_endpoint`` keeps the endpoint's members); ``_NoConnectionError`` at once when
         it allows none of the candidates (waiting would not make one a member)."""
         now = time.monotonic()
-        ctx = SelectionContext(rng=monitor.rng, now=now, cursor=monitor.round_robin,
-                               connections=open_counts(), weights=self.weights)
+        ctx = selection_context(rng=monitor.rng, now=now, cursor=monitor.round_robin,
+                                weights=self.weights)
         if self.mode is FailoverMode.STRICT_WRITER:
             writer = monitor.wait_for_writer(since, remaining)
             if writer is None:

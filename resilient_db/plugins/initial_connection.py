@@ -42,7 +42,7 @@ from typing import Any
 
 from .. import response_time
 from .._decisions import get_decision_sink
-from .._open_counts import note_opened, open_counts
+from .._open_counts import note_opened
 from .._params import (
     INITIAL_CONNECTION_HOST_SELECTOR_STRATEGY,
     MAX_REPLICA_LAG,
@@ -58,7 +58,14 @@ from ..hosts import Host, Role, TopologySnapshot, allowed_only
 from ..rds import EndpointKind, classify
 from ..rds import reader_endpoint as rds_reader_endpoint
 from ..rds import writer_endpoint as rds_writer_endpoint
-from ..selection import ReaderChoice, SelectionContext, Strategy, choose, configured
+from ..selection import (
+    ReaderChoice,
+    SelectionContext,
+    Strategy,
+    choose,
+    configured,
+    selection_context,
+)
 from ..topology import TopologyMonitor
 from . import _cluster_connect as cc
 
@@ -287,9 +294,8 @@ class _Opening:
         rng = monitor.rng if monitor is not None else self.plugin._rng
         times = response_time.selection_times(self.plugin.ctx, self.plugin.strategy,
                                               snapshot.hosts)
-        sctx = SelectionContext(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor),
-                                connections=open_counts(), response_times=times,
-                                weights=self.plugin.weights)
+        sctx = selection_context(rng=rng, now=now, cursor=cc.cursor_for(self.ctx, monitor),
+                                 weights=self.plugin.weights, response_times=times)
         cooling = monitor.bad_hosts().cooling(now) if monitor is not None else frozenset()
         hosts, choice = candidates(self.wanted, snapshot, self.plugin.strategy, sctx,
                                    max_lag=self.plugin.max_lag, exclude=frozenset(tried),
