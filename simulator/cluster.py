@@ -311,6 +311,23 @@ class ClusterEngine(abc.ABC):
         raise ClusterError(
             f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
 
+    def end_client_sessions(self, instance: Instance) -> None:
+        """End every application session on ``instance`` (not the control plane's own), as
+        RDS does to both environments during a blue/green switchover. Optional hook (with
+        ``publish_blue_green``); the default refuses."""
+        raise ClusterError(
+            f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
+
+    def copy_data(self, source: Instance, target: Instance) -> None:
+        """Make the application database of ``target`` (a green writer) a copy of
+        ``source``'s (the blue writer, read-only by then): tables of the application's schema
+        with their rows, sequences and grants, replacing what ``target`` had under the same
+        names. What the replication from blue to green has delivered by the end of a
+        switchover's ``SWITCHOVER_IN_PROGRESS`` phase. Optional hook (with
+        ``publish_blue_green``); the default refuses."""
+        raise ClusterError(
+            f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
+
     def apply_iam(self, instance: Instance, iam: ClusterIam) -> None:
         """Make ``instance`` send its IAM users' logins to PAM service ``iam.service``
         (running or stopped: a stopped instance has it when it starts); return when a
@@ -597,6 +614,14 @@ class Cluster:
 
     def _update_dns(self) -> None:
         green = self._switched_to
+        if self._renamed_by is not None:
+            # A green cluster after its switchover: RDS deletes the green names; its
+            # instances answer to the blue cluster's names (published by the blue cluster).
+            self._hosts.set_cluster(self.name, [], self._owner)
+            blue = self._renamed_by
+            if not blue._stopped:
+                blue._update_dns()
+            return
         if green is None:
             entries = self._entries(self.writer_endpoint, self.reader_endpoint,
                                     self.naming.instance)
@@ -947,14 +972,29 @@ class Cluster:
             for phase in BLUE_GREEN_PHASES[1:]:
                 time.sleep(self.timeline.switchover_phase)
                 if phase == "SWITCHOVER_IN_PROGRESS":
+                    # Published first: clients learn of the phase as it starts, then lose
+                    # their sessions (RDS drops the connections of both environments).
+                    self._publish_blue_green(phase, renamed=renamed)
+                    self.events.record("switchover_phase", None, phase=phase, green=green.name)
                     writer = self.writer
                     self.engine.set_read_only(writer, True)
                     self.events.record("writer_read_only", writer.id, read_only=True)
-                elif phase == "SWITCHOVER_IN_POST_PROCESSING":
+                    for cluster in (self, green):
+                        with cluster._lock:
+                            for instance in cluster.instances.values():
+                                if instance.role != "stopped":
+                                    cluster.engine.end_client_sessions(instance)
+                    self.events.record("sessions_ended", None, green=green.name)
+                    with green._lock:
+                        green.engine.copy_data(writer, green.writer)
+                    self.events.record("data_copied", writer.id, target=green.writer.id)
+                    continue
+                if phase == "SWITCHOVER_IN_POST_PROCESSING":
                     renamed = True
                     self._switched_to = green
                     green._renamed_by = self
                     self._update_dns()
+                    green._update_dns()  # the green names are deleted
                     self.events.record("dns_updated", None, endpoint=self.writer_endpoint,
                                        cluster=green.name)
                 self._publish_blue_green(phase, renamed=renamed)

@@ -43,6 +43,8 @@ EVENT_NAMES = frozenset(
         "dns_staleness_set",
         "switchover_phase",
         "switchover_finished",
+        "sessions_ended",
+        "data_copied",
         "iam_enabled",
         # chaos/secrets.py: a new password in the workload's secret and on the database
         "secret_rotated",
