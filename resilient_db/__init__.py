@@ -44,6 +44,7 @@ from .errors import (
     FailoverSuccessError,
     ForkedConnectionError,
     QueryTimeoutError,
+    SwitchoverError,
     TransactionResolutionUnknownError,
 )
 
@@ -76,6 +77,7 @@ __all__ = [
     "PluginContext",
     "Property",
     "QueryTimeoutError",
+    "SwitchoverError",
     "TransactionResolutionUnknownError",
     "__version__",
     "call_options",

@@ -41,18 +41,17 @@ BUILTIN: dict[str, str] = {
     "okta": "resilient_db.plugins.okta:OktaPlugin",
     "fastest_response_strategy":
         "resilient_db.plugins.fastest_response_strategy:FastestResponseStrategyPlugin",
+    "blue_green": "resilient_db.plugins.blue_green:BlueGreenPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
 #: resilient_db plugin yet, and what each does: selecting one gives a clear "known AWS plugin,
-#: not available in this release" error, not a typo suggestion. ``blue_green`` is our code
-#: for AWS's ``bg`` (an alias below).
+#: not available in this release" error, not a typo suggestion.
 PLANNED: dict[str, str] = {
     "read_write_splitting": "read/write splitting by topology",
     "srw": "simple read/write splitting through srw_read_endpoint/srw_write_endpoint",
     "gdb_rw": "read/write splitting for Aurora Global Database",
     "gdb_failover": "failover for Aurora Global Database",
-    "blue_green": "blue/green deployment switchover",
     "custom_endpoint": "Aurora custom endpoints",
     "limitless": "Aurora Limitless transaction routers",
 }

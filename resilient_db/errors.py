@@ -13,10 +13,11 @@ resilient_db raises its own errors only for its own outcomes::
           │    ├── TransactionResolutionUnknownError  replaced; open transaction's fate unknown
           │    └── FailoverFailedError             no usable connection within the budget
           ├── QueryTimeoutError                a client-side statement deadline expired
+          ├── SwitchoverError                  a blue/green switchover refused or outlasted a call
           └── ForkedConnectionError            a connection opened before fork() used in the child
 
-The runtime outcomes (the ``FailoverError`` family, ``QueryTimeoutError`` and
-``ForkedConnectionError``) are also
+The runtime outcomes (the ``FailoverError`` family, ``QueryTimeoutError``,
+``SwitchoverError`` and ``ForkedConnectionError``) are also
 catchable as the target driver's ``OperationalError``: each driver dialect creates one subclass
 per outcome that inherits from both (``resilient_db.drivers.psycopg.FailoverSuccessError`` is a
 ``resilient_db.FailoverSuccessError`` *and* a ``psycopg.OperationalError``), so code and ORMs that
@@ -38,6 +39,7 @@ __all__ = [
     "FailoverSuccessError",
     "ForkedConnectionError",
     "QueryTimeoutError",
+    "SwitchoverError",
     "TransactionResolutionUnknownError",
 ]
 
@@ -202,6 +204,26 @@ class QueryTimeoutError(Error):
         self.host = host
 
 
+class SwitchoverError(Error):
+    """The ``blue_green`` plugin held a connect or statement back during a blue/green
+    switchover and gave up (``bg_connect_timeout_ms`` passed), or refused a connection to a
+    green host name that is about to disappear. Nothing was sent to the server.
+
+    ``host`` is the host name concerned; ``phase`` the switchover phase at that moment
+    (``"IN_PROGRESS"``, ``"POST"``, ...); ``waited`` the seconds spent waiting (0 for a
+    refusal). Retry later: the switchover typically completes within a minute.
+    """
+
+    __module__ = "resilient_db"
+
+    def __init__(self, message: str = "", *, host: str | None = None, phase: str = "",
+                 waited: float = 0.0) -> None:
+        super().__init__(message)
+        self.host = host
+        self.phase = phase
+        self.waited = waited
+
+
 class ForkedConnectionError(Error):
     """A connection opened before ``fork()`` was used in the child process.
 
@@ -226,5 +248,6 @@ RUNTIME_ERRORS: tuple[type[Error], ...] = (
     TransactionResolutionUnknownError,
     FailoverFailedError,
     QueryTimeoutError,
+    SwitchoverError,
     ForkedConnectionError,
 )

@@ -635,9 +635,6 @@ class Cluster:
         self._hosts.set_cluster(self.name, entries, self._owner)
         if self.iam is not None:
             self.iam.sync()  # roles changed: the host names each instance accepts too
-        blue = self._renamed_by
-        if blue is not None and not blue._stopped:
-            blue._update_dns()  # our addresses also stand behind the blue cluster's names
 
     def _later(self, delay: float, action: Callable[[], None]) -> None:
         def run() -> None:

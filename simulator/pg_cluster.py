@@ -755,6 +755,13 @@ class PgClusterEngine(ClusterEngine):
 
         src: LocalServer = source.runtime
         dst: LocalServer = target.runtime
+        with self._connect(source, src.database) as conn:
+            found = conn.execute("SELECT count(*) FROM pg_catalog.pg_class AS c JOIN "
+                                 "pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+                                 "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S', 'p')"
+                                 ).fetchone()
+        if not found or not found[0]:
+            return  # nothing to copy (pg_dump -t refuses a pattern that matches nothing)
         bindir = _pg_bindir()
         dump = subprocess.run(
             [str(bindir / "pg_dump"), "-h", str(src.socket_dir), "-p", str(src.port),
