@@ -442,6 +442,8 @@ class Cluster:
         self._green: Cluster | None = None
         #: After a switchover: the green cluster this cluster's names now resolve to.
         self._switched_to: Cluster | None = None
+        #: A green cluster whose own names RDS deleted (at the end of its switchover).
+        self._names_deleted = False
         #: The blue cluster whose names resolve to this (green) cluster after a switchover.
         self._renamed_by: Cluster | None = None
         #: IAM enforcement (:meth:`enable_iam`); None: IAM users do not exist.
@@ -614,11 +616,16 @@ class Cluster:
 
     def _update_dns(self) -> None:
         green = self._switched_to
-        if self._renamed_by is not None:
-            # A green cluster after its switchover: RDS deletes the green names; its
-            # instances answer to the blue cluster's names (published by the blue cluster).
-            self._hosts.set_cluster(self.name, [], self._owner)
-            blue = self._renamed_by
+        blue = self._renamed_by
+        if blue is not None:
+            # A green cluster after its switchover: its instances answer to the blue
+            # cluster's names (published by the blue cluster); RDS deletes the green names
+            # when the switchover completes.
+            entries = [] if self._names_deleted else self._entries(
+                self.writer_endpoint, self.reader_endpoint, self.naming.instance)
+            self._hosts.set_cluster(self.name, entries, self._owner)
+            if self.iam is not None:
+                self.iam.sync()
             if not blue._stopped:
                 blue._update_dns()
             return
@@ -991,9 +998,14 @@ class Cluster:
                     self._switched_to = green
                     green._renamed_by = self
                     self._update_dns()
-                    green._update_dns()  # the green names are deleted
                     self.events.record("dns_updated", None, endpoint=self.writer_endpoint,
                                        cluster=green.name)
+                elif phase == "SWITCHOVER_COMPLETED":
+                    with green._lock:
+                        green._names_deleted = True
+                        green._update_dns()
+                    self.events.record("dns_updated", None, endpoint=green.writer_endpoint,
+                                       deleted=True)
                 self._publish_blue_green(phase, renamed=renamed)
                 self.events.record("switchover_phase", None, phase=phase, green=green.name)
             self._green = None
