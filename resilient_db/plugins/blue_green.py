@@ -84,7 +84,9 @@ class BlueGreenPlugin(Plugin):
     """See the module docstring."""
 
     code = "blue_green"
-    intercepts = STATEMENT_OPS | frozenset({Op.COMMIT, Op.ROLLBACK})
+    # CURSOR: mysql-connector's cursor() checks the connection (a session the switchover
+    # ended fails there first).
+    intercepts = STATEMENT_OPS | frozenset({Op.COMMIT, Op.ROLLBACK, Op.CURSOR})
 
     def __init__(self, ctx: PluginContext) -> None:
         super().__init__(ctx)
@@ -280,9 +282,9 @@ class BlueGreenPlugin(Plugin):
     def _during_switchover(self, call: Call, proceed: Handler,
                            monitor: bg.BlueGreenMonitor) -> Any:
         status = self._hold(monitor, monitor.status, call.method)
-        if status.routing_phase >= Phase.POST and self._on_blue(status):
-            if self._in_transaction(call.raw):
-                return proceed(call)  # its session is gone or going: it fails below
+        if (status.routing_phase >= Phase.POST and self._on_blue(status)
+                and not self._in_transaction(call.raw)):
+            # (In a transaction: its session is gone or going; the call fails below.)
             call = self._move(call, status, "held statement not sent yet")
         snapshot = self._tx_snapshot(call.raw)
         try:
@@ -345,7 +347,7 @@ class BlueGreenPlugin(Plugin):
                 f"blue/green switchover: the transaction open on {host} was ended by the "
                 "switchover; the connection now points at the green instance",
                 host=host, failed_host=host, statement_sent=True) from exc
-        idempotent = bool(current_options().idempotent)
+        idempotent = bool(current_options().idempotent) or call.op is Op.CURSOR
         if refused or idempotent:
             return proceed(moved)
         raise driver.error(
