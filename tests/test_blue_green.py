@@ -10,6 +10,7 @@ Each test has its own deployment: a switchover renames the blue cluster for good
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -118,10 +119,8 @@ def _start(flavour: str) -> Iterator[Deployment]:
             yield deployment
         finally:
             for conn in deployment.opened:
-                try:
+                with contextlib.suppress(Exception):
                     conn.close()
-                except Exception:
-                    pass
             if deployment.switching is not None:
                 deployment.switching.join(timeout=120)
 
@@ -223,8 +222,9 @@ def test_switchover_under_load_loses_nothing(aurora: Deployment) -> None:
     wait_for("writes before the switchover", lambda: len(acknowledged), lambda n: n >= 20)
     d.switchover()
     d.finish()
+    before = len(acknowledged)
     wait_for("writes after the switchover", lambda: len(acknowledged),
-             lambda n, before=len(acknowledged): n >= before + 20)
+             lambda n: n >= before + 20)
     stop.set()
     for worker in workers:
         worker.join(timeout=60)

@@ -4,6 +4,8 @@ a new connection goes in each phase. No servers."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from resilient_db.blue_green import (
@@ -37,7 +39,7 @@ ADDRESSES = {BLUE_WRITER: "10.0.0.1", BLUE_I1: "10.0.0.1", BLUE_I2: "10.0.0.2",
              GREEN_WRITER.replace(".cluster-", ".cluster-ro-"): "10.0.1.2"}
 
 
-def rows(status: str, *, blue: str = SOURCE, green: str = TARGET) -> list[tuple[object, ...]]:
+def rows(status: str, *, blue: str = SOURCE, green: str = TARGET) -> list[tuple[Any, ...]]:
     return [("1.0", name, 5432, blue, status) for name in (BLUE_WRITER, BLUE_I1, BLUE_I2)] + [
         ("1.0", name, 5432, green, status) for name in (GREEN_WRITER, GREEN_I1, GREEN_I2)]
 

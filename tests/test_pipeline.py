@@ -183,7 +183,7 @@ def test_unknown_plugin_suggests() -> None:
 
 
 @pytest.mark.parametrize("code", [
-    "srw", "read_write_splitting", "gdb_rw", "custom_endpoint", "bg", "limitless",
+    "srw", "read_write_splitting", "gdb_rw", "custom_endpoint", "limitless",
     "gdb_failover",
 ])
 def test_planned_aws_plugin_is_a_clear_error(code: str) -> None:

@@ -133,7 +133,9 @@ def test_settings_default_and_explicit() -> None:
 
 
 @pytest.mark.parametrize(("name", "owner"), [
-    ("gdb_rw_home_region", "gdb_rw"), ("srw_read_endpoint", "srw"), ("bg_id", "bg"),
+    ("gdb_rw_home_region", "gdb_rw"), ("srw_read_endpoint", "srw"),
+    ("blue-green-monitoring-connect_timeout",
+     "properties of the blue/green status monitor's connections"),
     ("aws_profile", "iam, aws_secrets_manager"),
     ("reader_host_selector_strategy", "read_write_splitting"),
     ("monitoring-connect_timeout", "properties of efm's monitoring connections"),
