@@ -6,10 +6,12 @@ Method: per run, a fresh simulated deployment (blue and green clusters, a writer
 each, every phase lasting ``--phase`` seconds), one application connection through the blue
 cluster endpoint with ``plugins="bg"`` and the AWS wrapper's default intervals (except
 ``bg_interval_baseline_ms=1000``, so that the new deployment is noticed quickly), writing
-without pause from its own thread. The pause includes the ``IN_PROGRESS`` phase itself (the
-simulator's stand-in for the time RDS takes; writes are impossible on either side then), so
-the figure that belongs to the client is ``pause - phase``: noticing the phase's end (one
-``bg_interval_high_ms`` poll at most) and moving the connection to green.
+without pause from its own thread (idempotent inserts marked with
+``call_options(idempotent=True)``, as ``failover_time.py`` does). The pause includes the
+``IN_PROGRESS`` phase itself (the simulator's stand-in for the time RDS takes; writes are
+impossible on either side then), so the figure that belongs to the client is
+``pause - phase``: noticing the phase's end (one ``bg_interval_high_ms`` poll at most) and
+moving the connection to green.
 
 Invariant checked per run: every acknowledged write is on the green writer afterwards.
 
@@ -45,6 +47,7 @@ class Workload:
     address the connection was on."""
 
     conn: Any
+    insert: str
     acks: list[tuple[int, float, str | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -56,7 +59,10 @@ class Workload:
             key += 1
             try:
                 cur = self.conn.cursor()
-                cur.execute("INSERT INTO bg_bench VALUES (%s)", (key,))
+                # Idempotent (a duplicate is ignored): a write whose session the switchover
+                # ended is run again on green instead of surfacing as FailoverSuccessError.
+                with resilient_db.call_options(idempotent=True):
+                    cur.execute(self.insert, (key,))
                 cur.close()
             except Exception as exc:  # recorded: a run with errors fails the benchmark
                 self.errors.append(repr(exc))
@@ -90,7 +96,8 @@ def one_run(flavour: str, phase: float) -> tuple[float, float]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the deployment was not noticed within 30 s")
             time.sleep(0.05)
-        work = Workload(conn)
+        work = Workload(conn, "INSERT INTO bg_bench VALUES (%s) ON CONFLICT DO NOTHING" if pg
+                        else "INSERT IGNORE INTO bg_bench VALUES (%s)")
         thread = threading.Thread(target=work.run, daemon=True)
         thread.start()
         time.sleep(0.5)

@@ -685,11 +685,15 @@ class BlueGreenMonitor:
 
     def _fetch(self) -> list[tuple[Any, ...]]:
         conn = self._conn
-        if self._query is None:
-            self._query = metadata_query(self.driver, conn)
-        if self._query == "":
-            return []  # this server publishes no blue/green metadata
-        return self.driver.query(conn, self._query)
+        query = self._query
+        if query is None:
+            # Asked again at every read until found: a deployment created later brings its
+            # metadata (MySQL's mysql.rds_topology table appears with it).
+            query = metadata_query(self.driver, conn)
+            if not query:
+                return []  # no blue/green metadata on this server (yet)
+            self._query = query
+        return self.driver.query(conn, query)
 
     def _close(self) -> None:
         with self._cond:

@@ -103,7 +103,7 @@ class Deployment:
             conn.close()
 
 
-def _start(flavour: str) -> Iterator[Deployment]:
+def _start(flavour: str, *, pair: bool = True) -> Iterator[Deployment]:
     readers = 1 if flavour.startswith("aurora") else None
     pg = flavour.endswith("pg")
     with Cluster.start(flavour, readers=readers, timeline=TIMELINE) as blue, \
@@ -114,7 +114,8 @@ def _start(flavour: str) -> Iterator[Deployment]:
         setup = deployment.connect(plugins="")
         deployment.execute(setup, "CREATE TABLE bg_t (id INT PRIMARY KEY, note VARCHAR(40))")
         setup.close()
-        blue.create_blue_green(green)
+        if pair:
+            blue.create_blue_green(green)
         try:
             yield deployment
         finally:
@@ -249,6 +250,24 @@ def test_held_statement_times_out_with_a_clear_error(aurora: Deployment,
     d.execute(conn, "INSERT INTO bg_t VALUES (8, 'later')")
     assert peer(conn) == d.green.writer.address
     assert 7 not in d.green_ids() and 8 in d.green_ids()
+
+
+@pytest.fixture(params=["aurora-pg", "aurora-mysql"])
+def unpaired(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    yield from _start(request.param, pair=False)
+
+
+def test_deployment_created_after_the_first_connection(unpaired: Deployment) -> None:
+    d = unpaired
+    conn = d.connect()
+    wait_for("a metadata read", lambda: d.monitor().reads, lambda n: n >= 2)
+    assert d.monitor().status.phase is Phase.NOT_CREATED
+    d.blue.create_blue_green(d.green)
+    status = d.wait_phase(Phase.CREATED)
+    assert status.deployment is not None
+    assert d.blue.writer_endpoint in status.deployment.blue
+    assert d.green.writer_endpoint in status.deployment.green
+    d.execute(conn, "INSERT INTO bg_t VALUES (1, 'created')")
 
 
 def test_rds_instances(rds: Deployment) -> None:
