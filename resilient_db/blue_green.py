@@ -622,9 +622,11 @@ class BlueGreenMonitor:
                 blue_updated = green_removed = False
             new = Status(phase, deployment, blue_updated, green_removed, False, now)
         started = self._switch_started
-        timed_out = (started is not None and new.phase is not Phase.COMPLETED
+        timed_out = (started is not None and new.routing_phase is not Phase.COMPLETED
                      and now - started >= self.switchover_timeout)
         if timed_out or (previous.timed_out and new.phase > Phase.CREATED):
+            # Sticky until the deployment is back to CREATED (or gone): a switchover that
+            # outlasted bg_switchover_timeout_ms, even one whose DNS never caught up.
             new = dataclasses.replace(new, timed_out=True)
         self._set(previous, new)
         if raw_rows is not None and new.phase >= Phase.POST and (

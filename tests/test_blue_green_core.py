@@ -141,3 +141,87 @@ def test_without_metadata_everything_goes_through_dns() -> None:
     for phase in Phase:
         route = connect_route(Status(phase, None), BLUE_WRITER, suspend_blue=True)
         assert route.action is Action.DIRECT
+
+
+class FakeDriver:
+    """The monitor's driver, for :meth:`BlueGreenMonitor._publish` only (no I/O)."""
+
+    code = "psycopg"
+
+    def abort(self, conn: Any) -> bool:
+        return False
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def routing(m: Any) -> Phase:
+    """The monitor's current routing phase (a call: mypy must not narrow it across
+    publications)."""
+    phase: Phase = m.status.routing_phase
+    return phase
+
+
+def monitor(clock: Clock, names: dict[str, str]) -> Any:
+    from resilient_db.blue_green import BlueGreenMonitor, Intervals
+
+    def resolve(name: str) -> frozenset[str]:
+        found = names.get(name)
+        return frozenset({found}) if found else frozenset()
+
+    return BlueGreenMonitor(("psycopg", "t"), "t", FakeDriver(),  # type: ignore[arg-type]
+                            intervals=Intervals(), switchover_timeout=30.0, disposal=60.0,
+                            resolver=resolve, clock=clock)
+
+
+def test_monitor_waits_for_dns_before_completing_and_records_phases(
+        sink: Any) -> None:
+    clock = Clock()
+    names = dict(ADDRESSES)
+    m = monitor(clock, names)
+    m._publish(m.status, raw_rows=rows("AVAILABLE"))
+    assert m.status.phase is Phase.CREATED and m.status.deployment is not None
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_IN_PROGRESS"))
+    assert routing(m) is Phase.IN_PROGRESS
+    # Names moved for blue, green names still resolve: COMPLETED acts as POST.
+    for name in list(names):
+        if name.startswith("app.") or name.startswith("db-1.") or name.startswith("db-2."):
+            names[name] = names[name].replace("10.0.0.", "10.0.1.")
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_COMPLETED"))
+    assert m.status.blue_dns_updated and not m.status.green_dns_removed
+    assert routing(m) is Phase.POST
+    for name in [n for n in names if "green" in n]:
+        del names[name]
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_COMPLETED"))
+    assert routing(m) is Phase.COMPLETED
+    phases = [d.attributes["resilient_db.blue_green.phase"]
+              for d in sink.of_kind("blue_green.phase_changed")]
+    assert phases == ["CREATED", "IN_PROGRESS", "COMPLETED", "COMPLETED"]
+    routing = [d.attributes["resilient_db.blue_green.routing_phase"]
+               for d in sink.of_kind("blue_green.phase_changed")]
+    assert routing == ["CREATED", "IN_PROGRESS", "POST", "COMPLETED"]
+
+
+def test_monitor_gives_up_steering_after_the_switchover_timeout(sink: Any) -> None:
+    clock = Clock()
+    m = monitor(clock, dict(ADDRESSES))
+    m._publish(m.status, raw_rows=rows("AVAILABLE"))
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_INITIATED"))
+    clock.now += 29.0
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_IN_PROGRESS"))
+    assert not m.status.timed_out and routing(m) is Phase.IN_PROGRESS
+    clock.now += 2.0
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_IN_PROGRESS"))
+    assert m.status.timed_out and routing(m) is Phase.COMPLETED
+    assert not holds_statements(m.status, Side.BLUE)
+    m._publish(m.status, raw_rows=None)  # a failed read keeps what was known
+    assert m.status.timed_out
+    m._publish(m.status, raw_rows=rows("AVAILABLE"))  # rolled back / new deployment
+    assert not m.status.timed_out and m.status.phase is Phase.CREATED
+    assert sink.of_kind("blue_green.phase_changed")[-1].attributes[
+        "resilient_db.blue_green.rollback"] is True
