@@ -202,9 +202,9 @@ def test_monitor_waits_for_dns_before_completing_and_records_phases(
     phases = [d.attributes["resilient_db.blue_green.phase"]
               for d in sink.of_kind("blue_green.phase_changed")]
     assert phases == ["CREATED", "IN_PROGRESS", "COMPLETED", "COMPLETED"]
-    routing = [d.attributes["resilient_db.blue_green.routing_phase"]
-               for d in sink.of_kind("blue_green.phase_changed")]
-    assert routing == ["CREATED", "IN_PROGRESS", "POST", "COMPLETED"]
+    routed = [d.attributes["resilient_db.blue_green.routing_phase"]
+              for d in sink.of_kind("blue_green.phase_changed")]
+    assert routed == ["CREATED", "IN_PROGRESS", "POST", "COMPLETED"]
 
 
 def test_monitor_gives_up_steering_after_the_switchover_timeout(sink: Any) -> None:
