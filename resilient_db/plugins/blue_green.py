@@ -37,6 +37,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 from .. import blue_green as bg
@@ -52,6 +53,7 @@ from .._params import (
     MONITOR_DISPOSAL_TIME,
 )
 from .._pipeline import (
+    DEFER_FAILOVER,
     STATEMENT_OPS,
     Call,
     ConnectContext,
@@ -117,6 +119,9 @@ class BlueGreenPlugin(Plugin):
         #: Connections moved from blue to green, connects held back (diagnostics, tests).
         self.moved = 0
         self.held = 0
+        # failover (inside this plugin) leaves errors a switchover explains to this plugin;
+        # weak: a cycle would outlive `del conn`.
+        ctx.extra[DEFER_FAILOVER] = weakref.WeakMethod(self.handles_error)
 
     # --- connect phase -------------------------------------------------------------------------
     def connect(self, ctx: ConnectContext, proceed: ConnectHandler) -> Any:
@@ -238,6 +243,24 @@ class BlueGreenPlugin(Plugin):
         if connect is None:
             return driver.connect(self._target, args, self.ctx.settings)
         return connect(ctx)
+
+    def handles_error(self, exc: BaseException) -> bool:
+        """Whether this plugin handles ``exc`` itself (``failover`` then leaves it alone): a
+        lost session or a read-only refusal on a connection to either side while a
+        switchover is underway (``PREPARATION`` to ``POST``, or ``COMPLETED`` while DNS
+        catches up)."""
+        monitor = self._monitor
+        if monitor is None:
+            return False
+        status = monitor.status
+        if status.routing_phase not in (Phase.PREPARATION, Phase.IN_PROGRESS, Phase.POST):
+            return False
+        if status is not self._seen:
+            self._classify(status)
+        if self._side is None:
+            return False
+        driver = self.ctx.driver
+        return driver.is_disconnect(exc) or driver.is_read_only_error(exc)
 
     # --- execute phase -------------------------------------------------------------------------
     def wrap_execute(self, proceed: Handler) -> Handler:
