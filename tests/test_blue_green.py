@@ -26,6 +26,7 @@ from resilient_db import blue_green as bg
 from resilient_db.blue_green import Phase
 from simulator.cluster import Cluster, Timeline, connect_runtime
 
+from .test_fork import in_child, session_id
 from .waiting import wait_for
 
 pytestmark = pytest.mark.real_server
@@ -273,6 +274,38 @@ def test_deployment_created_after_the_first_connection(unpaired: Deployment) -> 
     assert d.blue.writer_endpoint in status.deployment.blue
     assert d.green.writer_endpoint in status.deployment.green
     d.execute(conn, "INSERT INTO bg_t VALUES (1, 'created')")
+
+
+def test_fork_child_starts_its_own_monitor(aurora: Deployment) -> None:
+    d = aurora
+    engine = "pg" if d.pg else "mysql"
+    conn = d.connect()
+    monitor = d.monitor()
+    d.wait_phase(Phase.CREATED)
+    session = session_id(engine, monitor._conn)
+
+    def child() -> dict[str, Any]:
+        inherited = bg.monitors()  # abandoned: the parent's, not the child's
+        own_conn = d.connect()
+        own = d.monitor()
+        wait_for("the child's monitor to see the deployment", lambda: own.status.phase,
+                 lambda p: p is Phase.CREATED)
+        result = {"inherited": len(inherited), "own_is_new": own is not monitor,
+                  "parent_monitor_stopped": monitor.stopped,
+                  "own_session": session_id(engine, own._conn)}
+        own_conn.close()
+        resilient_db.shutdown()
+        return result
+
+    result = in_child(child)
+    assert result == {"inherited": 0, "own_is_new": True, "parent_monitor_stopped": True,
+                      "own_session": result["own_session"]}
+    assert result["own_session"] != session
+    # The parent's monitor reads on, on the same session.
+    before = monitor.reads
+    wait_for("the parent's monitor reading on", lambda: monitor.reads, lambda n: n > before + 1)
+    assert not monitor.stopped and session_id(engine, monitor._conn) == session
+    conn.close()
 
 
 def test_rds_instances(rds: Deployment) -> None:
