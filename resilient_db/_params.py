@@ -638,8 +638,8 @@ MONITOR_DISPOSAL_TIME = duration(
     60.0,
     "A host monitor with no open connection using it stops (thread and probe connection) "
     "after this long: `efm`'s failure monitors, `fastest_response_strategy`'s "
-    "response-time monitors and `blue_green`'s status monitors. The minimum keeps a monitor from being torn down and reopened "
-    "(a new probe connection) between two statements.",
+    "response-time monitors and `blue_green`'s status monitors. The minimum keeps a monitor "
+    "from being torn down and reopened (a new probe connection) between two statements.",
     unit="ms",
     plugin="efm",
     minimum=100,

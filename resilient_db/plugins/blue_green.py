@@ -116,6 +116,8 @@ class BlueGreenPlugin(Plugin):
         self._side: Side | None = None
         #: Whether the connection must be looked at before its next statement.
         self._act = False
+        #: The physical connection changed without this plugin's connect hook.
+        self._address_stale = False
         #: Connections moved from blue to green, connects held back (diagnostics, tests).
         self.moved = 0
         self.held = 0
@@ -146,7 +148,7 @@ class BlueGreenPlugin(Plugin):
                              what="connect", reason=route.reason)
             left = deadline - time.monotonic()
             if left <= 0:
-                self._timeout(status, ctx.host.host, "connect", started, ctx)
+                self._timeout(status, ctx.host.host, "connect", started)
             status = monitor.wait_change(status, min(left, 1.0))
         if held:
             self._decide("blue_green.resumed", status, ctx.host.host, what="connect",
@@ -182,6 +184,9 @@ class BlueGreenPlugin(Plugin):
         if event.reason == "close":
             self._release()
         elif event.reason != "blue_green":
+            # Replaced by another plugin (failover) through its own connect: where the new
+            # connection went is read from it before the next statement.
+            self._address_stale = True
             self._seen = None
 
     def _attach(self) -> bg.BlueGreenMonitor | None:
@@ -270,11 +275,28 @@ class BlueGreenPlugin(Plugin):
                 return proceed(call)
             status = monitor.status
             if status is not self._seen:
+                if self._address_stale:
+                    self._address_stale = False
+                    self.address = _peer_address(self.ctx.driver, call.raw)
                 self._classify(status)
             if not self._act:
                 return proceed(call)
             return self._during_switchover(call, proceed, monitor)
 
+        inner = getattr(proceed, "statement", None)
+        if inner is None:
+            return handler
+
+        def statement(cursor: Any, raw_cursor: Any, query: Any, params: Any) -> Any:
+            # Keeps the inner layers' statement shortcut (Chains.statement: no call object
+            # per statement) while no switchover needs this layer.
+            monitor = self._monitor
+            if monitor is not None and (monitor.status is not self._seen or self._act):
+                return handler(Call(Op.EXECUTE, "Cursor.execute", raw_cursor.execute,
+                                    (query, params), {}, cursor._conn, cursor._raw_conn))
+            return inner(cursor, raw_cursor, query, params)
+
+        handler.statement = statement  # type: ignore[attr-defined]
         return handler
 
     def _classify(self, status: Status) -> None:
@@ -334,7 +356,7 @@ class BlueGreenPlugin(Plugin):
         while bg.holds_statements(status, self._side):
             left = deadline - time.monotonic()
             if left <= 0:
-                self._timeout(status, host, what, started, None)
+                self._timeout(status, host, what, started)
             status = monitor.wait_change(status, min(left, 1.0))
         self._decide("blue_green.resumed", status, host, what=what,
                      waited=time.monotonic() - started)
@@ -425,8 +447,7 @@ class BlueGreenPlugin(Plugin):
             return None
 
     # --- decisions -----------------------------------------------------------------------------
-    def _timeout(self, status: Status, host: str, what: str, started: float,
-                 ctx: ConnectContext | None) -> None:
+    def _timeout(self, status: Status, host: str, what: str, started: float) -> None:
         waited = time.monotonic() - started
         self._decide("blue_green.timeout", status, host, what=what, waited=waited)
         raise self.ctx.driver.error(
