@@ -640,6 +640,10 @@ class BlueGreenMonitor:
             self._cond.notify_all()
         if (old.routing_phase, old.phase, old.timed_out) != (
                 new.routing_phase, new.phase, new.timed_out):
+            for user in self._live_users():
+                changed = getattr(user, "status_changed", None)
+                if changed is not None:
+                    changed()  # its plugin joins or leaves its connection's chains
             attributes: dict[str, Any] = {
                 "resilient_db.blue_green.phase": new.phase.name,
                 "resilient_db.blue_green.previous_phase": old.phase.name,

@@ -151,10 +151,14 @@ def test_switchover_phase_by_phase(aurora: Deployment,
     d.execute(conn, "INSERT INTO bg_t VALUES (1, 'before')")
     assert peer(conn) == d.blue.writer.address
     d.wait_phase(Phase.CREATED)
+    # No switchover: the plugin is out of the chains (nothing per statement).
+    assert conn.resilient.pipeline.chains.execute is None
     d.switchover()
 
     # IN_PROGRESS: the statement is held (not sent), then runs on green.
     d.wait_phase(Phase.IN_PROGRESS)
+    wait_for("the plugin back in the chain", lambda: conn.resilient.pipeline.chains.execute,
+             lambda chain: chain is not None)
     d.execute(conn, "INSERT INTO bg_t VALUES (2, 'held')")
     assert peer(conn) == d.green.writer.address
     held = [x for x in sink.of_kind("blue_green.suspended")
@@ -185,6 +189,8 @@ def test_switchover_phase_by_phase(aurora: Deployment,
     after = d.connect()
     assert peer(after) == d.green.writer.address
     d.execute(after, "INSERT INTO bg_t VALUES (3, 'after')")
+    assert after.resilient.pipeline.chains.execute is None  # dormant again
+    assert conn.resilient.pipeline.chains.execute is None  # moved to green: dormant too
     assert {1, 2, 3} <= d.green_ids()
     phases = [x.attributes["resilient_db.blue_green.phase"]
               for x in sink.of_kind("blue_green.phase_changed")]

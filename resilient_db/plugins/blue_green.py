@@ -118,6 +118,8 @@ class BlueGreenPlugin(Plugin):
         self._act = False
         #: The physical connection changed without this plugin's connect hook.
         self._address_stale = False
+        #: The initial connect is done (until then the plugin must stay in the chains).
+        self._connected = False
         #: Connections moved from blue to green, connects held back (diagnostics, tests).
         self.moved = 0
         self.held = 0
@@ -169,10 +171,33 @@ class BlueGreenPlugin(Plugin):
             log.info("blue/green %s: %s connects to %s (%s)", status.phase.name,
                      ctx.host.host, route.address, route.reason)
             self._note_address(raw, route.address)
+            self._after_initial(ctx)
             return raw
         raw = proceed(ctx)
         self._note_address(raw, None)
+        self._after_initial(ctx)
         return raw
+
+    def _after_initial(self, ctx: ConnectContext) -> None:
+        if ctx.initial and not self._connected:
+            self._connected = True
+            self.ctx.rebuild()  # dormant from now on while no switchover concerns it
+
+    def dormant(self) -> bool:
+        """Out of every chain (free per statement) while no deployment or switchover
+        concerns this connection: the monitor wakes it (``status_changed``) when that
+        changes. Never before the initial connect, whose hook attaches the monitor."""
+        monitor = self._monitor
+        if monitor is None or not self._connected:
+            return False
+        status = monitor.status
+        if status is not self._seen:
+            self._classify(status)
+        return status.quiet and not self._act
+
+    def status_changed(self) -> None:
+        """Called by the monitor (its thread) when the deployment's status changed."""
+        self.ctx.rebuild()
 
     def _note_address(self, raw: Any, address: str | None) -> None:
         if address is None:
@@ -424,6 +449,7 @@ class BlueGreenPlugin(Plugin):
             old.close()
         self._note_address(raw, route.address if route.action is Action.SUBSTITUTE else None)
         self._classify(status)
+        self.ctx.rebuild()  # dormant again once on green and the switchover is over
         self.moved += 1
         self._decide("blue_green.moved", status, host.host, reason=why,
                      extra={"network.peer.address": self.address or ""})
