@@ -25,6 +25,9 @@ the statement runs again there when it is known not to have been applied (a read
 outside a transaction, or marked ``idempotent``); otherwise ``FailoverSuccessError`` (statement
 possibly applied) or ``TransactionResolutionUnknownError`` (a transaction was open).
 
+Cost: the plugin is dormant (out of every chain) while no switchover concerns the connection;
+the monitor rebuilds its connections' chains when the phase changes.
+
 Decisions: ``blue_green.phase_changed`` (monitor), ``blue_green.connect_routed`` (substituted
 address), ``blue_green.rejected``, ``blue_green.suspended`` / ``blue_green.resumed`` (a connect or
 statement held, and for how long), ``blue_green.moved`` (a connection moved from blue to green),
