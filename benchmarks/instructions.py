@@ -33,6 +33,7 @@ VARIANTS = {
     "resilient_db, connect_time+execute_time+dev": "connect_time,execute_time,dev",
     "resilient_db, failover,efm": "failover,efm",
     "resilient_db, failover,efm + decision telemetry": "failover,efm+telemetry",
+    "resilient_db, bg,failover,efm": "bg,failover,efm",
 }
 
 _CHILD = r"""

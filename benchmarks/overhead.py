@@ -74,6 +74,10 @@ VARIANTS: dict[str, str | Variant] = {
     "resilient_db, failover,efm + decision telemetry": Variant(
         "failover,efm", {"enable_telemetry": True}, telemetry=True),
     "resilient_db, no plugins, socket_timeout=30": Variant("", {"socket_timeout": 30}),
+    # blue_green outside a switchover: one attribute read and an identity test per statement
+    # (its monitor finds no metadata on a plain server and reads every 60 s).
+    "resilient_db, bg,failover,efm": Variant(
+        "bg,failover,efm", compare_to="resilient_db, failover,efm"),
 }
 
 

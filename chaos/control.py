@@ -174,6 +174,8 @@ class SimulatorControl:
         self.engine = "pg" if cluster.flavour.engine == "postgresql" else "mysql"
         self.description = f"simulated {cluster.flavour.name} ({cluster.name})"
         self._first = str(cluster.writer.id)
+        #: The green cluster of a blue/green switchover (:meth:`bluegreen_switchover`).
+        self.green: Any = None
 
     @classmethod
     def start(cls, flavour: str, readers: int, timeline: Mapping[str, Any],
@@ -276,6 +278,23 @@ class SimulatorControl:
         still be stale)."""
         return str(self.cluster.writer.endpoint)
 
+    def bluegreen_switchover(self) -> None:
+        """Start a green cluster of the same shape (same flavour, readers, port and timeline),
+        pair it with this one and switch over (``Cluster.switchover``: the events land in
+        this cluster's log). Afterwards this cluster's names lead to the green instances
+        (same instance ids), so the final writer is read through them as usual."""
+        from simulator.cluster import Cluster
+
+        blue = self.cluster
+        if self.green is not None:
+            raise ControlError("bluegreen_switchover: one switchover per run")
+        self.green = Cluster.start(blue.flavour.name, readers=len(blue.readers), port=blue.port,
+                                   name=f"{blue.name}g", timeline=blue.timeline)
+        blue.create_blue_green(self.green)
+        blue.switchover()
+
     def close(self) -> None:
+        if self.green is not None:
+            self.green.stop()
         if self._owned:
             self.cluster.stop()

@@ -118,6 +118,11 @@ class _Timeline:
                     raise ControlError("rotate_secret: the workload does not log in with a "
                                        "secret (aws_secrets_manager)")
                 self.auth.rotate()
+            elif step.action == "bluegreen_switchover":
+                switchover = getattr(self.control, "bluegreen_switchover", None)
+                if switchover is None:
+                    raise ControlError("bluegreen_switchover: only on the simulator")
+                switchover()
         except Exception as exc:
             LOGGER.exception("fault step %d (%s) failed", index, label)
             with self._lock:

@@ -48,6 +48,10 @@ ACTIONS: Mapping[str, tuple[str, ...]] = {
     # A new password in the workload's Secrets Manager secret and on the database
     # (chaos/secrets.py): the application logs in with the secret.
     "rotate_secret": (),
+    # A blue/green deployment of the cluster (a green cluster of the same shape is started,
+    # paired and switched over to; simulator only): the application should use the
+    # blue_green plugin (AWS bg).
+    "bluegreen_switchover": (),
 }
 #: Invariants checked after every run (all by default).
 INVARIANTS: tuple[str, ...] = ("no_lost_writes", "no_reader_writes", "documented_errors")
@@ -160,6 +164,8 @@ class FaultStep:
             return f"replica lag {self.seconds:g} s on {self.instance}"
         if self.action == "rotate_secret":
             return "rotate the secret and the database password"
+        if self.action == "bluegreen_switchover":
+            return "blue/green switchover"
         return f"DNS staleness {self.seconds:g} s"
 
     def to_json(self) -> dict[str, Any]:

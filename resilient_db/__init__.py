@@ -45,6 +45,7 @@ from .errors import (
     ForkedConnectionError,
     QueryTimeoutError,
     ReadWriteSplittingError,
+    SwitchoverError,
     TransactionResolutionUnknownError,
 )
 
@@ -78,6 +79,7 @@ __all__ = [
     "Property",
     "QueryTimeoutError",
     "ReadWriteSplittingError",
+    "SwitchoverError",
     "TransactionResolutionUnknownError",
     "__version__",
     "call_options",

@@ -56,14 +56,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "limitless_get_transaction_router_retry_interval_ms": "limitless",
     "limitless_get_transaction_router_max_retries": "limitless",
     "limitless_max_retries_ms": "limitless",
-    # blue/green
-    "bg_connect_timeout_ms": "bg",
-    "bg_id": "bg",
-    "bg_interval_baseline_ms": "bg",
-    "bg_interval_increased_ms": "bg",
-    "bg_interval_high_ms": "bg",
-    "bg_switchover_timeout_ms": "bg",
-    "bg_suspend_new_blue_connections": "bg",
 }
 
 #: Prefixes under which the AWS wrapper passes driver properties to its monitoring
@@ -72,6 +64,7 @@ AWS_PREFIXES: dict[str, str] = {
     "monitoring-": "properties of efm's monitoring connections",
     "topology-monitoring-": "properties of the topology monitor's connections",
     "frt-": "properties of fastest_response_strategy's measuring connections",
+    "blue-green-monitoring-": "properties of the blue/green status monitor's connections",
 }
 
 

@@ -737,9 +737,9 @@ MONITOR_DISPOSAL_TIME = duration(
     "monitor_disposal_time_ms",
     60.0,
     "A host monitor with no open connection using it stops (thread and probe connection) "
-    "after this long: `efm`'s failure monitors and `fastest_response_strategy`'s "
-    "response-time monitors. The minimum keeps a monitor from being torn down and reopened "
-    "(a new probe connection) between two statements.",
+    "after this long: `efm`'s failure monitors, `fastest_response_strategy`'s "
+    "response-time monitors and `blue_green`'s status monitors. The minimum keeps a monitor "
+    "from being torn down and reopened (a new probe connection) between two statements.",
     unit="ms",
     plugin="efm",
     minimum=100,
@@ -762,6 +762,78 @@ RESPONSE_MEASUREMENT_INTERVAL = duration(
 )
 
 # --- iam plugin (IAM database authentication; resilient_db/plugins/iam.py) ---------------------
+
+
+# --- blue_green ------------------------------------------------------------------------------
+
+BG_ID = text(
+    "bg_id",
+    "1",
+    "Identifier of the blue/green deployment (case-insensitive). Connections with the same "
+    "value share one status monitor; give each deployment the application uses its own.",
+    validate=lambda v: None if v.strip() else "a non-empty string",
+    plugin="blue_green",
+    aws_name=True,
+)
+BG_CONNECT_TIMEOUT = duration(
+    "bg_connect_timeout_ms",
+    30.0,
+    "Longest a new connection or a statement is held back while the switchover is in its "
+    "`IN_PROGRESS` phase; then `SwitchoverError`.",
+    unit="ms",
+    allow_zero=False,
+    plugin="blue_green",
+    aws_name=True,
+)
+BG_SWITCHOVER_TIMEOUT = duration(
+    "bg_switchover_timeout_ms",
+    180.0,
+    "A switchover still unfinished this long after its start (`PREPARATION`) is treated as "
+    "completed: no more holding back or address substitution, DNS is used as is.",
+    unit="ms",
+    allow_zero=False,
+    plugin="blue_green",
+    aws_name=True,
+)
+BG_INTERVAL_BASELINE = duration(
+    "bg_interval_baseline_ms",
+    60.0,
+    "Time between two reads of the blue/green metadata while no deployment exists or after "
+    "a switchover completed.",
+    unit="ms",
+    minimum=10,
+    plugin="blue_green",
+    aws_name=True,
+)
+BG_INTERVAL_INCREASED = duration(
+    "bg_interval_increased_ms",
+    1.0,
+    "Time between two reads of the blue/green metadata while a deployment exists and no "
+    "switchover runs (how late a starting switchover can be noticed).",
+    unit="ms",
+    minimum=10,
+    plugin="blue_green",
+    aws_name=True,
+)
+BG_INTERVAL_HIGH = duration(
+    "bg_interval_high_ms",
+    0.1,
+    "Time between two reads of the blue/green metadata during a switchover (how late the "
+    "end of `IN_PROGRESS` can be noticed: part of the pause the application sees).",
+    unit="ms",
+    minimum=10,
+    plugin="blue_green",
+    aws_name=True,
+)
+BG_SUSPEND_NEW_BLUE_CONNECTIONS = boolean(
+    "bg_suspend_new_blue_connections",
+    False,
+    "During `IN_PROGRESS`, hold back new connections to blue host names too (false: they go "
+    "to the blue instance's address resolved before the switchover, and their statements "
+    "are held back instead).",
+    plugin="blue_green",
+    aws_name=True,
+)
 
 
 def _region_problem(value: str) -> str | None:
@@ -1136,7 +1208,7 @@ APP_ID = text(
 #: reads the identity-provider properties declared under ``federated_auth``. Each plugin's
 #: docs page lists them, and setting one counts as used when any reader is enabled.
 SHARED_WITH: dict[str, tuple[str, ...]] = {
-    "monitor_disposal_time_ms": ("fastest_response_strategy",),
+    "monitor_disposal_time_ms": ("fastest_response_strategy", "blue_green"),
     **{name: ("srw",)
        for name in ("splitting_pool", "splitting_pool_max_size", "splitting_pool_idle_timeout",
                     "splitting_pool_timeout")},

@@ -195,6 +195,12 @@ class HostChanged:
 #: that do not go through the connect chain (MySQL's ``KILL QUERY`` connection).
 CREDENTIALS_HOOK = "credentials"
 
+#: ``PluginContext.extra`` key of a hook set by a plugin that handles some connection errors
+#: itself, from outside ``failover`` (``blue_green`` during a switchover): a weak reference
+#: to ``hook(exc) -> bool``. ``failover`` leaves an error for which the hook returns true to
+#: that plugin (re-raised untouched) instead of failing over.
+DEFER_FAILOVER = "defer_failover"
+
 
 @dataclass
 class PluginContext:

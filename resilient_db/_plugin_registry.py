@@ -45,16 +45,15 @@ BUILTIN: dict[str, str] = {
     "read_write_splitting":
         "resilient_db.plugins.read_write_splitting:ReadWriteSplittingPlugin",
     "srw": "resilient_db.plugins.srw:SimpleReadWriteSplittingPlugin",
+    "blue_green": "resilient_db.plugins.blue_green:BlueGreenPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
 #: resilient_db plugin yet, and what each does: selecting one gives a clear "known AWS plugin,
-#: not available in this release" error, not a typo suggestion. ``blue_green`` is our code
-#: for AWS's ``bg`` (an alias below).
+#: not available in this release" error, not a typo suggestion.
 PLANNED: dict[str, str] = {
     "gdb_rw": "read/write splitting for Aurora Global Database",
     "gdb_failover": "failover for Aurora Global Database",
-    "blue_green": "blue/green deployment switchover",
     "limitless": "Aurora Limitless transaction routers",
 }
 

@@ -14,10 +14,11 @@ resilient_db raises its own errors only for its own outcomes::
           │    └── FailoverFailedError             no usable connection within the budget
           ├── QueryTimeoutError                a client-side statement deadline expired
           ├── ReadWriteSplittingError          a read/write switch refused or impossible
+          ├── SwitchoverError                  a blue/green switchover refused or outlasted a call
           └── ForkedConnectionError            a connection opened before fork() used in the child
 
-The runtime outcomes (the ``FailoverError`` family, ``QueryTimeoutError`` and
-``ForkedConnectionError``) are also
+The runtime outcomes (the ``FailoverError`` family, ``QueryTimeoutError``,
+``SwitchoverError`` and ``ForkedConnectionError``) are also
 catchable as the target driver's ``OperationalError``: each driver dialect creates one subclass
 per outcome that inherits from both (``resilient_db.drivers.psycopg.FailoverSuccessError`` is a
 ``resilient_db.FailoverSuccessError`` *and* a ``psycopg.OperationalError``), so code and ORMs that
@@ -40,6 +41,7 @@ __all__ = [
     "ForkedConnectionError",
     "QueryTimeoutError",
     "ReadWriteSplittingError",
+    "SwitchoverError",
     "TransactionResolutionUnknownError",
 ]
 
@@ -222,6 +224,26 @@ class ReadWriteSplittingError(Error):
         self.attempts = attempts
 
 
+class SwitchoverError(Error):
+    """The ``blue_green`` plugin held a connect or statement back during a blue/green
+    switchover and gave up (``bg_connect_timeout_ms`` passed), or refused a connection to a
+    green host name that is about to disappear. Nothing was sent to the server.
+
+    ``host`` is the host name concerned; ``phase`` the switchover phase at that moment
+    (``"IN_PROGRESS"``, ``"POST"``, ...); ``waited`` the seconds spent waiting (0 for a
+    refusal). Retry later: the switchover typically completes within a minute.
+    """
+
+    __module__ = "resilient_db"
+
+    def __init__(self, message: str = "", *, host: str | None = None, phase: str = "",
+                 waited: float = 0.0) -> None:
+        super().__init__(message)
+        self.host = host
+        self.phase = phase
+        self.waited = waited
+
+
 class ForkedConnectionError(Error):
     """A connection opened before ``fork()`` was used in the child process.
 
@@ -246,5 +268,6 @@ RUNTIME_ERRORS: tuple[type[Error], ...] = (
     TransactionResolutionUnknownError,
     FailoverFailedError,
     QueryTimeoutError,
+    SwitchoverError,
     ForkedConnectionError,
 )

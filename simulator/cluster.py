@@ -352,6 +352,23 @@ class ClusterEngine(abc.ABC):
         raise ClusterError(
             f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
 
+    def end_client_sessions(self, instance: Instance) -> None:
+        """End every application session on ``instance`` (not the control plane's own), as
+        RDS does to both environments during a blue/green switchover. Optional hook (with
+        ``publish_blue_green``); the default refuses."""
+        raise ClusterError(
+            f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
+
+    def copy_data(self, source: Instance, target: Instance) -> None:
+        """Make the application database of ``target`` (a green writer) a copy of
+        ``source``'s (the blue writer, read-only by then): tables of the application's schema
+        with their rows, sequences and grants, replacing what ``target`` had under the same
+        names. What the replication from blue to green has delivered by the end of a
+        switchover's ``SWITCHOVER_IN_PROGRESS`` phase. Optional hook (with
+        ``publish_blue_green``); the default refuses."""
+        raise ClusterError(
+            f"flavour {self.cluster.flavour.name!r} does not support blue/green deployments")
+
     def apply_iam(self, instance: Instance, iam: ClusterIam) -> None:
         """Make ``instance`` send its IAM users' logins to PAM service ``iam.service``
         (running or stopped: a stopped instance has it when it starts); return when a
@@ -466,6 +483,8 @@ class Cluster:
         self._green: Cluster | None = None
         #: After a switchover: the green cluster this cluster's names now resolve to.
         self._switched_to: Cluster | None = None
+        #: A green cluster whose own names RDS deleted (at the end of its switchover).
+        self._names_deleted = False
         #: The blue cluster whose names resolve to this (green) cluster after a switchover.
         self._renamed_by: Cluster | None = None
         #: IAM enforcement (:meth:`enable_iam`); None: IAM users do not exist.
@@ -645,6 +664,19 @@ class Cluster:
 
     def _update_dns(self) -> None:
         green = self._switched_to
+        blue = self._renamed_by
+        if blue is not None:
+            # A green cluster after its switchover: its instances answer to the blue
+            # cluster's names (published by the blue cluster); RDS deletes the green names
+            # when the switchover completes.
+            entries = [] if self._names_deleted else self._entries(
+                self.writer_endpoint, self.reader_endpoint, self.naming.instance)
+            self._hosts.set_cluster(self.name, entries, self._owner)
+            if self.iam is not None:
+                self.iam.sync()
+            if not blue._stopped:
+                blue._update_dns()
+            return
         if green is None:
             entries = self._entries(self.writer_endpoint, self.reader_endpoint,
                                     self.naming.instance)
@@ -658,9 +690,6 @@ class Cluster:
         self._hosts.set_cluster(self.name, entries, self._owner)
         if self.iam is not None:
             self.iam.sync()  # roles changed: the host names each instance accepts too
-        blue = self._renamed_by
-        if blue is not None and not blue._stopped:
-            blue._update_dns()  # our addresses also stand behind the blue cluster's names
 
     def _later(self, delay: float, action: Callable[[], None]) -> None:
         def run() -> None:
@@ -1086,16 +1115,36 @@ class Cluster:
             for phase in BLUE_GREEN_PHASES[1:]:
                 time.sleep(self.timeline.switchover_phase)
                 if phase == "SWITCHOVER_IN_PROGRESS":
+                    # Published first: clients learn of the phase as it starts, then lose
+                    # their sessions (RDS drops the connections of both environments).
+                    self._publish_blue_green(phase, renamed=renamed)
+                    self.events.record("switchover_phase", None, phase=phase, green=green.name)
                     writer = self.writer
                     self.engine.set_read_only(writer, True)
                     self.events.record("writer_read_only", writer.id, read_only=True)
-                elif phase == "SWITCHOVER_IN_POST_PROCESSING":
+                    for cluster in (self, green):
+                        with cluster._lock:
+                            for instance in cluster.instances.values():
+                                if instance.role != "stopped":
+                                    cluster.engine.end_client_sessions(instance)
+                    self.events.record("sessions_ended", None, green=green.name)
+                    with green._lock:
+                        green.engine.copy_data(writer, green.writer)
+                    self.events.record("data_copied", writer.id, target=green.writer.id)
+                    continue
+                if phase == "SWITCHOVER_IN_POST_PROCESSING":
                     renamed = True
                     self._switched_to = green
                     green._renamed_by = self
                     self._update_dns()
                     self.events.record("dns_updated", None, endpoint=self.writer_endpoint,
                                        cluster=green.name)
+                elif phase == "SWITCHOVER_COMPLETED":
+                    with green._lock:
+                        green._names_deleted = True
+                        green._update_dns()
+                    self.events.record("dns_updated", None, endpoint=green.writer_endpoint,
+                                       deleted=True)
                 self._publish_blue_green(phase, renamed=renamed)
                 self.events.record("switchover_phase", None, phase=phase, green=green.name)
             self._green = None

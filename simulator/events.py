@@ -43,6 +43,8 @@ EVENT_NAMES = frozenset(
         "dns_staleness_set",
         "switchover_phase",
         "switchover_finished",
+        "sessions_ended",
+        "data_copied",
         "iam_enabled",
         "custom_endpoint_created",
         "custom_endpoint_modified",

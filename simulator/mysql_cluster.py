@@ -718,6 +718,52 @@ class MysqlClusterEngine(ClusterEngine):
             sql.run("SET SESSION lock_wait_timeout = 10")
             sql.run("SET GLOBAL read_only = ON")
 
+    # --- blue/green ---------------------------------------------------------------------------
+    def end_client_sessions(self, instance: Instance) -> None:
+        server = self._server(instance)
+        if not server.is_running():
+            return
+        users = (self.app_user, *(self.cluster.iam.users if self.cluster.iam else ()))
+        with self._sql(server) as sql:
+            rows = sql.rows("SELECT ID, USER FROM information_schema.PROCESSLIST "
+                            "WHERE ID <> CONNECTION_ID()")
+            for row in rows:
+                if row["USER"] in users:
+                    with contextlib.suppress(Exception):  # it may have ended meanwhile
+                        sql.run(f"KILL CONNECTION {int(row['ID'])}")
+
+    def copy_data(self, source: Instance, target: Instance) -> None:
+        """``mariadb-dump`` of the application database (tables with their rows and
+        ``AUTO_INCREMENT``; ``DROP TABLE IF EXISTS`` first) from ``source``, replayed on
+        ``target`` by the ``mariadb`` client."""
+        import shutil
+        import subprocess
+
+        src, dst = self._server(source), self._server(target)
+        dump_tool = shutil.which("mariadb-dump") or shutil.which("mysqldump")
+        client = shutil.which("mariadb") or shutil.which("mysql")
+        if dump_tool is None or client is None:
+            raise ClusterError("blue/green data copy needs mariadb-dump and mariadb")
+
+        def command(tool: str, server: LocalServer) -> list[str]:
+            kwargs = server.connect_kwargs()
+            return [tool, "-h", str(kwargs["host"]), "-P", str(kwargs["port"]),
+                    "-u", str(kwargs["user"]), f"-p{kwargs['password']}"]
+
+        database = str(src.connect_kwargs()["database"])
+        dump = subprocess.run(
+            [*command(dump_tool, src), "--single-transaction", "--add-drop-table",
+             "--skip-triggers", database],
+            capture_output=True, check=False, timeout=60)
+        if dump.returncode != 0:
+            raise ClusterError(f"mariadb-dump of {source.id} failed: "
+                               f"{dump.stderr.decode(errors='replace').strip()}")
+        load = subprocess.run([*command(client, dst), database], input=dump.stdout,
+                              capture_output=True, check=False, timeout=60)
+        if load.returncode != 0:
+            raise ClusterError(f"loading {source.id}'s data into {target.id} failed: "
+                               f"{load.stderr.decode(errors='replace').strip()}")
+
     # --- views for tests and tools ----------------------------------------------------------
     def status(self) -> Mapping[str, Any]:
         """Engine facts per instance: server id and, for a running reader, its replication

@@ -735,6 +735,53 @@ class PgClusterEngine(ClusterEngine):
                 "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
                 "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()")
 
+    # ---- blue/green -------------------------------------------------------------------------
+    def end_client_sessions(self, instance: Instance) -> None:
+        if not instance.runtime.is_running():
+            return
+        with self._connect(instance) as conn:
+            conn.execute(
+                "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() "
+                "AND application_name <> 'resilient_db-sim'")
+
+    def copy_data(self, source: Instance, target: Instance) -> None:
+        """``pg_dump`` of the application database's ``public`` tables and sequences (with
+        their owners, grants and rows; ``--clean``) from ``source``, replayed on ``target``
+        by ``psql`` as the superuser over the Unix sockets."""
+        import subprocess
+
+        from .local import _pg_bindir
+
+        src: LocalServer = source.runtime
+        dst: LocalServer = target.runtime
+        with self._connect(source, src.database) as conn:
+            found = conn.execute("SELECT count(*) FROM pg_catalog.pg_class AS c JOIN "
+                                 "pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+                                 "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S', 'p')"
+                                 ).fetchone()
+        if not found or not found[0]:
+            return  # nothing to copy (pg_dump -t refuses a pattern that matches nothing)
+        bindir = _pg_bindir()
+        dump = subprocess.run(
+            [str(bindir / "pg_dump"), "-h", str(src.socket_dir), "-p", str(src.port),
+             "-U", _SUPERUSER, "-d", src.database, "-t", "public.*", "--clean",
+             "--if-exists"],
+            capture_output=True, check=False, timeout=60)
+        if dump.returncode != 0:
+            raise ClusterError(f"pg_dump of {source.id} failed: "
+                               f"{dump.stderr.decode(errors='replace').strip()}")
+        env = {**os.environ, "PGOPTIONS": "-c synchronous_commit=local "
+                                           "-c default_transaction_read_only=off"}
+        load = subprocess.run(
+            [str(bindir / "psql"), "-h", str(dst.socket_dir), "-p", str(dst.port),
+             "-U", _SUPERUSER, "-d", dst.database, "-q", "-v", "ON_ERROR_STOP=1",
+             "--single-transaction"],
+            input=dump.stdout, capture_output=True, check=False, timeout=60, env=env)
+        if load.returncode != 0:
+            raise ClusterError(f"loading {source.id}'s data into {target.id} failed: "
+                               f"{load.stderr.decode(errors='replace').strip()}")
+
     # ---- IAM (simulator.iam) ---------------------------------------------------------------
     def apply_iam(self, instance: Instance, iam: ClusterIam) -> None:
         server: LocalServer = instance.runtime

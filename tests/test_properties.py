@@ -134,8 +134,9 @@ def test_settings_default_and_explicit() -> None:
 
 @pytest.mark.parametrize(("name", "owner"), [
     ("gdb_rw_home_region", "gdb_rw"), ("limitless_max_retries_ms", "limitless"),
-    ("bg_id", "bg"), ("aws_profile", "iam, aws_secrets_manager"),
-    ("custom_endpoint_info_refresh_rate_ms", "custom_endpoint"),
+    ("blue-green-monitoring-connect_timeout",
+     "properties of the blue/green status monitor's connections"),
+    ("aws_profile", "iam, aws_secrets_manager"),
     ("monitoring-connect_timeout", "properties of efm's monitoring connections"),
 ])
 def test_known_aws_property_is_not_called_unknown(name: str, owner: str) -> None:

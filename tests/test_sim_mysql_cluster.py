@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from resilient_db.dialects import (
 )
 from resilient_db.drivers import DriverDialect, get_driver
 from simulator._addresses import claim_is_held
-from simulator.cluster import Cluster, ClusterError, Instance, Timeline
+from simulator.cluster import Cluster, ClusterError, Instance, Timeline, connect_runtime
 from simulator.events import Event
 from simulator.local import LocalServer
 from simulator.mysql_cluster import LOOKALIKE_SCHEMA, MysqlClusterEngine
@@ -624,10 +625,17 @@ def test_blue_green_metadata_in_rds_topology() -> None:
         events = blue.switchover()
         assert in_order(events, "switchover_phase", "writer_read_only", "dns_updated",
                         "switchover_finished")
-        rows = on(green, green.writer, bg_query)
+        # RDS deletes the green names: green answers to the blue names.
+        with pytest.raises(OSError):
+            socket.getaddrinfo(green.writer.endpoint, green.port)
+        rows = on(blue, blue.writer, bg_query)
         assert {row[4] for row in rows} == {"SWITCHOVER_COMPLETED"}
         # The blue names now reach the green writer.
-        assert on(blue, green.writer, "SELECT @@server_id") == query_writer(blue)
+        direct = connect_runtime(green.writer.runtime)
+        try:
+            assert query(direct, "SELECT @@server_id") == query_writer(blue)
+        finally:
+            direct.close()
 
 
 def query_writer(cluster: Cluster) -> list[tuple[Any, ...]]:

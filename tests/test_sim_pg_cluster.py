@@ -735,7 +735,10 @@ def test_blue_green_switchover(blue: Cluster) -> None:
         assert query(aurora, "SELECT pg_catalog.aurora_db_instance_identifier(), "
                              "pg_catalog.inet_server_addr()::text")[0][1].startswith(
             green.writer.address)
-        rows = query(green, metadata)
+        # RDS deletes the green names; the green instances answer to the blue names.
+        with pytest.raises(socket.gaierror):
+            resolve(green.writer_endpoint, aurora.port)
+        rows = query(green, metadata, aurora.writer_endpoint)
         assert {r[4] for r in rows} == {"SWITCHOVER_COMPLETED"}
         assert ("1.0", aurora.writer_endpoint, aurora.port, "BLUE_GREEN_DEPLOYMENT_TARGET",
                 "SWITCHOVER_COMPLETED") in rows

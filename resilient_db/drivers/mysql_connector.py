@@ -40,6 +40,7 @@ __all__ = [
     "ForkedConnectionError",
     "MysqlConnectorDriver",
     "QueryTimeoutError",
+    "SwitchoverError",
     "TransactionResolutionUnknownError",
 ]
 
@@ -60,6 +61,10 @@ class FailoverFailedError(errors.FailoverFailedError, myerrors.OperationalError)
 
 
 class QueryTimeoutError(errors.QueryTimeoutError, myerrors.OperationalError):
+    __module__ = __name__
+
+
+class SwitchoverError(errors.SwitchoverError, myerrors.OperationalError):
     __module__ = __name__
 
 
@@ -214,6 +219,7 @@ class MysqlConnectorDriver(DriverDialect):
         errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
         errors.FailoverFailedError: FailoverFailedError,
         errors.QueryTimeoutError: QueryTimeoutError,
+        errors.SwitchoverError: SwitchoverError,
         errors.ForkedConnectionError: ForkedConnectionError,
     }
 

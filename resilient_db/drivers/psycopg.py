@@ -39,6 +39,7 @@ __all__ = [
     "ForkedConnectionError",
     "PsycopgDriver",
     "QueryTimeoutError",
+    "SwitchoverError",
     "TransactionResolutionUnknownError",
 ]
 
@@ -60,6 +61,10 @@ class FailoverFailedError(errors.FailoverFailedError, psycopg.OperationalError):
 
 
 class QueryTimeoutError(errors.QueryTimeoutError, psycopg.OperationalError):
+    __module__ = __name__
+
+
+class SwitchoverError(errors.SwitchoverError, psycopg.OperationalError):
     __module__ = __name__
 
 
@@ -217,6 +222,7 @@ class PsycopgDriver(DriverDialect):
         errors.TransactionResolutionUnknownError: TransactionResolutionUnknownError,
         errors.FailoverFailedError: FailoverFailedError,
         errors.QueryTimeoutError: QueryTimeoutError,
+        errors.SwitchoverError: SwitchoverError,
         errors.ForkedConnectionError: ForkedConnectionError,
     }
 

@@ -63,6 +63,7 @@ from .._params import (
     TOPOLOGY_REFRESH,
 )
 from .._pipeline import (
+    DEFER_FAILOVER,
     RUN_CALL,
     STATEMENT_OPS,
     Call,
@@ -507,6 +508,10 @@ class FailoverPlugin(Plugin):
             return _RERAISE  # resilient_db's own outcome from an inner plugin
         if call.connection._closed_by_us:
             return _RERAISE  # closed by the application (another thread, mid-call): final
+        defer = self.ctx.extra.get(DEFER_FAILOVER)
+        hook = defer() if defer is not None else None
+        if hook is not None and hook(exc):
+            return _RERAISE  # an outer plugin handles it (blue_green during a switchover)
         swaps = self._swaps
         trigger: str | None = None
         if driver.is_disconnect(exc):
