@@ -474,26 +474,32 @@ def _monitor_sessions(env: Env) -> int:
 
 @pytest.mark.real_server
 def test_dispose_releases_monitors(env: Env) -> None:
-    # A short disposal time for efm's host monitors (the topology monitor ends with its last
-    # connection).
+    """After ``engine.dispose()`` no monitor thread or monitoring session serves the engine's
+    connections: the topology monitor ends with its last connection (noticed at its next
+    refresh), efm's host monitors after ``monitor_disposal_time_ms``."""
+    # Host monitors are shared per host and keep the longest disposal time any user asked
+    # for: start without those of earlier tests (default 60 s).
+    resilient_db.shutdown()
     engine = env.engine(plugins="failover,efm", pool_size=3,
-                        properties={"monitor_disposal_time_ms": 200})
+                        properties={"monitor_disposal_time_ms": 200,
+                                    "topology_refresh_ms": 200})
     held = [engine.connect() for _ in range(3)]
     for conn in held:
         conn.execute(sa.text("SELECT 1"))  # efm attaches on a statement
-    failover = dbapi(held[0]).resilient.plugin("failover")
-    topo = failover.monitor()
-    host_monitors = [m for m in efm_monitor.monitors() if not m.stopped]
-    assert host_monitors and not topo.stopped
+    topo = dbapi(held[0]).resilient.plugin("failover").monitor()
+    host_monitors = [m for m in efm_monitor.monitors() if m.running]
+    assert host_monitors and topo.running
     for conn in held:
         conn.close()
+    del held  # the test keeps no connection alive
     engine.dispose()
-    wait_until("the topology monitor stopped", lambda: topo.stopped, timeout=120)
+    wait_until("the topology monitor ended", lambda: not topo.running and
+               not topo.connection_open, timeout=60)
     wait_until("the host monitors stopped",
-               lambda: all(m.stopped for m in host_monitors), timeout=120)
-    threads = {t.name for t in threading.enumerate()}
-    assert not any(name.startswith(("resilient_db-topology", "resilient_db-efm"))
-                   for name in threads), threads
+               lambda: all(m.stopped and not m.running for m in host_monitors), timeout=60)
+    names = [t.name for t in threading.enumerate()
+             if t.name.startswith(("resilient_db-topology", "resilient_db-efm"))]
+    assert not names, names
     if env.name == "pg":
         wait_until("no monitoring session left on the servers",
                    lambda: _monitor_sessions(env) == 0, timeout=60)
