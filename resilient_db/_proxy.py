@@ -379,7 +379,9 @@ class CursorProxy:
         # (SQLAlchemy, Django) open a cursor per statement, so this is on their hot path.
         # The binding below is _bind's, spelled out.
         made = _PASS_THROUGH.get((cls, type(raw)))
-        self = object.__new__(made if made is not None else _pass_through_class(cls, raw))
+        if made is None:
+            made = _pass_through_class(cls, raw)
+        self: CursorProxy = object.__new__(made)
         _set(self, "_conn", connection)
         _set(self, "_chains", connection._chains)
         _set(self, "_closed", False)
