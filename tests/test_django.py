@@ -26,7 +26,7 @@ pytestmark = pytest.mark.real_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
-#: Liveness bound of the whole Django run (set-up, three tests, a failover).
+#: Liveness bound of the whole Django run (set-up, four tests, a failover).
 RUN_BOUND = 600.0
 
 
@@ -86,7 +86,7 @@ def test_django_test_runner_with_writer_failover(engine: str, tmp_path: Path) ->
                 proc.wait(timeout=30)
         output = log.read_text()
         assert proc.returncode == 0, output[-6000:]
-        assert "Ran 3 tests" in output and "\nOK" in output, output[-6000:]
+        assert "Ran 4 tests" in output and "\nOK" in output, output[-6000:]
         result = json.loads((tmp_path / "result.json").read_text())
         assert promoted and promoted != old
         assert result["instance"] == promoted == cluster.writer.id

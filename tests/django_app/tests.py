@@ -77,6 +77,18 @@ class BackendTests(TransactionTestCase):  # type: ignore[misc]  # Django is unty
             assert isinstance(cause, mysql.connector.errors.IntegrityError)
         assert Item.objects.count() == 1
 
+    def test_iterator_through_a_named_cursor(self) -> None:
+        """PostgreSQL: QuerySet.iterator() opens a named (server-side) cursor, through the
+        connection proxy, with Django's client-side-binding class."""
+        Item.objects.bulk_create([Item(id=k, worker=0, note="i") for k in range(5)])
+        with transaction.atomic():
+            ids = [item.id for item in Item.objects.filter(id__gte=1).order_by("id")
+                   .iterator(chunk_size=2)]
+            if connection.vendor == "postgresql":
+                raw = connection.connection.resilient.raw
+                assert raw.server_cursor_factory.__name__ == "ServerSideCursor"
+        assert ids == [1, 2, 3, 4]
+
 
 class FailoverTests(TransactionTestCase):  # type: ignore[misc]
     def test_writer_failover_under_load_loses_nothing(self) -> None:
