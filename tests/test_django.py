@@ -22,12 +22,48 @@ from simulator.cluster import Cluster, Timeline
 
 from .waiting import wait_until
 
-pytestmark = pytest.mark.real_server
-
 ROOT = Path(__file__).resolve().parent.parent
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
 #: Liveness bound of the whole Django run (set-up, four tests, a failover).
 RUN_BOUND = 600.0
+
+
+def _wrapper(engine: str, options: dict[str, Any]) -> Any:
+    """A backend's DatabaseWrapper, not connected (Django configured minimally, once)."""
+    from django.conf import settings
+    from django.db.utils import ConnectionHandler, load_backend
+
+    if not settings.configured:
+        settings.configure(USE_TZ=True)
+    handler = ConnectionHandler({"default": {
+        "ENGINE": f"resilient_db.integrations.django.{engine}", "NAME": "app",
+        "OPTIONS": options}})
+    settings_dict = handler.settings["default"]
+    return load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, "default")
+
+
+@pytest.mark.unit
+def test_postgresql_backend_refuses_djangos_pool_and_keeps_psycopg_errors() -> None:
+    import psycopg
+    from django.core.exceptions import ImproperlyConfigured
+
+    wrapper = _wrapper("postgresql", {"pool": True})
+    with pytest.raises(ImproperlyConfigured, match="resilient_db"):
+        _ = wrapper.pool
+    assert _wrapper("postgresql", {}).pool is None
+    # Django classifies errors by the DBAPI module's classes: still psycopg's.
+    assert wrapper.Database.OperationalError is psycopg.OperationalError
+    assert wrapper.Database.IntegrityError is psycopg.IntegrityError
+
+
+@pytest.mark.unit
+def test_resilient_db_options_reach_resilient_db() -> None:
+    """OPTIONS go to resilient_db.connect, which rejects a misspelled property before any
+    server I/O, naming it."""
+    wrapper = _wrapper("postgresql", {"failover_timeout_secs": 5})
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        wrapper.get_new_connection(wrapper.get_connection_params())
+    assert info.value.parameter == "failover_timeout_secs"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,6 +88,7 @@ def _settings(engine: str, cluster: Cluster) -> tuple[dict[str, Any], str]:
     }, instance_sql
 
 
+@pytest.mark.real_server
 @pytest.mark.parametrize("engine", ["pg", "mysql"])
 def test_django_test_runner_with_writer_failover(engine: str, tmp_path: Path) -> None:
     flavour = "aurora-pg" if engine == "pg" else "aurora-mysql"
