@@ -429,13 +429,15 @@ def test_writer_failover_under_load_loses_nothing(env: Env) -> None:
 
 @pytest.mark.real_server
 @pytest.mark.parametrize("plugins", ["failover", None], ids=["checkout-hook", "tracker"])
-def test_pooled_connections_never_write_to_the_demoted_writer(env: Env,
-                                                              plugins: str | None) -> None:
+def test_pooled_connections_never_write_to_the_demoted_writer(
+        env: Env, plugins: str | None, sink: resilient_db.CollectingSink) -> None:
     """Connections resting in the pool when the writer changes: without
     aurora_connection_tracker the pool's checkout hook recycles them, with it (the default
     list) the tracker moves them; either way the application's writes go to the new writer
     and it sees no error."""
-    engine = env.engine(plugins=plugins, pool_size=3, max_overflow=0)
+    # A short topology refresh: the monitor sees the new writer without a failing statement.
+    engine = env.engine(plugins=plugins, pool_size=3, max_overflow=0,
+                        properties={"topology_refresh_ms": 500})
     held = [engine.connect() for _ in range(3)]
     old = env.cluster.writer.id
     assert {env.instance(c) for c in held} == {old}
@@ -455,6 +457,14 @@ def test_pooled_connections_never_write_to_the_demoted_writer(env: Env,
         for conn in held:
             conn.close()
     assert env.count_on_writer() == {0, 1, 2}
+    recycled = [d for d in sink.decisions if d.kind == integration.POOL_RECYCLED]
+    if plugins == "failover":  # the checkout hook did it
+        assert len(recycled) == 3
+        assert {d.attributes["resilient_db.instance.id"] for d in recycled} == {old}
+    else:  # the tracker moved them (mysql-connector: failover did first, when cursor()
+        # found the old connection dead, which the application does not see either)
+        assert not recycled
+        assert {"tracker.recycled", "failover.finished"} & set(sink.kinds())
 
 
 def _monitor_sessions(env: Env) -> int:

@@ -85,6 +85,9 @@ READ_ONLY_OPTION = "resilient_db_read_only"
 #: The URL query key for resilient_db's ``plugins`` (SQLAlchemy keeps ``plugins`` for itself).
 PLUGINS_QUERY_KEY = "resilient_db_plugins"
 
+#: The decision recorded when the checkout hook recycles a pooled connection.
+POOL_RECYCLED = "sqlalchemy.pool_recycled"
+
 #: Where the checkout hook keeps, per pool record, what it found about the connection: the
 #: record's ``info`` is cleared when SQLAlchemy closes or invalidates the connection.
 _STALE_CHECK = "resilient_db.stale_check"
@@ -132,7 +135,12 @@ def _recycle_stale(dbapi_connection: Any, record: ConnectionPoolEntry,
     if failover is _UNSEEN:
         failover = info[_STALE_CHECK] = _untracked_failover(dbapi_connection)
     if failover is not None and failover.stale:
-        log.info("recycling a pooled connection opened before the writer changed")
+        failover.ctx.decide(POOL_RECYCLED, None, **{
+            "resilient_db.instance.id": failover.instance_id or "",
+            "server.address": dbapi_connection.resilient.host.host,
+        })
+        log.info("recycling a pooled connection to instance %s: the writer changed since it "
+                 "was opened", failover.instance_id)
         raise exc.DisconnectionError("the cluster's writer changed since this pooled connection "
                                      "was opened")
 
