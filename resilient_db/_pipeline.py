@@ -416,8 +416,9 @@ class Pipeline:
     which raises its own "connection is closed" error, and no plugin can reconnect it) or the
     process forks (:data:`FORKED`, in the child: see ``ConnectionProxy._inherited``)."""
 
-    __slots__ = ("__weakref__", "chains", "connect", "ctx", "forked_handler", "hosts", "inner",
-                 "listeners", "may_intercept", "plugins", "state")
+    __slots__ = ("__weakref__", "chains", "connect", "ctx", "fetch_may_be_intercepted",
+                 "forked_handler", "hosts", "inner", "listeners", "may_intercept", "plugins",
+                 "state")
 
     def __init__(self, plugins: Sequence[Plugin], ctx: PluginContext,
                  inner: Sequence[Plugin] = ()) -> None:
@@ -431,6 +432,9 @@ class Pipeline:
         self.forked_handler: Handler | None = None
         #: Ops some plugin intercepts when awake: the others can never have a chain.
         self.may_intercept = subscribed_ops(self.plugins + self.inner)
+        #: ``Op.FETCH in may_intercept``, read for every new cursor (SQLAlchemy and Django
+        #: open one per statement): an enum's hash is a Python-level call.
+        self.fetch_may_be_intercepted = Op.FETCH in self.may_intercept
         self.chains = Chains(())
         self.listeners = tuple(
             p

@@ -380,25 +380,38 @@ class CursorProxy:
     instance_attributes: ClassVar[tuple[str, ...]] = ("arraysize",)
 
     def __new__(cls, raw: Any, connection: ConnectionProxy) -> CursorProxy:
-        return object.__new__(_pass_through_class(cls, raw))
-
-    def __init__(self, raw: Any, connection: ConnectionProxy) -> None:
+        # Built in this one frame (no __init__, no helper calls on the common path): ORMs
+        # (SQLAlchemy, Django) open a cursor per statement, so this is on their hot path.
+        # The binding below is _bind's, spelled out.
+        made = _PASS_THROUGH.get((cls, type(raw)))
+        if made is None:
+            made = _pass_through_class(cls, raw)
+        self: CursorProxy = object.__new__(made)
         _set(self, "_conn", connection)
         _set(self, "_chains", connection._chains)
         _set(self, "_closed", False)
         _set(self, "_cursor_args", None)
         _set(self, "_cursor_attrs", None)
         _set(self, "_stale_cur", None)
-        self._bind(raw)
+        _set(self, "_cur", raw)
+        _set(self, "_raw_conn", connection._raw)
+        _set(self, "_call", None)
+        if connection._pipeline.fetch_may_be_intercepted:
+            self._unbind_fetch()
+        else:
+            _set(self, "fetchone", raw.fetchone)
+            _set(self, "fetchmany", raw.fetchmany)
+            _set(self, "fetchall", raw.fetchall)
         cursors = getattr(connection, "_cursors", None)
         if cursors is not None:
             cursors.add(self)
+        return self
 
     def _bind(self, raw: Any) -> None:
         _set(self, "_cur", raw)
         _set(self, "_raw_conn", self._conn._raw)  # the driver connection raw belongs to
         _set(self, "_call", None)  # the reused call object holds the old driver cursor
-        if _FETCH in self._conn._pipeline.may_intercept:
+        if self._conn._pipeline.fetch_may_be_intercepted:
             self._unbind_fetch()
         else:
             _set(self, "fetchone", raw.fetchone)
@@ -537,9 +550,15 @@ class CursorProxy:
 
     def close(self) -> None:
         _set(self, "_closed", True)
-        if self._cur is None:
+        raw = self._cur
+        if raw is None:
             return  # its connection is gone; a new cursor would be opened only to be closed
-        self._call_op(_CLOSE, "Cursor.close", "close")
+        # Spelled out rather than _call_op: ORMs open and close a cursor per statement.
+        chain = self._chains.close
+        if chain is None:
+            raw.close()
+        else:
+            chain(Call(_CLOSE, "Cursor.close", raw.close, (), {}, self._conn))
 
     def __enter__(self) -> CursorProxy:
         return self
