@@ -53,6 +53,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 from simulator._addresses import ProcessIdentity, sim_root
@@ -63,6 +64,7 @@ from simulator.local import (
     ServerStartError,
     SettingValue,
     SimulatorError,
+    _engine_spec,
 )
 from simulator.runtime import Engine
 
@@ -170,6 +172,8 @@ class DockerServer(LocalServer):
                provision: Callable[[LocalServer], None] | None = None) -> DockerServer:
         """As :meth:`LocalServer.create`; also makes sure the server image is available and
         removes containers that dead processes left behind."""
+        spec = _engine_spec(engine)  # bad input fails before Docker is asked anything
+        spec.check_flavour(flavour if flavour is not None else spec.flavours[0])
         image = server_image()
         sweep_containers()
         server = cast(DockerServer, super().create(
@@ -187,6 +191,22 @@ class DockerServer(LocalServer):
         if container is None or not self.is_running():
             return None
         return int(container.attrs["State"]["Pid"]) or None
+
+    @property
+    def own_pid(self) -> int | None:
+        """The server's pid in its container (what it writes in ``postmaster.pid``): the
+        innermost ``NSpid`` of :attr:`pid`."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+        return pid
 
     def is_running(self) -> bool:
         """True while the current container runs."""
