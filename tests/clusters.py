@@ -7,18 +7,48 @@ that its module's ``settle`` function has brought back to the module's invariant
 instances it started with, each in a role, every reader replicating from the writer), and
 settles it again when the test ends. If settling fails, the cluster is stopped and the error
 is reported at the teardown of the test that broke it; the next test gets a fresh cluster.
+
+:data:`BACKENDS` parametrizes a module's shared cluster by instance runtime, so that the same
+cluster tests run on local processes and on containers (``Cluster(backend=...)``); the
+container run is marked ``docker`` and skipped, with the reason, where no Docker daemon
+answers. :func:`backend` is the fixture body that applies that skip.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 
+import pytest
+
 from simulator.cluster import Cluster
 
-__all__ = ["Settle", "SharedCluster"]
+__all__ = ["BACKENDS", "Settle", "SharedCluster", "backend"]
+
+#: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on.
+BACKENDS = [pytest.param("local", id="local"),
+            pytest.param("testcontainers", id="testcontainers", marks=pytest.mark.docker)]
+
+
+@functools.cache
+def _docker_unavailable() -> str | None:
+    from simulator.testcontainers_backend import docker_unavailable_reason
+
+    return docker_unavailable_reason()
+
+
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend of a fixture parametrized with :data:`BACKENDS`; skips the test when it is
+    ``testcontainers`` and no Docker daemon answers."""
+    name: str = request.param
+    if name == "testcontainers":
+        reason = _docker_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+    return name
 
 LOGGER = logging.getLogger("tests.clusters")
 

@@ -55,7 +55,7 @@ from simulator.pg_cluster import (
     resource_id,
 )
 
-from .clusters import SharedCluster
+from .clusters import BACKENDS, SharedCluster, backend
 from .waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.real_server
@@ -180,10 +180,12 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
 # clusters
 
 
-@pytest.fixture(scope="module")
-def aurora_shared() -> Iterator[SharedCluster]:
-    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=FAST),
-                       settle) as shared:
+@pytest.fixture(scope="module", params=BACKENDS)
+def aurora_shared(request: pytest.FixtureRequest) -> Iterator[SharedCluster]:
+    """On every backend: these tests are the cluster contract (tests/clusters.py)."""
+    name = backend(request)
+    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=FAST,
+                                             backend=name), settle) as shared:
         yield shared
 
 
