@@ -131,11 +131,10 @@ def mirror_of_this_machine(apt_dir: Path = Path("/etc/apt")) -> tuple[str, str]:
         if not path.is_file():
             continue
         for line in path.read_text().splitlines():
-            words = line.split("#", 1)[0].split()
+            # deb [option=value ...] uri suite components...
+            words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
             if len(words) >= 3 and words[0] == "deb":
-                rest = [w for w in words[1:] if not w.startswith("[")]
-                if len(rest) >= 2:
-                    candidates.append((rest[0], rest[1]))
+                candidates.append((words[1], words[2]))
     for uri, suite in candidates:
         if _SUITE_RE.fullmatch(suite) and "security" not in uri:
             return uri.rstrip("/"), suite
