@@ -8,10 +8,11 @@ instances it started with, each in a role, every reader replicating from the wri
 settles it again when the test ends. If settling fails, the cluster is stopped and the error
 is reported at the teardown of the test that broke it; the next test gets a fresh cluster.
 
-:data:`BACKENDS` parametrizes a module's shared cluster by instance runtime, so that the same
-cluster tests run on local processes and on containers (``Cluster(backend=...)``); the
-container run is marked ``docker`` and skipped, with the reason, where no Docker daemon
-answers. :func:`backend` is the fixture body that applies that skip.
+:class:`SharedClusters` keeps one such cluster per instance runtime (``Cluster(backend=...)``),
+each started on first use; a fixture parametrized with :data:`BACKENDS` picks one, so that
+the same cluster tests run on local processes and on containers. The container run is marked
+``docker`` and skipped, with the reason, where no Docker daemon answers
+(:func:`require_backend`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 
 from simulator.cluster import Cluster
 
-__all__ = ["BACKENDS", "Settle", "SharedCluster", "backend"]
+__all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "require_backend"]
 
 #: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on.
 BACKENDS = [pytest.param("local", id="local"),
@@ -40,10 +41,8 @@ def _docker_unavailable() -> str | None:
     return docker_unavailable_reason()
 
 
-def backend(request: pytest.FixtureRequest) -> str:
-    """The backend of a fixture parametrized with :data:`BACKENDS`; skips the test when it is
-    ``testcontainers`` and no Docker daemon answers."""
-    name: str = request.param
+def require_backend(name: str) -> str:
+    """``name``; skips the test when it is ``testcontainers`` and no Docker daemon answers."""
     if name == "testcontainers":
         reason = _docker_unavailable()
         if reason is not None:
@@ -114,3 +113,28 @@ class SharedCluster(AbstractContextManager["SharedCluster"]):
                  traceback: TracebackType | None) -> None:
         self._discard()
 
+
+
+class SharedClusters(AbstractContextManager["SharedClusters"]):
+    """One :class:`SharedCluster` per backend, each started on first use; for a module-scoped
+    fixture. ``start(backend)`` starts a cluster on that backend."""
+
+    def __init__(self, start: Callable[[str], Cluster], settle: Settle) -> None:
+        self._start = start
+        self._settle = settle
+        self._shared: dict[str, SharedCluster] = {}
+
+    def get(self, backend: str) -> SharedCluster:
+        """The shared cluster on ``backend`` (skipped without Docker, see
+        :func:`require_backend`)."""
+        require_backend(backend)
+        shared = self._shared.get(backend)
+        if shared is None:
+            shared = SharedCluster(lambda: self._start(backend), self._settle)
+            self._shared[backend] = shared
+        return shared
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for shared in self._shared.values():
+            shared.__exit__(None, None, None)
