@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from simulator._addresses import ProcessIdentity, sim_root
+from simulator._addresses import ProcessIdentity, port_is_free, sim_root
 from simulator.local import (
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -229,6 +229,8 @@ class DockerServer(LocalServer):
         if self.is_running():
             return self
         self._remove_container()
+        if not port_is_free(self.host, self.port):
+            raise ServerStartError(f"cannot start {self.name}: {self.host}:{self.port} is in use")
         started = time.monotonic()
         self.container = self._run_container()
         deadline = started + timeout
