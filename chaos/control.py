@@ -186,12 +186,14 @@ class SimulatorControl:
             raise ControlError(f"simulator backend {backend!r}: expected local or "
                                "testcontainers")
         if backend == "testcontainers":
-            raise ControlError(
-                "the simulator's Testcontainers runtime cannot be chosen for a whole cluster "
-                "yet (simulator/testcontainers_backend.py starts single instances; unverified "
-                "here: no Docker); use --simulator local")
-        return cls(Cluster.start(flavour, readers=readers, timeline=Timeline(**timeline)),
-                   owned=True)
+            from simulator.testcontainers_backend import docker_unavailable_reason
+
+            reason = docker_unavailable_reason()
+            if reason is not None:
+                raise ControlError(f"--simulator testcontainers needs a Docker daemon on this "
+                                   f"machine ({reason}); use --simulator local")
+        return cls(Cluster.start(flavour, readers=readers, timeline=Timeline(**timeline),
+                                 backend=backend), owned=True)
 
     def sql(self) -> EngineSql:
         return engine_sql(self.engine)

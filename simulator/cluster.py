@@ -48,8 +48,10 @@ from .names import HostsFile
 
 if TYPE_CHECKING:
     from .iam import ClusterIam, IamCredentials
+    from .local import LocalServer
 
 __all__ = [
+    "BACKENDS",
     "BLUE_GREEN_PHASES",
     "FIRST_INSTANCE",
     "FLAVOURS",
@@ -70,6 +72,8 @@ Role = Literal["writer", "reader", "stopped"]
 
 #: Id of a cluster's first instance (its first writer).
 FIRST_INSTANCE = "instance-1"
+#: Instance runtimes a cluster can run on (``Cluster(backend=...)``).
+BACKENDS = ("local", "testcontainers")
 #: DNS domain of the plain flavours (pg, mysql), which are not RDS.
 _PLAIN_DOMAIN = "sim.internal"
 #: Names :meth:`Cluster.enable_iam` accepts for IAM users (no quoting needed anywhere).
@@ -447,7 +451,8 @@ class Cluster:
 
     def __init__(self, flavour: str, *, readers: int | None = None, name: str | None = None,
                  cluster_id: str | None = None, timeline: Timeline | None = None,
-                 port: int | None = None, region: str = "us-east-1") -> None:
+                 port: int | None = None, region: str = "us-east-1",
+                 backend: str = "local") -> None:
         if flavour not in FLAVOURS:
             raise ClusterError(
                 f"unknown flavour {flavour!r}; valid flavours: {', '.join(FLAVOURS)}")
@@ -460,6 +465,12 @@ class Cluster:
                 f"readers={count}: flavour {flavour!r} needs between "
                 f"{self.flavour.min_readers} and {self.flavour.max_readers} readers")
         self.reader_count = count
+        if backend not in BACKENDS:
+            raise ClusterError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)} "
+                               "(testcontainers needs a Docker daemon, see docs/simulator.md)")
+        #: Instance runtime: "local" (child processes) or "testcontainers" (a container per
+        #: server process, simulator.testcontainers_backend).
+        self.backend = backend
         self.name = name or f"sim{secrets.token_hex(3)}"
         if not self.name.isalnum() or not self.name[0].isalpha():
             raise ClusterError(
@@ -492,6 +503,17 @@ class Cluster:
         #: Custom endpoints by name (:meth:`create_custom_endpoint`).
         self.custom_endpoints: dict[str, CustomEndpoint] = {}
         self.engine = _load_engine(self.flavour)(self)
+
+    @property
+    def server_class(self) -> type[LocalServer]:
+        """The class the engines create this cluster's servers with (per :attr:`backend`)."""
+        if self.backend == "testcontainers":
+            from .testcontainers_backend import DockerServer
+
+            return DockerServer
+        from .local import LocalServer
+
+        return LocalServer
 
     # --- creation and teardown ------------------------------------------------------------
     @classmethod

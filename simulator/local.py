@@ -743,7 +743,7 @@ class _Postgres(_EngineSpec):
             lines = (server.data_dir / "postmaster.pid").read_text().splitlines()
         except OSError:
             return "no postmaster.pid yet"
-        if not lines or lines[0].strip() != str(server.pid):
+        if not lines or lines[0].strip() != str(server.own_pid):
             return "postmaster.pid is not (yet) the new server's"  # left over from a kill
         status = lines[7].strip() if len(lines) > 7 else ""
         if status not in ("ready", "standby"):
@@ -1219,6 +1219,12 @@ class LocalServer:
     def pid(self) -> int | None:
         """Pid of the running server process (the postmaster for PostgreSQL), else None."""
         return self._process.pid if self.is_running() and self._process else None
+
+    @property
+    def own_pid(self) -> int | None:
+        """:attr:`pid` as the server itself sees it (what it writes in its pid file): the same
+        here; a container's server has its own pid namespace."""
+        return self.pid
 
     def is_running(self) -> bool:
         """True while the server process started by :meth:`start` is alive."""

@@ -249,7 +249,7 @@ class MysqlClusterEngine(ClusterEngine):
         self._session_ids[instance_id] = str(uuid.uuid4())
         launcher_flavour = "mysql" if self.interface == "plain" else "rds-mysql"
         try:
-            server = LocalServer.create(
+            server = self.cluster.server_class.create(
                 "mariadb", launcher_flavour, port=self.cluster.port,
                 settings=self._settings(instance_id, replica=replica, read_only=replica),
                 name=f"{self.cluster.name}-{instance_id}"[:63])

@@ -440,9 +440,9 @@ class PgClusterEngine(ClusterEngine):
     # ---- creation --------------------------------------------------------------------------
     def create_writer(self, instance_id: str) -> Any:
         self._state(instance_id)
-        server = LocalServer.create("postgresql", self._launcher_flavour, port=self.cluster.port,
-                                    settings=self._settings(instance_id),
-                                    name=f"{self.cluster.name}-{instance_id}")
+        server = self.cluster.server_class.create(
+            "postgresql", self._launcher_flavour, port=self.cluster.port,
+            settings=self._settings(instance_id), name=f"{self.cluster.name}-{instance_id}")
         try:
             set_system_identifier(server.data_dir, self._system_identifier)
             server.start()
@@ -463,10 +463,10 @@ class PgClusterEngine(ClusterEngine):
                 "-U", _SUPERUSER, "-w", "-X", "stream", "-c", "fast", "--no-sync",
             ], what=f"pg_basebackup of {source.id}")
 
-        server = LocalServer.create("postgresql", self._launcher_flavour, port=self.cluster.port,
-                                    settings=self._settings(instance_id),
-                                    name=f"{self.cluster.name}-{instance_id}",
-                                    provision=base_backup)
+        server = self.cluster.server_class.create(
+            "postgresql", self._launcher_flavour, port=self.cluster.port,
+            settings=self._settings(instance_id), name=f"{self.cluster.name}-{instance_id}",
+            provision=base_backup)
         try:
             server.write_data_file("standby.signal", "")
             server.start()

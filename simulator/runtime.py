@@ -6,8 +6,9 @@ exactly that surface, so that the same control plane can drive different backend
 
 * :class:`simulator.local.LocalServer` — a server binary run as a child process on its own
   loopback address (the default, verified by ``tests/test_sim_runtime.py``);
-* :class:`simulator.testcontainers_backend.DockerServer` — the official ``postgres`` /
-  ``mariadb`` images run through Testcontainers (see that module for its status).
+* :class:`simulator.testcontainers_backend.DockerServer` — the same server with its process in
+  a Docker container (host networking, an image built on this machine), verified by the same
+  contract wherever a Docker daemon answers (``scripts/test`` starts one).
 
 Lifecycle every implementation follows (the contract ``tests/test_sim_runtime.py`` checks)::
 

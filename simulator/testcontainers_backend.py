@@ -1,45 +1,42 @@
-"""An instance runtime on Docker: the official ``postgres`` and ``mariadb`` images.
+"""An instance runtime on Docker: each server process runs in its own container.
 
-.. warning::
-   **UNVERIFIED.** This module was written against the Testcontainers 4.x and docker-py 7.x
-   APIs on a machine with no Docker daemon, so it has never started a container. Its contract
-   test (``tests/test_sim_runtime.py``, marker ``docker``) runs wherever a Docker daemon
-   answers and is skipped, with the reason, everywhere else. Trust it once that test has
-   passed on a machine with Docker.
-
-:class:`DockerServer` implements :class:`simulator.runtime.InstanceRuntime` with the same
-credentials as :class:`simulator.local.LocalServer` (PostgreSQL ``postgres``/``postgres``,
-MariaDB ``root``/``root``, database ``test`` on both), so a test written against one runs
-against the other::
+:class:`DockerServer` is a :class:`simulator.local.LocalServer` whose server process runs in
+a container of the simulator's server image (:mod:`simulator.docker_images`, PostgreSQL 15
+and MariaDB built on this machine from Debian packages: no registry is needed) instead of as
+a child process. Everything else is shared with the local backend, so every flavour and
+every cluster primitive works unchanged (``aurora-pg``, ``aurora-mysql``, ``rds-*``, base
+backups, ``pg_rewind``, replication, faults)::
 
     from simulator.testcontainers_backend import DockerServer
 
     server = DockerServer.create("postgresql").start()
     psycopg.connect(server.conninfo())
     server.kill(); server.start()          # crash and restart: same data, address and port
-    server.stop()                          # remove the container and its volumes
+    server.stop()                          # remove the container, the files and the address
 
-How it maps the lifecycle onto Docker:
+    Cluster.start("aurora-pg", backend="testcontainers")   # a whole cluster in containers
 
-* the first :meth:`DockerServer.start` creates the container through Testcontainers'
-  ``DockerClient`` (pulling the image if needed; labelled with the Testcontainers session so
-  that its Ryuk reaper removes the container if this process dies, the counterpart of the
-  local backend's parent-death signal) and starts it; later starts restart the same
-  container, so its data survives;
-* :meth:`~DockerServer.kill` is ``docker kill`` (SIGKILL), ``stop(cleanup=False)`` is
-  ``docker stop`` (the image's stop signal, then SIGKILL after ``timeout``), ``stop()`` is
-  ``docker rm -f -v``;
-* like a local server, each container is published on its *own* loopback address claimed
-  from the simulator's registry (``127.x.y.z:5432`` / ``:3306``), so the host and port stay
-  the same across restarts and faults can be applied per address. This assumes the Docker
-  daemon runs on this machine with its default userland proxy; a remote daemon
-  (``DOCKER_HOST=tcp://...``) is not supported.
+How a container is run (through Testcontainers' ``DockerClient``, i.e. docker-py):
 
-Limits: only the plain flavours (``pg``, ``mysql``); ``data_dir`` is ``None`` (the data lives
-in the container's volume), so engines that copy data directories (base backups by file
-copy) cannot use this backend; and containers reach each other only through the Docker
-network, not through the loopback addresses, so replication between two ``DockerServer``
-instances needs an address the containers can see (not provided here).
+* **host networking only** (``network_mode=host``): the server binds its own loopback
+  address (``127.x.y.z``) exactly as a local one does, so addresses, ports, DNS names and
+  network faults are the same on both backends, replicas reach their writer by address, and
+  no traffic goes to a bridge address. :func:`bridge_addresses` lets a test check that;
+* the container runs as the engine's own user (``postgres`` / ``mysql``), whose ids the image
+  shares with this machine; the server's directory (data, configuration, socket, log) is a
+  bind mount at the same path, so the control plane's file operations (template copies,
+  ``standby.signal``, ``pg_basebackup``, ``pg_rewind`` run on the host) see what the server
+  sees; the host IPC namespace keeps shared-memory cleanup the same as for a local server;
+* every :meth:`~DockerServer.start` runs a fresh container (the data lives in the bind
+  mount); :meth:`~DockerServer.kill` is ``docker kill`` (SIGKILL), ``stop`` sends the
+  engine's shutdown signal, waits, then kills; the container is removed in both cases;
+* containers carry the label ``resilient_db.simulator`` (and their owner process): they are
+  removed by :meth:`~DockerServer.stop`, by an ``atexit`` hook, by :func:`sweep_containers`
+  (before every create: containers of dead owners) and by ``scripts/test`` at exit.
+  Testcontainers' Ryuk reaper is not used (its image comes from a registry).
+
+Limits: the Docker daemon must run on this machine (bind mounts, host networking); IAM
+enforcement (a PAM module built on the host) is not available inside containers.
 
 Testcontainers and docker-py are imported lazily: importing this module costs nothing and
 works without them.
@@ -47,17 +44,19 @@ works without them.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
+import json
 import logging
-import re
+import os
+import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from simulator._addresses import ProcessIdentity, claim_address, release_address
+from simulator._addresses import ProcessIdentity, port_is_free, sim_root
 from simulator.local import (
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -65,25 +64,21 @@ from simulator.local import (
     ServerStartError,
     SettingValue,
     SimulatorError,
-    _probe_mariadb,
-    _probe_postgres,
+    _engine_spec,
 )
 from simulator.runtime import Engine
 
-__all__ = ["IMAGES", "DockerServer", "docker_unavailable_reason"]
+__all__ = ["CONTAINER_LABEL", "DockerServer", "bridge_addresses", "docker_unavailable_reason",
+           "server_image", "sweep_containers"]
 
 LOGGER = logging.getLogger("resilient_db.simulator")
 
-#: Image per engine: the official images of the versions the local backend runs.
-IMAGES: dict[Engine, str] = {"postgresql": "postgres:15", "mariadb": "mariadb:10.11"}
-
-_FLAVOURS: dict[Engine, str] = {"postgresql": "pg", "mariadb": "mysql"}
-_CONTAINER_PORT: dict[Engine, int] = {"postgresql": 5432, "mariadb": 3306}
-_LOG_TAIL_LINES = 40
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_OPTION_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+#: Label on every container the simulator runs (its value is the server's name).
+CONTAINER_LABEL = "resilient_db.simulator"
+_OWNER_LABEL = "resilient_db.owner"
 # Seconds a daemon ping may take before Docker counts as unavailable.
 _PING_TIMEOUT = 5
+_CONTAINER_EXIT_TIMEOUT = 20.0
 
 
 def docker_unavailable_reason() -> str | None:
@@ -103,253 +98,237 @@ def docker_unavailable_reason() -> str | None:
     return None
 
 
-def _setting_text(value: SettingValue, engine: Engine) -> str:
-    if isinstance(value, bool):
-        on, off = ("on", "off") if engine == "postgresql" else ("ON", "OFF")
-        return on if value else off
-    return str(value)
+_client_lock = threading.Lock()
+_client: Any = None
 
 
-def _command(engine: Engine, settings: Mapping[str, str]) -> list[str] | None:
-    """Container command passing ``settings`` on the server's command line."""
-    if not settings:
-        return None  # the image's own CMD
-    if engine == "postgresql":
-        args = ["postgres"]
-        for key, value in settings.items():
-            args += ["-c", f"{key}={value}"]
-        return args
-    # The mariadb image's entrypoint runs mariadbd when the first argument is an option.
-    return [f"--{key}" if value == "" else f"--{key}={value}" for key, value in settings.items()]
+def _docker() -> Any:
+    """One docker-py client for the process (Testcontainers' configuration: DOCKER_HOST...)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            from testcontainers.core.docker_client import DockerClient
+
+            _client = DockerClient().client
+        return _client
 
 
-class DockerServer:
-    """One database server in a Docker container. UNVERIFIED (see the module docstring).
+@functools.cache
+def server_image() -> str:
+    """The server image: ``$RESILIENT_DB_SIM_IMAGE`` (set by ``scripts/test``), else the one
+    for this machine's recipe, built or loaded on first use."""
+    configured = os.environ.get("RESILIENT_DB_SIM_IMAGE")
+    if configured:
+        return configured
+    from simulator.docker_images import ensure_image
 
-    Create with :meth:`create` (nothing happens on Docker until :meth:`start`). Attributes
-    mirror :class:`simulator.local.LocalServer`: ``engine``, ``flavour``, ``name``, ``host``
-    (the claimed loopback address), ``port`` (the engine's default port), ``user``,
-    ``password``, ``database``, ``image``, ``settings``; ``data_dir`` is ``None``.
+    return ensure_image()
+
+
+def sweep_containers() -> int:
+    """Remove the simulator's containers whose owner process is gone; return how many."""
+    removed = 0
+    for container in _docker().containers.list(all=True, filters={"label": CONTAINER_LABEL}):
+        try:
+            owner = ProcessIdentity.from_json(json.loads(container.labels[_OWNER_LABEL]))
+        except (KeyError, ValueError, TypeError):
+            owner = None
+        if owner is not None and owner.is_alive():
+            continue
+        with contextlib.suppress(Exception):  # removed meanwhile by someone else
+            container.remove(force=True, v=True)
+            removed += 1
+    if removed:
+        LOGGER.info("swept %d stale simulator container(s)", removed)
+    return removed
+
+
+def bridge_addresses(container: Any) -> list[str]:
+    """The IP addresses Docker gave ``container`` on any network (none with host networking)."""
+    container.reload()
+    settings = container.attrs.get("NetworkSettings") or {}
+    found = [settings.get("IPAddress") or ""]
+    found += [(network or {}).get("IPAddress") or ""
+              for network in (settings.get("Networks") or {}).values()]
+    return [address for address in found if address]
+
+
+class DockerServer(LocalServer):
+    """A :class:`~simulator.local.LocalServer` whose process runs in a Docker container.
+
+    Create with :meth:`create` (provisioned, not started), exactly like a local server; the
+    extra attributes are ``image`` and ``container`` (the docker-py container of the current
+    run, ``None`` when stopped).
     """
 
-    def __init__(self, *, engine: Engine, flavour: str, name: str, host: str, port: int,
-                 image: str, settings: dict[str, str], owner: ProcessIdentity) -> None:
-        self.engine: Engine = engine
-        self.flavour = flavour
-        self.name = name
-        self.host = host
-        self.port = port
-        self.image = image
-        self.settings = dict(settings)
-        self.owner = owner
-        if engine == "postgresql":
-            self.user, self.password = "postgres", "postgres"
-        else:
-            self.user, self.password = "root", "root"
-        self.database = "test"
-        self.data_dir: Path | None = None  # the data lives in the container
-        self._container: Any = None  # docker.models.containers.Container once created
-        self._removed = False
+    image: str = ""
+    container: Any = None
+    _runs = 0
 
     @classmethod
-    def create(cls, engine: Engine, flavour: str | None = None, *, image: str | None = None,
-               settings: Mapping[str, SettingValue] | None = None,
-               name: str | None = None) -> DockerServer:
-        """Claim a loopback address for a server that :meth:`start` will run in a container.
-
-        ``flavour=None`` is the engine's plain flavour, the only one supported. ``image=None``
-        is :data:`IMAGES` for the engine. ``settings`` are server options
-        (``postgresql.conf`` parameters, ``mysqld`` options), passed on the command line.
-        ``name`` (default ``<flavour>-<address>``) also names the container.
-        """
-        if engine not in IMAGES:
-            raise ValueError(f"engine must be one of {', '.join(map(repr, IMAGES))}, "
-                             f"got {engine!r}")
-        plain = _FLAVOURS[engine]
-        if flavour not in (None, plain):
-            raise ValueError(f"DockerServer supports only the plain flavour {plain!r} for "
-                             f"{engine}, got {flavour!r}")
-        if name is not None and not _NAME_RE.fullmatch(name):
-            raise ValueError(f"name must be letters, digits and _.- (at most 63), got {name!r}")
-        checked: dict[str, str] = {}
-        for key, value in (settings or {}).items():
-            if not _OPTION_RE.fullmatch(key):
-                raise ValueError(f"settings: invalid option name {key!r}")
-            text = _setting_text(value, engine)
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"settings: value of {key!r} must be a single line")
-            checked[key] = text
-        owner = ProcessIdentity.current()
-        host = claim_address(owner, name or f"{plain} container")
-        server = cls(engine=engine, flavour=plain, name=name or f"{plain}-{host}", host=host,
-                     port=_CONTAINER_PORT[engine], image=image or IMAGES[engine],
-                     settings=checked, owner=owner)
-        _live_servers.add(server)
-        _register_atexit()
+    def create(cls, engine: Engine, flavour: str | None = None, *, host: str | None = None,
+               port: int | None = None, settings: Mapping[str, SettingValue] | None = None,
+               name: str | None = None,
+               provision: Callable[[LocalServer], None] | None = None) -> DockerServer:
+        """As :meth:`LocalServer.create`; also makes sure the server image is available and
+        removes containers that dead processes left behind."""
+        spec = _engine_spec(engine)  # bad input fails before Docker is asked anything
+        spec.check_flavour(flavour if flavour is not None else spec.flavours[0])
+        image = server_image()
+        sweep_containers()
+        server = cast(DockerServer, super().create(
+            engine, flavour, host=host, port=port, settings=settings, name=name,
+            provision=provision))
+        server.image = image
         return server
 
     # ---- process control
 
+    @property
+    def pid(self) -> int | None:
+        """Pid (on this machine) of the server process in the container, else None."""
+        container = self.container
+        if container is None or not self.is_running():
+            return None
+        return int(container.attrs["State"]["Pid"]) or None
+
+    @property
+    def own_pid(self) -> int | None:
+        """The server's pid in its container (what it writes in ``postmaster.pid``): the
+        innermost ``NSpid`` of :attr:`pid`."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+        return pid
+
     def is_running(self) -> bool:
-        """True while the container is running (whether or not the server is ready yet)."""
-        container = self._container
-        if container is None or self._removed:
+        """True while the current container runs."""
+        container = self.container
+        if container is None:
             return False
         try:
             container.reload()
         except Exception:  # gone (docker.errors.NotFound) or Docker unreachable
             return False
-        return bool(container.status == "running")
+        return bool(container.status in ("created", "running"))
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> DockerServer:
-        """Create or restart the container and wait until the server accepts connections.
+        """Run the server in a new container and wait until it accepts connections.
 
-        A no-op if running. ``timeout`` counts from the container start; pulling the image
-        the first time is not included. On failure the container is killed (and kept, for
-        :meth:`log_tail`) and :class:`ServerStartError` carries the end of its log.
-        """
+        The same contract as :meth:`LocalServer.start`; ``timeout`` counts from the
+        container's creation."""
         if self._removed:
             raise SimulatorError(f"{self.name} was stopped and removed; create a new server")
         if self.is_running():
             return self
+        self._remove_container()
+        if not port_is_free(self.host, self.port):
+            raise ServerStartError(f"cannot start {self.name}: {self.host}:{self.port} is in use")
         started = time.monotonic()
-        if self._container is None:
-            self._container = self._create_container()
-        self._container.start()
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        reason: str | None = "not probed yet"
+        self.container = self._run_container()
+        deadline = started + timeout
+        delay = 0.01
         while True:
             if not self.is_running():
+                code = self.container.attrs["State"].get("ExitCode")
+                self._remove_container()
                 raise ServerStartError(
-                    f"container of {self.name} exited while starting "
-                    f"({self._container.status})", self.log_tail())
-            reason = self._probe(max(0.1, min(2.0, deadline - time.monotonic())))
+                    f"container of {self.name} exited with status {code} while starting",
+                    self.log_tail())
+            reason = self._spec.probe(self, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
             if reason is None:
                 break
             if time.monotonic() > deadline:
-                self.kill()
+                self._remove_container()
                 raise ServerStartError(
                     f"{self.name} did not accept connections within {timeout:.1f} s "
                     f"(last probe: {reason})", self.log_tail())
             time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-        LOGGER.info("started %s (%s in %s) on %s:%d in %.3f s", self.name, self.engine,
-                    self.image, self.host, self.port, time.monotonic() - started)
+            delay = min(delay * 2, 0.1)
+        LOGGER.info("started %s (%s %s) in container %s on %s:%d in %.3f s", self.name,
+                    self.engine, self.flavour, self.container.name, self.host, self.port,
+                    time.monotonic() - started)
         return self
 
-    def _probe(self, timeout: float) -> str | None:
-        # Through the published port, as a client would come in. During the images' first
-        # start a temporary server runs without TCP, so "ready" here means the real one.
-        if self.engine == "postgresql":
-            return _probe_postgres(self.host, self.port, self.user, self.database, timeout)
-        return _probe_mariadb(self.host, self.port, timeout)
-
-    def _create_container(self) -> Any:
-        from testcontainers.core.config import testcontainers_config
-        from testcontainers.core.container import Reaper
-        from testcontainers.core.docker_client import DockerClient
-
-        if not testcontainers_config.ryuk_disabled:
-            Reaper.get_instance()  # removes this session's containers if we die
-        if self.engine == "postgresql":
-            env = {"POSTGRES_USER": self.user, "POSTGRES_PASSWORD": self.password,
-                   "POSTGRES_DB": self.database}
-        else:
-            env = {"MARIADB_ROOT_PASSWORD": self.password, "MARIADB_DATABASE": self.database}
-        client = DockerClient()
-        return client.create(
-            testcontainers_config.hub_image_name_prefix + self.image,
-            command=_command(self.engine, self.settings),
-            environment=env,
-            # Bound to this server's own loopback address, on the engine's own port: the
-            # same host:port for the container's whole life, restarts included.
-            ports={f"{_CONTAINER_PORT[self.engine]}/tcp": (self.host, self.port)},
-            labels={"resilient_db.simulator": self.name},
-            name=f"resilient_db-{self.name.replace(':', '-')}-{self.owner.pid}",
-            detach=True,
-        )
+    def _run_container(self) -> Any:
+        root = str(sim_root())
+        self._runs += 1
+        argv = self._spec.argv(self)
+        # The server's output goes to its log file, as a local server's does.
+        command = ["/bin/sh", "-c", 'exec "$@" >>"$RESILIENT_DB_LOG" 2>&1', "server", *argv]
+        environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "LC_ALL": "C",
+                       "TZ": "UTC", "HOME": str(self.base_dir),
+                       "RESILIENT_DB_LOG": str(self.log_path)}
+        return _docker().containers.run(
+            self.image, command, detach=True,
+            name=f"resilient_db-{self.host}-{self.port}-{self.owner.pid}-{self._runs}",
+            user=self._account.name if self._account.switch else
+            f"{self._account.uid}:{self._account.gid}",
+            network_mode="host", ipc_mode="host", working_dir=str(self.base_dir),
+            environment=environment, volumes={root: {"bind": root, "mode": "rw"}},
+            labels={CONTAINER_LABEL: self.name,
+                    _OWNER_LABEL: json.dumps(self.owner.to_json())},
+            stop_signal=self._spec.shutdown_signal.name)
 
     def kill(self) -> None:
-        """``docker kill`` (SIGKILL) like a crash; the container, data and address are kept."""
+        """``docker kill`` (SIGKILL) like a crash; data, address and port are kept."""
         if self.is_running():
-            LOGGER.info("killing %s", self.name)
-            with contextlib.suppress(Exception):  # it may exit on its own meanwhile
-                self._container.kill()
-        self._wait_exited(10.0)
+            LOGGER.info("killing %s (container %s)", self.name, self.container.name)
+        self._remove_container()
 
     def stop(self, *, cleanup: bool = True, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
-        """``docker stop`` (then SIGKILL after ``timeout`` seconds); with ``cleanup`` also
-        remove the container, its volumes and the address claim. Idempotent."""
-        if self._removed:
-            return
-        container = self._container
+        """The engine's shutdown signal, then SIGKILL after ``timeout`` seconds; the container
+        is removed; with ``cleanup`` also the files and the address (as for a local server)."""
+        container = self.container
         if container is not None and self.is_running():
-            with contextlib.suppress(Exception):
-                container.stop(timeout=max(1, round(timeout)))
-            self._wait_exited(timeout + 5.0)
-        if cleanup:
-            if container is not None:
-                with contextlib.suppress(Exception):  # already gone is fine
-                    container.remove(force=True, v=True)
-            release_address(self.host, self.owner)
-            self._removed = True
-            _live_servers.discard(self)
+            with contextlib.suppress(Exception):  # it may exit on its own meanwhile
+                container.kill(signal=self._spec.shutdown_signal.name)
+            try:
+                container.wait(timeout=timeout)
+            except Exception:  # requests' timeout: not down in time
+                LOGGER.warning("%s did not shut down within %.1f s; killing it", self.name,
+                               timeout)
+        self._remove_container()
+        if cleanup and not self._removed:
+            self._remove_files()
 
-    def _wait_exited(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.is_running():
+    def _kill_process(self) -> None:
+        self._remove_container()
+
+    def _remove_container(self) -> None:
+        """SIGKILL and remove the current container; wait until its address is free."""
+        container = self.container
+        if container is None:
+            return
+        with contextlib.suppress(Exception):  # already gone is fine
+            container.remove(force=True, v=True)
+        deadline = time.monotonic() + _CONTAINER_EXIT_TIMEOUT
+        while True:
+            try:
+                container.reload()
+            except Exception:  # docker.errors.NotFound: removed
+                break
             if time.monotonic() > deadline:
-                raise SimulatorError(f"container of {self.name} is still running after "
-                                     f"{timeout:.0f} s")
+                raise SimulatorError(f"container {container.name} of {self.name} is still "
+                                     f"there after {_CONTAINER_EXIT_TIMEOUT:.0f} s")
             time.sleep(0.05)
+        self.container = None
 
-    # ---- connection parameters (the same as LocalServer's)
-
-    def connect_kwargs(self) -> dict[str, str | int]:
-        """Keyword arguments for psycopg (``dbname``) or mysql-connector (``database``)."""
-        database_key = "dbname" if self.engine == "postgresql" else "database"
-        return {"host": self.host, "port": self.port, database_key: self.database,
-                "user": self.user, "password": self.password}
-
-    # Same formats as the local runtime: they only read connect_kwargs() and the credentials.
-    conninfo = LocalServer.conninfo
-    uri = LocalServer.uri
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        """The last ``lines`` lines of the container's output ("" if there is none)."""
-        if self._container is None or self._removed:
-            return ""
-        try:
-            data = self._container.logs(tail=lines)
-        except Exception:
-            return ""
-        return bytes(data).decode(errors="replace").rstrip("\n")
-
-    def __enter__(self) -> DockerServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def reload(self) -> None:
+        """SIGHUP to the server in the container (PostgreSQL only), like ``pg_reload_conf()``."""
+        if self.engine != "postgresql":
+            raise SimulatorError(f"{self.name}: reload is only supported for PostgreSQL")
+        if not self.is_running():
+            raise SimulatorError(f"{self.name} is not running")
+        self.container.kill(signal=signal.SIGHUP.name)
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "running" if self.is_running() else "stopped"
-        return f"<DockerServer {self.name} {self.image} {self.host}:{self.port} {state}>"
-
-
-# Containers this process created and has not removed, for the atexit hook (Ryuk covers a
-# process that dies without running it).
-_live_servers: set[DockerServer] = set()
-
-
-@functools.cache
-def _register_atexit() -> None:
-    atexit.register(_stop_all_at_exit)
-
-
-def _stop_all_at_exit() -> None:
-    for server in list(_live_servers):
-        try:
-            server.stop(timeout=5.0)
-        except Exception:  # exiting: report and go on with the others
-            LOGGER.exception("could not remove %s at exit", server.name)
+        return (f"<DockerServer {self.name} {self.image} {self.host}:{self.port} {state}>")

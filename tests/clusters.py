@@ -7,18 +7,47 @@ that its module's ``settle`` function has brought back to the module's invariant
 instances it started with, each in a role, every reader replicating from the writer), and
 settles it again when the test ends. If settling fails, the cluster is stopped and the error
 is reported at the teardown of the test that broke it; the next test gets a fresh cluster.
+
+:class:`SharedClusters` keeps one such cluster per instance runtime (``Cluster(backend=...)``),
+each started on first use; a fixture parametrized with :data:`BACKENDS` picks one, so that
+the same cluster tests run on local processes and on containers. The container run is marked
+``docker`` and skipped, with the reason, where no Docker daemon answers
+(:func:`require_backend`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 
+import pytest
+
 from simulator.cluster import Cluster
 
-__all__ = ["Settle", "SharedCluster"]
+__all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "require_backend"]
+
+#: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on.
+BACKENDS = [pytest.param("local", id="local"),
+            pytest.param("testcontainers", id="testcontainers", marks=pytest.mark.docker)]
+
+
+@functools.cache
+def _docker_unavailable() -> str | None:
+    from simulator.testcontainers_backend import docker_unavailable_reason
+
+    return docker_unavailable_reason()
+
+
+def require_backend(name: str) -> str:
+    """``name``; skips the test when it is ``testcontainers`` and no Docker daemon answers."""
+    if name == "testcontainers":
+        reason = _docker_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+    return name
 
 LOGGER = logging.getLogger("tests.clusters")
 
@@ -84,3 +113,28 @@ class SharedCluster(AbstractContextManager["SharedCluster"]):
                  traceback: TracebackType | None) -> None:
         self._discard()
 
+
+
+class SharedClusters(AbstractContextManager["SharedClusters"]):
+    """One :class:`SharedCluster` per backend, each started on first use; for a module-scoped
+    fixture. ``start(backend)`` starts a cluster on that backend."""
+
+    def __init__(self, start: Callable[[str], Cluster], settle: Settle) -> None:
+        self._start = start
+        self._settle = settle
+        self._shared: dict[str, SharedCluster] = {}
+
+    def get(self, backend: str) -> SharedCluster:
+        """The shared cluster on ``backend`` (skipped without Docker, see
+        :func:`require_backend`)."""
+        require_backend(backend)
+        shared = self._shared.get(backend)
+        if shared is None:
+            shared = SharedCluster(lambda: self._start(backend), self._settle)
+            self._shared[backend] = shared
+        return shared
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for shared in self._shared.values():
+            shared.__exit__(None, None, None)

@@ -162,8 +162,25 @@ def test_run_command_rejects_bad_input(tmp_path: Path,
     assert "--rds-cluster needs --flavour pg" in capsys.readouterr().err
     assert main(["run", "writer-crash", "--rds-cluster", "my-aurora", "--flavour", "pg"]) == 2
     assert "CHAOS_DB_PASSWORD" in capsys.readouterr().err
-    assert main(["run", "writer-crash", "--simulator", "testcontainers", "-q"]) == 2
-    assert "Testcontainers runtime cannot be chosen" in capsys.readouterr().err
+
+@pytest.mark.docker
+@pytest.mark.parametrize("flavour", ["aurora-pg", "aurora-mysql"])
+def test_default_scenario_passes_on_containers(flavour: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m chaos run default --simulator testcontainers``: the cluster's servers run
+    in containers (simulator.testcontainers_backend) and the scenario's invariants hold."""
+    from simulator.testcontainers_backend import docker_unavailable_reason
+
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    code = main(["run", "default", "--simulator", "testcontainers", "--flavour", flavour,
+                 "-q", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["verdict"] == "pass"
+    assert all(check["ok"] for check in data["invariants"])
 
 
 def test_terminal_progress_without_a_tty() -> None:

@@ -39,7 +39,7 @@ from simulator.local import LocalServer
 from simulator.mysql_cluster import LOOKALIKE_SCHEMA, MysqlClusterEngine
 from simulator.names import HostsFile
 
-from .clusters import SharedCluster
+from .clusters import BACKENDS, SharedCluster, SharedClusters
 from .waiting import wait_until as wait_for_condition
 
 pytestmark = pytest.mark.real_server
@@ -263,9 +263,17 @@ def multi_az_shared() -> Iterator[SharedCluster]:
 
 
 @pytest.fixture(scope="module")
-def aurora_shared() -> Iterator[SharedCluster]:
-    with SharedCluster(lambda: Cluster.start("aurora-mysql", readers=2), settle) as shared:
-        yield shared
+def aurora_clusters() -> Iterator[SharedClusters]:
+    with SharedClusters(lambda name: Cluster.start("aurora-mysql", readers=2, backend=name),
+                        settle) as clusters:
+        yield clusters
+
+
+@pytest.fixture(params=BACKENDS)
+def aurora_shared(request: pytest.FixtureRequest,
+                  aurora_clusters: SharedClusters) -> SharedCluster:
+    """On every backend: the Aurora tests are the cluster contract (tests/clusters.py)."""
+    return aurora_clusters.get(request.param)
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ from simulator.pg_cluster import (
     resource_id,
 )
 
-from .clusters import SharedCluster
+from .clusters import BACKENDS, SharedCluster, SharedClusters
 from .waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.real_server
@@ -181,10 +181,17 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def aurora_shared() -> Iterator[SharedCluster]:
-    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=FAST),
-                       settle) as shared:
-        yield shared
+def aurora_clusters() -> Iterator[SharedClusters]:
+    with SharedClusters(lambda name: Cluster.start("aurora-pg", readers=2, timeline=FAST,
+                                                   backend=name), settle) as clusters:
+        yield clusters
+
+
+@pytest.fixture(params=BACKENDS)
+def aurora_shared(request: pytest.FixtureRequest,
+                  aurora_clusters: SharedClusters) -> SharedCluster:
+    """On every backend: the Aurora tests are the cluster contract (tests/clusters.py)."""
+    return aurora_clusters.get(request.param)
 
 
 @pytest.fixture
@@ -218,14 +225,23 @@ def plain_pg() -> Iterator[Cluster]:
         yield cluster
 
 
-_FIXTURES = {"aurora-pg": "aurora", "multi-az-pg": "multi_az", "rds-pg": "rds_pg",
-             "pg": "plain_pg"}
+_FIXTURES = {"multi-az-pg": "multi_az", "rds-pg": "rds_pg", "pg": "plain_pg"}
+# The Aurora cluster on every backend, the other flavours on the local one.
+_ANY = [pytest.param(("aurora-pg", "local"), id="aurora-pg"),
+        pytest.param(("aurora-pg", "testcontainers"), id="aurora-pg-testcontainers",
+                     marks=pytest.mark.docker),
+        *(pytest.param((flavour, "local"), id=flavour) for flavour in _FIXTURES)]
 
 
-@pytest.fixture(params=list(_FIXTURES))
-def any_cluster(request: pytest.FixtureRequest) -> Cluster:
-    cluster: Cluster = request.getfixturevalue(_FIXTURES[request.param])
-    return cluster
+@pytest.fixture(params=_ANY)
+def any_cluster(request: pytest.FixtureRequest,
+                aurora_clusters: SharedClusters) -> Iterator[Cluster]:
+    flavour, name = request.param
+    if flavour == "aurora-pg":
+        yield from aurora_clusters.get(name).fixture()
+    else:
+        cluster: Cluster = request.getfixturevalue(_FIXTURES[flavour])
+        yield cluster
 
 
 def expected_id(cluster: Cluster, instance: Instance) -> str:
