@@ -196,6 +196,13 @@ def analyse(*, requests: Sequence[Request], acked: Mapping[int, float],
             "writes_unresolved": len(unresolved_set),
             "unresolved_present": sum(1 for i in unresolved_set if i in rows),
             "reads_ok": sum(1 for r in requests if r.kind == "read" and r.error is None),
+            # Successful reads whose executing instance is known (split reads name it) and
+            # was the writer then: read/write splitting left them on the writer.
+            "reads_on_writer": sum(
+                1 for r in requests
+                if r.kind == "read" and r.error is None and r.instance is not None and any(
+                    s.instance == r.instance and s.start <= r.end and s.end >= r.start
+                    for s in spans)),
             "failed_requests": sum(errors.values()),
             "downtime": round(downtime, 4),
             "downtime_from": rel(downtime_at),

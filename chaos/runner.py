@@ -356,7 +356,8 @@ def _play(scenario: Scenario, control: ClusterControl, backend: FaultBackend | N
         if auth is not None:
             reader_kwargs = auth.workload_kwargs(reader_kwargs)
     workload = Workload(sql, table, app_kwargs, spec.threads, spec.write_ratio, spec.rate,
-                        spec.tx_size, plugins, reader_kwargs, spec.reconnect_every)
+                        spec.tx_size, plugins, reader_kwargs, spec.reconnect_every,
+                        split_reads=spec.reads == "split")
     workload.start()
     warm_deadline = time.monotonic() + 60
     while not workload.acked:

@@ -110,7 +110,9 @@ class WorkloadSpec:
     """The application: ``threads`` connections, each doing ``rate`` operations a second
     (0: as fast as it can), a fraction ``write_ratio`` of them writes of ``tx_size`` rows in
     one transaction (1: autocommit), reads on the ``reads`` endpoint (``writer`` or
-    ``reader``), through resilient_db with ``plugins`` (a code ending in ``?`` is used only
+    ``reader``; ``split``: on the writer endpoint's connection, each read between
+    ``read_only = True`` and ``False``, which ``read_write_splitting`` in ``plugins`` moves to
+    a reader and back), through resilient_db with ``plugins`` (a code ending in ``?`` is used only
     if this resilient_db has it, e.g. ``failover,efm?``) and ``properties``. Each thread
     closes its connection and opens a new one every ``reconnect_every`` operations (0:
     never), as an application with short-lived connections does."""
@@ -258,14 +260,17 @@ def _workload(data: Any) -> WorkloadSpec:
     rate = _number("workload.rate", d.get("rate", 50.0))
     tx_size = _number("workload.tx_size", d.get("tx_size", 1), minimum=1, integer=True)
     reads = d.get("reads", "writer")
-    if reads not in ("writer", "reader"):
-        raise ScenarioError(f"workload.reads {reads!r}: expected writer or reader")
+    if reads not in ("writer", "reader", "split"):
+        raise ScenarioError(f"workload.reads {reads!r}: expected writer, reader or split")
     plugins = d.get("plugins", "failover")
     if isinstance(plugins, (list, tuple)):
         plugins = ",".join(str(p) for p in plugins)
     if not isinstance(plugins, str):
         raise ScenarioError(f"workload.plugins: expected a comma-separated string or a list, "
                             f"got {plugins!r}")
+    if reads == "split" and "read_write_splitting" not in plugins.replace(" ", "").split(","):
+        raise ScenarioError("workload.reads 'split' moves reads with read_only: add "
+                            "read_write_splitting to workload.plugins")
     properties = _mapping("workload.properties", d.get("properties"))
     reconnect_every = _number("workload.reconnect_every", d.get("reconnect_every", 0),
                               integer=True)

@@ -103,6 +103,10 @@ class Workload:
     reader_kwargs: dict[str, Any] | None = None
     #: close the connection and open a new one every this many operations (0: never)
     reconnect_every: int = 0
+    #: reads between ``conn.read_only = True`` and ``False`` on the writer endpoint's
+    #: connection (``read_write_splitting`` moves them to a reader); a read records the
+    #: instance that executed it (the read statement names it)
+    split_reads: bool = False
     seed: int = 7
     requests: list[Request] = field(default_factory=list)
     #: id -> acknowledgement time (monotonic) of every acknowledged write
@@ -293,18 +297,24 @@ class Workload:
     def _read_once(self, thread: int, conn: Any, last_acked: int) -> bool:
         start = time.monotonic()
         try:
-            cur = conn.cursor()
-            cur.execute(self._read(), (last_acked,))
-            cur.fetchall()
-            with contextlib.suppress(Exception):
-                cur.close()
+            if self.split_reads:
+                conn.read_only = True
+            try:
+                cur = conn.cursor()
+                cur.execute(self._read(), (last_acked,))
+                rows = cur.fetchall()
+                with contextlib.suppress(Exception):
+                    cur.close()
+            finally:
+                if self.split_reads:
+                    conn.read_only = False  # back to the writer for the next write
         except Exception as exc:
             self._record(Request(thread, "read", start, time.monotonic(), type(exc).__name__,
                                  is_documented(exc, "read"), message=_message(exc)))
             return isinstance(exc, resilient_db.Error) and not isinstance(
                 exc, resilient_db.FailoverFailedError)
-        self._record(Request(thread, "read", start, time.monotonic(), None, True, (),
-                             self._where(conn)))
+        where = str(rows[0][0]) if self.split_reads and rows else self._where(conn)
+        self._record(Request(thread, "read", start, time.monotonic(), None, True, (), where))
         return True
 
 
