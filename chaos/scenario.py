@@ -388,9 +388,11 @@ def _library_dir() -> Any:
 
 
 def library() -> dict[str, Scenario]:
-    """The shipped scenarios by name (``chaos/scenarios/*.yaml``)."""
+    """The shipped scenarios by name (``chaos/scenarios/*.yaml``): ``default`` first, then
+    in file name order."""
     found: dict[str, Scenario] = {}
-    for entry in sorted(_library_dir().iterdir(), key=lambda e: e.name):
+    for entry in sorted(_library_dir().iterdir(),
+                        key=lambda e: (e.name != "default.yaml", e.name)):
         if entry.name.endswith(".yaml"):
             scenario = _parse(entry.read_text(encoding="utf-8"), entry.name)
             found[scenario.name] = scenario

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import chaos
 from chaos.__main__ import main
 from chaos.analysis import Window, analyse
 from chaos.control import WriterSpan
@@ -146,7 +147,9 @@ def test_list_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "writer-crash" in out and "dns-staleness" in out
     assert main(["list", "--names"]) == 0
     names = capsys.readouterr().out.split()
-    assert names[0] == "default" and len(names) == 12 and "secret-rotation" in names
+    shipped = sorted(p.stem for p in (Path(chaos.__file__).parent / "scenarios").glob("*.yaml"))
+    assert names[0] == "default" and sorted(names) == shipped and len(shipped) >= 16
+    assert {"secret-rotation", "bluegreen-switchover", "split-writer-failover"} <= set(names)
 
 
 def test_run_command_rejects_bad_input(tmp_path: Path,
