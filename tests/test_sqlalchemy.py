@@ -513,3 +513,26 @@ def test_dispose_releases_monitors(env: Env) -> None:
     if env.name == "pg":
         wait_until("no monitoring session left on the servers",
                    lambda: _monitor_sessions(env) == 0, timeout=60)
+
+
+@pytest.mark.real_server
+def test_read_only_option_routes_to_a_reader_through_read_write_splitting(env: Env) -> None:
+    """``resilient_db_read_only`` (and PostgreSQL's own ``postgresql_readonly``) on a
+    connection of an engine with ``read_write_splitting``: its statements run on a reader, the
+    server refuses a write there, and the pooled connection is back on the writer after."""
+    engine = env.engine(plugins="read_write_splitting,failover", pool_size=1, max_overflow=0)
+    writer = env.cluster.writer.id
+    readers = {i.id for i in env.cluster.readers}
+    options = ["resilient_db_read_only"] + (["postgresql_readonly"] if env.name == "pg" else [])
+    for option in options:
+        with engine.connect() as conn:
+            assert env.instance(conn) == writer
+            conn.commit()
+            routed = conn.execution_options(**{option: True})
+            assert env.instance(routed) in readers
+            with pytest.raises(sa_exc.DBAPIError):
+                routed.execute(sa.text("CREATE TABLE never_on_a_reader (id int)"))
+            routed.rollback()
+        with engine.connect() as conn:  # the same pooled connection, reset
+            assert env.instance(conn) == writer
+    engine.dispose()
