@@ -219,7 +219,10 @@ def test_failover_reaches_the_new_writer_with_a_token_for_it(
                 else "SELECT aurora_sim.aurora_server_id()")
     assert cur.fetchone()[0] == new
     assert cluster.instance(new).endpoint in tokens.hosts()
-    assert sink.of_kind("failover.finished")
+    # Moved by failover at a statement, or by the connection tracker recycling the idle
+    # connection left on the demoted writer before the statement (which one depends on when
+    # the topology monitor saw the new writer): both reconnect through iam to ``new``.
+    assert sink.of_kind("failover.finished") or sink.of_kind("tracker.recycled")
     assert not sink.of_kind("auth.failed")
 
 
