@@ -137,14 +137,16 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Refused:
-    """Digests of passwords a server refused, per cache key (never the passwords). A
-    password that logs in again is forgotten. Process-wide, bounded."""
+    """Digests of passwords a server refused, per cache key (never the passwords), with when
+    each was refused. A password that logs in again is forgotten, but only by a login that
+    started after the refusal: a login that began before the password changed on the server
+    (and got in with it) says nothing about the password now. Process-wide, bounded."""
 
     _KEEP = 4
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_key: dict[Hashable, list[bytes]] = {}
+        self._by_key: dict[Hashable, dict[bytes, float]] = {}
 
     @staticmethod
     def _digest(password: str) -> bytes:
@@ -153,19 +155,21 @@ class _Refused:
     def add(self, key: Hashable, password: str) -> None:
         digest = self._digest(password)
         with self._lock:
-            digests = self._by_key.setdefault(key, [])
-            if digest not in digests:
-                digests.append(digest)
-                del digests[:-self._KEEP]
+            digests = self._by_key.setdefault(key, {})
+            digests.pop(digest, None)
+            digests[digest] = time.monotonic()
+            while len(digests) > self._KEEP:
+                del digests[next(iter(digests))]
 
-    def discard(self, key: Hashable, password: str) -> None:
+    def discard(self, key: Hashable, password: str, started: float) -> None:
+        """``password`` logged in, in a login that began at ``started`` (monotonic)."""
         if key not in self._by_key:  # the common case, without the lock
             return
         digest = self._digest(password)
         with self._lock:
             digests = self._by_key.get(key)
-            if digests and digest in digests:
-                digests.remove(digest)
+            if digests and digests.get(digest, math.inf) < started:
+                del digests[digest]
 
     def has(self, key: Hashable, password: str) -> bool:
         digests = self._by_key.get(key)
@@ -400,6 +404,7 @@ class AwsSecretsManagerPlugin(AuthPlugin):
 
         def noting(applied: ConnectContext) -> Any:
             password = applied.args.get("password")
+            started = time.monotonic()
             try:
                 conn = proceed(applied)
             except Exception as exc:
@@ -407,7 +412,7 @@ class AwsSecretsManagerPlugin(AuthPlugin):
                     _REFUSED.add(key, password)
                 raise
             if isinstance(password, str):
-                _REFUSED.discard(key, password)
+                _REFUSED.discard(key, password, started)
             return conn
 
         return super().connect(ctx, noting)
