@@ -51,6 +51,15 @@ EVENT_NAMES = frozenset(
         "custom_endpoint_deleted",
         # chaos/secrets.py: a new password in the workload's secret and on the database
         "secret_rotated",
+        # simulator/limitless.py: a Limitless shard group's transaction routers
+        "shard_group_started",
+        "shard_group_stopped",
+        "router_started",
+        "router_stopped",
+        "router_killed",
+        "router_load_set",
+        "router_list_updated",
+        "router_sessions_ended",
     }
 )
 
