@@ -49,13 +49,6 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "gdb_enable_global_write_forwarding": "gdb_rw",
     # authentication
     "aws_profile": "iam, aws_secrets_manager",
-    # Limitless
-    "limitless_transaction_router_monitor_disposal_time_ms": "limitless",
-    "limitless_transaction_router_monitor_interval_ms": "limitless",
-    "limitless_wait_for_transaction_router_info": "limitless",
-    "limitless_get_transaction_router_retry_interval_ms": "limitless",
-    "limitless_get_transaction_router_max_retries": "limitless",
-    "limitless_max_retries_ms": "limitless",
 }
 
 #: Prefixes under which the AWS wrapper passes driver properties to its monitoring

@@ -951,6 +951,77 @@ CUSTOM_ENDPOINT_REGION = text(
     plugin="custom_endpoint",
 )
 
+# --- limitless plugin (resilient_db/plugins/limitless.py) ------------------------------------
+
+LIMITLESS_MONITOR_INTERVAL = duration(
+    "limitless_transaction_router_monitor_interval_ms",
+    7.5,
+    "How often the shard group's router monitor reads the transaction routers and their load "
+    "again (`aurora_limitless_router_endpoints()`; one monitor and one server connection per "
+    "shard group endpoint, shared by every connection of the process; the shortest interval "
+    "of the connections using it applies). A router marked down after a failed connect is "
+    "tried again after one interval. The minimum keeps the monitor's query from becoming a "
+    "load of its own.",
+    unit="ms",
+    minimum=100,
+    plugin="limitless",
+    aws_name=True,
+)
+LIMITLESS_MONITOR_DISPOSAL_TIME = duration(
+    "limitless_transaction_router_monitor_disposal_time_ms",
+    600.0,
+    "A router monitor that no open connection uses stops (thread and server connection) "
+    "after this long; a later connection starts a new one. `resilient_db.shutdown()` stops "
+    "it at once.",
+    unit="ms",
+    minimum=100,
+    plugin="limitless",
+    aws_name=True,
+)
+LIMITLESS_WAIT_FOR_ROUTER_INFO = boolean(
+    "limitless_wait_for_transaction_router_info",
+    True,
+    "When no router list is known yet (the first connection to a shard group in the "
+    "process): true reads it on the spot, through the shard group endpoint, before choosing "
+    "a router (retried as `limitless_get_transaction_router_max_retries` says); false "
+    "connects through the shard group endpoint as given (Route 53 picks the router) while "
+    "the monitor reads the list for later connections.",
+    plugin="limitless",
+    aws_name=True,
+)
+LIMITLESS_GET_ROUTER_RETRY_INTERVAL = duration(
+    "limitless_get_transaction_router_retry_interval_ms",
+    0.3,
+    "Pause between two attempts to read the router list on the spot.",
+    unit="ms",
+    minimum=10,
+    maximum=60_000,
+    plugin="limitless",
+    aws_name=True,
+)
+LIMITLESS_GET_ROUTER_MAX_RETRIES = integer(
+    "limitless_get_transaction_router_max_retries",
+    5,
+    "Attempts to read the router list on the spot after the first one fails or finds no "
+    "router; then `connect` raises the last error.",
+    minimum=0,
+    maximum=100,
+    plugin="limitless",
+    aws_name=True,
+)
+LIMITLESS_CONNECT_MAX_RETRIES = integer(
+    "limitless_max_retries_ms",
+    5,
+    "A count, not milliseconds (the AWS Python wrapper's name; its JDBC wrapper calls it "
+    "`limitlessConnectMaxRetries`): routers tried after the chosen one fails to connect, at "
+    "connect and when a connection's router fails (each time the least loaded router not "
+    "marked down). The AWS Python wrapper's default is 7500; ours is the JDBC wrapper's 5.",
+    minimum=1,
+    maximum=10_000,
+    plugin="limitless",
+    aws_name=True,
+)
+
 # --- aws_secrets_manager plugin (resilient_db/plugins/aws_secrets_manager.py) -----------------
 
 #: A region name as AWS spells them: ``us-east-1``, ``us-gov-west-1``, ``cn-north-1``,

@@ -46,6 +46,7 @@ BUILTIN: dict[str, str] = {
         "resilient_db.plugins.read_write_splitting:ReadWriteSplittingPlugin",
     "srw": "resilient_db.plugins.srw:SimpleReadWriteSplittingPlugin",
     "blue_green": "resilient_db.plugins.blue_green:BlueGreenPlugin",
+    "limitless": "resilient_db.plugins.limitless:LimitlessPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
@@ -54,7 +55,6 @@ BUILTIN: dict[str, str] = {
 PLANNED: dict[str, str] = {
     "gdb_rw": "read/write splitting for Aurora Global Database",
     "gdb_failover": "failover for Aurora Global Database",
-    "limitless": "Aurora Limitless transaction routers",
 }
 
 #: AWS Advanced Python Wrapper codes accepted as aliases (documented in docs/plugins.md). AWS's
@@ -89,6 +89,11 @@ CANONICAL_ORDER: tuple[str, ...] = (
     "srw",
     "gdb_rw",
     "fastest_response_strategy",
+    # Limitless chooses the transaction router of every physical connection by load (a
+    # routing decision, like splitting's) and moves a connection whose router failed to
+    # another router: outside failover, which leaves router failures to it, and outside efm
+    # and the credentials plugins, so that each router connection is monitored and gets its
+    # credentials.
     "limitless",
     # Failover reacts to errors raised by everything inside it, including EFM aborts.
     "failover",

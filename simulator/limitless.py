@@ -43,7 +43,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -332,9 +332,10 @@ class ShardGroup:
         for router in self.routers.values():
             if not router.running:
                 continue
-            kwargs = {**router.runtime.connect_kwargs(), "user": APP_USER,
-                      "password": APP_PASSWORD}
-            with psycopg.connect(**kwargs, autocommit=True, connect_timeout=5) as conn:
+            server = router.runtime
+            with psycopg.connect(host=server.host, port=server.port, dbname=server.database,
+                                 user=APP_USER, password=APP_PASSWORD, autocommit=True,
+                                 connect_timeout=5) as conn:
                 conn.execute(statement.encode())
 
     def rows(self, query: str) -> list[tuple[Any, ...]]:

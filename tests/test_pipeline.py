@@ -183,8 +183,7 @@ def test_unknown_plugin_suggests() -> None:
 
 
 @pytest.mark.parametrize("code", [
-    "gdb_rw", "limitless",
-    "gdb_failover",
+    "gdb_rw", "gdb_failover",
 ])
 def test_planned_aws_plugin_is_a_clear_error(code: str) -> None:
     with pytest.raises(ConfigurationError) as info:
