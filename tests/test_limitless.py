@@ -116,7 +116,10 @@ def test_router_list_is_read_and_the_connection_goes_to_a_listed_router(
         assert [(r.host, r.load) for r in monitor.routers or ()] == group.router_list()
         assert weights(monitor) == {"router-1": 10, "router-2": 10, "router-3": 10}
     refreshed = sink.of_kind("limitless.routers_refreshed")
-    assert refreshed and refreshed[0].attributes["resilient_db.limitless.source"] == "on_connect"
+    # Read on the spot by the connecting thread, or by the monitor's first read if it won.
+    assert refreshed and refreshed[0].attributes["resilient_db.limitless.source"] in (
+        "on_connect", "monitor")
+    assert refreshed[0].attributes["resilient_db.limitless.weights"] == (10, 10, 10)
     selected = sink.of_kind("limitless.router_selected")
     assert selected[0].attributes["resilient_db.limitless.strategy"] == "weighted_random"
     assert selected[0].attributes["server.address"] == chosen.host
@@ -182,7 +185,8 @@ def test_connects_go_to_the_other_routers_when_one_is_killed(
             seen[on_router(conn)] += 1
     assert "router-1" not in seen and sum(seen.values()) == 12, seen
     down = sink.of_kind("limitless.host_down")
-    assert [d.attributes["server.address"] for d in down] == [group.router("router-1").endpoint]
+    # Marked down for one monitor interval (0.2 s), then tried again: maybe more than once.
+    assert {d.attributes["server.address"] for d in down} == {group.router("router-1").endpoint}
 
 
 @pytest.mark.real_server
