@@ -265,6 +265,7 @@ def test_workload_across_a_router_kill_loses_no_acknowledged_write(group: ShardG
     table = f"lim_w_{time.monotonic_ns()}"
     group.execute_everywhere(f"CREATE TABLE {table} (id bigint PRIMARY KEY, worker int)")
     acknowledged: list[int] = []
+    per_worker = collections.Counter[int]()
     failovers = collections.Counter[str]()
     lock = threading.Lock()
     stop = threading.Event()
@@ -285,6 +286,7 @@ def test_workload_across_a_router_kill_loses_no_acknowledged_write(group: ShardG
                         continue
                     with lock:
                         acknowledged.append(row_id)
+                        per_worker[worker] += 1
         except BaseException as exc:  # reported by the test
             errors.append(exc)
 
@@ -292,7 +294,8 @@ def test_workload_across_a_router_kill_loses_no_acknowledged_write(group: ShardG
     for thread in threads:
         thread.start()
     try:
-        wait_until("writes acknowledged before the kill", lambda: len(acknowledged) >= 30)
+        wait_until("every worker's writes acknowledged on router-1 before the kill",
+                   lambda: len(per_worker) == 3 and min(per_worker.values()) >= 10)
         group.kill_router("router-1")
         before = len(acknowledged)
         wait_until("writes acknowledged after the kill", lambda: len(acknowledged) >= before + 30)
