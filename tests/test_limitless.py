@@ -340,6 +340,47 @@ def test_closing_releases_the_monitor_and_shutdown_stops_it(group: ShardGroup) -
 
 
 @pytest.mark.real_server
+def test_a_child_after_fork_starts_its_own_monitor(group: ShardGroup) -> None:
+    from .test_fork import in_child
+
+    parent = connect(group)
+    inherited = the_monitor(group)
+    parent_session = inherited.connection_open
+
+    def child() -> dict[str, Any]:
+        abandoned = inherited.stopped and not inherited.connection_open
+        left = len(core.monitors())
+        with connect(group) as conn:
+            router = on_router(conn)
+            mine = the_monitor(group)
+            fresh = mine is not inherited and mine.running
+        resilient_db.shutdown()
+        return {"abandoned": abandoned, "left": left, "router": router, "fresh": fresh}
+
+    result = in_child(child)
+    assert result == {"abandoned": True, "left": 0, "router": result["router"], "fresh": True}
+    assert result["router"] in group.routers
+    # The parent's monitor (and its server connection) carried on untouched.
+    assert inherited.running and not inherited.stopped
+    assert inherited.connection_open or not parent_session
+    assert on_router(parent) in group.routers
+    parent.close()
+
+
+@pytest.mark.unit
+def test_importing_starts_no_thread() -> None:
+    import subprocess
+    import sys
+
+    code = ("import threading, resilient_db, resilient_db.limitless, "
+            "resilient_db.plugins.limitless, simulator.limitless; "
+            "print(threading.active_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "1"
+
+
+@pytest.mark.real_server
 def test_a_server_without_the_router_list_is_refused(pg_server: Any) -> None:
     with pytest.raises(ConfigurationError) as info:
         resilient_db.connect(psycopg.Connection.connect, **pg_server.connect_kwargs(),

@@ -142,9 +142,10 @@ class LimitlessPlugin(Plugin):
         self._tx_before: Any = None
         self._lock = threading.RLock()
         # failover (if selected) leaves errors of a connection on a router to this plugin;
-        # weak: a cycle would outlive `del conn`.
-        ref = weakref.WeakMethod(self._owns_failure)
-        ctx.extra[DEFER_FAILOVER] = ref
+        # weak: a cycle would outlive `del conn`. A hook set before (blue_green's) is asked
+        # too.
+        self._deferred_before = ctx.extra.get(DEFER_FAILOVER)
+        ctx.extra[DEFER_FAILOVER] = weakref.WeakMethod(self._owns_failure)
 
     # --- connect phase ---------------------------------------------------------------------
     def connect(self, ctx: ConnectContext, proceed: ConnectHandler) -> Any:
@@ -332,8 +333,12 @@ class LimitlessPlugin(Plugin):
     # --- execute phase ---------------------------------------------------------------------
     def _owns_failure(self, exc: BaseException) -> bool:
         """For ``failover``: whether this plugin handles ``exc`` (a network error while the
-        connection is on a router)."""
-        return self.router is not None and self.ctx.driver.is_disconnect(exc)
+        connection is on a router), or the hook set before this plugin's does."""
+        if self.router is not None and self.ctx.driver.is_disconnect(exc):
+            return True
+        before = self._deferred_before
+        hook = before() if before is not None else None
+        return bool(hook is not None and hook(exc))
 
     def wrap_execute(self, proceed: Handler) -> Handler:
         on_error = self._on_error
@@ -369,9 +374,10 @@ class LimitlessPlugin(Plugin):
                   retry: bool = True) -> Any:
         if isinstance(exc, Error):
             return _RERAISE  # resilient_db's own outcome (a deadline, an inner failover)
+        swaps = self._swaps  # before anything else: another thread may be moving it now
         if call.connection._closed_by_us or not self.ctx.driver.is_disconnect(exc):
             return _RERAISE
-        return self._fail_over(call, exc, proceed, retry)
+        return self._fail_over(call, exc, proceed, retry, swaps)
 
     def _in_transaction(self, call: Call, raw: Any) -> bool:
         if call.op is Op.COMMIT:
@@ -382,13 +388,13 @@ class LimitlessPlugin(Plugin):
             return True
         return self.ctx.driver.was_in_transaction(raw, self._tx_before)
 
-    def _fail_over(self, call: Call, exc: Exception, proceed: Handler, retry: bool) -> Any:
+    def _fail_over(self, call: Call, exc: Exception, proceed: Handler, retry: bool,
+                   swaps: int) -> Any:
         driver = self.ctx.driver
         proxy = call.connection
         redoable = call.op in _REDOABLE
         statement_sent = not redoable
         idempotent = redoable or current_options().idempotent is True
-        swaps = self._swaps
         with self._lock:
             old_raw = proxy._raw
             failed_router = self.router
