@@ -200,6 +200,22 @@ def test_named_router_down_connects_to_another(group: ShardGroup) -> None:
 
 
 @pytest.mark.real_server
+def test_a_blackholed_router_is_skipped_within_the_connect_bound(
+        group: ShardGroup, network_faults: Any, sink: CollectingSink) -> None:
+    router_1 = group.router("router-1")
+    with connect(group, router_1.endpoint, connect_timeout=2):
+        pass  # the router list is known for this endpoint
+    # Real packet loss: a connect to router-1 gets no answer at all (no RST).
+    network_faults.blackhole(router_1.address, group.port)
+    started = time.monotonic()
+    with connect(group, router_1.endpoint, connect_timeout=2) as conn:
+        assert on_router(conn) in ("router-2", "router-3")
+    assert time.monotonic() - started < 20  # one 2 s attempt, not the kernel's minutes
+    down = sink.of_kind("limitless.host_down")
+    assert down and down[0].attributes["server.address"] == router_1.endpoint
+
+
+@pytest.mark.real_server
 def test_router_lost_mid_connection_moves_to_another_router(
         group: ShardGroup, sink: CollectingSink) -> None:
     with connect(group, group.router("router-1").endpoint) as conn:

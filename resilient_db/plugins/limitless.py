@@ -46,6 +46,7 @@ from .. import limitless
 from .._decisions import decision_span, get_decision_sink
 from .._options import current_options
 from .._params import (
+    CONNECT_TIMEOUT,
     LIMITLESS_CONNECT_MAX_RETRIES,
     LIMITLESS_GET_ROUTER_MAX_RETRIES,
     LIMITLESS_GET_ROUTER_RETRY_INTERVAL,
@@ -90,6 +91,10 @@ _REDOABLE = frozenset({Op.CURSOR, Op.SESSION})
 _UNDEFINED_FUNCTION = "42883"
 #: ``resilient_db.failover.mode`` of this plugin's failovers (telemetry).
 _MODE = "limitless_router"
+#: Bound of connecting to one router, seconds, when ``connect_timeout`` is not set: a
+#: blackholed router must not hold the connect (or a move off a failed router) for the
+#: kernel's two minutes of SYN retries while other routers answer.
+ROUTER_CONNECT_TIMEOUT = 10.0
 
 
 class _NoRouterError(Exception):
@@ -130,6 +135,8 @@ class LimitlessPlugin(Plugin):
         fetch_retries = settings[LIMITLESS_GET_ROUTER_MAX_RETRIES]
         self.fetch_retries: int = 5 if fetch_retries is None else fetch_retries
         self.max_retries: int = settings[LIMITLESS_CONNECT_MAX_RETRIES] or 5
+        #: Bound of one router connect attempt (``connect_timeout``, else 10 s).
+        self.attempt_timeout: float = settings[CONNECT_TIMEOUT] or ROUTER_CONNECT_TIMEOUT
         self.router: Router | None = None
         self.failovers = 0
         self._monitor: RouterMonitor | None = None
@@ -167,7 +174,8 @@ class LimitlessPlugin(Plugin):
         named = next((r for r in routers if r.address == _address(ctx.host, routers)), None)
         try:
             raw, router = self._open_router(
-                monitor, routers, lambda spec: proceed(instance_context(ctx, spec, None)),
+                monitor, routers,
+                lambda spec: proceed(instance_context(ctx, spec, self.attempt_timeout)),
                 named=named)
         except _NoRouterError as none:
             self._decide_endpoint("no router could be reached")
@@ -484,6 +492,7 @@ class LimitlessPlugin(Plugin):
             args["host"] = spec.host
             if spec.port is not None:
                 args["port"] = spec.port
+            args["connect_timeout"] = max(1, int(-(-self.attempt_timeout // 1)))
             raw = proxy.resilient.pipeline.connect(ConnectContext(
                 spec, args, settings, driver, self._target, initial=False))
             try:
