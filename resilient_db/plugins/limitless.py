@@ -171,6 +171,10 @@ class LimitlessPlugin(Plugin):
                 self.router = None
                 return proceed(ctx)
             routers = self._fetch_now(ctx, proceed, monitor)
+            if not routers:
+                self._decide_endpoint("the router list is empty")
+                self.router = None
+                return proceed(ctx)
         named = next((r for r in routers if r.address == _address(ctx.host, routers)), None)
         try:
             raw, router = self._open_router(
@@ -195,8 +199,12 @@ class LimitlessPlugin(Plugin):
                    monitor: RouterMonitor) -> tuple[Router, ...]:
         """The router list read through the shard group endpoint now (one connecting thread
         at a time per shard group: the others then find it), retried
-        ``limitless_get_transaction_router_max_retries`` times; raises the last error."""
+        ``limitless_get_transaction_router_max_retries`` times; raises the last error of
+        connecting or reading, or returns ``()`` when the endpoint answered with no router."""
         driver = ctx.driver
+        # Not the application's connection: the inner plugins must not take it for one
+        # (failover's on_connect hook, its topology reading).
+        side = dataclasses.replace(ctx, initial=False)
         last: BaseException | None = None
         for attempt in range(self.fetch_retries + 1):
             if attempt:
@@ -205,7 +213,7 @@ class LimitlessPlugin(Plugin):
                 if monitor.routers:
                     return monitor.routers
                 try:
-                    raw = proceed(ctx)
+                    raw = proceed(side)
                 except Exception as exc:
                     if isinstance(exc, Error) or driver.is_auth_failure(exc):
                         raise
@@ -231,9 +239,11 @@ class LimitlessPlugin(Plugin):
                 if routers:
                     monitor.publish(routers, "on_connect")
                     return routers
-                last = RuntimeError(f"{ctx.host} lists no transaction router")
-                monitor.failed(last, "on_connect")
-        assert last is not None
+                last = None  # answered, with no router: the endpoint itself still works
+                monitor.failed(LookupError(f"{ctx.host} lists no transaction router"),
+                               "on_connect")
+        if last is None:
+            return ()
         raise last
 
     def _open_router(self, monitor: RouterMonitor, routers: tuple[Router, ...],
