@@ -342,20 +342,20 @@ def test_without_waiting_the_first_connection_uses_the_endpoint(
 @pytest.mark.real_server
 def test_an_empty_router_list_uses_the_endpoint_and_no_answer_raises(
         group: ShardGroup, sink: CollectingSink) -> None:
-    fast = {"limitless_get_transaction_router_max_retries": 1,
+    fast: dict[str, Any] = {"limitless_get_transaction_router_max_retries": 1,
             "limitless_get_transaction_router_retry_interval_ms": 10}
     for router in group.routers.values():
         router.listed = False
     group.set_router_loads({})  # publishes the empty list
-    with connect(group, **fast) as conn:
+    with connect(group, None, **fast) as conn:
         assert plugin(conn).router is None and on_router(conn) in group.routers
     assert [d.attributes["resilient_db.limitless.reason"]
             for d in sink.of_kind("limitless.using_endpoint")] == ["the router list is empty"]
     resilient_db.shutdown()
-    for router in group.routers:
-        group.kill_router(router)  # the endpoint resolves to nothing now
+    for router_id in group.routers:
+        group.kill_router(router_id)  # the endpoint resolves to nothing now
     with pytest.raises(psycopg.OperationalError):
-        connect(group, **fast)
+        connect(group, None, **fast)
     assert len([d for d in sink.of_kind("limitless.fetch_failed")
                 if d.attributes["resilient_db.limitless.source"] == "on_connect"]) >= 2
 
