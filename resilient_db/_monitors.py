@@ -148,28 +148,42 @@ class SupervisedMonitor:
       marks the monitor stopped with fresh locks and lets the connection go without a word
       to the server (``DriverDialect.forget``).
 
-    What a subclass provides:
+    What a subclass provides (``efm_monitor``, ``response_time`` and ``blue_green`` are the
+    worked examples):
 
-    - ``__init__`` calling ``super().__init__`` with its registry, lifecycle ``component``
-      name, ``thread_name`` and ``label`` (the subject of log lines, e.g. ``"failure
-      monitor of 10.0.0.5:5432"``); the class attribute ``_log`` (its module's logger), and
+    - A module-level ``MonitorRegistry`` and, at import,
+      ``_lifecycle.on_fork_child(registry.reset_in_child)``. ``__init__`` calls
+      ``super().__init__`` with ``key`` (the key it is registered under in that registry:
+      disposal forgets it by that key), the registry, the lifecycle ``component`` name, the
+      ``thread_name`` and a ``label`` (the subject of the crash warning, e.g. ``"failure
+      monitor of 10.0.0.5:5432"``). Class attributes: ``_log`` (its module's logger) and
       ``_suppress_instrumentation`` (whether the thread runs with OpenTelemetry
-      instrumentation suppressed).
-    - ``attach(user, *, <its settings>)``: merges the settings under ``_cond`` through
-      :meth:`_attach` and returns what it returns.
-    - :meth:`_step` ``(now, idle_until)``: one round of work and the pause after it. The step
-      must return promptly once ``_stopping`` is set: wait only on ``_cond`` (``stop()``
-      notifies it) or on the connection (``stop()`` aborts it), never past ``idle_until``
-      (the moment the monitor may be disposed of; ``inf`` while it has users). An exception
-      it raises is a crash (restart with backoff); an expected failure (host unreachable)
-      is its own to handle.
+      instrumentation suppressed; true unless the subclass says otherwise).
+    - ``attach(user, *, <its settings>) -> bool``: typed for its own user Protocol and
+      settings, it calls :meth:`_attach` with a function that merges the settings (run under
+      ``_cond``; notify ``_cond`` when the pause in progress depends on them) and returns
+      its result. The registry's lookup and ``attach`` are two calls: a caller that gets
+      False looks up again (the monitor was disposed of or shut down in between).
+    - :meth:`_step` ``(now, idle_until)``: one round of work and the pause after it. It must
+      return promptly once ``_stopping`` is set: block only on ``_cond`` (``stop()`` notifies
+      it) or on ``_conn`` (``stop()`` aborts it), and never pause past ``idle_until`` (when
+      the monitor may be disposed of; ``inf`` while it has users). To connect:
+      ``self._some_user().open_...(...)`` (through that user's connect chain), then
+      :meth:`_adopt`. On an error from the connection: :meth:`_close`, then return at once
+      if ``_stopping`` is set (``stop()`` broke it) or handle the failure (host
+      unreachable: record it, retry next round). An exception that escapes is a crash.
     - :meth:`_record_restart` (the decision recorded for a crash); optionally
-      :meth:`_drop_connection_state` (per-connection state to clear with ``_conn``),
-      :meth:`_disposed` and :meth:`_released`.
+      :meth:`_drop_connection_state` (state that belongs to the connection, cleared with
+      ``_conn``), :meth:`_disposed` (log or record the disposal) and :meth:`_released` (tell
+      the users ``stop()`` let go). A monitor whose loop has another shape may override
+      :meth:`_run`, keeping its rules: return once ``_stopping`` is set, dispose of itself
+      through :meth:`_dispose`.
 
-    Locking: ``_cond`` guards ``_users``, ``_conn`` and the stop flag; :meth:`_dispose` takes
-    ``registry.lock`` then ``_cond`` (the order the plugins' lookup-then-attach takes them).
-    Never call into the registry while holding ``_cond``.
+    Locking: ``_cond`` guards ``_users`` (a WeakSet: copy it under the lock before
+    iterating, :meth:`_live_users`), ``_conn`` and the stop flag. :meth:`_dispose` takes
+    ``registry.lock`` then ``_cond``; never take the registry's lock while holding
+    ``_cond``. Only the monitor's thread opens or closes ``_conn``; other threads only abort
+    it (``stop()``).
     """
 
     #: The module's logger (the crash warning goes there).

@@ -254,7 +254,8 @@ class HostMonitor(SupervisedMonitor):
     """
 
     _log = log
-    # The probe connection is opened with instrumentation as the application configured it.
+    # As before the base class: this thread leaves instrumentation as configured (its probes
+    # bypass the driver's cursors; its probe connects do not).
     _suppress_instrumentation = False
 
     def __init__(self, key: tuple[Any, ...], target: ProbeTarget, driver: DriverDialect, *,
@@ -333,7 +334,8 @@ class HostMonitor(SupervisedMonitor):
             "resilient_db.efm.backoff": backoff}))
 
     def _step(self, now: float, idle_until: float) -> None:
-        # (A statement in flight has a user, so "no users" covers "nothing in flight".)
+        # The base counts the monitor idle when it has no users: a statement in flight always
+        # has one (in_flight() reads the users' attributes).
         due = min(self.in_flight().values(), default=None)
         if self._down_since is not None or (due is not None and due <= now):
             self._active_step(now)
