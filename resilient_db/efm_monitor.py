@@ -254,9 +254,6 @@ class HostMonitor(SupervisedMonitor):
     """
 
     _log = log
-    # As before the base class: this thread leaves instrumentation as configured (its probes
-    # bypass the driver's cursors; its probe connects do not).
-    _suppress_instrumentation = False
 
     def __init__(self, key: tuple[Any, ...], target: ProbeTarget, driver: DriverDialect, *,
                  interval: float, count: int, grace: float, disposal: float,

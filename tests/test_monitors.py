@@ -184,6 +184,26 @@ def test_a_crashing_step_restarts_with_doubling_backoff_up_to_the_cap(
     assert joined(worker)
 
 
+@pytest.mark.unit
+def test_the_monitor_thread_runs_with_instrumentation_suppressed() -> None:
+    """DESIGN §9: internal statements (probes, topology, status reads) make no driver-level
+    instrumentation spans; every monitor class (efm included) runs its thread suppressed."""
+    from resilient_db.blue_green import BlueGreenMonitor
+    from resilient_db.efm_monitor import HostMonitor
+    from resilient_db.response_time import ResponseTimeMonitor
+    from resilient_db.telemetry.context import is_suppressed
+
+    seen: list[bool] = []
+    worker = Worker(None, lambda w: seen.append(is_suppressed()))
+    assert worker.attach(User())
+    wait_until("a step", lambda: bool(seen))
+    worker.stop()
+    assert joined(worker)
+    assert seen[0] is True and not is_suppressed()
+    for cls in (HostMonitor, ResponseTimeMonitor, BlueGreenMonitor):
+        assert cls._suppress_instrumentation, cls
+
+
 @pytest.mark.real_server
 def test_a_crash_closes_the_connection_and_the_restart_opens_a_new_one(
         backend: Backend) -> None:
