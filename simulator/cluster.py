@@ -717,7 +717,8 @@ class Cluster:
                                                   "region": self.iam.region},
             "instances": [
                 {"id": i.id, "role": i.role, "address": i.address, "endpoint": i.endpoint,
-                 "proxy_address": i.proxy_address, "lag": i.lag, "running": bool(i.runtime.is_running())}
+                 "proxy_address": i.proxy_address, "lag": i.lag,
+                 "running": bool(i.runtime.is_running())}
                 for i in self.instances.values()
             ],
         }
