@@ -188,8 +188,7 @@ class _Direction:
         self.toxics: list[_Applied] = []
         self.changed = threading.Event()
 
-    def start(self, toxics: list[_Toxic]) -> None:
-        self.set_toxics(toxics)
+    def start(self) -> None:
         for target, name in ((self._read, "read"), (self._pipe, "pipe")):
             threading.Thread(target=target, daemon=True,
                              name=f"toxiproxy-{self.link.proxy.name}-{self.stream}-{name}"
@@ -362,9 +361,9 @@ class _Link:
         self.directions = (_Direction(self, "upstream", client, server),
                            _Direction(self, "downstream", server, client))
 
-    def start(self, toxics: list[_Toxic]) -> None:
+    def start(self) -> None:
         for direction in self.directions:
-            direction.start(toxics)
+            direction.start()
 
     def set_toxics(self, toxics: list[_Toxic]) -> None:
         for direction in self.directions:
@@ -389,8 +388,11 @@ class _Link:
             direction.chunks.put(None)
         for sock in (self.client, self.server):
             if reset:
+                # Linger 0: the close sends a RST. SHUT_RD (which sends nothing) wakes the
+                # reader blocked in recv, whose hold on the socket would delay the close.
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RD)
             else:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -481,7 +483,9 @@ class Proxy:
                     server.close()
                     return
                 self._links.add(link)
-            link.start(list(self.toxics))
+                # Under the lock that toxic changes take: no change slips in between.
+                link.set_toxics(list(self.toxics))
+            link.start()
 
     def _connect_upstream(self) -> socket.socket:
         host, port = _split(self.upstream)
@@ -510,9 +514,8 @@ class Proxy:
     # --- toxics ----------------------------------------------------------------------------
     def _toxics_changed(self) -> None:
         with self._links_lock:
-            links = list(self._links)
-        for link in links:
-            link.set_toxics(list(self.toxics))
+            for link in self._links:
+                link.set_toxics(list(self.toxics))
 
     def find(self, name: str) -> _Toxic:
         for toxic in self.toxics:
