@@ -34,7 +34,8 @@ class Recorder(ToxiproxyServer):
 
 @pytest.fixture
 def server() -> Iterator[Recorder]:
-    running = Recorder().start()
+    running = Recorder()
+    running.start()
     try:
         yield running
     finally:
