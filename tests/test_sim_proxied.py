@@ -38,7 +38,7 @@ GRACE, INTERVAL, COUNT = 0.3, 0.2, 2
 #: Liveness margin for a loaded machine (speed goals live in the benchmarks).
 MARGIN = 3.0
 
-ENGINES = {
+ENGINES: dict[str, tuple[str, Any, dict[str, Any], str, str]] = {
     "pg": ("aurora-pg", psycopg.Connection.connect, {},
            "SELECT pg_catalog.aurora_db_instance_identifier()", "SELECT pg_catalog.pg_sleep(60)"),
     "mysql": ("aurora-mysql", mysql.connector.connect,
