@@ -211,7 +211,9 @@ def test_status_text_shows_endpoints_credentials_and_instances() -> None:
     assert "instance-1  writer  127.10.0.5:5432  0    running" in text
     assert "(no writer right now)" in "\n".join(format_status({**status, "connect": None}))
     proxied = {**status, "toxiproxy_url": "http://127.0.0.1:8474",
-               "instances": [{**status["instances"][0], "proxy_address": "127.10.0.6"}]}
+               "instances": [{"id": "instance-1", "role": "writer", "address": "127.10.0.5",
+                              "proxy_address": "127.10.0.6", "endpoint": "i1", "lag": 0.0,
+                              "running": True}]}
     text = "\n".join(format_status(proxied))
     assert "toxiproxy  http://127.0.0.1:8474" in text
     assert "instance-1  writer  127.10.0.6:5432 -> 127.10.0.5:5432" in text
