@@ -36,9 +36,9 @@ What it implements, as Toxiproxy documents and implements it (``README.md``, ``a
 One addition that is not in Toxiproxy: with ``bind_source=True`` (the simulator's choice)
 the proxy opens its upstream connections *from* its listen address, so the server sees the
 proxy's address as the client's (``pg_stat_activity.client_addr``): proof that traffic went
-through the proxy. Not implemented: the ``down``-less toxics of later versions
-(``slow_open``, ``packet_loss``...), ``/metrics``, the CLI. Never compared with a real
-Toxiproxy binary (none is available here).
+through the proxy. Not implemented: toxic types beyond these seven (some Toxiproxy versions
+have more), ``/metrics``, the ``toxiproxy-cli``. Never compared with a real Toxiproxy binary
+(none is available here).
 
 Threads (all daemon threads, all stopped by :meth:`ToxiproxyServer.close`): the HTTP server,
 one acceptor per enabled proxy, and per connection two per direction (a reader that stamps
