@@ -41,8 +41,9 @@ have more), ``/metrics``, the ``toxiproxy-cli``. Never compared with a real Toxi
 (none is available here).
 
 Threads (all daemon threads, all stopped by :meth:`ToxiproxyServer.close`): the HTTP server,
-one acceptor per enabled proxy, and per connection two per direction (a reader that stamps
-the arrival time of each chunk, and a pipe that passes it through the toxics).
+one acceptor per enabled proxy, one per connection while it dials the upstream (at most the
+10 s connect timeout), and per connection two per direction (a reader that stamps the arrival
+time of each chunk, and a pipe that passes it through the toxics).
 """
 
 from __future__ import annotations
@@ -466,26 +467,31 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            try:
-                server = self._connect_upstream()
-            except OSError as exc:
-                LOGGER.debug("proxy %s: upstream %s unreachable: %s", self.name, self.upstream,
-                             exc)
-                client.close()  # as Toxiproxy: the client's connection is closed
-                continue
-            for sock in (client, server):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            link = _Link(self, client, server)
-            with self._links_lock:
-                if self._listener is not listener:
-                    client.close()
-                    server.close()
-                    return
-                self._links.add(link)
-                # Under the lock that toxic changes take: no change slips in between.
-                link.set_toxics(list(self.toxics))
-            link.start()
+            # Dial on a thread of its own: an upstream that is slow to answer (a blackholed
+            # server) must not hold up the connections behind it.
+            threading.Thread(target=self._open, args=(listener, client), daemon=True,
+                             name=f"toxiproxy-{self.name}-dial").start()
+
+    def _open(self, listener: socket.socket, client: socket.socket) -> None:
+        try:
+            server = self._connect_upstream()
+        except OSError as exc:
+            LOGGER.debug("proxy %s: upstream %s unreachable: %s", self.name, self.upstream, exc)
+            client.close()  # as Toxiproxy: the client's connection is closed
+            return
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = _Link(self, client, server)
+        with self._links_lock:
+            if self._listener is not listener:  # disabled or deleted meanwhile
+                client.close()
+                server.close()
+                return
+            self._links.add(link)
+            # Under the lock that toxic changes take: no change slips in between.
+            link.set_toxics(list(self.toxics))
+        link.start()
 
     def _connect_upstream(self) -> socket.socket:
         host, port = _split(self.upstream)

@@ -25,6 +25,7 @@ import pytest
 import resilient_db
 from chaos.faults import Toxic
 from chaos.toxiproxy import ToxiproxyBackend
+from resilient_db.plugins.efm import EfmPlugin
 from simulator.cluster import Cluster, Timeline
 
 from .clusters import require_backend
@@ -89,6 +90,8 @@ def test_a_blackholed_proxy_is_declared_dead_and_failover_goes_through_the_proxi
         "failure_detection_interval_ms": INTERVAL * 1000,
         "failure_detection_count": COUNT, "failover_timeout_sec": 60})
     backend = ToxiproxyBackend.for_cluster(cluster)
+    efm = conn.resilient.plugin("efm")
+    assert isinstance(efm, EfmPlugin)
     try:
         cur = conn.cursor()
         cur.execute(instance_sql)
@@ -101,6 +104,12 @@ def test_a_blackholed_proxy_is_declared_dead_and_failover_goes_through_the_proxi
                 wait_until("the statement running on the writer", lambda: any(
                     "60" in query and "SLEEP" in query.upper()
                     for _, query in sessions(cluster, old.id, user)))
+                # ... past its grace period, the writer's monitor answered through its proxy
+                # (a monitor that first connects after the blackhole would wait out its
+                # connect timeout instead).
+                wait_until("the writer's monitor answering probes", lambda: (
+                    (monitor := efm.monitor) is not None and monitor.connection_open
+                    and monitor.probes_ok > 0))
                 # Blackhole the writer's proxy only: the server and its address are fine.
                 backend.apply(old.id, old.address, old.port, Toxic("timeout"))
                 promoted.append(time.monotonic())
