@@ -22,7 +22,13 @@ RDS (domain ``sim.internal``). Every instance of a cluster listens on the same p
 its own loopback address.
 
 Blue/green: ``blue.create_blue_green(green)`` then ``blue.switchover()`` (see
-:meth:`Cluster.switchover`). Documentation: ``docs/simulator.md``.
+:meth:`Cluster.switchover`).
+
+Proxied: ``Cluster.start(..., proxied=True)`` puts a proxy in front of every instance (its
+own loopback address, the cluster's port; :mod:`simulator.toxiproxy_server`, driven through
+Toxiproxy's HTTP API at ``cluster.toxiproxy.url``) and every DNS name leads to the proxies, so
+all client traffic goes through them; the control plane and replication still use the
+servers' own addresses. Documentation: ``docs/simulator.md``.
 """
 
 from __future__ import annotations
