@@ -805,11 +805,19 @@ def _dispatch(server: ToxiproxyServer, method: str, parts: list[str],
         if method == "DELETE":
             server.remove_toxic(parts[1], parts[3])
             return 204, None
-    raise _NoRouteError
+    known = (parts in (["version"], ["reset"], ["populate"], ["proxies"])
+             or (len(parts) == 2 and parts[0] == "proxies")
+             or (len(parts) in (3, 4) and parts[0] == "proxies" and parts[2] == "toxics"))
+    raise _NoRouteError(405 if known else 404)
 
 
 class _NoRouteError(Exception):
-    """No route (Go's mux answers a plain-text 404 / 405)."""
+    """No route: gorilla/mux answers 404 ``404 page not found`` for an unknown path, 405 with
+    no body for a known path with another method."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def _handler(server: ToxiproxyServer) -> type[BaseHTTPRequestHandler]:
@@ -849,8 +857,11 @@ def _handler(server: ToxiproxyServer) -> type[BaseHTTPRequestHandler]:
                 self._send(exc.status, json.dumps(exc.to_json()).encode() + b"\n",
                            "text/plain; charset=utf-8")
                 return
-            except _NoRouteError:
-                self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
+            except _NoRouteError as exc:
+                if exc.status == 405:
+                    self._send(405, b"", None)
+                else:
+                    self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
                 return
             if answer is None:
                 self._send(status, b"", None)

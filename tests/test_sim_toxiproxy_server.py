@@ -199,6 +199,7 @@ def test_api_routes_bodies_and_status_codes(toxiproxy: ToxiproxyServer, echo: Ec
     assert request(toxiproxy, "GET", "/proxies",
                    headers={"User-Agent": "Mozilla/5.0"})[0] == 403  # browsers refused
     assert request(toxiproxy, "GET", "/nothing-here")[0] == 404
+    assert request(toxiproxy, "DELETE", "/version")[::2] == (405, b"")  # known path
     status, _, data = request(toxiproxy, "POST", "/proxies", None)
     assert status == 400 and b"bad request body" in data
 
