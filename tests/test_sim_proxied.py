@@ -13,6 +13,7 @@ cluster is in test_sim_pg_cluster.py / test_sim_mysql_cluster.py (``local-proxie
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +25,9 @@ import pytest
 
 import resilient_db
 from chaos.faults import Toxic
-from chaos.toxiproxy import ToxiproxyBackend
+from chaos.toxiproxy import ToxiproxyBackend, ToxiproxyClient, ToxiproxyError
 from resilient_db.plugins.efm import EfmPlugin
+from simulator._addresses import claim_is_held, listening_addresses
 from simulator.cluster import Cluster, Timeline
 
 from .clusters import require_backend
@@ -152,6 +154,32 @@ def test_a_blackholed_proxy_is_declared_dead_and_failover_goes_through_the_proxi
     cluster.events.wait_for("rejoined_as_reader", since=promoted[1].mono if len(promoted) > 1
                             else 0.0, timeout=60)
     wait_until("the cluster settled again", cluster.settled)
+
+
+def test_proxies_follow_membership_and_go_with_the_cluster() -> None:
+    """A reader added gets its proxy (and its names lead there), a reader removed loses it,
+    and stopping the cluster stops the API and every proxy and releases their addresses."""
+    with Cluster.start("aurora-pg", readers=0, timeline=TIMELINE, proxied=True) as cluster:
+        assert cluster.toxiproxy is not None
+        client = ToxiproxyClient(cluster.toxiproxy.url)
+        events = cluster.add_reader()
+        added = cluster.readers[0]
+        assert [e.instance for e in events if e.name == "proxy_created"] == [added.id]
+        assert added.proxy_address is not None
+        assert cluster.proxy_address(added.id) == f"{added.proxy_address}:{cluster.port}"
+        assert sorted(client.proxies()) == ["instance-1", "instance-2"]
+        assert socket.gethostbyname(added.endpoint) == added.proxy_address
+        assert socket.gethostbyname(cluster.reader_endpoint) == added.proxy_address
+        address = added.proxy_address
+        cluster.remove_reader(added.id)
+        assert sorted(client.proxies()) == ["instance-1"]
+        assert not claim_is_held(address) and address not in listening_addresses()
+        writer_proxy = cluster.writer.proxy_address
+        url = cluster.toxiproxy.url
+    assert writer_proxy is not None
+    assert not claim_is_held(writer_proxy) and writer_proxy not in listening_addresses()
+    with pytest.raises(ToxiproxyError, match="unreachable"):
+        ToxiproxyClient(url, timeout=2).version()
 
 
 @pytest.mark.docker
