@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 __all__ = ["QueryFlow", "Rows", "run_async", "run_sync"]
 
 T = TypeVar("T")
+A = TypeVar("A")  # what a statement answers: rows, or a dialect check's Answer
 Rows = list[tuple[Any, ...]]
 #: Yields SQL, is sent its rows (or thrown its error), returns ``T``.
 QueryFlow = Generator[str, Rows, T]
 
 
-def run_sync(flow: Generator[str, Rows, T], query: Callable[[str], Rows]) -> T:
+def run_sync(flow: Generator[str, A, T], query: Callable[[str], A]) -> T:
     """Run ``flow``, each statement through the blocking ``query(sql) -> rows``."""
     try:
         sql = next(flow)
@@ -38,8 +39,7 @@ def run_sync(flow: Generator[str, Rows, T], query: Callable[[str], Rows]) -> T:
         flow.close()
 
 
-async def run_async(flow: Generator[str, Rows, T],
-                    query: Callable[[str], Awaitable[Rows]]) -> T:
+async def run_async(flow: Generator[str, A, T], query: Callable[[str], Awaitable[A]]) -> T:
     """Run ``flow``, each statement through the awaitable ``query(sql) -> rows``."""
     try:
         sql = next(flow)

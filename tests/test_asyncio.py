@@ -1,0 +1,356 @@
+"""The asyncio front (``resilient_db.connect_async`` over ``psycopg.AsyncConnection``) on a
+simulated Aurora PostgreSQL cluster: basic use, writer failover under load with concurrent
+tasks (no acknowledged write lost), failover inside a transaction, the failure monitor
+aborting an awaited statement on a blackholed writer, ``socket_timeout`` bounding an await,
+cancellation at every await (no leaked connection or thread, a clear state), a closed
+connection, bad input. Plain ``asyncio.run`` in each test (no pytest-asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+
+import resilient_db
+from chaos.netfault import NetworkFaults
+from resilient_db import AsyncConnectionProxy
+from resilient_db.plugins.failover import FailoverPlugin
+from simulator.cluster import Cluster, Timeline
+
+from .waiting import wait_until
+
+pytestmark = pytest.mark.real_server
+
+T = TypeVar("T")
+TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
+INSTANCE = "SELECT pg_catalog.aurora_db_instance_identifier()"
+#: efm settings: a statement on a dead host is aborted within GRACE + INTERVAL * COUNT.
+GRACE, INTERVAL, COUNT = 0.3, 0.2, 2
+MARGIN = 3.0  # liveness margin for a loaded 2-core machine
+APP = "rdb-async-test"  # application_name of the test's own connections (leak counting)
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(_bounded(coro))
+
+
+async def _bounded(coro: Awaitable[T]) -> T:
+    # Nothing hangs: a test's coroutine gets two minutes at most.
+    return await asyncio.wait_for(coro, 120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_monitors() -> Iterator[None]:
+    yield
+    resilient_db.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_cluster() -> Iterator[Cluster]:
+    with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as started:
+        yield started
+
+
+@pytest.fixture
+def cluster(module_cluster: Cluster) -> Iterator[Cluster]:
+    settle(module_cluster)
+    yield module_cluster
+    settle(module_cluster)
+
+
+def settle(cluster: Cluster) -> None:
+    wait_until("every instance back in a role",
+               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
+    cluster.make_writer_read_only(False)
+    wait_until("readers following the writer", cluster.settled)
+
+
+def kwargs_for(cluster: Cluster, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {**cluster.connect_kwargs(endpoint or cluster.writer.endpoint), "autocommit": True,
+            "connect_timeout": 5, "application_name": APP, **extra}
+
+
+async def aconnect(cluster: Cluster, endpoint: str | None = None, *,
+                   plugins: str = "failover", **extra: Any) -> AsyncConnectionProxy:
+    return await resilient_db.connect_async(
+        psycopg.AsyncConnection.connect, plugins=plugins,
+        **kwargs_for(cluster, endpoint, **{"failover_timeout_sec": 30, **extra}))
+
+
+async def instance_of(conn: AsyncConnectionProxy) -> str:
+    cur = await conn.execute(INSTANCE)
+    row = await cur.fetchone()
+    return str(row[0])
+
+
+def make_table(cluster: Cluster) -> str:
+    name = f"t{time.monotonic_ns()}"
+    with psycopg.connect(**kwargs_for(cluster, application_name="rdb-setup")) as conn:
+        conn.execute(f"CREATE TABLE {name} (id int primary key, inst text)")
+    return name
+
+
+def rows_of(cluster: Cluster, table: str) -> dict[int, str]:
+    with psycopg.connect(**kwargs_for(cluster, application_name="rdb-setup")) as conn:
+        return {int(k): str(v) for k, v in conn.execute(f"SELECT id, inst FROM {table}")}
+
+
+def sessions(cluster: Cluster, application_name: str = APP) -> int:
+    """Server sessions with ``application_name`` across every running instance."""
+    total = 0
+    for instance in cluster.instances.values():
+        if instance.role == "stopped":
+            continue
+        with cluster.superuser(instance.id) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                        (application_name,))
+            total += int(cur.fetchone()[0])
+    return total
+
+
+def foreign_threads() -> set[threading.Thread]:
+    """Threads other than the main one and resilient_db's shared, supervised monitors."""
+    return {t for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.name.startswith("resilient_db")}
+
+
+def promoted(events: list[Any]) -> str:
+    return str(next(e.instance for e in events if e.name == "promoted"))
+
+
+def failover_plugin(conn: AsyncConnectionProxy) -> FailoverPlugin:
+    found = conn.resilient.plugin("failover")
+    assert isinstance(found, FailoverPlugin)
+    return found
+
+
+# --- basic use ------------------------------------------------------------------------------
+
+
+def test_basic_use(cluster: Cluster) -> None:
+    table = make_table(cluster)
+
+    async def main() -> None:
+        conn = await aconnect(cluster, cluster.writer_endpoint, plugins="failover,efm")
+        assert conn.resilient.plugins == ("failover", "efm")
+        assert failover_plugin(conn).instance_id == cluster.writer.id
+        assert await instance_of(conn) == cluster.writer.id
+        async with conn.cursor() as cur:
+            await cur.execute(f"INSERT INTO {table} VALUES (%s, 'a')", (1,))
+            await cur.executemany(f"INSERT INTO {table} VALUES (%s, 'b')", [(2,), (3,)])
+            await cur.execute(f"SELECT id FROM {table} ORDER BY id")
+            assert cur.description is not None and cur.rowcount == 3
+            assert [r[0] async for r in cur] == [1, 2, 3]
+            await cur.execute(f"SELECT id FROM {table} ORDER BY id")
+            assert await cur.fetchmany(2) == [(1,), (2,)]
+            assert await cur.fetchall() == [(3,)]
+        await conn.set_autocommit(False)
+        assert conn.autocommit is False and conn.resilient.session_state == {"autocommit": False}
+        await conn.execute(f"INSERT INTO {table} VALUES (4, 'rolled back')")
+        await conn.rollback()
+        await conn.execute(f"INSERT INTO {table} VALUES (5, 'committed')")
+        await conn.commit()
+        await conn.set_autocommit(True)
+        async with conn.transaction():
+            await conn.execute(f"INSERT INTO {table} VALUES (6, 'tx')")
+        with pytest.raises(psycopg.errors.UniqueViolation):  # driver errors keep identity
+            await conn.execute(f"INSERT INTO {table} VALUES (6, 'again')")
+        async with conn:
+            await conn.execute("SELECT 1")
+        assert conn.closed
+
+    run(main())
+    assert set(rows_of(cluster, table)) == {1, 2, 3, 5, 6}
+    assert sessions(cluster) == 0
+
+
+# --- failover ---------------------------------------------------------------------------------
+
+
+def test_writer_failover_under_load_loses_no_acknowledged_write(cluster: Cluster) -> None:
+    """Four tasks, each on its own connection, stream idempotent inserts through a writer
+    crash; a fifth writes in transactions and handles TransactionResolutionUnknownError. Every
+    acknowledged row is on the new writer; only documented outcomes were raised."""
+    table = make_table(cluster)
+    old = cluster.writer.id
+    upsert = (f"INSERT INTO {table} VALUES (%s, pg_catalog.aurora_db_instance_identifier()) "
+              "ON CONFLICT DO NOTHING")
+    acked: dict[int, str] = {}
+    outcomes: list[str] = []
+    unexpected: list[BaseException] = []
+
+    async def writer(task: int, stop: asyncio.Event) -> None:
+        conn = await aconnect(cluster, cluster.writer_endpoint)
+        key = task * 1_000_000
+        try:
+            while not stop.is_set():
+                key += 1
+                try:
+                    with resilient_db.call_options(idempotent=True):
+                        await conn.execute(upsert, (key,))
+                except resilient_db.FailoverSuccessError:
+                    outcomes.append("success")  # only if the retry itself failed over
+                    continue
+                acked[key] = failover_plugin(conn).instance_id or "?"
+        except BaseException as exc:
+            unexpected.append(exc)
+        finally:
+            await conn.close()
+
+    async def transactions(stop: asyncio.Event) -> None:
+        conn = await aconnect(cluster, cluster.writer_endpoint, autocommit=False)
+        key = 9_000_000
+        try:
+            while not stop.is_set():
+                key += 1
+                try:
+                    await conn.execute(upsert, (key,))
+                    await conn.commit()
+                except resilient_db.TransactionResolutionUnknownError:
+                    outcomes.append("unknown")  # the row may or may not be there
+                    continue
+                except resilient_db.FailoverSuccessError:
+                    outcomes.append("success")
+                    continue
+                acked[key] = failover_plugin(conn).instance_id or "?"
+        except BaseException as exc:
+            unexpected.append(exc)
+        finally:
+            await conn.close()
+
+    async def main() -> str:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
+        tasks.append(asyncio.create_task(transactions(stop)))
+        await _until(lambda: len(acked) > 50)
+        events = await asyncio.to_thread(cluster.failover)
+        new = promoted(events)
+        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return new
+
+    new = run(main())
+    assert not unexpected, unexpected
+    rows = rows_of(cluster, table)
+    assert set(acked) <= set(rows), "an acknowledged write was lost"
+    assert set(rows.values()) <= {old, new}, "a reader accepted a write"
+    assert {v for v in acked.values()} == {old, new}
+    assert set(outcomes) <= {"unknown", "success"}
+    assert sessions(cluster) == 0
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -> None:
+    table = make_table(cluster)
+
+    async def main() -> None:
+        conn = await aconnect(cluster, autocommit=False)
+        cur = conn.cursor()
+        await cur.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+        new = promoted(await asyncio.to_thread(cluster.failover))
+        with pytest.raises(resilient_db.TransactionResolutionUnknownError) as info:
+            await cur.execute(f"INSERT INTO {table} VALUES (2, 'x')")
+        assert isinstance(info.value, psycopg.OperationalError)
+        assert isinstance(info.value.__cause__, psycopg.OperationalError)
+        # The connection is usable on the new writer; the old cursor is rebound.
+        await cur.execute(INSTANCE)
+        assert (await cur.fetchone())[0] == new
+        assert conn.autocommit is False  # session state moved
+        await conn.rollback()
+        await conn.close()
+
+    run(main())
+
+
+def test_failover_without_a_writer_fails_with_attempts_then_recovers(cluster: Cluster) -> None:
+    writer = cluster.writer
+
+    async def main() -> None:
+        conn = await aconnect(cluster, failover_timeout_sec=1)
+        cur = await conn.execute("SELECT 1")
+        cluster.kill_instance(writer.id)  # no promotion: the cluster has no writer
+        try:
+            started = time.monotonic()
+            with pytest.raises(resilient_db.FailoverFailedError) as info:
+                await cur.execute("SELECT 1")
+            assert time.monotonic() - started < 1 + MARGIN
+            assert isinstance(info.value, psycopg.OperationalError)
+            outcomes = {a.host.split(".")[0]: a.outcome for a in info.value.attempts}
+            assert outcomes[writer.id] == "probe failed"
+            assert all(outcomes[r.id] == "probe: is a reader" for r in cluster.readers)
+        finally:
+            await asyncio.to_thread(cluster.start_instance, writer.id)
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            await cur.execute("SELECT 1")
+        assert await instance_of(conn) == writer.id
+        await conn.close()
+
+    run(main())
+
+
+# --- closed connections, bad input -----------------------------------------------------------
+
+
+def test_closed_connection_raises_and_never_reconnects(cluster: Cluster) -> None:
+    async def main() -> None:
+        conn = await aconnect(cluster, plugins="failover,efm")
+        cur = conn.cursor()
+        await conn.close()
+        raw = conn.resilient.raw
+        with pytest.raises(psycopg.OperationalError) as info:
+            await conn.execute("SELECT 1")
+        assert not isinstance(info.value, resilient_db.Error)
+        await asyncio.to_thread(cluster.failover)
+        for attempt in (lambda: cur.execute("SELECT 1"), conn.commit,
+                        lambda: conn.execute("SELECT 1")):
+            with pytest.raises(psycopg.OperationalError) as info:
+                await attempt()
+            assert not isinstance(info.value, resilient_db.Error)
+        assert conn.resilient.raw is raw and raw.closed
+
+    run(main())
+    assert sessions(cluster) == 0
+
+
+def test_bad_input_is_a_configuration_error() -> None:
+    async def main() -> None:
+        with pytest.raises(resilient_db.ConfigurationError, match="AsyncConnection") as info:
+            await resilient_db.connect_async(psycopg.Connection.connect, "host=x")
+        assert info.value.parameter == "target"
+        with pytest.raises(resilient_db.ConfigurationError, match="not a connect callable"):
+            await resilient_db.connect_async(psycopg.AsyncConnection, "host=x")
+        with pytest.raises(resilient_db.ConfigurationError, match="target must be"):
+            await resilient_db.connect_async("host=x")  # type: ignore[arg-type]
+        with pytest.raises(resilient_db.ConfigurationError) as info:
+            await resilient_db.connect_async(psycopg.AsyncConnection.connect, "host=x",
+                                             plugins="failover,read_write_splitting")
+        assert info.value.parameter == "plugins" and "read_write_splitting" in str(info.value)
+        with pytest.raises(resilient_db.ConfigurationError, match="did you mean"):
+            await resilient_db.connect_async(psycopg.AsyncConnection.connect, "host=x",
+                                             failover_timeout_secs=3)
+        with pytest.raises(resilient_db.ConfigurationError) as info:
+            await resilient_db.connect_async(psycopg.AsyncConnection.connect, "host=x",
+                                             socket_timeout=-1)
+        assert info.value.parameter == "socket_timeout"
+        import mysql.connector.aio
+
+        with pytest.raises(resilient_db.ConfigurationError, match="psycopg only"):
+            await resilient_db.connect_async(mysql.connector.aio.connect, "host=x")
+
+    run(main())
+    with pytest.raises(resilient_db.ConfigurationError, match="connect_async"):
+        resilient_db.connect(psycopg.AsyncConnection.connect, "host=x")
