@@ -147,7 +147,7 @@ def _sync_target(target: Any) -> Any:
 
 
 async def connect_async(
-    target: Callable[..., Awaitable[Any]],
+    target: Callable[..., Any],
     conninfo: str = "",
     *,
     plugins: str | Iterable[str | type[Plugin]] | None = _UNSET,

@@ -354,3 +354,282 @@ def test_bad_input_is_a_configuration_error() -> None:
     run(main())
     with pytest.raises(resilient_db.ConfigurationError, match="connect_async"):
         resilient_db.connect(psycopg.AsyncConnection.connect, "host=x")
+
+
+# --- deadlines --------------------------------------------------------------------------------
+
+
+def test_socket_timeout_cancels_a_slow_statement_on_the_server(cluster: Cluster) -> None:
+    async def main() -> None:
+        conn = await aconnect(cluster, socket_timeout=0.5)
+        cur = conn.cursor()
+        started = time.monotonic()
+        with pytest.raises(resilient_db.QueryTimeoutError) as info:
+            await cur.execute("SELECT pg_sleep(10)")
+        assert time.monotonic() - started < 0.5 + MARGIN
+        assert isinstance(info.value, psycopg.OperationalError)
+        assert info.value.cancelled and "cancelled on the server" in str(info.value)
+        assert isinstance(info.value.__cause__, psycopg.errors.QueryCanceled)
+        # Not a failover: the same connection, usable.
+        assert failover_plugin(conn).failovers == 0
+        await cur.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+        # A per-call timeout overrides socket_timeout, both ways.
+        with resilient_db.call_options(timeout=0):
+            await cur.execute("SELECT pg_sleep(0.8)")
+        with resilient_db.call_options(timeout=0.2), pytest.raises(
+                resilient_db.QueryTimeoutError):
+            await cur.execute("SELECT pg_sleep(0.45)")
+        await conn.close()
+
+    run(main())
+
+
+def test_socket_timeout_bounds_an_await_on_a_blackholed_writer(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    async def main() -> None:
+        conn = await aconnect(cluster, plugins="", socket_timeout=1.0,
+                              query_timeout_grace=0.5)
+        await conn.execute("SELECT 1")
+        network_faults.blackhole(cluster.writer.address)
+        started = time.monotonic()
+        with pytest.raises(resilient_db.QueryTimeoutError) as info:
+            await conn.execute("SELECT 1")
+        assert time.monotonic() - started < 1.0 + 0.5 + MARGIN
+        assert "connection was broken" in str(info.value) and not info.value.cancelled
+        assert conn.broken
+        await conn.close()
+
+    run(main())
+
+
+# --- failure monitoring -----------------------------------------------------------------------
+
+
+EFM: dict[str, Any] = {"failure_detection_time_ms": GRACE * 1000, "failure_detection_interval_ms":
+       INTERVAL * 1000, "failure_detection_count": COUNT}
+
+
+def test_efm_aborts_an_awaited_statement_on_a_blackholed_writer(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    async def main() -> None:
+        conn = await aconnect(cluster, plugins="efm", **EFM)
+        cur = await conn.execute("SELECT 1")
+        network_faults.blackhole(cluster.writer.address)
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as info:
+            await cur.execute("SELECT pg_sleep(30)")
+        elapsed = time.monotonic() - started
+        assert not isinstance(info.value, resilient_db.Error)  # the driver's own error
+        assert elapsed < GRACE + INTERVAL * COUNT + MARGIN, elapsed
+        assert any("efm" in note for note in getattr(info.value, "__notes__", []))
+        await conn.close()
+
+    run(main())
+
+
+def test_efm_abort_then_failover_to_the_promoted_writer(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    old = cluster.writer
+
+    async def main() -> str:
+        conn = await aconnect(cluster, plugins="failover,efm", **EFM)
+        cur = await conn.execute("SELECT 1")
+
+        def fault() -> list[Any]:
+            network_faults.blackhole(old.address)
+            events = cluster.failover()  # crash + promotion; the blackhole stays meanwhile
+            network_faults.clear()
+            return events
+
+        statement = asyncio.create_task(cur.execute("SELECT pg_sleep(60)"))
+        await asyncio.sleep(0.5)  # let the statement pass its grace period on the server
+        events = await asyncio.to_thread(fault)
+        started = time.monotonic()
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            await statement
+        assert time.monotonic() - started < 30
+        new = promoted(events)
+        assert await instance_of(conn) == new
+        await conn.close()
+        return new
+
+    new = run(main())
+    assert new == cluster.writer.id
+
+
+# --- cancellation -----------------------------------------------------------------------------
+
+
+def _cancel_after(steps: int, coro: Awaitable[T], delay: float = 0.0) -> Awaitable[T | None]:
+    """Run ``coro`` and cancel it after ``steps`` turns of the event loop, then ``delay``
+    seconds more (``None`` if it was cancelled, its result if it finished first)."""
+    async def runner() -> T | None:
+        task = asyncio.ensure_future(coro)
+        for _ in range(steps):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        if delay and not task.done():
+            await asyncio.wait({task}, timeout=delay)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await task
+        return None
+    return runner()
+
+
+def _schedule() -> Iterator[tuple[int, float]]:
+    """Cancellation points: each of the first loop turns, then growing delays."""
+    for steps in range(10):
+        yield steps, 0.0
+    delay = 0.0005
+    while True:
+        yield 10, delay
+        delay *= 1.3
+
+
+def test_cancelling_connect_at_every_await_leaks_nothing(cluster: Cluster) -> None:
+    """connect_async cancelled at each of its awaits in turn (the driver's connect, dialect
+    detection, the topology read): no server session and no thread is left behind."""
+    threads = foreign_threads()
+    cancelled_at = 0
+    for steps, delay in _schedule():
+        result = run(_cancel_after(steps, aconnect(cluster, cluster.writer_endpoint,
+                                                   plugins="failover,efm"), delay))
+        expected = 0 if result is None else 1
+        wait_until(f"no session left after a cancel at step {steps} + {delay:.4f} s",
+                   lambda expected=expected: sessions(cluster) == expected)  # type: ignore[misc]
+        if result is not None:
+            run(result.close())
+            break
+        cancelled_at += 1
+        assert delay < 30, "connect never finished"
+    assert cancelled_at >= 5, cancelled_at
+    assert foreign_threads() <= threads
+
+
+def test_cancelling_statements_at_every_await_leaves_a_clear_state(cluster: Cluster) -> None:
+    """A unit of work (execute, fetch, execute in a transaction, commit) cancelled after each
+    number of loop turns: the connection is then usable (or, for a cancel psycopg could not
+    resolve, closed), no transaction is left open, no statement runs on the server."""
+    table = make_table(cluster)
+    threads = foreign_threads()
+
+    async def work(conn: AsyncConnectionProxy, key: int) -> bool:
+        cur = await conn.execute("SELECT pg_sleep(0.01), 1")
+        await cur.fetchall()
+        await conn.set_autocommit(False)
+        await cur.execute(f"INSERT INTO {table} VALUES (%s, 'x')", (key,))
+        await conn.commit()
+        await conn.set_autocommit(True)
+        return True
+
+    async def main() -> int:
+        conn = await aconnect(cluster, plugins="failover,efm", socket_timeout=30, **EFM)
+        efm = conn.resilient.plugin("efm")
+        cancels = 0
+        for key, (steps, delay) in enumerate(_schedule()):
+            done = await _cancel_after(steps, work(conn, key), delay) is not None or (
+                not await _was_cancelled(conn, table, key))
+            assert efm.due == float("inf"), "the cancelled statement is still registered"
+            if conn.resilient.raw.closed:
+                pytest.fail(f"psycopg closed the connection after a cancel at {steps} + "
+                            f"{delay:.4f} s")
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.rollback()
+            if not conn.autocommit:
+                await conn.set_autocommit(True)
+            await conn.execute("SELECT 1")  # usable
+            if done:
+                break
+            cancels += 1
+            assert delay < 30
+        await conn.close()
+        return cancels
+
+    assert run(main()) >= 5
+    assert sessions(cluster) == 0
+    assert foreign_threads() <= threads
+
+
+async def _was_cancelled(conn: AsyncConnectionProxy, table: str, key: int) -> bool:
+    cur = await conn.execute(f"SELECT count(*) FROM {table} WHERE id = %s", (key,))
+    row = await cur.fetchone()
+    return bool(row[0] == 0)
+
+
+def test_cancelling_a_slow_commit_cancels_it_on_the_server(cluster: Cluster) -> None:
+    """COMMIT held by a deferred trigger (pg_sleep): the cancelled commit is cancelled on the
+    server, the row is not there, the connection is idle and usable."""
+    table = make_table(cluster)
+    with psycopg.connect(**kwargs_for(cluster, application_name="rdb-setup")) as setup:
+        setup.execute(f"CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$")
+        setup.execute(f"CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE "
+                      f"INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {table}_slow()")
+
+    async def main() -> None:
+        conn = await aconnect(cluster, autocommit=False)
+        await conn.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+        commit = asyncio.create_task(conn.commit())
+        await _until(lambda: _active(cluster, "COMMIT") == 1)
+        started = time.monotonic()
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        assert time.monotonic() - started < MARGIN
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        cur = await conn.execute(f"SELECT count(*) FROM {table}")
+        assert await cur.fetchone() == (0,)
+        assert failover_plugin(conn).failovers == 0
+        await conn.close()
+
+    run(main())
+    assert _active(cluster, "COMMIT") == 0
+
+
+def _active(cluster: Cluster, query: str) -> int:
+    with cluster.superuser(cluster.writer.id) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND "
+                    "state = 'active' AND query = %s", (APP, query))
+        return int(cur.fetchone()[0])
+
+
+def test_cancelling_a_failover_in_progress(cluster: Cluster) -> None:
+    """The writer is down and nothing is promoted yet: a statement waits in failover. Cancelled
+    there, it ends at once, holds nothing (lock, new connection, thread), and the connection
+    fails over at its next statement once a writer is back."""
+    writer = cluster.writer
+    threads = foreign_threads()
+
+    async def main() -> None:
+        conn = await aconnect(cluster)
+        cur = await conn.execute("SELECT 1")
+        shell = conn._shell
+        assert shell is not None
+        cluster.kill_instance(writer.id)
+        try:
+            statement = asyncio.create_task(cur.execute("SELECT 1"))
+            await _until(shell.lock.locked)
+            await asyncio.sleep(0.3)  # let it poll the monitor and try the dead writer
+            started = time.monotonic()
+            statement.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await statement
+            assert time.monotonic() - started < 1.0
+            assert not shell.lock.locked()
+            assert failover_plugin(conn).failovers == 0
+        finally:
+            cluster.start_instance(writer.id)
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            await cur.execute("SELECT 1")
+        assert await instance_of(conn) == writer.id
+        await conn.close()
+
+    run(main())
+    assert sessions(cluster) == 0
+    assert foreign_threads() <= threads
