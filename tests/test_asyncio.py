@@ -633,3 +633,57 @@ def test_cancelling_a_failover_in_progress(cluster: Cluster) -> None:
     run(main())
     assert sessions(cluster) == 0
     assert foreign_threads() <= threads
+
+
+# --- SQLAlchemy's asyncio engine --------------------------------------------------------------
+
+
+def test_sqlalchemy_async_engine_through_a_writer_failover(
+        cluster: Cluster, sink: resilient_db.CollectingSink) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    table = make_table(cluster)
+    kw = cluster.connect_kwargs(cluster.writer_endpoint)
+    url = sa.URL.create("postgresql+resilient_psycopg", username=str(kw["user"]),
+                        password=str(kw["password"]), host=str(kw["host"]),
+                        port=int(kw["port"]), database=str(kw["dbname"]),
+                        query={"resilient_db_plugins": "failover,efm",
+                               "failover_timeout_sec": "30", "application_name": APP})
+    insert = sa.text(f"INSERT INTO {table} VALUES (:k, "
+                     "pg_catalog.aurora_db_instance_identifier())")
+
+    async def main() -> str:
+        engine = create_async_engine(url, pool_size=2)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(insert, {"k": 1})
+                assert conn.sync_connection is not None
+                raw = await conn.get_raw_connection()
+                assert isinstance(raw.driver_connection, AsyncConnectionProxy)
+            new = promoted(await asyncio.to_thread(cluster.failover))
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(insert, {"k": 2})
+            except sa_exc.OperationalError as error:
+                # The pooled connection failed over under the statement.
+                assert isinstance(error.orig, resilient_db.FailoverSuccessError)
+                assert not error.connection_invalidated  # it works, on the new writer
+                async with engine.begin() as conn:  # the application's retry
+                    await conn.execute(insert, {"k": 2})
+            else:
+                # The topology monitor saw the new writer first: the checkout recycled the
+                # stale pooled connection.
+                assert sink.of_kind("sqlalchemy.pool_recycled")
+            async with engine.connect() as conn:
+                found = (await conn.execute(sa.text(INSTANCE))).scalar_one()
+            assert found == new
+            return new
+        finally:
+            await engine.dispose()
+
+    new = run(main())
+    rows = rows_of(cluster, table)
+    assert rows[2] == new and set(rows) == {1, 2}
+    assert sessions(cluster) == 0
