@@ -424,9 +424,11 @@ class _Deadline:
                 task.cancel()
                 self._break()
 
-    def stop(self) -> None:
+    def stop(self, *, cancelled: bool = False) -> None:
+        """The statement ended. ``cancelled``: its task was cancelled, and psycopg settles
+        the statement itself; the socket is then never broken later by this deadline."""
         self.handle.cancel()
-        if not self.expired and self.grace_handle is not None:
+        if (cancelled or not self.expired) and self.grace_handle is not None:
             self.grace_handle.cancel()
 
     def error(self, proxy: AsyncConnectionProxy) -> QueryTimeoutError:
@@ -665,11 +667,12 @@ class AsyncConnectionProxy:
 
     _OWN: Final = frozenset({
         "_raw", "_target", "_args", "_pipeline", "_host", "_session", "_closed_by_us",
-        "_cursors", "_failover", "_efm", "_shell", "_timeout", "_grace", "__weakref__"})
+        "_cursors", "_failover", "_efm", "_shell", "_timeout", "_grace", "_turn",
+        "__weakref__"})
 
     __slots__ = ("__weakref__", "_args", "_closed_by_us", "_cursors", "_efm", "_failover",
                  "_grace", "_host", "_pipeline", "_raw", "_session", "_shell", "_target",
-                 "_timeout")
+                 "_timeout", "_turn")
     _raw: Any
     _target: Callable[..., Awaitable[Any]]
     _args: dict[str, Any]
@@ -683,6 +686,7 @@ class AsyncConnectionProxy:
     _shell: _AsyncFailover | None
     _timeout: float | None
     _grace: float
+    _turn: asyncio.Lock
 
     def __init__(self, raw: Any, target: Callable[..., Awaitable[Any]], args: dict[str, Any],
                  pipeline: Pipeline, host: HostSpec, failover: FailoverPlugin | None,
@@ -703,6 +707,7 @@ class AsyncConnectionProxy:
         own(self, "_timeout", settings[SOCKET_TIMEOUT] or None)
         grace = settings[QUERY_TIMEOUT_GRACE]
         own(self, "_grace", 1.0 if grace is None else grace)
+        own(self, "_turn", asyncio.Lock())
 
     # --- resilient_db surface -----------------------------------------------------------
     @property
@@ -728,17 +733,57 @@ class AsyncConnectionProxy:
         self._pipeline.notify_connection_changed(ConnectionChanged(old, host, reason))
 
     # --- the one path every awaited call takes ------------------------------------------
-    async def _run(self, op: Op, method: str, make: Callable[[], Awaitable[Any]],
-                   retried: bool = False) -> Any:
-        raw = self._raw
-        shell = self._shell
-        efm = self._efm
+    async def _run(self, op: Op, method: str, make: Callable[[], Awaitable[Any]]) -> Any:
         if op not in _GUARDED or self._closed_by_us:
             return await make()
-        tx_before = raw.pgconn.transaction_status if shell is not None else None
         timeout = current_options().timeout
         if timeout is None:
             timeout = self._timeout
+        # The connection's turn: tasks sharing the connection run their statements one after
+        # the other (psycopg would too), so a deadline's server-side cancel always hits the
+        # statement it belongs to; a deadline that expires while waiting for the turn sends
+        # nothing and touches nobody else's statement.
+        turn = self._turn
+        if timeout and turn.locked():
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(turn.acquire(), timeout)
+            except TimeoutError:
+                raise self._waited_out(timeout) from None
+            timeout = max(1e-3, timeout - (time.monotonic() - started))
+        else:
+            await turn.acquire()
+        try:
+            result = await self._guarded(op, method, make, timeout, False)
+            if result is _RETRY:
+                result = await self._guarded(op, method, make, timeout, True)
+            return result
+        finally:
+            turn.release()
+
+    def _waited_out(self, timeout: float) -> QueryTimeoutError:
+        host = str(self._host)
+        ctx = self._pipeline.ctx
+        ctx.decide("statement.deadline_expired", None, **{
+            "resilient_db.deadline.timeout": timeout, "resilient_db.deadline.cancelled": False,
+            "resilient_db.deadline.socket_broken": False, "server.address": host})
+        err = ctx.driver.error(
+            QueryTimeoutError,
+            f"statement deadline of {timeout:g} s expired on {host}: it expired while waiting "
+            "for the connection, held by another task's statement; nothing was sent and that "
+            "statement was left alone; the connection is usable",
+            timeout=timeout, cancelled=False, host=host)
+        assert isinstance(err, QueryTimeoutError)
+        return err
+
+    async def _guarded(self, op: Op, method: str, make: Callable[[], Awaitable[Any]],
+                       timeout: float | None, retried: bool) -> Any:
+        """One try of a call through deadline, efm and failover; ``_RETRY``: run it again
+        (failed over, idempotent, no transaction open)."""
+        raw = self._raw
+        shell = self._shell
+        efm = self._efm
+        tx_before = raw.pgconn.transaction_status if shell is not None else None
         deadline = _Deadline(raw, timeout, self._grace) if timeout else None
         if efm is not None:
             if not efm.attached:
@@ -765,13 +810,13 @@ class AsyncConnectionProxy:
             call = Call(op, method, make, (), {}, self, raw)
             verdict = await shell.on_error(call, exc, tx_before, retried)
             if verdict is _RETRY:
-                return await self._run(op, method, make, retried=True)
+                return _RETRY
             raise
-        except BaseException:
+        except BaseException:  # cancelled: psycopg resolves its own statement (cancel_safe)
             if efm is not None:
                 efm.due = _INF
             if deadline is not None:
-                deadline.stop()
+                deadline.stop(cancelled=True)
             raise
         if efm is not None:
             efm.due = _INF

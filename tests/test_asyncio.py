@@ -385,6 +385,31 @@ def test_socket_timeout_cancels_a_slow_statement_on_the_server(cluster: Cluster)
     run(main())
 
 
+def test_a_deadline_never_cancels_another_tasks_statement(cluster: Cluster) -> None:
+    """Two tasks share a connection: the second one's deadline expires while the first one's
+    statement holds the connection; the first statement is left alone."""
+    async def main() -> None:
+        conn = await aconnect(cluster)
+
+        async def long() -> Any:
+            with resilient_db.call_options(timeout=0):
+                cur = await conn.execute("SELECT pg_sleep(1.0), 'done'")
+                return await cur.fetchone()
+
+        async def short() -> None:
+            with resilient_db.call_options(timeout=0.3):
+                await conn.execute("SELECT 1")
+
+        first = asyncio.create_task(long())
+        await _until(lambda: _active(cluster, "SELECT pg_sleep(1.0), 'done'") == 1)
+        with pytest.raises(resilient_db.QueryTimeoutError, match="waiting for the connection"):
+            await short()
+        assert (await first)[1] == "done"
+        await conn.close()
+
+    run(main())
+
+
 def test_socket_timeout_bounds_an_await_on_a_blackholed_writer(
         cluster: Cluster, network_faults: NetworkFaults) -> None:
     async def main() -> None:
