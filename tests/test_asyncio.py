@@ -166,6 +166,13 @@ def test_basic_use(cluster: Cluster) -> None:
             await conn.execute("SELECT 1")
         assert conn.closed
 
+        # A forced dialect is verified on the asyncio connection (the family check first).
+        forced = await aconnect(cluster, wrapper_dialect="aurora-pg")
+        assert forced.resilient.pipeline.ctx.extra["dialect"].code == "aurora-pg"
+        await forced.close()
+        with pytest.raises(resilient_db.DialectMismatchError):
+            await aconnect(cluster, wrapper_dialect="aurora-mysql")
+
     run(main())
     assert set(rows_of(cluster, table)) == {1, 2, 3, 5, 6}
     assert sessions(cluster) == 0
