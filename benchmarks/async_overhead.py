@@ -25,7 +25,7 @@ import psycopg
 
 import resilient_db
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "connect_async, no plugins": {"plugins": ""},
     "connect_async, failover,efm": {"plugins": "failover,efm"},
     "connect_async, failover,efm + socket_timeout": {"plugins": "failover,efm",
