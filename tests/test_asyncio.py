@@ -309,6 +309,42 @@ def test_failover_without_a_writer_fails_with_attempts_then_recovers(cluster: Cl
     run(main())
 
 
+def test_read_only_errors_fail_over_only_after_the_role_check(
+        cluster: Cluster, sink: resilient_db.CollectingSink) -> None:
+    """On a reader (what a connection pinned to a demoted writer sees) a read-only error fails
+    over once the role check confirms it; a user's read-only transaction on the writer (the
+    check then runs on a side connection: the transaction is aborted) is left alone."""
+    table = make_table(cluster)
+    reader = cluster.readers[0]
+    insert = f"INSERT INTO {table} VALUES (%s, pg_catalog.aurora_db_instance_identifier())"
+
+    async def main() -> None:
+        conn = await aconnect(cluster, reader.endpoint, failover_mode="strict_writer")
+        assert await instance_of(conn) == reader.id
+        with pytest.raises(resilient_db.FailoverSuccessError) as info:
+            await conn.execute(insert, (1,))
+        assert not info.value.statement_sent  # refused by the reader: not applied
+        await conn.execute(insert, (1,))
+        assert await instance_of(conn) == cluster.writer.id
+        await conn.close()
+
+        conn = await aconnect(cluster)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as error:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION READ ONLY")
+                await conn.execute(insert, (2,))
+        assert not isinstance(error.value, resilient_db.Error)
+        assert failover_plugin(conn).failovers == 0
+        verdicts = [d.attributes["resilient_db.failover.triggered"]
+                    for d in sink.of_kind("failover.read_only_error")]
+        assert verdicts == [True, False]
+        await conn.execute(insert, (3,))
+        await conn.close()
+
+    run(main())
+    assert rows_of(cluster, table) == {1: cluster.writer.id, 3: cluster.writer.id}
+
+
 # --- closed connections, bad input -----------------------------------------------------------
 
 
