@@ -278,6 +278,16 @@ def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -
         assert (await cur.fetchone())[0] == new
         assert conn.autocommit is False  # session state moved
         await conn.rollback()
+        await conn.set_autocommit(True)
+        # Inside a transaction block: the outcome leaves the block, which fails over once.
+        newer = ""
+        with pytest.raises(resilient_db.TransactionResolutionUnknownError):
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {table} VALUES (3, 'x')")
+                newer = promoted(await asyncio.to_thread(cluster.failover))
+                await conn.execute(f"INSERT INTO {table} VALUES (4, 'x')")
+        assert failover_plugin(conn).failovers == 2
+        assert await instance_of(conn) == newer
         await conn.close()
 
     run(main())
