@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -46,8 +47,10 @@ async def measure(dsn: str, batches: int, size: int) -> dict[str, tuple[float, f
     for batch in range(batches + 1):  # the first batch warms up
         gc.collect()
         totals = dict.fromkeys(cursors, 0.0)
+        order = list(cursors.items())
         for _ in range(size):
-            for name, cur in cursors.items():
+            random.shuffle(order)  # no variant always first (or last) in a round
+            for name, cur in order:
                 start = clock()
                 await cur.execute("SELECT 1")
                 await cur.fetchone()

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from types import TracebackType
 from typing import Any, Final
 
-from . import dialects
+from . import _options, dialects
 from ._connect import _UNSET, prepare
 from ._decisions import decision_span, get_decision_sink
 from ._flows import Rows, run_async
@@ -736,7 +736,10 @@ class AsyncConnectionProxy:
     async def _run(self, op: Op, method: str, make: Callable[[], Awaitable[Any]]) -> Any:
         if op not in _GUARDED or self._closed_by_us:
             return await make()
-        timeout = current_options().timeout
+        if self._timeout is None and not _options._deadlines_enabled and (
+                self._shell is None and self._efm is None):
+            return await make()  # no plugin, no deadline: psycopg's own call
+        timeout = _options._current.get().timeout
         if timeout is None:
             timeout = self._timeout
         # The connection's turn: tasks sharing the connection run their statements one after
@@ -1003,7 +1006,12 @@ class AsyncCursorProxy:
                               lambda: self._live().execute(query, params, **kwargs))
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> AsyncCursorProxy:
-        await self._execute("Cursor.execute", query, params, kwargs)
+        # _execute spelled out: one coroutine level less on the per-statement path.
+        raw = self._cur
+        if raw is None:
+            await self._conn._run(_CURSOR, "Connection.cursor", self._open)
+        await self._conn._run(_EXECUTE, "Cursor.execute",
+                              lambda: self._live().execute(query, params, **kwargs))
         return self
 
     async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
