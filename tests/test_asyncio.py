@@ -765,3 +765,32 @@ def test_sqlalchemy_async_engine_through_a_writer_failover(
     rows = rows_of(cluster, table)
     assert rows[2] == new and set(rows) == {1, 2}
     assert sessions(cluster) == 0
+
+
+def test_cancelling_a_statement_blocked_on_a_blackholed_writer(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    """psycopg answers a cancelled await by cancelling on the server (its cancel connection to
+    a blackholed host gives up after 5 s) and then waiting for the statement, which efm's abort
+    ends at once (the registration lasts until the await is over): the task ends within about
+    5 s, psycopg closes the connection, and it fails over at its next statement."""
+    writer = cluster.writer
+
+    async def main() -> None:
+        conn = await aconnect(cluster, plugins="failover,efm", **EFM)
+        cur = await conn.execute("SELECT 1")
+        network_faults.blackhole(writer.address)
+        statement = asyncio.create_task(cur.execute("SELECT pg_sleep(30)"))
+        await asyncio.wait({statement}, timeout=GRACE + 0.2)  # past the grace period
+        started = time.monotonic()
+        statement.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await statement
+        assert time.monotonic() - started < 5.0 + MARGIN  # psycopg's cancel timeout
+        assert conn.resilient.raw.closed
+        network_faults.clear()
+        with pytest.raises(resilient_db.FailoverSuccessError):
+            await cur.execute("SELECT 1")
+        assert await instance_of(conn) == writer.id
+        await conn.close()
+
+    run(main())
