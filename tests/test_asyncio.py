@@ -794,3 +794,62 @@ def test_cancelling_a_statement_blocked_on_a_blackholed_writer(
         await conn.close()
 
     run(main())
+
+
+def test_blackholed_writer_under_load_efm_and_failover_lose_nothing(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    """Four tasks stream idempotent inserts; the writer is blackholed (statements hang, no
+    RST), then the cluster promotes a reader while the blackhole stays. efm aborts the hung
+    awaits, failover moves every task to the new writer, every acknowledged row is there."""
+    table = make_table(cluster)
+    old = cluster.writer
+    upsert = (f"INSERT INTO {table} VALUES (%s, pg_catalog.aurora_db_instance_identifier()) "
+              "ON CONFLICT DO NOTHING")
+    acked: dict[int, str] = {}
+    unexpected: list[BaseException] = []
+
+    async def writer(task: int, stop: asyncio.Event) -> None:
+        conn = await aconnect(cluster, cluster.writer_endpoint, plugins="failover,efm", **EFM)
+        key = task * 1_000_000
+        try:
+            while not stop.is_set():
+                key += 1
+                try:
+                    with resilient_db.call_options(idempotent=True):
+                        await conn.execute(upsert, (key,))
+                except resilient_db.FailoverSuccessError:
+                    continue  # only if the transparent retry itself failed over
+                acked[key] = failover_plugin(conn).instance_id or "?"
+        except BaseException as exc:
+            unexpected.append(exc)
+        finally:
+            await conn.close()
+
+    def fault() -> list[Any]:
+        network_faults.blackhole(old.address)
+        try:
+            return cluster.failover()  # crash + promotion; the old writer stays blackholed
+        finally:
+            network_faults.clear()
+
+    async def main() -> tuple[str, float]:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
+        await _until(lambda: len(acked) > 50)
+        events = await asyncio.to_thread(fault)
+        new = promoted(events)
+        at = next(e.mono for e in events if e.name == "promoted")
+        await _until(lambda: new in acked.values(), timeout=60)
+        recovered = time.monotonic() - at
+        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return new, recovered
+
+    new, recovered = run(main())
+    assert not unexpected, unexpected
+    assert recovered < 30, recovered
+    rows = rows_of(cluster, table)
+    assert set(acked) <= set(rows), "an acknowledged write was lost"
+    assert set(rows.values()) <= {old.id, new}, "a reader accepted a write"
+    assert sessions(cluster) == 0

@@ -77,7 +77,8 @@ def test_self_report_flow_asks_the_dialects_questions() -> None:
     dialect = get_dialect("pg")
     addressing = Addressing(None, False, 5432)
     host = Host("db", 5432)
-    answers = {dialect.instance_id_query: [("inst-1",)], dialect.is_reader_query: [(False,)]}
+    answers: dict[str | None, Rows] = {dialect.instance_id_query: [("inst-1",)],
+                                       dialect.is_reader_query: [(False,)]}
     asked: list[str] = []
 
     def query(sql: str) -> Rows:
