@@ -206,13 +206,10 @@ async def connect_async(
         bound = settings[CONNECT_TIMEOUT] or (failover.connect_timeout if failover else None)
         forced_dialect = settings[WRAPPER_DIALECT]
         if forced_dialect is not None:
-            with _abort_after(bound, raw) as fired:
-                try:
-                    ctx.extra["dialect"] = await _verify(forced_dialect, raw)
-                except Exception as exc:
-                    if fired:
-                        raise TimeoutError(f"no answer within {bound:g} s") from exc
-                    raise
+            # Bounded like the connect, as in the sync front: a server that stops answering
+            # after the handshake gets its socket broken (psycopg's network error goes up).
+            with _abort_after(bound, raw):
+                ctx.extra["dialect"] = await _verify(forced_dialect, raw)
         if failover is not None:
             if failover.on_connect is not None:
                 await _maybe_await(failover.on_connect(raw))
