@@ -266,7 +266,8 @@ async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -> None:
+def test_failover_inside_a_transaction_is_resolution_unknown(
+        cluster: Cluster, sink: resilient_db.CollectingSink) -> None:
     table = make_table(cluster)
 
     async def main() -> None:
@@ -278,6 +279,14 @@ def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -
             await cur.execute(f"INSERT INTO {table} VALUES (2, 'x')")
         assert isinstance(info.value, psycopg.OperationalError)
         assert isinstance(info.value.__cause__, psycopg.OperationalError)
+        # The same decisions as the sync front, from the same core.
+        kinds = sink.kinds()
+        for kind in ("failover.started", "failover.plan", "failover.attempt.started",
+                     "failover.outcome", "failover.finished"):
+            assert kind in kinds, (kind, kinds)
+        outcome = sink.of_kind("failover.outcome")[-1].attributes
+        assert outcome["error.type"] == "TransactionResolutionUnknownError"
+        assert outcome["resilient_db.failover.in_transaction"] is True
         # The connection is usable on the new writer; the old cursor is rebound.
         await cur.execute(INSTANCE)
         assert (await cur.fetchone())[0] == new
