@@ -12,6 +12,11 @@ which also cancels which server process or CPU a connection landed on.
     python benchmarks/overhead.py --drivers pg --batches 15
     python benchmarks/overhead.py --pg-dsn "host=... dbname=... user=..."   # existing server
 
+``--runs N`` (default 3) repeats the whole measurement N times, each run with fresh
+connections (so fresh server backends): a run's ratios still depend on where its connections
+landed, so the reported ratio is the median over runs of each run's median, and the spread
+over runs is printed beside it.
+
 Exit status 1 if any ratio exceeds ``--budget`` (default 1.05), or a variant's own budget,
 so CI or a user can gate on it; the test suite does not run this (speed goals live in
 benchmarks, not timed tests).
@@ -94,6 +99,27 @@ class Result:
     compared_to: str | None = None
     ratio_to_compared: float | None = None
     budget: float | None = None
+    run_ratios: list[float] = field(default_factory=list)
+
+
+def combine_runs(runs: list[list[Result]]) -> list[Result]:
+    """One result per (driver, variant): the median over runs of each run's medians, with the
+    runs' own ratios kept in ``run_ratios`` (their spread is the method's noise)."""
+    combined: list[Result] = []
+    for first, *others in zip(*runs, strict=True):
+        group = [first, *others]
+        if any((r.driver, r.variant) != (first.driver, first.variant) for r in group):
+            raise RuntimeError("runs measured different variants")
+        compared = [r.ratio_to_compared for r in group if r.ratio_to_compared is not None]
+        combined.append(Result(
+            first.driver, first.variant,
+            statistics.median(r.us_per_query for r in group),
+            statistics.median(r.ratio for r in group),
+            first.compared_to,
+            statistics.median(compared) if compared else None,
+            first.budget,
+            [r.ratio for r in group]))
+    return combined
 
 
 def _timer_cost(samples: int = 20000) -> float:
@@ -246,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drivers", default="pg,mysql", help="pg, mysql or pg,mysql")
     parser.add_argument("--batches", type=int, default=15, help="batches per variant (>= 7)")
     parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3,
+                        help="repeat the measurement with fresh connections; median of runs")
     parser.add_argument("--budget", type=float, default=1.05, help="max ratio to raw")
     parser.add_argument("--pg-dsn", help="use this PostgreSQL server instead of starting one")
     parser.add_argument("--mysql", help="JSON connect kwargs of an existing MySQL/MariaDB")
@@ -253,36 +281,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batches < 7:
         parser.error("--batches must be at least 7 (CONVENTIONS.md)")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     drivers = {d.strip() for d in args.drivers.split(",")}
-    results: list[Result] = []
+    runs: list[list[Result]] = [[] for _ in range(args.runs)]
     my_kwargs = json.loads(args.mysql) if args.mysql else None
     with _servers("pg" in drivers, "mysql" in drivers, args.pg_dsn, my_kwargs) as (dsn, mykw):
         if dsn is not None:
             import psycopg
 
             pg_dsn = dsn
-            results += measure_all(
-                "psycopg",
-                lambda: psycopg.Connection.connect(pg_dsn, autocommit=True),
-                lambda plugins, extra: resilient_db.connect(
-                    psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True,
-                    **extra),
-                args.batches, args.batch_size,
-            )
+            for run in runs:
+                run.extend(measure_all(
+                    "psycopg",
+                    lambda: psycopg.Connection.connect(pg_dsn, autocommit=True),
+                    lambda plugins, extra: resilient_db.connect(
+                        psycopg.Connection.connect, pg_dsn, plugins=plugins, autocommit=True,
+                        **extra),
+                    args.batches, args.batch_size,
+                ))
         if mykw is not None:
             import mysql.connector
 
             kw = dict(mykw)
-            results += measure_all(
-                "mysql-connector (pure)",
-                lambda: mysql.connector.connect(use_pure=True, autocommit=True, **kw),
-                lambda plugins, extra: resilient_db.connect(
-                    mysql.connector.connect, plugins=plugins, use_pure=True, autocommit=True,
-                    **kw, **extra),
-                args.batches, args.batch_size,
-            )
-    print(f"SELECT 1 + fetchone, median of {args.batches} batches of {args.batch_size}")
-    print(f"{'driver':<24} {'variant':<48} {'µs/query':>9} {'ratio':>7}")
+            for run in runs:
+                run.extend(measure_all(
+                    "mysql-connector (pure)",
+                    lambda: mysql.connector.connect(use_pure=True, autocommit=True, **kw),
+                    lambda plugins, extra: resilient_db.connect(
+                        mysql.connector.connect, plugins=plugins, use_pure=True,
+                        autocommit=True, **kw, **extra),
+                    args.batches, args.batch_size,
+                ))
+    results = combine_runs(runs)
+    print(f"SELECT 1 + fetchone, median of {args.batches} batches of {args.batch_size}, "
+          f"median of {args.runs} run(s) with fresh connections")
+    print(f"{'driver':<24} {'variant':<48} {'µs/query':>9} {'ratio':>7} {'runs':>13}")
     over = False
     for r in results:
         flag = ""
@@ -296,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             flag, over = "  over budget", True
         elif r.budget == math.inf:
             flag = "  (reported only)"
-        print(f"{r.driver:<24} {r.variant:<48} {r.us_per_query:9.1f} {r.ratio:7.3f}{flag}")
+        spread = (f"{min(r.run_ratios):.3f}-{max(r.run_ratios):.3f}"
+                  if len(r.run_ratios) > 1 and r.variant != "raw driver" else "")
+        print(f"{r.driver:<24} {r.variant:<48} {r.us_per_query:9.1f} {r.ratio:7.3f} "
+              f"{spread:>13}{flag}")
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     resilient_db.shutdown()

@@ -5,6 +5,7 @@
     python -m chaos run writer-crash --flavour mysql      # another scenario, on MySQL
     python -m chaos run my-scenario.yaml --out reports/x  # your own scenario file
     python -m chaos run writer-crash --flavour pg,mysql   # several flavours, one after another
+    python -m chaos run reset-storm --faults toxiproxy    # toxics on a proxied cluster's proxies
     python -m chaos report reports/x/report.json          # re-render HTML and PNG from JSON
     python -m chaos table reports/*/report.json           # a Markdown table of several runs
     python -m chaos run targeted-failover --flavour pg --rds-cluster my-aurora \
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--flavour", help="pg, mysql, aurora-pg or aurora-mysql; several "
                                          "comma-separated (default: the scenario's)")
     run_p.add_argument("--faults", default="local", choices=("local", "toxiproxy"),
-                       help="network fault backend (default: local iptables injector)")
+                       help="network fault backend (default: local iptables injector; "
+                            "toxiproxy: the simulated cluster is started proxied and the "
+                            "toxics go on its per-instance proxies)")
     run_p.add_argument("--simulator", default="local", choices=("local", "testcontainers"),
                        help="instance runtime of the simulated cluster")
     run_p.add_argument("--out", help="report directory (default: chaos-reports/<run>)")

@@ -179,7 +179,9 @@ class SimulatorControl:
 
     @classmethod
     def start(cls, flavour: str, readers: int, timeline: Mapping[str, Any],
-              backend: str = "local") -> SimulatorControl:
+              backend: str = "local", *, proxied: bool = False) -> SimulatorControl:
+        """Start a simulated cluster on instance runtime ``backend``; ``proxied``: with a
+        Toxiproxy-API proxy in front of every instance (``Cluster(proxied=True)``)."""
         from simulator.cluster import Cluster, Timeline
 
         if backend not in ("local", "testcontainers"):
@@ -193,7 +195,7 @@ class SimulatorControl:
                 raise ControlError(f"--simulator testcontainers needs a Docker daemon on this "
                                    f"machine ({reason}); use --simulator local")
         return cls(Cluster.start(flavour, readers=readers, timeline=Timeline(**timeline),
-                                 backend=backend), owned=True)
+                                 backend=backend, proxied=proxied), owned=True)
 
     def sql(self) -> EngineSql:
         return engine_sql(self.engine)
@@ -291,7 +293,8 @@ class SimulatorControl:
         if self.green is not None:
             raise ControlError("bluegreen_switchover: one switchover per run")
         self.green = Cluster.start(blue.flavour.name, readers=len(blue.readers), port=blue.port,
-                                   name=f"{blue.name}g", timeline=blue.timeline)
+                                   name=f"{blue.name}g", timeline=blue.timeline,
+                                   backend=blue.backend, proxied=blue.proxied)
         blue.create_blue_green(self.green)
         blue.switchover()
 

@@ -189,9 +189,12 @@ def _toxics(scenario: Scenario) -> list[Toxic]:
     return [s.toxic for s in scenario.faults if s.toxic is not None]
 
 
-def make_fault_backend(name: str, scenario: Scenario) -> FaultBackend | None:
+def make_fault_backend(name: str, scenario: Scenario,
+                       control: ClusterControl | None = None) -> FaultBackend | None:
     """The fault backend for a scenario (``None`` when it has no network faults); checks
-    up front that the backend can apply every toxic of the scenario."""
+    up front that the backend can apply every toxic of the scenario. ``toxiproxy`` on a
+    proxied simulated cluster (``control``) drives the cluster's own proxies; elsewhere the
+    Toxiproxy at ``TOXIPROXY_URL`` (or a container)."""
     toxics = _toxics(scenario)
     if not toxics:
         return None
@@ -208,6 +211,9 @@ def make_fault_backend(name: str, scenario: Scenario) -> FaultBackend | None:
     if name == "toxiproxy":
         from chaos.toxiproxy import ToxiproxyBackend
 
+        cluster = getattr(control, "cluster", None)
+        if cluster is not None and getattr(cluster, "toxiproxy", None) is not None:
+            return ToxiproxyBackend.for_cluster(cluster)
         return ToxiproxyBackend.from_environment()
     raise ValueError(f"fault backend {name!r}: expected local or toxiproxy")
 
@@ -267,16 +273,23 @@ def run(scenario: Scenario | str | Path | Mapping[str, Any], *, flavour: str | N
     ``flavour``: ``pg``, ``mysql`` or a flavour, overriding the scenario's. ``control``: a
     cluster to use (default: a simulated one started and stopped here; its monitors are shut
     down with ``resilient_db.shutdown()`` at the end). ``faults``: ``local`` or
-    ``toxiproxy``. ``out_dir``: where the JSON, HTML and PNG reports go (default
-    ``chaos-reports/<scenario>-<engine>-<time>``); ``write_reports=False``: none."""
+    ``toxiproxy`` (on the simulator: the cluster is started proxied, every connection goes
+    through its Toxiproxy-API proxies). ``out_dir``: where the JSON, HTML and PNG reports go
+    (default ``chaos-reports/<scenario>-<engine>-<time>``); ``write_reports=False``: none."""
     scenario = load(scenario).with_flavour(flavour)
-    backend = make_fault_backend(faults, scenario)
+    if faults not in ("local", "toxiproxy"):
+        raise ValueError(f"fault backend {faults!r}: expected local or toxiproxy")
+    # The local backend is checked before a cluster is started for nothing.
+    backend = make_fault_backend(faults, scenario) if faults == "local" else None
     owned = control is None
     started_wall = time.time()
     try:
         if control is None:
             control = SimulatorControl.start(scenario.cluster.flavour, scenario.cluster.readers,
-                                             scenario.cluster.timeline, simulator)
+                                             scenario.cluster.timeline, simulator,
+                                             proxied=faults == "toxiproxy")
+        if faults == "toxiproxy":
+            backend = make_fault_backend(faults, scenario, control)
         data = _run(scenario, control, backend, progress, drop_table=not owned)
     finally:
         if backend is not None:

@@ -2,10 +2,13 @@
 :class:`chaos.faults.FaultBackend` on top of it.
 
 .. warning::
-   **Partly unverified.** The client is tested against an in-test HTTP server that mimics the
-   documented API (``tests/test_chaos_toxiproxy.py``); it has never talked to a real
-   Toxiproxy, and :func:`start_container` (Testcontainers' generic container) has never run:
-   this machine has no Docker. Trust them once a run against a real Toxiproxy has passed.
+   **Never run against a real Toxiproxy binary.** The client and the backend are tested
+   against :mod:`simulator.toxiproxy_server`, our own server of the documented Toxiproxy 2.x
+   API (routes, bodies, status codes and toxic semantics taken from Toxiproxy's README and
+   source, ``tests/test_chaos_toxiproxy.py``), through which a proxied simulated cluster
+   carries all its traffic; :func:`start_container` (Testcontainers' generic container) has
+   never run: this machine has no Docker. Where our server and the real one differ, trust
+   the real one and fix ours.
 
 The API used (Toxiproxy 2.x, default port 8474): ``GET /version``; ``POST /proxies``
 ``{name, listen, upstream, enabled}`` (201); ``GET /proxies``; ``POST /proxies/{name}``
@@ -15,10 +18,12 @@ attributes}``; ``DELETE /proxies/{name}/toxics/{toxic}`` (204); ``POST /reset`` 
 proxy, remove every toxic).
 
 For faults to reach the application, the application must connect through the proxies: one
-proxy per instance, listening where the instance's advertised name resolves (for a real
-deployment: point the instance names at the proxy; ``listen`` is given per instance with
-``ToxiproxyBackend(listen={...})``). The simulator's instances advertise their own addresses,
-so with the simulator the local backend is the one that works today.
+proxy per instance, listening where the instance's advertised name resolves. A proxied
+simulated cluster (``Cluster(proxied=True)``; ``python -m chaos run --faults toxiproxy``
+starts one) has exactly that: its names resolve to its proxies, named after the instances,
+and :meth:`ToxiproxyBackend.for_cluster` drives them. For a real deployment point the
+instance names at the proxies (``listen`` per instance with ``ToxiproxyBackend(listen={...})``,
+``TOXIPROXY_URL``).
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ class ToxiproxyClient:
                   attributes: Mapping[str, float]) -> dict[str, Any]:
         return dict(self._call("POST", f"/proxies/{proxy}/toxics", {
             "name": name, "type": toxic_type, "stream": stream, "toxicity": toxicity,
-            "attributes": dict(attributes)}))
+            "attributes": _integers(attributes)}))
 
     def toxics(self, proxy: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/proxies/{proxy}/toxics"))
@@ -108,17 +113,26 @@ class ToxiproxyClient:
         self._call("POST", "/reset")
 
 
+def _integers(attributes: Mapping[str, float]) -> dict[str, int]:
+    """Toxiproxy's attributes are Go integers (ms, KB/s, bytes, µs): it refuses ``100.0``.
+    Rounded to the nearest whole number."""
+    return {name: round(value) for name, value in attributes.items()}
+
+
 class ToxiproxyBackend:
-    """Faults through a Toxiproxy: one proxy per instance (``chaos-<instance>``), created on
-    first use with ``listen`` (per instance id; default ``0.0.0.0:0``, Toxiproxy picks a
-    port) and the instance as upstream. Every toxic type, per stream, with toxicity."""
+    """Faults through a Toxiproxy: one proxy per instance, ``<prefix><instance>``. A proxy
+    that does not exist yet is created on first use with ``listen`` (per instance id;
+    default ``0.0.0.0:0``, Toxiproxy picks a port) and the instance as upstream; one that
+    exists (a proxied cluster's, see :meth:`for_cluster`) is used as it is. Every toxic
+    type, per stream, with toxicity."""
 
     name = "toxiproxy"
 
     def __init__(self, client: ToxiproxyClient,
-                 listen: Mapping[str, str] | None = None) -> None:
+                 listen: Mapping[str, str] | None = None, *, prefix: str = "chaos-") -> None:
         self.client = client
         self.listen = dict(listen or {})
+        self.prefix = prefix
         self._lock = threading.Lock()
         self._proxies: dict[str, str] = {}
         self._applied: list[AppliedFault] = []
@@ -132,12 +146,22 @@ class ToxiproxyBackend:
             return cls(ToxiproxyClient(url))
         return cls(ToxiproxyClient(start_container()))
 
+    @classmethod
+    def for_cluster(cls, cluster: Any) -> ToxiproxyBackend:
+        """The backend of a proxied simulated cluster (``Cluster(proxied=True)``): its
+        Toxiproxy API, its proxies (named after the instance ids)."""
+        server = getattr(cluster, "toxiproxy", None)
+        if server is None:
+            raise FaultError(f"cluster {cluster.name} is not proxied: start it with "
+                             "Cluster(..., proxied=True) for the toxiproxy backend")
+        return cls(ToxiproxyClient(server.url), prefix="")
+
     def proxy_for(self, instance: str, address: str, port: int) -> str:
         """The proxy of ``instance`` (created if needed); returns its name."""
         with self._lock:
             name = self._proxies.get(instance)
             if name is None:
-                name = f"chaos-{instance}"
+                name = f"{self.prefix}{instance}"
                 existing = self.client.proxies()
                 if name not in existing:
                     self.client.create_proxy(name, self.listen.get(instance, "0.0.0.0:0"),

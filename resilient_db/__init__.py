@@ -10,6 +10,8 @@ Nothing is started at import; :func:`shutdown` stops any background work plugins
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._connect import connect
 from ._decisions import (
     CollectingSink,
@@ -51,9 +53,26 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from ._aio import AsyncConnectionProxy, AsyncCursorProxy, connect_async
+
+_ASYNC_NAMES = frozenset({"AsyncConnectionProxy", "AsyncCursorProxy", "connect_async"})
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio front is imported on first use: importing resilient_db stays as light as
+    # it was for applications that never use it.
+    if name in _ASYNC_NAMES:
+        from . import _aio
+
+        return getattr(_aio, name)
+    raise AttributeError(f"module 'resilient_db' has no attribute {name!r}")
+
 __all__ = [
     "ALL_OPS",
     "STATEMENT_OPS",
+    "AsyncConnectionProxy",
+    "AsyncCursorProxy",
     "Call",
     "CallOptions",
     "CollectingSink",
@@ -84,6 +103,7 @@ __all__ = [
     "__version__",
     "call_options",
     "connect",
+    "connect_async",
     "current_options",
     "get_decision_sink",
     "set_decision_sink",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from . import _conninfo, _lifecycle
 from ._deadline import DeadlineStage
@@ -32,6 +33,9 @@ from ._proxy import ConnectionProxy
 from .drivers import driver_for
 from .errors import ConfigurationError
 from .watchdog import abort_after
+
+if TYPE_CHECKING:
+    from .drivers.base import DriverDialect
 
 log = logging.getLogger("resilient_db.connect")
 
@@ -66,46 +70,15 @@ def connect(
         forced_driver = WRAPPER_DRIVER_DIALECT.parse(kwargs["wrapper_driver_dialect"])
     driver = driver_for(target, forced_driver)
 
-    scheme = _conninfo.uri_scheme(conninfo) if isinstance(conninfo, str) else None
-    if scheme is not None and scheme not in driver.uri_schemes:
-        raise ConfigurationError(
-            f"conninfo is a {scheme}:// URI but target is the {driver.code} driver, which takes "
-            f"{' or '.join(s + '://' for s in driver.uri_schemes)} URIs",
-            parameter="conninfo",
-            value=scheme,
-        )
-    params: dict[str, Any] = dict(_conninfo.parse(conninfo, database_key=driver.database_key))
-    params.update(kwargs)
-    in_conninfo = params.pop("plugins", None)  # a conninfo string may name plugins too
-    spec = in_conninfo if plugins is _UNSET else plugins
-
-    auto_sort = AUTO_SORT_PLUGINS.parse(params.get(AUTO_SORT_PLUGINS.name, True))
-    classes = resolve(parse_codes(spec), auto_sort=auto_sort)
-    extra: dict[str, Property[Any]] = {p.name: p for cls in classes for p in cls.properties}
-
-    values: dict[Property[Any], Any] = {}
-    driver_args: dict[str, Any] = {}
-    accepted = driver.param_names()
-    for name, value in params.items():
-        prop = lookup(name, extra)
-        if prop is not None:
-            values[prop] = prop.parse(value)
-            if prop.driver_param and name in accepted and value is not None:
-                driver_args[name] = driver.coerce_arg(name, value)
-        elif name in accepted:
-            driver_args[name] = driver.coerce_arg(name, value)
-        else:
-            raise unknown_name_error(name, value, accepted, driver.code, extra, driver.renames)
-    settings = Settings(values)
-    _note_inactive(settings, {cls.code for cls in classes})
+    prepared = prepare(driver, conninfo, plugins, kwargs)
+    settings, driver_args = prepared.settings, prepared.driver_args
+    classes = list(prepared.classes)
+    host = prepared.host
     if settings[ENABLE_TELEMETRY]:  # outermost: its connect span covers every other plugin
         from .telemetry import _activate
 
         classes = [_activate(settings), *classes]
 
-    hosts = driver.hosts_of(driver_args)
-    _check_multi_host(hosts, classes, driver_args)
-    host = hosts[0]
     ctx = PluginContext(settings, driver, host, plugins=frozenset(cls.code for cls in classes))
     # The statement-deadline stage: innermost, and dormant (absent from every chain) unless a
     # deadline can apply to this connection (socket_timeout set, or per-call timeouts in use).
@@ -141,6 +114,63 @@ def connect(
     proxy = driver.connection_proxy(raw, driver, pipeline, host)
     pipeline.notify_connection_changed(ConnectionChanged(None, host, "connect"))
     return proxy
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A connect call's input, validated and split (shared by ``connect`` and
+    ``connect_async``): resilient_db's settings, the plugin classes in order, the driver's
+    connect arguments (they hold the password: never logged) and the first host."""
+
+    settings: Settings
+    classes: tuple[type[Plugin], ...]
+    driver_args: dict[str, Any] = field(repr=False)
+    host: HostSpec
+
+
+def prepare(driver: DriverDialect, conninfo: str, plugins: Any, kwargs: Mapping[str, Any],
+            *, default: str | None = None) -> Prepared:
+    """Parse ``conninfo`` and ``kwargs``, resolve ``plugins`` (``_UNSET`` and none named in
+    ``conninfo``: ``default``, else the documented default list) and split the names
+    between resilient_db and the driver. ``ConfigurationError`` before any I/O."""
+    scheme = _conninfo.uri_scheme(conninfo) if isinstance(conninfo, str) else None
+    if scheme is not None and scheme not in driver.uri_schemes:
+        raise ConfigurationError(
+            f"conninfo is a {scheme}:// URI but target is the {driver.code} driver, which takes "
+            f"{' or '.join(s + '://' for s in driver.uri_schemes)} URIs",
+            parameter="conninfo",
+            value=scheme,
+        )
+    params: dict[str, Any] = dict(_conninfo.parse(conninfo, database_key=driver.database_key))
+    params.update(kwargs)
+    in_conninfo = params.pop("plugins", None)  # a conninfo string may name plugins too
+    spec = in_conninfo if plugins is _UNSET else plugins
+    if spec is None and plugins is _UNSET and default is not None:
+        spec = default
+
+    auto_sort = AUTO_SORT_PLUGINS.parse(params.get(AUTO_SORT_PLUGINS.name, True))
+    classes = resolve(parse_codes(spec), auto_sort=auto_sort)
+    extra: dict[str, Property[Any]] = {p.name: p for cls in classes for p in cls.properties}
+
+    values: dict[Property[Any], Any] = {}
+    driver_args: dict[str, Any] = {}
+    accepted = driver.param_names()
+    for name, value in params.items():
+        prop = lookup(name, extra)
+        if prop is not None:
+            values[prop] = prop.parse(value)
+            if prop.driver_param and name in accepted and value is not None:
+                driver_args[name] = driver.coerce_arg(name, value)
+        elif name in accepted:
+            driver_args[name] = driver.coerce_arg(name, value)
+        else:
+            raise unknown_name_error(name, value, accepted, driver.code, extra, driver.renames)
+    settings = Settings(values)
+    _note_inactive(settings, {cls.code for cls in classes})
+
+    hosts = driver.hosts_of(driver_args)
+    _check_multi_host(hosts, classes, driver_args)
+    return Prepared(settings, tuple(classes), driver_args, hosts[0])
 
 
 def _check_multi_host(hosts: tuple[HostSpec, ...], classes: Iterable[type[Plugin]],

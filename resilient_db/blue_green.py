@@ -36,15 +36,12 @@ after its last connection, stopped by :func:`resilient_db.shutdown`, abandoned i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import logging
 import re
 import socket
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -52,7 +49,7 @@ from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, get_decision_sink
-from ._monitors import MonitorRegistry
+from ._monitors import MonitorRegistry, SupervisedMonitor
 from .drivers.base import DriverDialect
 from .rds import EndpointKind, classify, normalize_host
 
@@ -82,8 +79,6 @@ log = logging.getLogger("resilient_db.blue_green")
 KNOWN_VERSIONS = frozenset({"1.0"})
 #: Client id passed to the PostgreSQL metadata functions (RDS logs it).
 CLIENT_ID = "resilient_db"
-#: Longest pause before a crashed monitor thread is restarted.
-MAX_RESTART_BACKOFF = 5.0
 #: Bound of the monitor's connect and of each metadata read, seconds.
 MONITOR_TIMEOUT = 10.0
 
@@ -402,30 +397,26 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class BlueGreenMonitor:
+class BlueGreenMonitor(SupervisedMonitor):
     """The status monitor of one deployment (``bg_id``) for one driver, shared by every
     connection of the process that selected ``blue_green`` with that id.
 
     Read :attr:`status` any time; :meth:`wait_change` to wait for the next one.
     """
 
+    _log = log
+
     def __init__(self, key: tuple[Any, ...], bg_id: str, driver: DriverDialect, *,
                  intervals: Intervals, switchover_timeout: float, disposal: float,
                  resolver: Callable[[str], frozenset[str]] = resolve,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.key = key
         self.bg_id = bg_id
-        self.driver = driver
+        super().__init__(key, driver, registry=_registry, component="blue_green",
+                         thread_name=f"resilient_db-blue-green[{bg_id}]",
+                         label=f"blue/green monitor {bg_id}", disposal=disposal, clock=clock)
         self.intervals = intervals
         self.switchover_timeout = switchover_timeout
-        self.disposal = disposal
         self._resolve = resolver
-        self._clock = clock
-        self._users: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None
         self._query: str | None = None
         self._poke = False
         #: The current status (replaced, never mutated).
@@ -435,48 +426,27 @@ class BlueGreenMonitor:
         #: The phase in which the monitor's connection was last opened (it reconnects once
         #: the names moved, to read from the side that now holds them).
         self._connected_in: Phase | None = None
-        #: Reads done, failed; thread crashes (diagnostics, tests, supervision metric).
+        #: Reads done and failed (diagnostics, tests); :attr:`crashes`: thread crashes.
         self.reads = 0
         self.failures = 0
-        self.crashes = 0
         self._unreachable = False
 
     # --- what connections do -------------------------------------------------------------------
-    @property
-    def stopped(self) -> bool:
-        return self._stopping.is_set()
-
-    @property
-    def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    @property
-    def users(self) -> int:
-        return len(self._users)
-
     def attach(self, user: MonitorUser, *, intervals: Intervals, switchover_timeout: float,
                disposal: float) -> bool:
         """Register a connection (held weakly); the shortest intervals and the longest
         disposal of the connections using it apply. Starts the thread. False when the
         monitor stopped meanwhile: get a new one."""
-        with self._cond:
-            if self._stopping.is_set():
-                return False
-            self._users.add(user)
+
+        def adopt() -> None:
             self.intervals = Intervals(min(self.intervals.baseline, intervals.baseline),
                                        min(self.intervals.increased, intervals.increased),
                                        min(self.intervals.high, intervals.high))
             self.switchover_timeout = min(self.switchover_timeout, switchover_timeout)
-            self.disposal = max(self.disposal, disposal)
             self._poke = True
             self._cond.notify_all()
-            self._ensure_running()
-        return True
 
-    def detach(self, user: MonitorUser) -> None:
-        with self._cond:
-            self._users.discard(user)
+        return self._attach(user, disposal, adopt)
 
     def poke(self) -> None:
         """Read the metadata now (a connection saw an error that a switchover explains)."""
@@ -495,81 +465,23 @@ class BlueGreenMonitor:
                 self._cond.wait(left)
             return self.status
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping.set()
-            self._cond.notify_all()
-            conn = self._conn
-            self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.abort(conn)
-
-    def abandon(self) -> None:
-        """In a forked child: look stopped, let the parent's session go without a word."""
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._stopping.set()
-        self._thread = None
-        conn, self._conn = self._conn, None
-        self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.forget(conn)
-
     # --- the thread ----------------------------------------------------------------------------
-    def _ensure_running(self) -> None:
-        if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
-            return
-        thread = threading.Thread(target=self._supervise,
-                                  name=f"resilient_db-blue-green[{self.bg_id}]", daemon=True)
-        self._thread = thread
-        _lifecycle.register("blue_green", stop_all)
-        thread.start()
+    def _record_restart(self, exc: Exception, backoff: float) -> None:
+        self._record("blue_green.monitor_restarted", {
+            "error.type": type(exc).__name__,
+            "resilient_db.monitor.crashes": self.crashes,
+            "resilient_db.blue_green.backoff": backoff})
 
-    def _supervise(self) -> None:
-        from .telemetry.context import suppress_for_thread  # not at import: OpenTelemetry
-
-        suppress_for_thread()
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                self._run()
-                return
-            except Exception as exc:
-                self.crashes += 1
-                log.warning("blue/green monitor %s crashed (%d so far); restarting in %.1f s",
-                            self.bg_id, self.crashes, backoff, exc_info=True)
-                self._record("blue_green.monitor_restarted", {
-                    "error.type": type(exc).__name__,
-                    "resilient_db.monitor.crashes": self.crashes,
-                    "resilient_db.blue_green.backoff": backoff})
-                self._close()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
-        self._close()
-
-    def _run(self) -> None:
-        idle_since: float | None = None
-        while not self._stopping.is_set():
-            started = self._clock()
-            if not self._users:
-                if idle_since is None:
-                    idle_since = started
-                elif started - idle_since >= self.disposal and self._dispose():
-                    return
-            else:
-                idle_since = None
-            self._read()
-            interval = self.intervals.for_phase(self.status)
-            wake = started + interval
-            if idle_since is not None:
-                wake = min(wake, idle_since + self.disposal)
-            with self._cond:
-                while not self._stopping.is_set() and not self._poke:
-                    left = wake - self._clock()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                self._poke = False
+    def _step(self, started: float, idle_until: float) -> None:
+        self._read()
+        wake = min(started + self.intervals.for_phase(self.status), idle_until)
+        with self._cond:
+            while not self._stopping.is_set() and not self._poke:
+                left = wake - self._clock()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._poke = False
 
     def _read(self) -> None:
         """One round: read the metadata (connecting if needed), publish the new status."""
@@ -666,28 +578,12 @@ class BlueGreenMonitor:
         get_decision_sink().record(Decision(kind, "blue_green", {
             "resilient_db.blue_green.id": self.bg_id, **attributes}, time.monotonic()))
 
-    def _live_users(self) -> list[Any]:
-        with self._cond:
-            return list(self._users)
-
     def _connect(self) -> None:
-        users = self._live_users()
-        if not users:
-            raise RuntimeError("no connection uses this monitor")
-        conn = users[0].open_monitoring_connection(MONITOR_TIMEOUT)
-        del users
-        with self._cond:
-            if self._stopping.is_set():
-                stale: Any = conn
-            else:
-                stale = None
-                self._conn = conn
-                self._query = None
-                self._connected_in = self.status.phase
-        if stale is not None:
-            with contextlib.suppress(Exception):
-                stale.close()
+        conn = self._some_user().open_monitoring_connection(MONITOR_TIMEOUT)
+        if not self._adopt(conn):
             raise RuntimeError("stopping")
+        self._query = None
+        self._connected_in = self.status.phase
 
     def _fetch(self) -> list[tuple[Any, ...]]:
         conn = self._conn
@@ -701,24 +597,9 @@ class BlueGreenMonitor:
             self._query = query
         return self.driver.query(conn, query)
 
-    def _close(self) -> None:
-        with self._cond:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            self.driver.abort(conn)
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _dispose(self) -> bool:
-        with _registry.lock, self._cond:
-            if self._users:
-                return False
-            _registry.discard_locked(self.key, self)
-            self._stopping.set()
-        self._close()
+    def _disposed(self) -> None:
         self._record("blue_green.monitor_disposed",
                      {"resilient_db.blue_green.disposal": self.disposal})
-        return True
 
     def __repr__(self) -> str:
         return (f"<BlueGreenMonitor {self.bg_id} phase={self.status.phase.name} "

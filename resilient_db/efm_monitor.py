@@ -42,7 +42,6 @@ import contextlib
 import logging
 import select
 import socket
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, get_decision_sink
-from ._monitors import MonitorRegistry
+from ._monitors import MonitorRegistry, SupervisedMonitor
 from .drivers.base import DriverDialect
 
 __all__ = ["HostMonitor", "MonitorUser", "Probe", "ProbeTarget", "monitor_for", "monitors",
@@ -63,8 +62,6 @@ log = logging.getLogger("resilient_db.efm")
 
 #: Application name of the probe connections (PostgreSQL shows it in pg_stat_activity).
 PROBE_APPLICATION_NAME = "resilient_db-efm"
-#: Longest pause before a crashed monitor thread is restarted.
-MAX_RESTART_BACKOFF = 5.0
 #: Shortest sleep of the monitor loop (a grace period of 0 must not spin).
 MIN_WAIT = 0.01
 #: The monitor thread counts a failure only when it runs at most this late (seconds, or half
@@ -246,7 +243,7 @@ def _describe(exc: BaseException) -> str:
 # --- the monitor ---------------------------------------------------------------------------------
 
 
-class HostMonitor:
+class HostMonitor(SupervisedMonitor):
     """The failure monitor of one host (``target``; ``address`` is ``ip:port``, or the
     socket directory for a Unix socket), shared by every connection to it in the process.
 
@@ -256,34 +253,29 @@ class HostMonitor:
     :attr:`crashes`, :attr:`detections` any time.
     """
 
+    _log = log
+
     def __init__(self, key: tuple[Any, ...], target: ProbeTarget, driver: DriverDialect, *,
                  interval: float, count: int, grace: float, disposal: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.key = key
         self.target = target
         self.address = (f"{target.address}:{target.port}" if target.address is not None
                         else target.name)
-        self.driver = driver
+        super().__init__(key, driver, registry=_registry, component="efm",
+                         thread_name=f"resilient_db-efm[{self.address}]",
+                         label=f"failure monitor of {self.address}", disposal=disposal,
+                         clock=clock)
         self.interval = interval
         self.count = count
         self.grace = grace
-        self.disposal = disposal
-        self._clock = clock
         #: Driver connections this monitor aborted (the plugin tells the application why).
         self.aborted: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._users: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None
         self._probe: _Probe | None = None
         self._sent_at: float | None = None  # when the outstanding probe was sent
         self._failures = 0
         self._first_failure_at: float | None = None
         self._down_since: float | None = None
         self._last_connect_try = float("-inf")
-        #: Times the monitor thread crashed and was restarted (supervision metric).
-        self.crashes = 0
         #: Times the host was declared dead.
         self.detections = 0
         #: Probe outcomes discarded because the monitor itself ran late.
@@ -297,23 +289,6 @@ class HostMonitor:
     def down(self) -> bool:
         """Whether the host is declared dead now."""
         return self._down_since is not None
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopping.is_set()
-
-    @property
-    def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    @property
-    def users(self) -> int:
-        return len(self._users)
-
-    @property
-    def connection_open(self) -> bool:
-        return self._conn is not None
 
     def in_flight(self) -> dict[Any, float]:
         """The driver connections with a statement in flight on this host now, each with the
@@ -333,114 +308,46 @@ class HostMonitor:
         """Register a connection using this monitor (held weakly); the strictest settings of
         the connections using it apply. Starts the thread if it is not running. False when
         the monitor stopped meanwhile (disposed, shut down): get a new one."""
-        with self._cond:
-            if self._stopping.is_set():
-                return False
-            self._users.add(user)
+
+        def adopt() -> None:
             self.interval = min(self.interval, interval)
             self.count = min(self.count, count)
-            self.disposal = max(self.disposal, disposal)
             if grace < self.grace:
                 self.grace = grace
-                self._cond.notify_all()  # the idle wait below is based on the grace period
-            self._ensure_running()
-        return True
+                self._cond.notify_all()  # the idle wait in _step is based on the grace period
 
-    def detach(self, user: MonitorUser) -> None:
-        with self._cond:
-            self._users.discard(user)
+        return self._attach(user, disposal, adopt)
 
-    def stop(self) -> None:
-        """Stop the thread (bounded: nothing is joined; a probe in progress is broken)."""
-        with self._cond:
-            self._stopping.set()
-            self._cond.notify_all()
-            conn = self._conn
-        if conn is not None:
-            self.driver.abort(conn)  # wakes a thread waiting on the probe's socket
-        self._release_users()
-
-    def abandon(self) -> None:
-        """In a child process after ``fork()``: this monitor's thread does not exist here and
-        its probe connection is the parent's session. Look stopped and let the connection go
-        without a word to the server (:meth:`DriverDialect.forget`); the locks are replaced,
-        as a parent thread may have held them at fork time."""
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._stopping.set()
-        self._thread = None
-        conn, self._conn, self._probe = self._conn, None, None
-        self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.forget(conn)
-
-    def _release_users(self) -> None:
-        with self._cond:
-            users = list(self._users)
-            self._users = weakref.WeakSet()
+    def _released(self, users: list[Any]) -> None:
         for user in users:
             with contextlib.suppress(Exception):
                 user.detached()
 
     # --- the thread ----------------------------------------------------------------------------
-    def _ensure_running(self) -> None:
-        # Caller holds the lock.
-        if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
+    def _record_restart(self, exc: Exception, backoff: float) -> None:
+        get_decision_sink().record(Decision("efm.monitor_restarted", "efm", {
+            "server.address": self.address, "error.type": type(exc).__name__,
+            "resilient_db.efm.crashes": self.crashes,
+            "resilient_db.efm.backoff": backoff}))
+
+    def _step(self, now: float, idle_until: float) -> None:
+        # The base counts the monitor idle when it has no users: a statement in flight always
+        # has one (in_flight() reads the users' attributes).
+        due = min(self.in_flight().values(), default=None)
+        if self._down_since is not None or (due is not None and due <= now):
+            self._active_step(now)
             return
-        thread = threading.Thread(target=self._supervise, name=f"resilient_db-efm[{self.address}]",
-                                  daemon=True)
-        self._thread = thread
-        _lifecycle.register("efm", stop_all)
-        thread.start()
-
-    def _supervise(self) -> None:
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                self._run()
-                return
-            except Exception as exc:
-                self.crashes += 1
-                log.warning("failure monitor of %s crashed (%d so far); restarting in %.1f s",
-                            self.address, self.crashes, backoff, exc_info=True)
-                get_decision_sink().record(Decision("efm.monitor_restarted", "efm", {
-                    "server.address": self.address, "error.type": type(exc).__name__,
-                    "resilient_db.efm.crashes": self.crashes,
-                    "resilient_db.efm.backoff": backoff}))
-                self._close()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
-        self._close()
-
-    def _run(self) -> None:
-        idle_since: float | None = None
-        while not self._stopping.is_set():
-            now = self._clock()
-            inflight = self.in_flight()
-            if not self._users and not inflight:
-                if idle_since is None:
-                    idle_since = now
-                elif now - idle_since >= self.disposal and self._dispose():
-                    return
-            else:
-                idle_since = None
-            due = min(inflight.values(), default=None)
-            if self._down_since is not None or (due is not None and due <= now):
-                self._active_step(now)
-                continue
-            # Idle: no statement has outlived its grace period. One that starts after `now`
-            # cannot need a probe before now + grace, so waking then misses nothing. (Users
-            # leave without a word, by garbage collection: look again within `disposal`.)
-            self._reset_probe_state()
-            self._keep_connection(now)
-            wake = now + max(min(self.grace, self.disposal), MIN_WAIT)
-            if due is not None:
-                wake = min(wake, due)
-            if idle_since is not None:
-                wake = min(wake, idle_since + self.disposal)
-            with self._cond:
-                if not self._stopping.is_set():
-                    self._cond.wait(max(MIN_WAIT, wake - self._clock()))
+        # Idle: no statement has outlived its grace period. One that starts after `now`
+        # cannot need a probe before now + grace, so waking then misses nothing. (Users
+        # leave without a word, by garbage collection: look again within `disposal`.)
+        self._reset_probe_state()
+        self._keep_connection(now)
+        wake = min(now + max(min(self.grace, self.disposal), MIN_WAIT), idle_until)
+        if due is not None:
+            wake = min(wake, due)
+        with self._cond:
+            if not self._stopping.is_set():
+                self._cond.wait(max(MIN_WAIT, wake - self._clock()))
 
     def _slack(self) -> float:
         return max(MIN_SLACK, self.interval / 2)
@@ -457,39 +364,19 @@ class HostMonitor:
         with contextlib.suppress(Exception):
             self._connect()
 
-    def _live_users(self) -> list[Any]:
-        with self._cond:  # a WeakSet must not change while it is iterated
-            return list(self._users)
-
     def _connect(self) -> None:
-        users = self._live_users()
-        if not users:
-            raise RuntimeError("no connection uses this monitor")
-        conn = users[0].open_probe_connection(self.target, self.interval)
-        del users
+        conn = self._some_user().open_probe_connection(self.target, self.interval)
         try:
             probe = _probe_for(self.driver, conn)
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.close()
             raise
-        with self._cond:
-            if self._stopping.is_set():
-                stale, conn = conn, None
-            else:
-                stale = None
-                self._conn, self._probe, self._sent_at = conn, probe, None
-        if stale is not None:
-            with contextlib.suppress(Exception):
-                stale.close()
+        if self._adopt(conn):
+            self._probe, self._sent_at = probe, None
 
-    def _close(self) -> None:
-        with self._cond:
-            conn, self._conn, self._probe, self._sent_at = self._conn, None, None, None
-        if conn is not None:
-            self.driver.abort(conn)
-            with contextlib.suppress(Exception):
-                conn.close()
+    def _drop_connection_state(self) -> None:
+        self._probe, self._sent_at = None, None
 
     def _active_step(self, now: float) -> None:
         """One step of probing: send a probe if none is outstanding, wait for its reply until
@@ -635,19 +522,9 @@ class HostMonitor:
             except Exception:
                 log.debug("host availability hook failed", exc_info=True)
 
-    def _dispose(self) -> bool:
-        """Stop for want of users, unless one arrived meanwhile (checked under the locks that
-        :func:`monitor_for` and :meth:`attach` take). Returns whether it stopped."""
-        with _registry.lock, self._cond:
-            if self._users:
-                return False
-            _registry.discard_locked(self.key, self)
-            self._stopping.set()
-        self._close()
-        self._release_users()
+    def _disposed(self) -> None:
         log.debug("failure monitor of %s disposed after %.0f s without users", self.address,
                   self.disposal)
-        return True
 
 
 # --- the registry --------------------------------------------------------------------------------

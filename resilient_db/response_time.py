@@ -31,16 +31,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, get_decision_sink
-from ._monitors import MonitorRegistry
+from ._monitors import MonitorRegistry, SupervisedMonitor
 from ._pipeline import PluginContext
 from .drivers.base import DriverDialect
 from .efm_monitor import Probe, probe_for
@@ -72,8 +70,6 @@ SAMPLES = 5
 #: Upper bound of one round trip and of connecting, seconds (the interval, when shorter). A
 #: reader slower than this to answer ``SELECT 1`` is no candidate for "fastest" anyway.
 MAX_TIMEOUT = 10.0
-#: Longest pause before a crashed monitor thread is restarted.
-MAX_RESTART_BACKOFF = 5.0
 #: Shortest wait of the monitor loop.
 MIN_WAIT = 0.01
 
@@ -98,7 +94,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class ResponseTimeMonitor:
+class ResponseTimeMonitor(SupervisedMonitor):
     """The response-time monitor of one instance (``host``; ``address`` is its
     ``Host.address``), shared by every connection to its cluster in the process that uses
     ``fastest_response``.
@@ -108,51 +104,29 @@ class ResponseTimeMonitor:
     :attr:`failures`, :attr:`crashes` any time.
     """
 
+    _log = log
+
     def __init__(self, key: tuple[Any, ...], host: Host, driver: DriverDialect, *,
                  interval: float, disposal: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.key = key
         self.host = host
         self.address = host.address
-        self.driver = driver
+        super().__init__(key, driver, registry=_registry, component="response_time",
+                         thread_name=f"resilient_db-response-time[{self.address}]",
+                         label=f"response-time monitor of {self.address}",
+                         disposal=disposal, clock=clock)
         self.interval = interval
-        self.disposal = disposal
-        self._clock = clock
-        self._users: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None
         self._probe: Probe | None = None
         #: The last measurement, ``(seconds, measured_at)``; ``None``: none usable.
         self.measured: tuple[float, float] | None = None
         #: Measurements published, and measurements that failed (diagnostics, tests).
         self.measurements = 0
         self.failures = 0
-        #: Times the monitor thread crashed and was restarted (supervision metric).
-        self.crashes = 0
         #: Whether the last attempt failed (``response_time.unreachable`` is recorded once per
         #: run of failures).
         self._unreachable = False
 
     # --- what connections read and do ---------------------------------------------------------
-    @property
-    def stopped(self) -> bool:
-        return self._stopping.is_set()
-
-    @property
-    def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    @property
-    def users(self) -> int:
-        return len(self._users)
-
-    @property
-    def connection_open(self) -> bool:
-        return self._conn is not None
-
     @property
     def timeout(self) -> float:
         """Bound of one round trip and of connecting (seconds)."""
@@ -163,102 +137,32 @@ class ResponseTimeMonitor:
         the longest disposal time of the connections using it apply. Starts the thread if it
         is not running. False when the monitor stopped meanwhile (disposed, shut down): get
         a new one."""
-        with self._cond:
-            if self._stopping.is_set():
-                return False
-            self._users.add(user)
-            self.disposal = max(self.disposal, disposal)
+
+        def adopt() -> None:
             if interval < self.interval:
                 self.interval = interval
                 self._cond.notify_all()  # the pause in progress was based on the old interval
-            self._ensure_running()
-        return True
 
-    def detach(self, user: MeasureUser) -> None:
-        with self._cond:
-            self._users.discard(user)
-
-    def stop(self) -> None:
-        """Stop the thread (bounded: nothing is joined; a round trip in progress is broken)."""
-        with self._cond:
-            self._stopping.set()
-            self._cond.notify_all()
-            conn = self._conn
-            self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.abort(conn)  # wakes a thread waiting on the connection's socket
-
-    def abandon(self) -> None:
-        """In a child process after ``fork()``: this monitor's thread does not exist here and
-        its connection is the parent's session. Look stopped and let the connection go
-        without a word to the server; the locks are replaced (a parent thread may have held
-        them at fork time)."""
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._stopping.set()
-        self._thread = None
-        conn, self._conn, self._probe = self._conn, None, None
-        self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.forget(conn)
+        return self._attach(user, disposal, adopt)
 
     # --- the thread ----------------------------------------------------------------------------
-    def _ensure_running(self) -> None:
-        # Caller holds the lock.
-        if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
-            return
-        thread = threading.Thread(target=self._supervise,
-                                  name=f"resilient_db-response-time[{self.address}]",
-                                  daemon=True)
-        self._thread = thread
-        _lifecycle.register("response_time", stop_all)
-        thread.start()
+    def _record_restart(self, exc: Exception, backoff: float) -> None:
+        get_decision_sink().record(Decision(
+            "response_time.monitor_restarted", "fastest_response_strategy", {
+                "server.address": self.host.host, "server.port": self.host.port,
+                "error.type": type(exc).__name__,
+                "resilient_db.monitor.crashes": self.crashes,
+                "resilient_db.response_time.backoff": backoff}))
 
-    def _supervise(self) -> None:
-        from .telemetry.context import suppress_for_thread  # not at import: OpenTelemetry
-
-        suppress_for_thread()  # internal round trips: no instrumentation spans
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                self._run()
-                return
-            except Exception as exc:
-                self.crashes += 1
-                log.warning("response-time monitor of %s crashed (%d so far); restarting in "
-                            "%.1f s", self.address, self.crashes, backoff, exc_info=True)
-                get_decision_sink().record(Decision(
-                    "response_time.monitor_restarted", "fastest_response_strategy", {
-                        "server.address": self.host.host, "server.port": self.host.port,
-                        "error.type": type(exc).__name__,
-                        "resilient_db.monitor.crashes": self.crashes,
-                        "resilient_db.response_time.backoff": backoff}))
-                self._close()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
-        self._close()
-
-    def _run(self) -> None:
-        idle_since: float | None = None
-        while not self._stopping.is_set():
-            started = self._clock()
-            if not self._users:
-                if idle_since is None:
-                    idle_since = started
-                elif started - idle_since >= self.disposal and self._dispose():
-                    return
-            else:
-                idle_since = None
-            self._measure()
-            wake = started + self.interval
-            if idle_since is not None:
-                wake = min(wake, idle_since + self.disposal)
-            with self._cond:
-                while not self._stopping.is_set():
-                    left = min(started + self.interval, wake) - self._clock()
-                    if left <= 0:
-                        break
-                    self._cond.wait(max(MIN_WAIT, left))
+    def _step(self, started: float, idle_until: float) -> None:
+        self._measure()
+        with self._cond:
+            while not self._stopping.is_set():
+                # The interval read anew: attach() may have shortened it meanwhile.
+                left = min(started + self.interval, idle_until) - self._clock()
+                if left <= 0:
+                    break
+                self._cond.wait(max(MIN_WAIT, left))
 
     def _measure(self) -> None:
         """One measurement: connect if needed, time :data:`SAMPLES` round trips, publish their
@@ -309,51 +213,23 @@ class ResponseTimeMonitor:
             "resilient_db.response_time.last_error": why,
             "resilient_db.response_time.timeout": self.timeout}))
 
-    def _live_users(self) -> list[Any]:
-        with self._cond:  # a WeakSet must not change while it is iterated
-            return list(self._users)
-
     def _connect(self, timeout: float) -> Probe:
-        users = self._live_users()
-        if not users:
-            raise RuntimeError("no connection uses this monitor")
-        conn = users[0].open_measuring_connection(self.host, timeout)
-        del users
+        conn = self._some_user().open_measuring_connection(self.host, timeout)
         try:
             probe = probe_for(self.driver, conn)
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.close()
             raise
-        with self._cond:
-            if self._stopping.is_set():
-                stale: Any = conn
-            else:
-                stale = None
-                self._conn, self._probe = conn, probe
-        if stale is not None:
-            with contextlib.suppress(Exception):
-                stale.close()
+        if not self._adopt(conn):
             raise _NoReplyError("stopping")
+        self._probe = probe
         return probe
 
-    def _close(self) -> None:
-        with self._cond:
-            conn, self._conn, self._probe = self._conn, None, None
-        if conn is not None:
-            self.driver.abort(conn)
-            with contextlib.suppress(Exception):
-                conn.close()
+    def _drop_connection_state(self) -> None:
+        self._probe = None
 
-    def _dispose(self) -> bool:
-        """Stop for want of users, unless one arrived meanwhile (checked under the locks that
-        :func:`monitor_for` and :meth:`attach` take). Returns whether it stopped."""
-        with _registry.lock, self._cond:
-            if self._users:
-                return False
-            _registry.discard_locked(self.key, self)
-            self._stopping.set()
-        self._close()
+    def _disposed(self) -> None:
         self.measured = None
         log.debug("response-time monitor of %s disposed after %.0f s without users",
                   self.address, self.disposal)
@@ -361,7 +237,6 @@ class ResponseTimeMonitor:
             "response_time.monitor_disposed", "fastest_response_strategy", {
                 "server.address": self.host.host, "server.port": self.host.port,
                 "resilient_db.response_time.disposal": self.disposal}))
-        return True
 
     def __repr__(self) -> str:
         return (f"<ResponseTimeMonitor {self.address} interval={self.interval:g} "

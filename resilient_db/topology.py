@@ -36,12 +36,13 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, decision_span, get_decision_sink
+from ._flows import Rows, run_sync
 from ._monitors import MonitorRegistry
 from ._pipeline import HostSpec
 from .dialects.base import DatabaseDialect, QueryDriver, Topology
@@ -70,7 +71,9 @@ __all__ = [
     "monitor_for",
     "monitors",
     "read_self_report",
+    "self_report_flow",
     "server_identity",
+    "server_identity_flow",
     "stop_all",
 ]
 
@@ -161,16 +164,26 @@ def read_self_report(
 def _read_self_report(driver: QueryDriver, dialect: DatabaseDialect, conn: Any, host: Host,
                       addressing: Addressing, *, with_topology: bool,
                       clock: Callable[[], float]) -> SelfReport:
-    instance_id = dialect.parse_instance_id(driver.query(conn, dialect.instance_id_query))
-    is_reader = dialect.parse_is_reader(driver.query(conn, dialect.is_reader_query))
+    return run_sync(self_report_flow(dialect, host, addressing, with_topology=with_topology,
+                                     clock=clock), lambda sql: driver.query(conn, sql))
+
+
+def self_report_flow(dialect: DatabaseDialect, host: Host, addressing: Addressing, *,
+                     with_topology: bool = True,
+                     clock: Callable[[], float] = time.monotonic,
+                     ) -> Generator[str, Rows, SelfReport]:
+    """:func:`read_self_report` as an I/O-free flow (:mod:`resilient_db._flows`): the same
+    statements and parsing for the sync and asyncio fronts. Errors propagate."""
+    instance_id = dialect.parse_instance_id((yield dialect.instance_id_query))
+    is_reader = dialect.parse_is_reader((yield dialect.is_reader_query))
     snapshot: TopologySnapshot | None = None
     if with_topology and dialect.topology_query is not None:
         writer_id: str | None = None
         if dialect.writer_id_query is not None:
-            writer_id = dialect.parse_writer_id(driver.query(conn, dialect.writer_id_query))
+            writer_id = dialect.parse_writer_id((yield dialect.writer_id_query))
             if writer_id is None and is_reader is False:
                 writer_id = instance_id  # Multi-AZ: no writer reported on the writer itself
-        rows = driver.query(conn, dialect.topology_query)
+        rows = yield dialect.topology_query
         parsed = dialect.parse_topology(rows, writer_id=writer_id)
         snapshot = addressing.snapshot(parsed, taken_at=clock(), source=instance_id)
     return SelfReport(host, clock(), instance_id, is_reader, snapshot)
@@ -219,9 +232,16 @@ def server_identity(driver: QueryDriver, dialect: DatabaseDialect, conn: Any,
     addresses of the topology (addresses, not bare ids: ``instance-1`` is not unique across
     clusters).
     ``None`` when the server tells nothing (no privilege, no topology)."""
+    return run_sync(server_identity_flow(driver, dialect, report),
+                    lambda sql: driver.query(conn, sql))
+
+
+def server_identity_flow(driver: QueryDriver, dialect: DatabaseDialect,
+                         report: SelfReport | None) -> Generator[str, Rows, str | None]:
+    """:func:`server_identity` as an I/O-free flow (``driver`` only classifies errors)."""
     if dialect.family == "pg":
         try:
-            rows = driver.query(conn, PG_SYSTEM_IDENTIFIER)
+            rows = yield PG_SYSTEM_IDENTIFIER
         except Exception as exc:
             if driver.is_disconnect(exc):
                 raise

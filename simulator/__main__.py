@@ -123,6 +123,9 @@ def format_status(status: Mapping[str, Any]) -> list[str]:
             f"dns staleness {_seconds_text(timeline.get('dns_staleness'))}, "
             f"rejoin {_seconds_text(timeline.get('rejoin_delay'))}, "
             f"reboot {_seconds_text(timeline.get('reboot_downtime'))}")
+    if status.get("toxiproxy_url"):
+        lines.append(f"toxiproxy  {status['toxiproxy_url']} (one proxy per instance, named "
+                     "after it; the names lead to the proxies)")
     iam = status.get("iam")
     if iam:
         lines.append(f"iam        users {', '.join(iam.get('users') or [])} log in with IAM "
@@ -130,8 +133,11 @@ def format_status(status: Mapping[str, Any]) -> list[str]:
     instances = status.get("instances") or []
     rows = [("ID", "ROLE", "ADDRESS", "LAG", "STATE", "ENDPOINT")]
     for instance in instances:
+        address = f"{instance['address']}:{port}"
+        if instance.get("proxy_address"):
+            address = f"{instance['proxy_address']}:{port} -> {address}"
         rows.append((
-            str(instance["id"]), str(instance["role"]), f"{instance['address']}:{port}",
+            str(instance["id"]), str(instance["role"]), address,
             f"{float(instance.get('lag') or 0):g}",
             "running" if instance.get("running") else "down", str(instance["endpoint"]),
         ))
@@ -254,7 +260,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         timeline["rejoin_delay"] = args.rejoin_delay
     config = {"flavour": args.flavour, "readers": args.readers, "cluster_id": args.cluster_id,
               "port": args.port, "region": args.region, "aurora_like": args.aurora_like,
-              "timeline": timeline}
+              "timeline": timeline, "proxied": args.proxied}
     daemon.timeline_from_config(config)  # bad combinations fail here, not in the daemon
     daemon.sweep()
     name, directory = _reserve(args.name, args.flavour)
@@ -436,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=_port, help="port of every instance (default: the "
                                                "engine's, or any free one)")
     up.add_argument("--region", default="us-east-1", help="region in DNS names")
+    up.add_argument("--proxied", action="store_true",
+                    help="a Toxiproxy-API proxy in front of every instance; every name leads "
+                         "to the proxies (status shows the API's URL)")
     up.add_argument("--aurora-like", action="store_true",
                     help="realistic delays (detection 10 s, DNS 15 s, ...) as defaults")
     defaults = Timeline()

@@ -22,7 +22,13 @@ RDS (domain ``sim.internal``). Every instance of a cluster listens on the same p
 its own loopback address.
 
 Blue/green: ``blue.create_blue_green(green)`` then ``blue.switchover()`` (see
-:meth:`Cluster.switchover`). Documentation: ``docs/simulator.md``.
+:meth:`Cluster.switchover`).
+
+Proxied: ``Cluster.start(..., proxied=True)`` puts a proxy in front of every instance (its
+own loopback address, the cluster's port; :mod:`simulator.toxiproxy_server`, driven through
+Toxiproxy's HTTP API at ``cluster.toxiproxy.url``) and every DNS name leads to the proxies, so
+all client traffic goes through them; the control plane and replication still use the
+servers' own addresses. Documentation: ``docs/simulator.md``.
 """
 
 from __future__ import annotations
@@ -42,13 +48,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ._addresses import ProcessIdentity
+from ._addresses import ProcessIdentity, claim_address, release_address
 from .events import Event, EventLog
 from .names import HostsFile
 
 if TYPE_CHECKING:
     from .iam import ClusterIam, IamCredentials
     from .local import LocalServer
+    from .toxiproxy_server import ToxiproxyServer
 
 __all__ = [
     "BACKENDS",
@@ -204,10 +211,20 @@ class Instance:
     #: Age in seconds the topology reports for this instance's status row (``None``: fresh
     #: while it runs; see :meth:`Cluster.set_status_age`).
     status_age: float | None = None
+    #: A proxied cluster's proxy in front of this instance: its loopback address (on the
+    #: cluster's port), where the instance's names resolve (``None``: not proxied).
+    proxy_address: str | None = None
 
     @property
     def address(self) -> str:
+        """Where the server listens (the control plane and replication use it)."""
         return str(self.runtime.host)
+
+    @property
+    def advertised_address(self) -> str:
+        """Where the instance's DNS names lead: its proxy's address in a proxied cluster,
+        else :attr:`address`."""
+        return self.proxy_address or self.address
 
     @property
     def port(self) -> int:
@@ -452,7 +469,7 @@ class Cluster:
     def __init__(self, flavour: str, *, readers: int | None = None, name: str | None = None,
                  cluster_id: str | None = None, timeline: Timeline | None = None,
                  port: int | None = None, region: str = "us-east-1",
-                 backend: str = "local") -> None:
+                 backend: str = "local", proxied: bool = False) -> None:
         if flavour not in FLAVOURS:
             raise ClusterError(
                 f"unknown flavour {flavour!r}; valid flavours: {', '.join(FLAVOURS)}")
@@ -471,6 +488,14 @@ class Cluster:
         #: Instance runtime: "local" (child processes) or "testcontainers" (a container per
         #: server process, simulator.testcontainers_backend).
         self.backend = backend
+        if not isinstance(proxied, bool):
+            raise ClusterError(f"proxied: expected True or False, got {proxied!r}")
+        #: Whether a proxy stands in front of every instance (:attr:`toxiproxy`): every DNS
+        #: name of the cluster leads to the proxies, never straight to a server.
+        self.proxied = proxied
+        #: The Toxiproxy-API server of a proxied cluster (started with the cluster); one
+        #: proxy per instance, named after the instance id. ``None``: not proxied.
+        self.toxiproxy: ToxiproxyServer | None = None
         self.name = name or f"sim{secrets.token_hex(3)}"
         if not self.name.isalnum() or not self.name[0].isalpha():
             raise ClusterError(
@@ -529,6 +554,11 @@ class Cluster:
     def _start(self) -> None:
         self._hosts.sweep()
         _track(self)
+        if self.proxied:
+            from .toxiproxy_server import ToxiproxyServer
+
+            # bind_source: the servers see the proxy's address as the client's.
+            self.toxiproxy = ToxiproxyServer(bind_source=True).start()
         writer_id = FIRST_INSTANCE
         runtime = self.engine.create_writer(writer_id)
         writer = self._add(writer_id, "writer", runtime)
@@ -553,10 +583,39 @@ class Cluster:
             self.port = int(runtime.port)
         instance = Instance(instance_id, role, runtime, self.naming.instance(instance_id))
         self.instances[instance_id] = instance
+        if self.toxiproxy is not None:
+            self._add_proxy(instance)
         if self.iam is not None:
             self.iam.write(instance)
             self.engine.apply_iam(instance, self.iam)
         return instance
+
+    def _add_proxy(self, instance: Instance) -> None:
+        """Put a proxy in front of ``instance``: on its own loopback address, the cluster's
+        port, named after the instance, upstream the server (which keeps its address and
+        port through failovers, so the proxy never changes)."""
+        assert self.toxiproxy is not None and self.port is not None
+        address = claim_address(self._owner, f"proxy of {self.name}/{instance.id}")
+        instance.proxy_address = address
+        self.toxiproxy.create_proxy({"name": instance.id, "listen": f"{address}:{self.port}",
+                                     "upstream": f"{instance.address}:{instance.port}"})
+        self.events.record("proxy_created", instance.id, listen=f"{address}:{self.port}",
+                           upstream=f"{instance.address}:{instance.port}")
+
+    def _remove_proxy(self, instance: Instance) -> None:
+        address, instance.proxy_address = instance.proxy_address, None
+        if self.toxiproxy is not None:
+            with contextlib.suppress(Exception):
+                self.toxiproxy.delete_proxy(instance.id)
+        if address is not None:
+            release_address(address, self._owner)
+
+    def proxy_address(self, instance_id: str) -> str:
+        """``host:port`` of the proxy in front of ``instance_id`` (a proxied cluster)."""
+        instance = self.instance(instance_id)
+        if instance.proxy_address is None:
+            raise ClusterError(f"cluster {self.name} is not proxied (Cluster(proxied=True))")
+        return f"{instance.proxy_address}:{self.port}"
 
     def stop(self) -> None:
         """Stop every instance and remove names, files and addresses. Idempotent."""
@@ -566,9 +625,14 @@ class Cluster:
             self._stopped = True
             for timer in self._timers:
                 timer.cancel()
+            if self.toxiproxy is not None:
+                with contextlib.suppress(Exception):
+                    self.toxiproxy.close()
             for instance in reversed(list(self.instances.values())):
                 with contextlib.suppress(Exception):
                     instance.runtime.stop()
+                with contextlib.suppress(Exception):
+                    self._remove_proxy(instance)
             with contextlib.suppress(Exception):
                 self._hosts.remove_cluster(self.name, self._owner)
             if self.iam is not None:
@@ -653,12 +717,14 @@ class Cluster:
             "writer_endpoint": self.writer_endpoint,
             "reader_endpoint": self.reader_endpoint,
             "host_pattern": self.host_pattern,
+            "toxiproxy_url": None if self.toxiproxy is None else self.toxiproxy.url,
             "custom_endpoints": self.describe_custom_endpoints(),
             "iam": None if self.iam is None else {"users": list(self.iam.users),
                                                   "region": self.iam.region},
             "instances": [
                 {"id": i.id, "role": i.role, "address": i.address, "endpoint": i.endpoint,
-                 "lag": i.lag, "running": bool(i.runtime.is_running())}
+                 "proxy_address": i.proxy_address, "lag": i.lag,
+                 "running": bool(i.runtime.is_running())}
                 for i in self.instances.values()
             ],
         }
@@ -669,18 +735,20 @@ class Cluster:
         """This cluster's addresses under the given names (instance names only for a
         single-instance flavour)."""
         if self.single_instance:
-            return [(instance_name(i.id), i.address) for i in self.instances.values()]
+            return [(instance_name(i.id), i.advertised_address)
+                    for i in self.instances.values()]
         entries: list[tuple[str, str]] = []
         target = self._writer_endpoint_target
         if target is not None and target in self.instances:
-            entries.append((writer_name, self.instances[target].address))
+            entries.append((writer_name, self.instances[target].advertised_address))
         running = [i for i in self.instances.values() if i.role != "stopped"]
         readers = self.readers or [i for i in running if i.role == "writer"]
-        entries += [(reader_name, r.address) for r in readers]
-        entries += [(instance_name(i.id), i.address) for i in self.instances.values()]
+        entries += [(reader_name, r.advertised_address) for r in readers]
+        entries += [(instance_name(i.id), i.advertised_address)
+                    for i in self.instances.values()]
         if instance_name == self.naming.instance:  # not carried across a blue/green rename
             for custom in self.custom_endpoints.values():
-                entries += [(custom.host, i.address) for i in self.instances.values()
+                entries += [(custom.host, i.advertised_address) for i in self.instances.values()
                             if custom.is_member(i)]
         return entries
 
@@ -947,6 +1015,7 @@ class Cluster:
                     f"flavour {self.flavour.name!r} needs at least "
                     f"{self.flavour.min_readers} readers")
             instance.runtime.stop()
+            self._remove_proxy(instance)
             del self.instances[instance_id]
             self.engine.publish_topology(self.writer)
             self._update_dns()

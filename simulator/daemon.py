@@ -503,7 +503,8 @@ class _Daemon:
             cluster = Cluster.start(
                 config["flavour"], readers=config.get("readers"), name=self.name,
                 cluster_id=config.get("cluster_id"), timeline=timeline,
-                port=config.get("port"), region=config.get("region") or "us-east-1")
+                port=config.get("port"), region=config.get("region") or "us-east-1",
+                proxied=bool(config.get("proxied", False)))
             self.starting = False
         except _Terminated as exc:
             # Cluster.start stopped what it had started; a signal just after it returned

@@ -49,6 +49,8 @@ EVENT_NAMES = frozenset(
         "custom_endpoint_created",
         "custom_endpoint_modified",
         "custom_endpoint_deleted",
+        # a proxied cluster (Cluster(proxied=True)): the proxy in front of an instance
+        "proxy_created",
         # chaos/secrets.py: a new password in the workload's secret and on the database
         "secret_rotated",
         # simulator/limitless.py: a Limitless shard group's transaction routers

@@ -10,9 +10,11 @@ is reported at the teardown of the test that broke it; the next test gets a fres
 
 :class:`SharedClusters` keeps one such cluster per instance runtime (``Cluster(backend=...)``),
 each started on first use; a fixture parametrized with :data:`BACKENDS` picks one, so that
-the same cluster tests run on local processes and on containers. The container run is marked
-``docker`` and skipped, with the reason, where no Docker daemon answers
-(:func:`require_backend`).
+the same cluster tests run on local processes, on containers, and on local processes behind
+a proxy per instance (``local-proxied``: ``Cluster(proxied=True)``, every name leading to
+the proxies). The container run is marked ``docker`` and skipped, with the reason, where no
+Docker daemon answers (:func:`require_backend`). :func:`cluster_options` turns a
+parameter into ``Cluster.start`` keywords.
 """
 
 from __future__ import annotations
@@ -22,16 +24,27 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
+from typing import Any
 
 import pytest
 
 from simulator.cluster import Cluster
 
-__all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "require_backend"]
+__all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "cluster_options",
+           "require_backend"]
 
-#: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on.
+#: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on, and
+#: the local one proxied (the proxy does not depend on the runtime: one proxied run is
+#: enough for the contract; tests/test_sim_proxied.py starts a proxied container cluster).
 BACKENDS = [pytest.param("local", id="local"),
-            pytest.param("testcontainers", id="testcontainers", marks=pytest.mark.docker)]
+            pytest.param("testcontainers", id="testcontainers", marks=pytest.mark.docker),
+            pytest.param("local-proxied", id="local-proxied")]
+
+
+def cluster_options(name: str) -> dict[str, Any]:
+    """``Cluster.start`` keywords of a :data:`BACKENDS` parameter (``<backend>[-proxied]``)."""
+    backend, _, proxied = name.partition("-")
+    return {"backend": backend, "proxied": proxied == "proxied"}
 
 
 @functools.cache
@@ -43,7 +56,7 @@ def _docker_unavailable() -> str | None:
 
 def require_backend(name: str) -> str:
     """``name``; skips the test when it is ``testcontainers`` and no Docker daemon answers."""
-    if name == "testcontainers":
+    if name.partition("-")[0] == "testcontainers":
         reason = _docker_unavailable()
         if reason is not None:
             pytest.skip(reason)

@@ -18,6 +18,7 @@ import mysql.connector
 import psycopg
 import pytest
 
+from chaos.toxiproxy import ToxiproxyClient
 from simulator import daemon
 from simulator.__main__ import format_events, format_status
 from simulator._addresses import ProcessIdentity, sim_root
@@ -209,6 +210,13 @@ def test_status_text_shows_endpoints_credentials_and_instances() -> None:
     assert "login      dbname=test user=app password=app" in text
     assert "instance-1  writer  127.10.0.5:5432  0    running" in text
     assert "(no writer right now)" in "\n".join(format_status({**status, "connect": None}))
+    proxied = {**status, "toxiproxy_url": "http://127.0.0.1:8474",
+               "instances": [{"id": "instance-1", "role": "writer", "address": "127.10.0.5",
+                              "proxy_address": "127.10.0.6", "endpoint": "i1", "lag": 0.0,
+                              "running": True}]}
+    text = "\n".join(format_status(proxied))
+    assert "toxiproxy  http://127.0.0.1:8474" in text
+    assert "instance-1  writer  127.10.0.6:5432 -> 127.10.0.5:5432" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +298,23 @@ def test_up_status_failover_events_down(names: list[str], flavour: str, engine: 
     assert "cluster_stopped" in result.stdout and f"cluster {name} is down" in result.stdout
     assert_nothing_left(name, owner, servers)
     assert sim("status", name).returncode == 2
+
+
+@pytest.mark.real_server
+def test_up_proxied(names: list[str]) -> None:
+    """``up --proxied``: the names lead to the proxy, whose Toxiproxy API the daemon serves."""
+    status = up(names, "pg", "--proxied")
+    [instance] = status["instances"]
+    assert instance["proxy_address"] not in (None, instance["address"])
+    with psycopg.connect(**status["connect"], connect_timeout=10) as conn:
+        row = conn.execute("SELECT host(inet_client_addr()), host(inet_server_addr())").fetchone()
+    assert row == (instance["proxy_address"], instance["address"])
+    client = ToxiproxyClient(status["toxiproxy_url"])
+    assert list(client.proxies()) == ["instance-1"]
+    assert client.proxies()["instance-1"]["listen"] == (
+        f"{instance['proxy_address']}:{status['port']}")
+    assert "toxiproxy  http://" in ok("status", status["name"]).stdout
+    ok("down", status["name"])
 
 
 @pytest.mark.real_server

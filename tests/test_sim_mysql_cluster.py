@@ -39,7 +39,7 @@ from simulator.local import LocalServer
 from simulator.mysql_cluster import LOOKALIKE_SCHEMA, MysqlClusterEngine
 from simulator.names import HostsFile
 
-from .clusters import BACKENDS, SharedCluster, SharedClusters
+from .clusters import BACKENDS, SharedCluster, SharedClusters, cluster_options
 from .waiting import wait_until as wait_for_condition
 
 pytestmark = pytest.mark.real_server
@@ -264,7 +264,8 @@ def multi_az_shared() -> Iterator[SharedCluster]:
 
 @pytest.fixture(scope="module")
 def aurora_clusters() -> Iterator[SharedClusters]:
-    with SharedClusters(lambda name: Cluster.start("aurora-mysql", readers=2, backend=name),
+    with SharedClusters(lambda name: Cluster.start("aurora-mysql", readers=2,
+                                                      **cluster_options(name)),
                         settle) as clusters:
         yield clusters
 

@@ -55,7 +55,7 @@ from simulator.pg_cluster import (
     resource_id,
 )
 
-from .clusters import BACKENDS, SharedCluster, SharedClusters
+from .clusters import BACKENDS, SharedCluster, SharedClusters, cluster_options
 from .waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.real_server
@@ -183,7 +183,8 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
 @pytest.fixture(scope="module")
 def aurora_clusters() -> Iterator[SharedClusters]:
     with SharedClusters(lambda name: Cluster.start("aurora-pg", readers=2, timeline=FAST,
-                                                   backend=name), settle) as clusters:
+                                                   **cluster_options(name)),
+                        settle) as clusters:
         yield clusters
 
 
@@ -230,6 +231,7 @@ _FIXTURES = {"multi-az-pg": "multi_az", "rds-pg": "rds_pg", "pg": "plain_pg"}
 _ANY = [pytest.param(("aurora-pg", "local"), id="aurora-pg"),
         pytest.param(("aurora-pg", "testcontainers"), id="aurora-pg-testcontainers",
                      marks=pytest.mark.docker),
+        pytest.param(("aurora-pg", "local-proxied"), id="aurora-pg-local-proxied"),
         *(pytest.param((flavour, "local"), id=flavour) for flavour in _FIXTURES)]
 
 
@@ -417,9 +419,12 @@ def test_each_cluster_is_its_own_database_system(aurora: Cluster, multi_az: Clus
 def test_names_resolve_and_connect(any_cluster: Cluster) -> None:
     cluster = any_cluster
     assert cluster.port is not None
-    assert resolve(cluster.writer_endpoint, cluster.port) == [cluster.writer.address]
+    # advertised_address: the instance's own address, or its proxy's in a proxied cluster.
+    assert resolve(cluster.writer_endpoint, cluster.port) == [
+        cluster.writer.advertised_address]
     for instance in cluster.instances.values():
-        assert resolve(instance.endpoint, cluster.port) == [instance.address]
+        assert resolve(instance.endpoint, cluster.port) == [instance.advertised_address]
+        assert (instance.advertised_address != instance.address) is cluster.proxied
         assert cluster.host_pattern.replace("?", instance.id) == instance.endpoint
     lines = HostsFile().entries(cluster.name)
     if cluster.single_instance:
@@ -431,9 +436,13 @@ def test_names_resolve_and_connect(any_cluster: Cluster) -> None:
     else:
         assert ".cluster-" in cluster.writer_endpoint
         assert resolve(cluster.reader_endpoint, cluster.port) == sorted(
-            r.address for r in cluster.readers)
+            r.advertised_address for r in cluster.readers)
     assert query(cluster, "SELECT host(pg_catalog.inet_server_addr())") == [
         (cluster.writer.address,)]
+    if cluster.proxied:  # the server sees the proxy as its client
+        assert query(cluster, "SELECT host(client_addr) FROM pg_catalog.pg_stat_activity "
+                              "WHERE pid = pg_catalog.pg_backend_pid()") == [
+            (cluster.writer.advertised_address,)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,12 +461,12 @@ def test_crash_failover_timeline_with_stale_dns(aurora: Cluster) -> None:
     assert failover[2].mono - failover[1].mono >= FAST.detection_delay
     assert failover[2].mono - failover[0].mono < FAST.detection_delay + LIVENESS
     # Until dns_updated the writer endpoint still resolves to the old writer.
-    assert resolve(aurora.writer_endpoint, aurora.port) == [old.address]
+    assert resolve(aurora.writer_endpoint, aurora.port) == [old.advertised_address]
     dns = aurora.events.wait_for("dns_updated", since=failover[0].mono, timeout=LIVENESS)
     assert dns.instance == new.id
     # Not before the staleness window (its timer may queue behind the old writer's rejoin).
     assert 0.9 <= dns.mono - failover[2].mono < LIVENESS
-    assert resolve(aurora.writer_endpoint, aurora.port) == [new.address]
+    assert resolve(aurora.writer_endpoint, aurora.port) == [new.advertised_address]
     rejoined = aurora.events.wait_for("rejoined_as_reader", since=failover[0].mono,
                                       timeout=LIVENESS)
     assert rejoined.instance == old.id and rejoined.mono > failover[2].mono

@@ -150,11 +150,13 @@ def test_plugins_query_key_and_connect_args() -> None:
 
 
 @pytest.mark.unit
-def test_async_engine_is_refused() -> None:
+def test_async_engine_is_resilient_on_postgresql_and_refused_on_mysql() -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    engine = create_async_engine("postgresql+resilient_psycopg://u@h/d")
+    assert isinstance(engine.dialect, integration.ResilientAsyncPsycopgDialect)
     with pytest.raises(resilient_db.ConfigurationError) as info:
-        create_async_engine("postgresql+resilient_psycopg://u@h/d")
+        create_async_engine("mysql+resilient_mysqlconnector://u@h/d")
     assert info.value.parameter == "url"
 
 

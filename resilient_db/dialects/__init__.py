@@ -75,7 +75,9 @@ __all__ = [
     "drop_stale",
     "family_of",
     "get_dialect",
+    "known",
     "mismatch_error",
+    "remember",
     "run_detection",
     "verification_flow",
     "verify",
@@ -330,6 +332,25 @@ def cached_detect(
         )
     )
     return dialect
+
+
+def known(key: EndpointKey) -> DatabaseDialect | None:
+    """The dialect detected for the endpoint ``key`` (no forced dialect), if known."""
+    with _cache_lock:
+        return _known.get((key, None))
+
+
+def remember(key: EndpointKey, detection: Detection) -> DatabaseDialect:
+    """Cache a detection made by a front that runs :func:`detection_flow` itself
+    (``connect_async``); recorded as the same decision as :func:`cached_detect`'s."""
+    with _cache_lock:
+        _known[(key, None)] = detection.dialect
+    get_decision_sink().record(Decision("dialect.detected", None, {
+        "server.address": key[1], "server.port": key[2],
+        "resilient_db.dialect": detection.dialect.code,
+        "resilient_db.dialect.forced": False,
+        "resilient_db.dialect.checks": detection.checks}))
+    return detection.dialect
 
 
 def clear_cache(key: EndpointKey | None = None) -> None:

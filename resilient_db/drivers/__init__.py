@@ -96,8 +96,9 @@ def driver_for(target: Any, forced: str | None) -> DriverDialect:
     if psycopg_target:
         if is_async:
             raise ConfigurationError(
-                f"target {inner.__qualname__} is asyncio-based, which resilient_db does not "
-                "support yet; use psycopg.Connection.connect",
+                f"target {inner.__qualname__} is asyncio-based: use "
+                "await resilient_db.connect_async(psycopg.AsyncConnection.connect, ...), or "
+                "psycopg.Connection.connect with resilient_db.connect",
                 parameter="target",
                 value=describe_target(target),
             )

@@ -38,8 +38,12 @@ driver's exception classes exactly as before. What changes, and why:
 - The execution option :data:`READ_ONLY_OPTION` (``resilient_db_read_only``, both engines; on
   PostgreSQL ``postgresql_readonly`` too) sets and resets ``read_only`` on the DBAPI connection,
   the attribute the ``read_write_splitting`` plugin routes on.
-- asyncio engines are refused (``create_async_engine``) rather than silently connecting
-  without resilient_db.
+- ``create_async_engine("postgresql+resilient_psycopg://...")`` gets
+  :class:`ResilientAsyncPsycopgDialect`: SQLAlchemy's asyncio psycopg dialect whose DBAPI
+  connections are ``resilient_db.connect_async`` proxies (plugins ``failover`` and ``efm``;
+  docs/asyncio.md), with the same error mapping, ping and stale-connection recycling. MySQL
+  has no asyncio dialect here: ``create_async_engine`` on ``mysql+resilient_mysqlconnector``
+  is refused rather than silently connecting without resilient_db.
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import event, exc
 from sqlalchemy.dialects.mysql.mysqlconnector import MySQLDialect_mysqlconnector
-from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, _log_notices
+from sqlalchemy.dialects.postgresql.psycopg import (
+    PGDialect_psycopg,
+    PGDialectAsync_psycopg,
+    _log_notices,
+)
 from sqlalchemy.engine.characteristics import ConnectionCharacteristic
 
 from .. import _connect
@@ -71,6 +79,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PLUGINS_QUERY_KEY",
     "READ_ONLY_OPTION",
+    "ResilientAsyncPsycopgDialect",
     "ResilientMysqlConnectorDialect",
     "ResilientPsycopgDialect",
 ]
@@ -239,7 +248,71 @@ class ResilientPsycopgDialect(PGDialect_psycopg):
 
     @classmethod
     def get_async_dialect_cls(cls, url: URL) -> Any:
-        return _refuse_async(url)
+        return ResilientAsyncPsycopgDialect
+
+
+class ResilientAsyncPsycopgDialect(PGDialectAsync_psycopg):
+    """``create_async_engine("postgresql+resilient_psycopg://...")``: SQLAlchemy's asyncio
+    psycopg dialect over ``resilient_db.connect_async``. SQLAlchemy's adapter awaits the
+    proxy's methods exactly as it awaits psycopg's ``AsyncConnection``'s."""
+
+    driver = "resilient_psycopg"
+    supports_statement_cache = True
+
+    def connect(self, *cargs: Any, **cparams: Any) -> Any:
+        import psycopg
+
+        from .._aio import connect_async
+
+        user_hook: Callable[[Any], Any] | None = cparams.pop("on_connect", None)
+
+        def on_physical_connect(raw: Any) -> Any:
+            raw.add_notice_handler(_log_notices)
+            return user_hook(raw) if user_hook is not None else None
+
+        async def creator(*args: Any, **kwargs: Any) -> Any:
+            conn = await connect_async(psycopg.AsyncConnection.connect, *args,
+                                       on_connect=on_physical_connect, **kwargs)
+            if conn.resilient.plugin("failover") is None:  # nobody called the hook
+                on_physical_connect(conn.resilient.raw)
+            return conn
+
+        dbapi: Any = self.loaded_dbapi
+        return dbapi.connect(*cargs, async_creator_fn=creator, **_plugins_from_query(cparams))
+
+    def on_connect(self) -> Callable[[Any], None] | None:
+        if self.isolation_level is None:
+            return None
+        level = self.isolation_level
+
+        def set_level(conn: Any) -> None:
+            self.set_isolation_level(conn, level)  # type: ignore[no-untyped-call]
+
+        return set_level
+
+    def _type_info_fetch(self, connection: Any, name: str) -> Any:
+        from psycopg.types import TypeInfo
+
+        # As in the sync dialect: TypeInfo.fetch wants psycopg's own connection.
+        adapted = connection.connection
+        return adapted.await_(TypeInfo.fetch(adapted.driver_connection.resilient.raw, name))
+
+    def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
+        verdict = _is_disconnect(e)
+        if verdict is None:
+            return bool(super().is_disconnect(  # type: ignore[no-untyped-call]
+                e, connection, cursor))
+        return verdict
+
+    def do_ping(self, dbapi_connection: Any) -> bool:
+        try:
+            return bool(super().do_ping(dbapi_connection))  # type: ignore[no-untyped-call]
+        except _REPLACED:
+            return True
+
+    @classmethod
+    def engine_created(cls, engine: Engine) -> None:
+        event.listen(engine.pool, "checkout", _recycle_stale)
 
 
 class ResilientMysqlConnectorDialect(MySQLDialect_mysqlconnector):

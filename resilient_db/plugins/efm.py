@@ -108,6 +108,12 @@ class EfmPlugin(Plugin):
             self._pending_raw = raw
         return raw
 
+    def adopt(self, args: dict[str, Any], target: Any) -> None:
+        """For a front that opens the application's connections itself (``connect_async``):
+        the driver arguments and the blocking ``target`` probe connections use."""
+        self._args = dict(args)
+        self._target = target
+
     def on_connection_changed(self, event: ConnectionChanged) -> None:
         raw, self._pending_raw = self._pending_raw, None
         self._detach()

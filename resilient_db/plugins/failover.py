@@ -40,10 +40,12 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Generator
 from typing import Any, Final
 
 from .. import _pools, response_time, topology
 from .._decisions import decision_span, get_decision_sink
+from .._flows import Rows, run_sync
 from .._options import current_options
 from .._params import (
     CLUSTER_ID,
@@ -90,6 +92,7 @@ from ..failover_core import (
     Attempt,
     FailoverMode,
     FailoverPlan,
+    Outcome,
     RetrySchedule,
     SelfReport,
     classify_outcome,
@@ -101,7 +104,13 @@ from ..hosts import Host, Role, TopologySnapshot, allowed_only
 from ..rds import classify, cluster_identity
 from ..selection import configured, selection_context
 from ..telemetry.context import suppress_instrumentation
-from ..topology import Addressing, TopologyMonitor, confirmed_role, read_self_report
+from ..topology import (
+    Addressing,
+    TopologyMonitor,
+    confirmed_role,
+    read_self_report,
+    self_report_flow,
+)
 from ..watchdog import Armed, abort_after
 
 __all__ = ["FailoverPlugin"]
@@ -109,6 +118,8 @@ __all__ = ["FailoverPlugin"]
 log = logging.getLogger("resilient_db.plugins.failover")
 
 _RERAISE: Final = object()
+#: :meth:`FailoverPlugin.trigger_of`: a read-only error that fails over only after a role check.
+CHECK_ROLE: Final = "check-role"
 _COMMIT = Op.COMMIT
 _ROLLBACK = Op.ROLLBACK
 _TRANSACTION = Op.TRANSACTION
@@ -138,6 +149,30 @@ def _connect_timeout_args(driver_code: str, args: dict[str, Any], seconds: float
     else:
         args.pop("connect_timeout", None)
         args["connection_timeout"] = whole
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanStep:
+    """:meth:`FailoverPlugin.reconnect_flow` asks for the plan of the next round: the hosts
+    to try, with a writer verified after ``since``, waiting up to ``remaining`` seconds."""
+
+    since: float
+    remaining: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TryStep:
+    """Try ``attempt`` within ``remaining`` seconds; answer whether it was installed."""
+
+    attempt: Attempt
+    remaining: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SleepStep:
+    """Pause ``delay`` seconds before the next round."""
+
+    delay: float
 
 
 class FailoverPlugin(Plugin):
@@ -215,6 +250,13 @@ class FailoverPlugin(Plugin):
         self._pending_raw = raw
         return raw
 
+    def adopt(self, args: dict[str, Any], target: Any) -> None:
+        """For a front that opens the application's connections itself (``connect_async``):
+        the driver arguments and the blocking ``target`` that side connections (topology
+        monitor, role checks) use, as the connect hook would have recorded them."""
+        self._args = dict(args)
+        self._target = target
+
     def on_connection_changed(self, event: ConnectionChanged) -> None:
         raw, self._pending_raw = self._pending_raw, None
         if event.reason != "connect" or raw is None:
@@ -238,11 +280,18 @@ class FailoverPlugin(Plugin):
         """Find (or start) the cluster's monitor and learn which instance this is."""
         ctx = self.ctx
         driver = ctx.driver
-        port = host.port if host.port is not None else driver.default_port
         dialect = ctx.extra.get("dialect")
         if not isinstance(dialect, DatabaseDialect):
             dialect = cached_detect((driver.code, host.host, host.port), driver, raw)
             ctx.extra["dialect"] = dialect
+        run_sync(self.attach_flow(host, dialect), lambda sql: driver.query(raw, sql))
+
+    def attach_flow(self, host: HostSpec, dialect: DatabaseDialect) -> Generator[str, Rows, None]:
+        """:meth:`_attach` after the dialect is known, as an I/O-free flow over the
+        connection (:mod:`resilient_db._flows`): the sync and asyncio fronts share it."""
+        ctx = self.ctx
+        driver = ctx.driver
+        port = host.port if host.port is not None else driver.default_port
         self._dialect = dialect
         self._addressing = addressing = Addressing.for_host(
             host.host, port, ctx.settings[CLUSTER_INSTANCE_HOST_PATTERN])
@@ -251,16 +300,18 @@ class FailoverPlugin(Plugin):
         endpoint = topology.endpoint_key(driver.code, dialect.code, host.host, port, cluster_id)
         monitor = topology.known_monitor(endpoint)
         if monitor is None:
-            report = read_self_report(driver, dialect, raw, seed, addressing)
-            identity = cluster_identity(
-                host.host, port, cluster_id=cluster_id,
-                server_identity=topology.server_identity(driver, dialect, raw, report))
+            with suppress_instrumentation():
+                report = yield from self_report_flow(dialect, seed, addressing)
+                server = yield from topology.server_identity_flow(driver, dialect, report)
+            identity = cluster_identity(host.host, port, cluster_id=cluster_id,
+                                        server_identity=server)
             key = f"{dialect.code}|{identity.value}"
             monitor = self._register(key, endpoint)
             monitor.offer(report)
         else:
-            report = read_self_report(driver, dialect, raw, seed, addressing,
-                                      with_topology=False)
+            with suppress_instrumentation():
+                report = yield from self_report_flow(dialect, seed, addressing,
+                                                     with_topology=False)
             self._monitor_key = (monitor.key, endpoint)
             self._monitor = monitor
         monitor.subscribe(self, seed)
@@ -372,6 +423,12 @@ class FailoverPlugin(Plugin):
         if connect is None:
             return driver.connect(self._target, args)
         return connect(ctx)
+
+    def attempt_args(self, host: HostSpec, timeout: float) -> dict[str, Any]:
+        """The driver's connect arguments for a failover try to ``host``."""
+        args = self._address_args(host)
+        _connect_timeout_args(self.ctx.driver.code, args, timeout)
+        return args
 
     def _address_args(self, host: HostSpec) -> dict[str, Any]:
         args = dict(self._args)
@@ -498,29 +555,37 @@ class FailoverPlugin(Plugin):
                   retry: bool = True) -> Any:
         """Decide what an error means; returns ``_RERAISE`` (the driver's error goes up
         untouched) or the result of a transparent retry, or raises the failover outcome."""
-        driver = self.ctx.driver
-        if isinstance(exc, QueryTimeoutError):
-            # An expired statement deadline is not a dead host (DESIGN §2): never a trigger,
-            # even though it is also the driver's OperationalError and may follow a socket
-            # the deadline broke itself.
-            return _RERAISE
-        if isinstance(exc, Error):
-            return _RERAISE  # resilient_db's own outcome from an inner plugin
-        if call.connection._closed_by_us:
-            return _RERAISE  # closed by the application (another thread, mid-call): final
-        defer = self.ctx.extra.get(DEFER_FAILOVER)
-        hook = defer() if defer is not None else None
-        if hook is not None and hook(exc):
-            return _RERAISE  # an outer plugin handles it (blue_green during a switchover)
         swaps = self._swaps
-        trigger: str | None = None
-        if driver.is_disconnect(exc):
-            trigger = "network"
-        elif self.mode is FailoverMode.STRICT_WRITER and driver.is_read_only_error(exc):
+        trigger = self.trigger_of(call, exc)
+        if trigger == CHECK_ROLE:
             trigger = self._read_only_trigger(call)
         if trigger is None:
             return _RERAISE
         return self._fail_over(call, exc, proceed, trigger, swaps, retry)
+
+    def trigger_of(self, call: Call, exc: Exception) -> str | None:
+        """What ``exc`` on ``call`` means, without I/O (both fronts): ``"network"`` (fail
+        over), :data:`CHECK_ROLE` (a read-only error in writer mode: fail over only if a role
+        check confirms the instance is no longer the writer), ``None`` (re-raise it)."""
+        if isinstance(exc, QueryTimeoutError):
+            # An expired statement deadline is not a dead host (DESIGN §2): never a trigger,
+            # even though it is also the driver's OperationalError and may follow a socket
+            # the deadline broke itself.
+            return None
+        if isinstance(exc, Error):
+            return None  # resilient_db's own outcome from an inner plugin
+        if call.connection._closed_by_us:
+            return None  # closed by the application (another thread, mid-call): final
+        defer = self.ctx.extra.get(DEFER_FAILOVER)
+        hook = defer() if defer is not None else None
+        if hook is not None and hook(exc):
+            return None  # an outer plugin handles it (blue_green during a switchover)
+        driver = self.ctx.driver
+        if driver.is_disconnect(exc):
+            return "network"
+        if self.mode is FailoverMode.STRICT_WRITER and driver.is_read_only_error(exc):
+            return CHECK_ROLE
+        return None
 
     def _read_only_trigger(self, call: Call) -> str | None:
         """The role check of CONVENTIONS.md: ``"read-only"`` when the instance is confirmed no
@@ -535,6 +600,11 @@ class FailoverPlugin(Plugin):
                 return "network"
             log.debug("role check failed: %r", exc)
             report = None
+        return self.read_only_verdict(report, proxy._host)
+
+    def read_only_verdict(self, report: SelfReport | None, host: HostSpec) -> str | None:
+        """``"read-only"`` when ``report`` (the role check's, ``None``: none) confirms the
+        instance is no longer the writer, else ``None``. Recorded as a decision."""
         dialect = self._dialect
         monitor = self._monitor
         verified = monitor.writer if monitor is not None else None
@@ -544,7 +614,7 @@ class FailoverPlugin(Plugin):
         verdict = read_only_triggers_failover(self.mode, role)
         get_decision_sink().record(verdict.to_decision())
         if not verdict.failover:
-            log.debug("read-only error on %s not failed over: %s", proxy._host, verdict.reason)
+            log.debug("read-only error on %s not failed over: %s", host, verdict.reason)
             return None
         return "read-only"
 
@@ -578,8 +648,9 @@ class FailoverPlugin(Plugin):
             return None  # reached another instance: proves nothing about ours
         return report
 
-    def _in_transaction(self, call: Call, raw: Any) -> bool:
-        """Whether a transaction was open when ``call`` failed."""
+    def _in_transaction(self, call: Call, raw: Any, tx_before: Any = _RERAISE) -> bool:
+        """Whether a transaction was open when ``call`` failed (``tx_before``: the driver's
+        transaction snapshot before the call; default: the one this plugin's layer took)."""
         op = call.op
         if op is _COMMIT:
             return True
@@ -587,7 +658,8 @@ class FailoverPlugin(Plugin):
             return False  # the server rolls back a lost session's transaction: known outcome
         if op is _TRANSACTION and call.method.endswith("__exit__"):
             return True  # leaving a transaction block commits (or rolls back): unknown
-        return self.ctx.driver.was_in_transaction(raw, self._tx_before)
+        before = self._tx_before if tx_before is _RERAISE else tx_before
+        return self.ctx.driver.was_in_transaction(raw, before)
 
     # --- failing over ----------------------------------------------------------------------------
     def _fail_over(self, call: Call, exc: Exception, proceed: Handler, trigger: str,
@@ -629,27 +701,9 @@ class FailoverPlugin(Plugin):
                     try:
                         self._reconnect(proxy, monitor, started)
                     except _NoConnectionError as none:
-                        outcome = classify_outcome(in_transaction=in_transaction,
-                                                   statement_sent=statement_sent,
-                                                   reconnected=False)
-                        get_decision_sink().record(outcome.to_decision())
-                        span.set(**{"resilient_db.failover.outcome": outcome.error.__name__,
-                                    "resilient_db.failover.attempt_count": len(none.attempts)})
-                        elapsed = time.monotonic() - started
-                        log.warning("failover from %s failed after %.1f s (%d attempts)",
-                                    failed, elapsed, len(none.attempts))
-                        error = driver.error(
-                            FailoverFailedError,
-                            f"the connection to {failed} failed ({type(exc).__name__}: {exc}) "
-                            f"and no usable {self._wanted()} was found within {elapsed:.1f} s "
-                            f"(failover_timeout_sec={self.timeout}); {len(none.attempts)} "
-                            "attempts: "
-                            + "; ".join(f"{a.host}:{a.port} {a.outcome}"
-                                        + (f" ({a.error})" if a.error else "")
-                                        for a in none.attempts),
-                            failed_host=str(failed), statement_sent=statement_sent,
-                            attempts=tuple(none.attempts))
-                        raise error from exc
+                        raise self.failed_error(span, exc, failed, started, none.attempts,
+                                                in_transaction=in_transaction,
+                                                statement_sent=statement_sent) from exc
                     with contextlib.suppress(Exception):
                         driver.abort(old_raw)
                     with contextlib.suppress(Exception):
@@ -676,6 +730,37 @@ class FailoverPlugin(Plugin):
                     if result is _RERAISE:
                         raise
                     return result
+        raise self.outcome_error(outcome, exc, failed, host, statement_sent) from exc
+
+    def failed_error(self, span: Any, exc: Exception, failed: HostSpec, started: float,
+                     attempts: list[ConnectAttempt], *, in_transaction: bool,
+                     statement_sent: bool) -> Error:
+        """The ``FailoverFailedError`` of a failover that found nothing usable (recorded as
+        the outcome decision and on ``span``; both fronts)."""
+        outcome = classify_outcome(in_transaction=in_transaction,
+                                   statement_sent=statement_sent, reconnected=False)
+        get_decision_sink().record(outcome.to_decision())
+        span.set(**{"resilient_db.failover.outcome": outcome.error.__name__,
+                    "resilient_db.failover.attempt_count": len(attempts)})
+        elapsed = time.monotonic() - started
+        log.warning("failover from %s failed after %.1f s (%d attempts)",
+                    failed, elapsed, len(attempts))
+        return self.ctx.driver.error(
+            FailoverFailedError,
+            f"the connection to {failed} failed ({type(exc).__name__}: {exc}) "
+            f"and no usable {self._wanted()} was found within {elapsed:.1f} s "
+            f"(failover_timeout_sec={self.timeout}); {len(attempts)} "
+            "attempts: "
+            + "; ".join(f"{a.host}:{a.port} {a.outcome}"
+                        + (f" ({a.error})" if a.error else "")
+                        for a in attempts),
+            failed_host=str(failed), statement_sent=statement_sent,
+            attempts=tuple(attempts))
+
+    def outcome_error(self, outcome: Outcome, exc: Exception, failed: HostSpec,
+                      host: HostSpec, statement_sent: bool) -> Error:
+        """The error the application sees after a failover that reconnected (both fronts):
+        ``FailoverSuccessError`` or ``TransactionResolutionUnknownError``."""
         if outcome.error is FailoverSuccessError:
             applied = "may have been applied" if statement_sent else "was not applied"
             message = (f"the connection to {failed} failed ({type(exc).__name__}: {exc}); it "
@@ -687,8 +772,8 @@ class FailoverPlugin(Plugin):
                        f"a transaction was open; it now uses {host} (instance "
                        f"{self.instance_id}). Whether the transaction committed is unknown: "
                        "do not replay it blindly")
-        raise driver.error(outcome.error, message, host=str(host), failed_host=str(failed),
-                           statement_sent=statement_sent) from exc
+        return self.ctx.driver.error(outcome.error, message, host=str(host),
+                                     failed_host=str(failed), statement_sent=statement_sent)
 
     def _wanted(self) -> str:
         return {FailoverMode.STRICT_WRITER: "writer", FailoverMode.STRICT_READER: "reader",
@@ -726,14 +811,41 @@ class FailoverPlugin(Plugin):
         """Connect to a verified instance of the wanted role and install it in ``proxy``;
         ``_NoConnectionError`` when the budget runs out. ``since``: accept a writer verified
         after this moment (default ``started``)."""
+        attempts: list[ConnectAttempt] = []
+        flow = self.reconnect_flow(monitor, started, started if since is None else since,
+                                   attempts)
+        reply: Any = None
+        try:
+            while True:
+                step = flow.send(reply)
+                if isinstance(step, PlanStep):
+                    reply = self._plan(monitor, step.since, step.remaining)
+                elif isinstance(step, TryStep):
+                    reply = self._try(proxy, monitor, step.attempt, step.remaining, attempts)
+                else:
+                    time.sleep(step.delay)
+                    reply = None
+        except StopIteration:
+            return
+        finally:
+            flow.close()
+
+    def reconnect_flow(self, monitor: TopologyMonitor, started: float, since: float,
+                       attempts: list[ConnectAttempt],
+                       ) -> Generator[PlanStep | TryStep | SleepStep, Any, None]:
+        """The failover loop without its I/O, shared by the sync and asyncio fronts: yields
+        :class:`PlanStep` (send the plan, ``None`` when the budget ran out waiting for a
+        writer), :class:`TryStep` (send whether the attempt connected and was installed) and
+        :class:`SleepStep` (send ``None``); returns once connected, raises
+        ``_NoConnectionError`` (with ``attempts``, which the caller's tries fill) when the
+        budget (``failover_timeout_sec``) is spent. Pacing and every decision are
+        :mod:`resilient_db.failover_core`'s."""
         schedule = RetrySchedule.for_failover(self.timeout, self.reconnect_interval)
         state = schedule.start(started)
-        attempts: list[ConnectAttempt] = []
-        since = started if since is None else since
         sink = get_decision_sink()
         while True:
             remaining = state.remaining(time.monotonic())
-            plan = self._plan(monitor, since, remaining)
+            plan = yield PlanStep(since, remaining)
             if plan is None:
                 attempts.extend(monitor.probe_attempts())
                 raise _NoConnectionError(attempts)
@@ -741,8 +853,7 @@ class FailoverPlugin(Plugin):
             if plan.choice is not None:
                 sink.record(plan.choice.to_decision())
             for attempt in plan.attempts:
-                if self._try(proxy, monitor, attempt, state.remaining(time.monotonic()),
-                             attempts):
+                if (yield TryStep(attempt, state.remaining(time.monotonic()))):
                     return
             since = time.monotonic()
             state = state.increment(since, "failed")
@@ -750,7 +861,7 @@ class FailoverPlugin(Plugin):
             sink.record(step.to_decision())
             if not step.retry:
                 raise _NoConnectionError(attempts)
-            time.sleep(step.delay)
+            yield SleepStep(step.delay)
 
     def _plan(self, monitor: TopologyMonitor, since: float,
               remaining: float | None) -> FailoverPlan | None:
@@ -806,18 +917,38 @@ class FailoverPlugin(Plugin):
     def _try(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
              remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
         """:meth:`_try_once` as a ``failover.attempt`` decision span."""
-        host = attempt.host
-        with decision_span("failover.attempt", self.code, {
-                "server.address": host.host, "server.port": host.port,
-                "resilient_db.instance.id": host.instance_id,
-                "resilient_db.failover.attempt.reason": attempt.reason,
-                "resilient_db.failover.attempt.role":
-                    attempt.required.value if attempt.required else "any"}) as span:
+        with self.attempt_span(attempt) as span:
             before = len(attempts)
             ok = self._try_once(proxy, monitor, attempt, remaining, attempts)
-            span.set(**{"resilient_db.failover.attempt.result": "connected" if ok else (
-                attempts[-1].outcome if len(attempts) > before else "no time left")})
+            self.attempt_result(span, ok, attempts, before)
             return ok
+
+    def attempt_span(self, attempt: Attempt) -> Any:
+        """The ``failover.attempt`` decision span of one try (both fronts)."""
+        host = attempt.host
+        return decision_span("failover.attempt", self.code, {
+            "server.address": host.host, "server.port": host.port,
+            "resilient_db.instance.id": host.instance_id,
+            "resilient_db.failover.attempt.reason": attempt.reason,
+            "resilient_db.failover.attempt.role":
+                attempt.required.value if attempt.required else "any"})
+
+    @staticmethod
+    def attempt_result(span: Any, ok: bool, attempts: list[ConnectAttempt],
+                       before: int) -> None:
+        span.set(**{"resilient_db.failover.attempt.result": "connected" if ok else (
+            attempts[-1].outcome if len(attempts) > before else "no time left")})
+
+    def attempt_timeout(self, remaining: float | None) -> float:
+        """How long one try may take: the reader connect timeout, within the budget left."""
+        return self.connect_timeout if remaining is None else min(self.connect_timeout,
+                                                                  remaining)
+
+    def installed(self, report: SelfReport, monitor: TopologyMonitor) -> None:
+        """A try succeeded: the connection now runs on the instance of ``report``."""
+        self._swaps += 1
+        self.failovers += 1
+        self._learn(report, monitor)
 
     def _try_once(self, proxy: Any, monitor: TopologyMonitor, attempt: Attempt,
                   remaining: float | None, attempts: list[ConnectAttempt]) -> bool:
@@ -827,11 +958,9 @@ class FailoverPlugin(Plugin):
         start = time.monotonic()
         if remaining is not None and remaining <= 0:
             return False
-        timeout = self.connect_timeout if remaining is None else min(self.connect_timeout,
-                                                                     remaining)
+        timeout = self.attempt_timeout(remaining)
         spec = HostSpec(host.host, host.port)
-        args = self._address_args(spec)
-        _connect_timeout_args(driver.code, args, timeout)
+        args = self.attempt_args(spec, timeout)
         try:
             raw = proxy.resilient.pipeline.connect(ConnectContext(
                 spec, args, self.ctx.settings, driver, self._target, initial=False))
@@ -868,9 +997,7 @@ class FailoverPlugin(Plugin):
             return False
         assert report is not None
         proxy.resilient.replace_raw(raw, spec, "failover")
-        self._swaps += 1
-        self.failovers += 1
-        self._learn(report, monitor)
+        self.installed(report, monitor)
         return True
 
     @staticmethod
