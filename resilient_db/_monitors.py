@@ -6,9 +6,10 @@ replaced when it stopped, all stopped at once by ``resilient_db.shutdown()``.
 
 :class:`SupervisedMonitor`: the skeleton of the per-key monitors that keep one thread and one
 server connection (``efm_monitor.HostMonitor``, ``response_time.ResponseTimeMonitor``,
-``blue_green.BlueGreenMonitor``): weakly held users, a supervised daemon thread restarted
-with backoff, disposal after the last user, a stop that aborts the connection to wake the
-thread, and the ``fork()`` reset. Each subclass supplies one step of its work.
+``blue_green.BlueGreenMonitor``, ``limitless.RouterMonitor``): weakly held users, a supervised
+daemon thread restarted with backoff, disposal after the last user, a stop that aborts the
+connection to wake the thread, and the ``fork()`` reset. Each subclass supplies one step of
+its work.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from ._decisions import Decision, get_decision_sink
 if TYPE_CHECKING:
     from .drivers.base import DriverDialect
 
-__all__ = ["FIRST_RESTART_BACKOFF", "MAX_RESTART_BACKOFF", "Monitor", "MonitorRegistry",
-           "SupervisedMonitor"]
+__all__ = ["FIRST_RESTART_BACKOFF", "MAX_RESTART_BACKOFF", "MIN_WAIT", "Monitor",
+           "MonitorRegistry", "SupervisedMonitor"]
 
 
 class Monitor(Protocol):
@@ -112,15 +113,18 @@ class MonitorRegistry(Generic[M]):
 FIRST_RESTART_BACKOFF = 0.1
 #: Longest pause before a crashed monitor thread is restarted.
 MAX_RESTART_BACKOFF = 5.0
+#: Shortest wait of a pause (:meth:`SupervisedMonitor._pause_until`).
+MIN_WAIT = 0.01
 
 _INF = float("inf")
 
 
 class SupervisedMonitor:
     """The skeleton of a per-key background monitor (one failure monitor per host, one
-    response-time monitor per instance, one blue/green status monitor per deployment): the
-    users it serves, one daemon thread, one server connection, supervision, disposal, stop,
-    and the ``fork()`` reset. A subclass adds its settings and one step of its work.
+    response-time monitor per instance, one blue/green status monitor per deployment, one
+    router monitor per Limitless shard group endpoint): the users it serves, one daemon
+    thread, one server connection, supervision, disposal, stop, and the ``fork()`` reset. A
+    subclass adds its settings and one step of its work.
 
     What the base does:
 
@@ -148,8 +152,8 @@ class SupervisedMonitor:
       marks the monitor stopped with fresh locks and lets the connection go without a word
       to the server (``DriverDialect.forget``).
 
-    What a subclass provides (``efm_monitor``, ``response_time`` and ``blue_green`` are the
-    worked examples):
+    What a subclass provides (``efm_monitor``, ``response_time``, ``blue_green`` and
+    ``limitless`` are the worked examples):
 
     - A module-level ``MonitorRegistry`` and, at import,
       ``_lifecycle.on_fork_child(registry.reset_in_child)``. ``__init__`` calls
@@ -167,7 +171,8 @@ class SupervisedMonitor:
     - :meth:`_step` ``(now, idle_until)``: one round of work and the pause after it. It must
       return promptly once ``_stopping`` is set: block only on ``_cond`` (``stop()`` notifies
       it) or on ``_conn`` (``stop()`` aborts it), and never pause past ``idle_until`` (when
-      the monitor may be disposed of; ``inf`` while it has users). To connect:
+      the monitor may be disposed of; ``inf`` while it has users); :meth:`_pause_until`
+      is that pause for a step that waits for a time or the stop. To connect:
       ``self._some_user().open_...(...)`` (through that user's connect chain), then
       :meth:`_adopt`. On an error from the connection: :meth:`_close`, then return at once
       if ``_stopping`` is set (``stop()`` broke it) or handle the failure (host
@@ -309,6 +314,16 @@ class SupervisedMonitor:
         if not users:
             raise RuntimeError("no connection uses this monitor")
         return users[0]
+
+    def _pause_until(self, wake: Callable[[], float]) -> None:
+        """Wait until ``wake()`` (a time of ``clock``, read anew at each wake-up: ``attach()``
+        may have moved it and notified ``_cond``) or until the monitor is stopped."""
+        with self._cond:
+            while not self._stopping.is_set():
+                left = wake() - self._clock()
+                if left <= 0:
+                    break
+                self._cond.wait(max(MIN_WAIT, left))
 
     def _ensure_running(self) -> None:
         # Caller holds the lock.

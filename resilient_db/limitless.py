@@ -16,7 +16,8 @@ I/O part: one :class:`RouterMonitor` per shard group endpoint (driver, host, por
 every connection of the process that selected the ``limitless`` plugin, with one daemon thread
 and one server connection: every ``interval`` it reads the router list (bounded by
 :data:`QUERY_TIMEOUT`) and publishes it. It remembers routers marked down after a failed
-connect, each for one interval (then it is tried again). Lifecycle as the other monitors:
+connect, each for one interval (then it is tried again). Lifecycle as the other monitors
+(``_monitors.SupervisedMonitor``):
 nothing at import; the thread starts with the first connection; it is supervised (a crash is
 logged, counted, recorded as ``limitless.monitor_restarted`` and restarted with backoff); it
 ends ``disposal`` seconds after its last connection went away and at
@@ -25,20 +26,18 @@ ends ``disposal`` seconds after its last connection went away and at
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import threading
 import time
-import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _lifecycle
 from ._decisions import Decision, get_decision_sink
-from ._monitors import MonitorRegistry
+from ._monitors import MonitorRegistry, SupervisedMonitor
 from ._pipeline import HostSpec
 from .drivers.base import DriverDialect
 from .watchdog import abort_after
@@ -73,10 +72,6 @@ MONITOR_APPLICATION_NAME = "resilient_db-limitless"
 QUERY_TIMEOUT = 5.0
 #: Weight of a router with no load at all.
 MAX_WEIGHT = 10
-#: Longest pause before a crashed monitor thread is restarted.
-MAX_RESTART_BACKOFF = 5.0
-#: Shortest wait of the monitor loop.
-MIN_WAIT = 0.01
 
 
 # --- the pure part ------------------------------------------------------------------------------
@@ -220,7 +215,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class RouterMonitor:
+class RouterMonitor(SupervisedMonitor):
     """The router list of one shard group endpoint (``host``), read every ``interval`` seconds
     on a daemon thread and shared by every connection through that endpoint.
 
@@ -228,20 +223,17 @@ class RouterMonitor:
     :attr:`fetches`, :attr:`crashes` any time; :meth:`down` gives the routers marked down.
     """
 
+    _log = log
+
     def __init__(self, key: tuple[Any, ...], host: HostSpec, driver: DriverDialect, *,
                  interval: float, disposal: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.key = key
         self.host = host
-        self.driver = driver
+        super().__init__(key, driver, registry=_registry, component=PLUGIN,
+                         thread_name=f"resilient_db-limitless[{host}]",
+                         label=f"limitless router monitor of {host}",
+                         disposal=disposal, clock=clock)
         self.interval = interval
-        self.disposal = disposal
-        self._clock = clock
-        self._users: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None
         self._down: dict[str, float] = {}
         #: Serialises reads of the list made on the spot by connecting threads.
         self.fetch_lock = threading.Lock()
@@ -250,46 +242,21 @@ class RouterMonitor:
         self.fetched_at: float | None = None
         #: Why the last read failed (``None``: it did not, or none was made yet).
         self.problem: str | None = None
-        #: Reads made by the thread, answered or not; times the thread crashed.
+        #: Reads made by the thread, answered or not.
         self.fetches = 0
-        self.crashes = 0
 
     # --- what connections read and do ---------------------------------------------------------
-    @property
-    def stopped(self) -> bool:
-        return self._stopping.is_set()
-
-    @property
-    def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    @property
-    def users(self) -> int:
-        return len(self._users)
-
-    @property
-    def connection_open(self) -> bool:
-        return self._conn is not None
-
     def attach(self, user: RouterUser, *, interval: float, disposal: float) -> bool:
         """Register a connection using this monitor (held weakly); the shortest interval and
         the longest disposal time of the connections using it apply. Starts the thread if it
         is not running. False when the monitor stopped meanwhile: get a new one."""
-        with self._cond:
-            if self._stopping.is_set():
-                return False
-            self._users.add(user)
-            self.disposal = max(self.disposal, disposal)
+
+        def adopt() -> None:
             if interval < self.interval:
                 self.interval = interval
-                self._cond.notify_all()
-            self._ensure_running()
-        return True
+                self._cond.notify_all()  # the pause in progress was based on the old interval
 
-    def detach(self, user: RouterUser) -> None:
-        with self._cond:
-            self._users.discard(user)
+        return self._attach(user, disposal, adopt)
 
     def publish(self, routers: tuple[Router, ...], source: str) -> None:
         """Install a router list (read by the thread, or on the spot by a connecting thread:
@@ -352,82 +319,22 @@ class RouterMonitor:
                 del self._down[address]
             return frozenset(self._down)
 
-    def stop(self) -> None:
-        """Stop the thread (bounded: nothing is joined; a read in progress is broken)."""
-        with self._cond:
-            self._stopping.set()
-            self._cond.notify_all()
-            conn = self._conn
-            self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.abort(conn)
-
     def abandon(self) -> None:
-        """In a child process after ``fork()``: the thread does not exist here and the
-        connection is the parent's session. Look stopped; let it go without a word."""
-        self._cond = threading.Condition()
+        """In a child process after ``fork()`` (see :meth:`SupervisedMonitor.abandon`); the
+        on-the-spot fetch lock is replaced too (a parent thread may have held it)."""
         self.fetch_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._stopping.set()
-        self._thread = None
-        conn, self._conn = self._conn, None
-        self._users = weakref.WeakSet()
-        if conn is not None:
-            self.driver.forget(conn)
+        super().abandon()
 
     # --- the thread ----------------------------------------------------------------------------
-    def _ensure_running(self) -> None:
-        # Caller holds the lock.
-        if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
-            return
-        thread = threading.Thread(target=self._supervise,
-                                  name=f"resilient_db-limitless[{self.host}]", daemon=True)
-        self._thread = thread
-        _lifecycle.register(PLUGIN, stop_all)
-        thread.start()
+    def _record_restart(self, exc: Exception, backoff: float) -> None:
+        get_decision_sink().record(Decision("limitless.monitor_restarted", PLUGIN, {
+            "server.address": self.host.host, "error.type": type(exc).__name__,
+            "resilient_db.monitor.crashes": self.crashes}))
 
-    def _supervise(self) -> None:
-        from .telemetry.context import suppress_for_thread  # not at import: OpenTelemetry
-
-        suppress_for_thread()  # internal statements: no instrumentation spans
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                self._run()
-                return
-            except Exception as exc:
-                self.crashes += 1
-                log.warning("limitless router monitor of %s crashed (%d so far); restarting "
-                            "in %.1f s", self.host, self.crashes, backoff, exc_info=True)
-                get_decision_sink().record(Decision("limitless.monitor_restarted", PLUGIN, {
-                    "server.address": self.host.host, "error.type": type(exc).__name__,
-                    "resilient_db.monitor.crashes": self.crashes}))
-                self._close()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
-        self._close()
-
-    def _run(self) -> None:
-        idle_since: float | None = None
-        while not self._stopping.is_set():
-            started = self._clock()
-            if not self._users:
-                if idle_since is None:
-                    idle_since = started
-                elif started - idle_since >= self.disposal and self._dispose():
-                    return
-            else:
-                idle_since = None
-            self._fetch()
-            wake = started + self.interval
-            if idle_since is not None:
-                wake = min(wake, idle_since + self.disposal)
-            with self._cond:
-                while not self._stopping.is_set():
-                    left = min(started + self.interval, wake) - self._clock()
-                    if left <= 0:
-                        break
-                    self._cond.wait(max(MIN_WAIT, left))
+    def _step(self, started: float, idle_until: float) -> None:
+        self._fetch()
+        # The interval read anew: attach() may have shortened it meanwhile.
+        self._pause_until(lambda: min(started + self.interval, idle_until))
 
     def _fetch(self) -> None:
         self.fetches += 1
@@ -442,41 +349,16 @@ class RouterMonitor:
         self.publish(routers, "monitor")
 
     def _connect(self) -> Any:
-        with self._cond:  # a WeakSet must not change while it is iterated
-            users = list(self._users)
-        if not users:
-            raise RuntimeError("no connection uses this monitor")
-        conn = users[0].open_router_list_connection(self.host, QUERY_TIMEOUT)
-        del users
-        with self._cond:
-            if not self._stopping.is_set():
-                self._conn = conn
-                return conn
-        with contextlib.suppress(Exception):
-            conn.close()
-        raise RuntimeError("stopping")
+        conn = self._some_user().open_router_list_connection(self.host, QUERY_TIMEOUT)
+        if not self._adopt(conn):
+            raise RuntimeError("stopping")
+        return conn
 
-    def _close(self) -> None:
-        with self._cond:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            self.driver.abort(conn)
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _dispose(self) -> bool:
-        """Stop for want of users, unless one arrived meanwhile. Returns whether it did."""
-        with _registry.lock, self._cond:
-            if self._users:
-                return False
-            _registry.discard_locked(self.key, self)
-            self._stopping.set()
-        self._close()
+    def _disposed(self) -> None:
         log.debug("limitless router monitor of %s disposed after %.0f s without users",
                   self.host, self.disposal)
         get_decision_sink().record(Decision("limitless.monitor_disposed", PLUGIN, {
             "server.address": self.host.host, "resilient_db.limitless.disposal": self.disposal}))
-        return True
 
     def __repr__(self) -> str:
         count = None if self.routers is None else len(self.routers)

@@ -70,8 +70,6 @@ SAMPLES = 5
 #: Upper bound of one round trip and of connecting, seconds (the interval, when shorter). A
 #: reader slower than this to answer ``SELECT 1`` is no candidate for "fastest" anyway.
 MAX_TIMEOUT = 10.0
-#: Shortest wait of the monitor loop.
-MIN_WAIT = 0.01
 
 
 class MeasureUser(Protocol):
@@ -156,13 +154,8 @@ class ResponseTimeMonitor(SupervisedMonitor):
 
     def _step(self, started: float, idle_until: float) -> None:
         self._measure()
-        with self._cond:
-            while not self._stopping.is_set():
-                # The interval read anew: attach() may have shortened it meanwhile.
-                left = min(started + self.interval, idle_until) - self._clock()
-                if left <= 0:
-                    break
-                self._cond.wait(max(MIN_WAIT, left))
+        # The interval read anew: attach() may have shortened it meanwhile.
+        self._pause_until(lambda: min(started + self.interval, idle_until))
 
     def _measure(self) -> None:
         """One measurement: connect if needed, time :data:`SAMPLES` round trips, publish their

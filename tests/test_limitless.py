@@ -377,6 +377,46 @@ def test_closing_releases_the_monitor_and_shutdown_stops_it(group: ShardGroup) -
 
 
 @pytest.mark.real_server
+def test_a_crashed_monitor_thread_is_restarted_and_reads_on(
+        group: ShardGroup, sink: CollectingSink, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    keeper = connect(group)  # keeps the monitor in use
+    try:
+        monitor = the_monitor(group)
+        wait_until("the monitor's first read", lambda: monitor.fetches >= 1)
+        real = monitor.publish
+        crashed = threading.Event()
+
+        def publish_once_crashing(routers: tuple[Router, ...], source: str) -> None:
+            if source == "monitor" and not crashed.is_set():
+                crashed.set()
+                raise RuntimeError("injected")
+            real(routers, source)
+
+        def published() -> int:
+            return sum(d.attributes["resilient_db.limitless.source"] == "monitor"
+                       for d in sink.of_kind("limitless.routers_refreshed"))
+
+        monkeypatch.setattr(monitor, "publish", publish_once_crashing)
+        before = published()  # the first publish from now on crashes
+        with caplog.at_level("WARNING", logger="resilient_db.limitless"):
+            wait_until("the crash", crashed.is_set)
+            wait_until("a list published after the restart",
+                       lambda: monitor.crashes == 1 and published() > before)
+        restarted = sink.of_kind("limitless.monitor_restarted")
+        assert [d.attributes for d in restarted] == [{
+            "server.address": monitor.host.host, "error.type": "RuntimeError",
+            "resilient_db.monitor.crashes": 1}]
+        assert any(r.getMessage().startswith(
+            f"limitless router monitor of {monitor.host} crashed (1 so far); restarting in 0.1 s")
+            for r in caplog.records)
+        assert monitor.connection_open and monitor.running and not monitor.stopped
+        assert [t.name for t in monitor_threads()] == [f"resilient_db-limitless[{monitor.host}]"]
+    finally:
+        keeper.close()
+
+
+@pytest.mark.real_server
 def test_a_child_after_fork_starts_its_own_monitor(group: ShardGroup) -> None:
     from .test_fork import in_child
 
@@ -385,7 +425,9 @@ def test_a_child_after_fork_starts_its_own_monitor(group: ShardGroup) -> None:
     parent_session = inherited.connection_open
 
     def child() -> dict[str, Any]:
-        abandoned = inherited.stopped and not inherited.connection_open
+        # The parent held the on-the-spot fetch lock at fork time: the child's is fresh.
+        abandoned = (inherited.stopped and not inherited.connection_open
+                     and inherited.fetch_lock.acquire(blocking=False))
         left = len(core.monitors())
         with connect(group) as conn:
             router = on_router(conn)
@@ -394,7 +436,8 @@ def test_a_child_after_fork_starts_its_own_monitor(group: ShardGroup) -> None:
         resilient_db.shutdown()
         return {"abandoned": abandoned, "left": left, "router": router, "fresh": fresh}
 
-    result = in_child(child)
+    with inherited.fetch_lock:
+        result = in_child(child)
     assert result == {"abandoned": True, "left": 0, "router": result["router"], "fresh": True}
     assert result["router"] in group.routers
     # The parent's monitor (and its server connection) carried on untouched.
