@@ -17,11 +17,11 @@ every connection of the process that selected the ``limitless`` plugin, with one
 and one server connection: every ``interval`` it reads the router list (bounded by
 :data:`QUERY_TIMEOUT`) and publishes it. It remembers routers marked down after a failed
 connect, each for one interval (then it is tried again). Lifecycle as the other monitors
-(``_monitors.SupervisedMonitor``):
-nothing at import; the thread starts with the first connection; it is supervised (a crash is
-logged, counted, recorded as ``limitless.monitor_restarted`` and restarted with backoff); it
-ends ``disposal`` seconds after its last connection went away and at
-``resilient_db.shutdown()``; after ``fork()`` the child abandons the inherited monitors.
+(``_monitors.SupervisedMonitor``): nothing at import; the thread starts with the first
+connection; it is supervised (a crash is logged, counted, recorded as
+``limitless.monitor_restarted`` and restarted with backoff); it ends ``disposal`` seconds after
+its last connection went away and at ``resilient_db.shutdown()``; after ``fork()`` the child
+abandons the inherited monitors.
 """
 
 from __future__ import annotations
