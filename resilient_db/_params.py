@@ -525,6 +525,99 @@ SPLITTING_POOL_TIMEOUT = duration(
     plugin="read_write_splitting",
 )
 
+# --- Aurora Global Database: gdb_failover and gdb_rw (resilient_db/global_db.py) --------------
+
+#: ``resilient_db.global_db.GlobalFailoverMode`` values (a test keeps the two in step).
+GLOBAL_FAILOVER_MODES = (
+    "strict-writer",
+    "strict-home-reader",
+    "strict-out-of-home-reader",
+    "strict-any-reader",
+    "home-reader-or-writer",
+    "out-of-home-reader-or-writer",
+    "any-reader-or-writer",
+)
+
+
+def _region_patterns_problem(value: str) -> str | None:
+    from .global_db import parse_region_patterns  # not at import: the registry stays light
+
+    try:
+        parse_region_patterns(value)
+    except ValueError as exc:
+        return f"comma-separated 'region:host-pattern' entries ({exc})"
+    return None
+
+
+GLOBAL_CLUSTER_INSTANCE_HOST_PATTERNS = text(
+    "global_cluster_instance_host_patterns",
+    None,
+    "Aurora Global Database: the instance host pattern of each region, comma-separated "
+    "`region:pattern` entries (`?` is replaced by the instance id, an optional `:port` "
+    "follows), e.g. `us-east-1:?.abc.us-east-1.rds.amazonaws.com,us-west-2:?.def.us-west-2."
+    "rds.amazonaws.com`. Set, the failover topology is the global one (every region); "
+    "instances of a region not listed cannot be reached. Unset: the pattern of the region "
+    "connected to only.",
+    validate=_region_patterns_problem,
+    plugin="gdb_failover",
+    aws_name=True,
+)
+FAILOVER_HOME_REGION = text(
+    "failover_home_region",
+    None,
+    "`gdb_failover`: the home region (where the application runs), e.g. `us-west-2`. Unset: "
+    "the region of the endpoint connected to; required when the endpoint names none (IP "
+    "address, custom domain, global writer endpoint).",
+    validate=lambda v: _region_problem(v),  # defined with the IAM properties below
+    plugin="gdb_failover",
+    aws_name=True,
+)
+ACTIVE_HOME_FAILOVER_MODE = choice(
+    "active_home_failover_mode",
+    None,
+    GLOBAL_FAILOVER_MODES,
+    "`gdb_failover`: where failover connects while the Global Database's primary region is "
+    "the home region (docs/plugins/gdb_failover.md). Unset: `strict-writer` through a cluster "
+    "or global writer endpoint, `home-reader-or-writer` otherwise.",
+    plugin="gdb_failover",
+    aws_name=True,
+)
+INACTIVE_HOME_FAILOVER_MODE = choice(
+    "inactive_home_failover_mode",
+    None,
+    GLOBAL_FAILOVER_MODES,
+    "`gdb_failover`: where failover connects while the primary region is another region. "
+    "Unset: as `active_home_failover_mode`'s default.",
+    plugin="gdb_failover",
+    aws_name=True,
+)
+GDB_RW_HOME_REGION = text(
+    "gdb_rw_home_region",
+    None,
+    "`gdb_rw`: the home region. Unset: the region of the endpoint connected to; required "
+    "when the endpoint names none.",
+    validate=lambda v: _region_problem(v),
+    plugin="gdb_rw",
+    aws_name=True,
+)
+GDB_RW_RESTRICT_WRITER = boolean(
+    "gdb_rw_restrict_writer_to_home_region",
+    True,
+    "`gdb_rw`: refuse to switch to (or stay on) a writer outside the home region: "
+    "`read_only = False` raises `ReadWriteSplittingError` while the primary region is "
+    "elsewhere.",
+    plugin="gdb_rw",
+    aws_name=True,
+)
+GDB_RW_RESTRICT_READER = boolean(
+    "gdb_rw_restrict_reader_to_home_region",
+    True,
+    "`gdb_rw`: move to readers of the home region only (none: the connection stays where "
+    "it is). False: home readers first, then readers of other regions.",
+    plugin="gdb_rw",
+    aws_name=True,
+)
+
 # --- telemetry (resilient_db.telemetry; docs/telemetry.md) -----------------------------------
 
 ENABLE_TELEMETRY = boolean(
