@@ -549,6 +549,13 @@ def _region_patterns_problem(value: str) -> str | None:
     return None
 
 
+def _region_problem(value: str) -> str | None:
+    parts = value.split("-")
+    if len(parts) < 3 or not all(p.isascii() and p.isalnum() and p == p.lower() for p in parts):
+        return "an AWS region name such as 'us-east-1', 'us-gov-west-1' or 'cn-north-1'"
+    return None
+
+
 GLOBAL_CLUSTER_INSTANCE_HOST_PATTERNS = text(
     "global_cluster_instance_host_patterns",
     None,
@@ -568,7 +575,7 @@ FAILOVER_HOME_REGION = text(
     "`gdb_failover`: the home region (where the application runs), e.g. `us-west-2`. Unset: "
     "the region of the endpoint connected to; required when the endpoint names none (IP "
     "address, custom domain, global writer endpoint).",
-    validate=lambda v: _region_problem(v),  # defined with the IAM properties below
+    validate=_region_problem,
     plugin="gdb_failover",
     aws_name=True,
 )
@@ -596,7 +603,7 @@ GDB_RW_HOME_REGION = text(
     None,
     "`gdb_rw`: the home region. Unset: the region of the endpoint connected to; required "
     "when the endpoint names none.",
-    validate=lambda v: _region_problem(v),
+    validate=_region_problem,
     plugin="gdb_rw",
     aws_name=True,
 )
@@ -927,13 +934,6 @@ BG_SUSPEND_NEW_BLUE_CONNECTIONS = boolean(
     plugin="blue_green",
     aws_name=True,
 )
-
-
-def _region_problem(value: str) -> str | None:
-    parts = value.split("-")
-    if len(parts) < 3 or not all(p.isascii() and p.isalnum() and p == p.lower() for p in parts):
-        return "an AWS region name such as 'us-east-1', 'us-gov-west-1' or 'cn-north-1'"
-    return None
 
 
 def _iam_host_problem(value: str) -> str | None:
