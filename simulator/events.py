@@ -49,6 +49,13 @@ EVENT_NAMES = frozenset(
         "custom_endpoint_created",
         "custom_endpoint_modified",
         "custom_endpoint_deleted",
+        # Aurora Global Database (Cluster.add_secondary_region, switchover_global, ...)
+        "region_added",
+        "global_switchover_started",
+        "global_switchover_completed",
+        "global_failover_started",
+        "global_failover_completed",
+        "region_restored",
         # chaos/secrets.py: a new password in the workload's secret and on the database
         "secret_rotated",
     }
