@@ -84,24 +84,40 @@ class GdbFailoverPlugin(FailoverPlugin):
             self._on_split_reader = role is Role.READER
             super().follow(instance_id=instance_id, role=role, mode=mode)
 
-    def decide(self, snapshot: TopologySnapshot | None) -> HomeDecision:
-        """The mode that applies with ``snapshot`` (recorded as a decision)."""
+    def decide(self, snapshot: TopologySnapshot | None, *, record: bool = True
+               ) -> HomeDecision:
+        """The mode that applies with ``snapshot`` (recorded as a decision unless ``record``
+        is false)."""
         if self._on_split_reader:
             decision = decide_mode(self.home, snapshot, GlobalFailoverMode.HOME_READER_OR_WRITER,
                                    GlobalFailoverMode.HOME_READER_OR_WRITER)
         else:
             decision = decide_mode(self.home, snapshot, self.active_mode, self.inactive_mode)
-        self.last_decision = decision
-        get_decision_sink().record(decision.to_decision())
+        if record:
+            self.last_decision = decision
+            get_decision_sink().record(decision.to_decision())
         return decision
 
     def _plan(self, monitor: TopologyMonitor, since: float,
               remaining: float | None) -> FailoverPlan | None:
-        snapshot = monitor.snapshot
-        decision = self.decide(snapshot)
-        self.mode = decision.mode.base
+        decision = self.decide(monitor.snapshot, record=False)
         if decision.mode is GlobalFailoverMode.STRICT_WRITER:
-            return super()._plan(monitor, since, remaining)
+            self.mode = FailoverMode.STRICT_WRITER
+            plan = super()._plan(monitor, since, remaining)
+            # The wait found the writer verified now: decide again with its region (a global
+            # switchover makes the home inactive, whose mode may not follow the writer).
+            basis = monitor.snapshot
+            if plan is not None and plan.attempts:
+                found = plan.attempts[0].host
+                listed = basis.by_address(found) if basis is not None else None
+                basis = TopologySnapshot(((listed or found).replace(role=Role.WRITER),))
+            decision = self.decide(basis)
+            if plan is None or decision.mode is GlobalFailoverMode.STRICT_WRITER:
+                return plan
+        else:
+            self.decide(monitor.snapshot)
+        self.mode = decision.mode.base
+        snapshot = monitor.snapshot
         if snapshot is None or not snapshot.hosts:
             monitor.request_refresh()
             if monitor.wait_for_writer(since, remaining) is None:
