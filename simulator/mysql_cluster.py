@@ -58,7 +58,7 @@ from .cluster import (
     Instance,
     register_engine,
 )
-from .local import LocalServer, SettingValue, reset_mariadb_data
+from .local import LocalServer, ServerStartError, SettingValue, reset_mariadb_data
 
 if TYPE_CHECKING:
     from .iam import ClusterIam
@@ -633,7 +633,17 @@ class MysqlClusterEngine(ClusterEngine):
                 with self._sql(server) as sql:
                     sql.run("SET GLOBAL read_only = ON")
             else:
-                server.start()
+                try:
+                    server.start()
+                except ServerStartError:
+                    # Crash recovery failed (an instance SIGKILLed mid-write, e.g. a region
+                    # lost in a global failover): as RDS does for a re-added secondary
+                    # cluster, start from fresh storage and replicate everything again.
+                    LOGGER.warning("%s did not recover from its crash; rebuilding it",
+                                   old_writer.id, exc_info=True)
+                    reset_mariadb_data(server)
+                    server.start()
+                    self._fork_points.pop(old_writer.id, None)
             self._session_ids[old_writer.id] = str(uuid.uuid4())  # a new session
             fork = self._fork_points.pop(old_writer.id, None)
             if fork is not None:
