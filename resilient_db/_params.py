@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._properties import (
+    REGISTRY,
     Property,
     _number,
     _register,
@@ -69,7 +70,10 @@ WRAPPER_DIALECT = choice(
     DIALECT_CODES,
     "Force the database dialect instead of detecting it from the server. The server is still "
     "checked once: a forced dialect it does not match raises `DialectMismatchError` listing "
-    "what was checked.",
+    "what was checked. The AWS values `global-aurora-pg` and `global-aurora-mysql` are taken "
+    "as `aurora-pg` and `aurora-mysql` (the Global Database topology is read by `gdb_failover`,"
+    " `gdb_rw`, or `failover` with `global_cluster_instance_host_patterns`).",
+    aliases={"global-aurora-pg": "aurora-pg", "global-aurora-mysql": "aurora-mysql"},
     aws_name=True,
 )
 WRAPPER_DRIVER_DIALECT = choice(
@@ -1316,6 +1320,14 @@ SHARED_WITH: dict[str, tuple[str, ...]] = {
                     "idp_password", "db_user", "iam_token_expiration",
                     "http_request_connect_timeout", "ssl_secure")},
 }
+
+# gdb_failover is failover with home-region modes, gdb_rw is read_write_splitting with a home
+# region: each reads its base plugin's properties; failover and gdb_rw read the global patterns.
+for _prop in list(REGISTRY.values()):
+    for _base, _derived in (("failover", "gdb_failover"), ("read_write_splitting", "gdb_rw")):
+        if _base in (_prop.plugin, *SHARED_WITH.get(_prop.name, ())):
+            SHARED_WITH[_prop.name] = (*SHARED_WITH.get(_prop.name, ()), _derived)
+SHARED_WITH["global_cluster_instance_host_patterns"] = ("failover", "gdb_rw")
 
 
 def readers_of(prop: Property[Any]) -> tuple[str | None, ...]:

@@ -182,10 +182,7 @@ def test_unknown_plugin_suggests() -> None:
     assert info.value.parameter == "plugins"
 
 
-@pytest.mark.parametrize("code", [
-    "gdb_rw", "limitless",
-    "gdb_failover",
-])
+@pytest.mark.parametrize("code", ["limitless"])
 def test_planned_aws_plugin_is_a_clear_error(code: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         registry.resolve([code])
