@@ -316,7 +316,8 @@ def test_inactive_home_strict_home_reader_stays_in_the_home_region(
     now = env.instance(conn)
     assert env.region(now) == HOME and env.is_reader(conn)
     assert modes(sink)[-1] == (False, "strict-home-reader")
-    assert gdb(conn).last_decision is not None and gdb(conn).last_decision.primary == AWAY
+    decision = gdb(conn).last_decision
+    assert decision is not None and decision.primary == AWAY
 
 
 def test_strict_out_of_home_reader_never_picks_the_writer(
