@@ -348,13 +348,31 @@ def test_home_reader_or_writer_falls_back_to_the_writer(
     assert modes(sink)[-1] == (False, "home-reader-or-writer")
 
 
+def test_failover_with_global_patterns_follows_the_writer_across_regions(env: Env) -> None:
+    """The plain failover plugin reads the global topology once
+    global_cluster_instance_host_patterns is set."""
+    cluster = env.cluster
+    conn = env.connect(cluster.writer_endpoint, plugins="failover")
+    assert env.instance(conn) == "instance-1"
+    cluster.switchover_global(AWAY)
+    try:
+        env.instance(conn)
+    except resilient_db.FailoverSuccessError:
+        assert env.name == "pg"
+    assert env.instance(conn) == cluster.writer.id and env.region(cluster.writer.id) == AWAY
+
+
 # --- gdb_rw ---------------------------------------------------------------------------------
 
 
-def test_gdb_rw_reads_in_the_home_region_and_writes_on_the_global_writer(env: Env) -> None:
+@pytest.mark.parametrize("plugins", ["gdb_rw,gdb_failover", "gdb_rw,failover"])
+def test_gdb_rw_reads_in_the_home_region_and_writes_on_the_global_writer(
+        env: Env, plugins: str) -> None:
+    """With gdb_failover or failover (which reads the global topology when gdb_rw is
+    selected)."""
     cluster = env.cluster
     table = env.table()
-    conn = env.connect(cluster.writer_endpoint, plugins="gdb_rw,gdb_failover")
+    conn = env.connect(cluster.writer_endpoint, plugins=plugins)
     cur = conn.cursor()
     cur.execute(env.upsert.format(t=table), (1,))
     seen: set[str] = set()
@@ -377,7 +395,7 @@ def test_gdb_rw_refuses_a_writer_outside_the_home_region(
     assert env.instance(conn) == "instance-3"
     with pytest.raises(resilient_db.ReadWriteSplittingError) as info:
         conn.read_only = False
-    assert info.value.reason == "writer_out_of_home"
+    assert info.value.reason == "writer_out_of_home", str(info.value)
     assert env.instance(conn) == "instance-3"  # stayed, usable
     assert sink.of_kind("gdb_rw.writer_refused")
     # Allowed to follow the writer out of home: the switch goes to us-east-1's writer.

@@ -137,27 +137,37 @@ class ReadWriteSplittingPlugin(SplittingPlugin):
         if writer is None:
             monitor.request_refresh()
             writer = monitor.wait_for_writer(time.monotonic(), self.connect_bound())
-        if writer is None:
-            raise ReadWriteSplittingError(
-                "cannot switch to the writer: the cluster has no known writer now (failover "
-                "in progress?); the connection stays on the reader", reason="no_connection")
-        refusal = self.writer_refusal(writer)
-        if refusal is not None:
-            raise ReadWriteSplittingError(
-                f"cannot switch to the writer: {refusal}; the connection stays where it is",
-                reason="writer_out_of_home", host=str(writer.spec))
-        started = time.monotonic()
-        try:
-            return self._open(proxy, writer, Role.WRITER)
-        except ReadWriteSplittingError:
-            raise
-        except Exception as exc:
-            attempt = ConnectAttempt(writer.host, writer.port, _outcome(exc), repr(exc),
-                                     time.monotonic() - started)
-            raise ReadWriteSplittingError(
-                f"cannot switch to the writer {writer}: {exc!r}; the connection stays on the "
-                "reader", reason="no_connection", host=str(writer.spec),
-                attempts=(attempt,)) from exc
+        attempts: list[ConnectAttempt] = []
+        for last in (False, True):
+            if writer is None:
+                raise ReadWriteSplittingError(
+                    "cannot switch to the writer: the cluster has no known writer now "
+                    "(failover in progress?); the connection stays on the reader",
+                    reason="no_connection", attempts=tuple(attempts))
+            refusal = self.writer_refusal(writer)
+            if refusal is not None:
+                raise ReadWriteSplittingError(
+                    f"cannot switch to the writer: {refusal}; the connection stays where it is",
+                    reason="writer_out_of_home", host=str(writer.spec))
+            started = time.monotonic()
+            try:
+                return self._open(proxy, writer, Role.WRITER)
+            except ReadWriteSplittingError:
+                raise
+            except Exception as exc:
+                attempts.append(ConnectAttempt(writer.host, writer.port, _outcome(exc),
+                                               repr(exc), time.monotonic() - started))
+                if last or not isinstance(exc, WrongRoleError):
+                    raise ReadWriteSplittingError(
+                        f"cannot switch to the writer {writer}: {exc!r}; the connection stays "
+                        "on the reader", reason="no_connection", host=str(writer.spec),
+                        attempts=tuple(attempts)) from exc
+                # The known writer is a reader now (a switchover the monitor has yet to
+                # see): once, wait for the writer the monitor verifies from now on.
+                log.info("the known writer %s is a reader now; looking for the writer", writer)
+                monitor.request_refresh()
+                writer = monitor.wait_for_writer(time.monotonic(), self.connect_bound())
+        raise AssertionError("unreachable")
 
     def _open(self, proxy: Any, host: Host, role: Role) -> Slot:
         spec = HostSpec(host.host, host.port)
