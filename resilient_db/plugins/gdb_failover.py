@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 from .. import response_time
 from .._decisions import get_decision_sink
@@ -148,8 +147,3 @@ class GdbFailoverPlugin(FailoverPlugin):
         return (f"<GdbFailoverPlugin home={self.home} active={self.active_mode.value} "
                 f"inactive={self.inactive_mode.value} instance={self.instance_id} "
                 f"role={self.role.value}>")
-
-    def describe(self) -> dict[str, Any]:
-        """The home region and modes, for diagnostics."""
-        return {"home_region": self.home, "active_home_failover_mode": self.active_mode.value,
-                "inactive_home_failover_mode": self.inactive_mode.value}
