@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 import resilient_db
+from resilient_db import topology
 from resilient_db.plugins.gdb_failover import GdbFailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
@@ -112,6 +113,10 @@ def settle(env: Env) -> None:
                    lambda: all(i.role != "stopped" for i in cluster.instances.values()))
         wait_until("readers following the writer", cluster.settled)
     cluster.make_writer_read_only(False)
+    # The switchover back happened behind the topology monitors' back (no connection saw
+    # it): without this, the next test would start from a monitor naming the old writer
+    # until its next refresh.
+    topology.stop_all()
 
 
 def _start(flavour: str) -> Cluster:
