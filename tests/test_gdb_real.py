@@ -416,3 +416,22 @@ def test_gdb_rw_refuses_a_writer_outside_the_home_region(
     home.read_only = True
     home.read_only = False
     assert env.instance(home) == writer and env.region(writer) == AWAY
+
+
+def test_gdb_rw_finds_the_writer_when_the_known_one_answers_as_a_reader(env: Env) -> None:
+    """A global switchover the topology monitor has not seen yet (it refreshes every 30 s and
+    none of its connections failed): switching to the writer it knows reaches a reader, so the
+    monitor looks again and the writer it verifies is used."""
+    cluster = env.cluster
+    conn = env.connect(cluster.region_reader_endpoint(AWAY), plugins="gdb_rw,gdb_failover",
+                       gdb_rw_restrict_writer_to_home_region=False)
+    conn.read_only = True
+    assert env.instance(conn) == "instance-3"
+    cluster.switchover_global(AWAY)
+    wait_until("the old writer back as a reader", cluster.settled)
+    monitor = gdb(conn).monitor()
+    known = monitor.writer
+    assert known is not None and known.instance_id == "instance-1"  # not seen yet
+    conn.read_only = False
+    assert env.instance(conn) == cluster.writer.id == "instance-3"
+    assert not env.is_reader(conn)
