@@ -37,15 +37,8 @@ AWS_UNSUPPORTED: dict[str, str] = {
     "verify_inactive_cluster_writer_endpoint_connection_type": "initial_connection",
     "wait_for_initial_topology_ms": "initial_connection",
     # Aurora Global Database
-    "global_cluster_instance_host_patterns": "gdb_failover",
-    "failover_home_region": "gdb_failover",
-    "active_home_failover_mode": "gdb_failover",
-    "inactive_home_failover_mode": "gdb_failover",
     "gdb_accessible_regions": "gdb_failover",
     "gdb_monitoring_connection_priority": "gdb_failover",
-    "gdb_rw_home_region": "gdb_rw",
-    "gdb_rw_restrict_writer_to_home_region": "gdb_rw",
-    "gdb_rw_restrict_reader_to_home_region": "gdb_rw",
     "gdb_enable_global_write_forwarding": "gdb_rw",
     # authentication
     "aws_profile": "iam, aws_secrets_manager",

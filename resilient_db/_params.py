@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._properties import (
+    REGISTRY,
     Property,
     _number,
     _register,
@@ -69,7 +70,10 @@ WRAPPER_DIALECT = choice(
     DIALECT_CODES,
     "Force the database dialect instead of detecting it from the server. The server is still "
     "checked once: a forced dialect it does not match raises `DialectMismatchError` listing "
-    "what was checked.",
+    "what was checked. The AWS values `global-aurora-pg` and `global-aurora-mysql` are taken "
+    "as `aurora-pg` and `aurora-mysql` (the Global Database topology is read by `gdb_failover`,"
+    " `gdb_rw`, or `failover` with `global_cluster_instance_host_patterns`).",
+    aliases={"global-aurora-pg": "aurora-pg", "global-aurora-mysql": "aurora-mysql"},
     aws_name=True,
 )
 WRAPPER_DRIVER_DIALECT = choice(
@@ -525,6 +529,106 @@ SPLITTING_POOL_TIMEOUT = duration(
     plugin="read_write_splitting",
 )
 
+# --- Aurora Global Database: gdb_failover and gdb_rw (resilient_db/global_db.py) --------------
+
+#: ``resilient_db.global_db.GlobalFailoverMode`` values (a test keeps the two in step).
+GLOBAL_FAILOVER_MODES = (
+    "strict-writer",
+    "strict-home-reader",
+    "strict-out-of-home-reader",
+    "strict-any-reader",
+    "home-reader-or-writer",
+    "out-of-home-reader-or-writer",
+    "any-reader-or-writer",
+)
+
+
+def _region_patterns_problem(value: str) -> str | None:
+    from .global_db import parse_region_patterns  # not at import: the registry stays light
+
+    try:
+        parse_region_patterns(value)
+    except ValueError as exc:
+        return f"comma-separated 'region:host-pattern' entries ({exc})"
+    return None
+
+
+def _region_problem(value: str) -> str | None:
+    parts = value.split("-")
+    if len(parts) < 3 or not all(p.isascii() and p.isalnum() and p == p.lower() for p in parts):
+        return "an AWS region name such as 'us-east-1', 'us-gov-west-1' or 'cn-north-1'"
+    return None
+
+
+GLOBAL_CLUSTER_INSTANCE_HOST_PATTERNS = text(
+    "global_cluster_instance_host_patterns",
+    None,
+    "Aurora Global Database: the instance host pattern of each region, comma-separated "
+    "`region:pattern` entries (`?` is replaced by the instance id, an optional `:port` "
+    "follows), e.g. `us-east-1:?.abc.us-east-1.rds.amazonaws.com,us-west-2:?.def.us-west-2."
+    "rds.amazonaws.com`. Set, the failover topology is the global one (every region); "
+    "instances of a region not listed cannot be reached. Unset: the pattern of the region "
+    "connected to only.",
+    validate=_region_patterns_problem,
+    plugin="gdb_failover",
+    aws_name=True,
+)
+FAILOVER_HOME_REGION = text(
+    "failover_home_region",
+    None,
+    "`gdb_failover`: the home region (where the application runs), e.g. `us-west-2`. Unset: "
+    "the region of the endpoint connected to; required when the endpoint names none (IP "
+    "address, custom domain, global writer endpoint).",
+    validate=_region_problem,
+    plugin="gdb_failover",
+    aws_name=True,
+)
+ACTIVE_HOME_FAILOVER_MODE = choice(
+    "active_home_failover_mode",
+    None,
+    GLOBAL_FAILOVER_MODES,
+    "`gdb_failover`: where failover connects while the Global Database's primary region is "
+    "the home region (docs/plugins/gdb_failover.md). Unset: `strict-writer` through a cluster "
+    "or global writer endpoint, `home-reader-or-writer` otherwise.",
+    plugin="gdb_failover",
+    aws_name=True,
+)
+INACTIVE_HOME_FAILOVER_MODE = choice(
+    "inactive_home_failover_mode",
+    None,
+    GLOBAL_FAILOVER_MODES,
+    "`gdb_failover`: where failover connects while the primary region is another region. "
+    "Unset: as `active_home_failover_mode`'s default.",
+    plugin="gdb_failover",
+    aws_name=True,
+)
+GDB_RW_HOME_REGION = text(
+    "gdb_rw_home_region",
+    None,
+    "`gdb_rw`: the home region. Unset: the region of the endpoint connected to; required "
+    "when the endpoint names none.",
+    validate=_region_problem,
+    plugin="gdb_rw",
+    aws_name=True,
+)
+GDB_RW_RESTRICT_WRITER = boolean(
+    "gdb_rw_restrict_writer_to_home_region",
+    True,
+    "`gdb_rw`: refuse to switch to (or stay on) a writer outside the home region: "
+    "`read_only = False` raises `ReadWriteSplittingError` while the primary region is "
+    "elsewhere.",
+    plugin="gdb_rw",
+    aws_name=True,
+)
+GDB_RW_RESTRICT_READER = boolean(
+    "gdb_rw_restrict_reader_to_home_region",
+    True,
+    "`gdb_rw`: move to readers of the home region only (none: the connection stays where "
+    "it is). False: home readers first, then readers of other regions.",
+    plugin="gdb_rw",
+    aws_name=True,
+)
+
 # --- telemetry (resilient_db.telemetry; docs/telemetry.md) -----------------------------------
 
 ENABLE_TELEMETRY = boolean(
@@ -834,13 +938,6 @@ BG_SUSPEND_NEW_BLUE_CONNECTIONS = boolean(
     plugin="blue_green",
     aws_name=True,
 )
-
-
-def _region_problem(value: str) -> str | None:
-    parts = value.split("-")
-    if len(parts) < 3 or not all(p.isascii() and p.isalnum() and p == p.lower() for p in parts):
-        return "an AWS region name such as 'us-east-1', 'us-gov-west-1' or 'cn-north-1'"
-    return None
 
 
 def _iam_host_problem(value: str) -> str | None:
@@ -1294,6 +1391,14 @@ SHARED_WITH: dict[str, tuple[str, ...]] = {
                     "idp_password", "db_user", "iam_token_expiration",
                     "http_request_connect_timeout", "ssl_secure")},
 }
+
+# gdb_failover is failover with home-region modes, gdb_rw is read_write_splitting with a home
+# region: each reads its base plugin's properties; failover and gdb_rw read the global patterns.
+for _prop in list(REGISTRY.values()):
+    for _base, _derived in (("failover", "gdb_failover"), ("read_write_splitting", "gdb_rw")):
+        if _base in (_prop.plugin, *SHARED_WITH.get(_prop.name, ())):
+            SHARED_WITH[_prop.name] = (*SHARED_WITH.get(_prop.name, ()), _derived)
+SHARED_WITH["global_cluster_instance_host_patterns"] = ("failover", "gdb_rw")
 
 
 def readers_of(prop: Property[Any]) -> tuple[str | None, ...]:

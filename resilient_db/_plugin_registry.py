@@ -47,15 +47,15 @@ BUILTIN: dict[str, str] = {
     "srw": "resilient_db.plugins.srw:SimpleReadWriteSplittingPlugin",
     "blue_green": "resilient_db.plugins.blue_green:BlueGreenPlugin",
     "limitless": "resilient_db.plugins.limitless:LimitlessPlugin",
+    "gdb_failover": "resilient_db.plugins.gdb_failover:GdbFailoverPlugin",
+    "gdb_rw": "resilient_db.plugins.gdb_rw:GdbReadWriteSplittingPlugin",
 }
 
 #: AWS Advanced Python Wrapper plugin codes (its ``PluginManager.PLUGIN_FACTORIES``) with no
 #: resilient_db plugin yet, and what each does: selecting one gives a clear "known AWS plugin,
-#: not available in this release" error, not a typo suggestion.
-PLANNED: dict[str, str] = {
-    "gdb_rw": "read/write splitting for Aurora Global Database",
-    "gdb_failover": "failover for Aurora Global Database",
-}
+#: not available in this release" error, not a typo suggestion. Empty: every plugin code of
+#: AWS Advanced Python Wrapper 3.1 is available (``tests/test_pipeline.py`` checks this).
+PLANNED: dict[str, str] = {}
 
 #: AWS Advanced Python Wrapper codes accepted as aliases (documented in docs/plugins.md). AWS's
 #: ``srw`` is *not* an alias of ``read_write_splitting``: it is a separate plugin that splits
@@ -84,7 +84,8 @@ CANONICAL_ORDER: tuple[str, ...] = (
     # Blue/green reroutes at switchover; it must run before failover reacts to the
     # switchover's expected disconnects.
     "blue_green",
-    # Splitting chooses reader vs writer; failover then keeps that choice alive.
+    # Splitting chooses reader vs writer; failover then keeps that choice alive. The three
+    # splitting plugins exclude one another (gdb_rw is read_write_splitting with a home region).
     "read_write_splitting",
     "srw",
     "gdb_rw",
@@ -96,6 +97,8 @@ CANONICAL_ORDER: tuple[str, ...] = (
     # credentials.
     "limitless",
     # Failover reacts to errors raised by everything inside it, including EFM aborts.
+    # gdb_failover is failover with home-region modes: the same place (the two exclude one
+    # another).
     "failover",
     "gdb_failover",
     # EFM is inside failover: its abort surfaces as a network error that failover handles.

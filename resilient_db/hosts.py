@@ -85,7 +85,8 @@ class Host:
     strategies; 0 means "only when every candidate weighs 0". ``lag`` is the replica lag in
     seconds (``None``: not reported, e.g. the writer, or Multi-AZ). ``last_update`` is when the
     cluster last heard from the instance and ``cpu`` its CPU percentage (``None``: not
-    reported). ``address`` is the key (:func:`address_of`).
+    reported). ``region`` is the AWS region of an Aurora Global Database instance (``None``:
+    not reported, a single-region cluster). ``address`` is the key (:func:`address_of`).
     """
 
     host: str
@@ -98,6 +99,7 @@ class Host:
     lag: float | None = None
     last_update: datetime | None = None
     cpu: float | None = None
+    region: str | None = None
     address: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -181,6 +183,7 @@ def snapshot_from_rows(
     taken_at: float | None = None,
     source: str | None = None,
     ignored: Iterable[str] = (),
+    region_patterns: Mapping[str, HostPattern] | None = None,
 ) -> TopologySnapshot:
     """Build a snapshot from topology rows.
 
@@ -188,12 +191,16 @@ def snapshot_from_rows(
     ``cluster_instance_host_pattern``), else from the row's own ``endpoint`` (Multi-AZ), else
     the instance id itself is used as the host name. The port is the pattern's, else the
     row's, else ``default_port`` (``None``: the driver's default). ``weights`` maps instance
-    ids to selection weights (default 1).
+    ids to selection weights (default 1). ``region_patterns`` (Aurora Global Database) maps a
+    region to the pattern of its instances; a row of a listed region uses its region's pattern.
     """
     hosts: list[Host] = []
     for row in rows:
         port: int | None
-        if pattern is not None:
+        own = (region_patterns or {}).get(row.region or "") if row.region else None
+        if own is not None:
+            name, port = own.expand(row.instance_id)
+        elif pattern is not None:
             name, port = pattern.expand(row.instance_id)
         else:
             name, port = row.endpoint or row.instance_id, None
@@ -207,6 +214,7 @@ def snapshot_from_rows(
             lag=None if row.is_writer else row.lag_seconds,
             last_update=row.last_update,
             cpu=row.cpu,
+            region=row.region,
         ))
     return TopologySnapshot(tuple(hosts), epoch, taken_at, source, tuple(ignored))
 

@@ -98,12 +98,16 @@ class Addressing:
     ``pattern``: the host pattern (``None``: none known). ``explicit``: the user set it
     (``cluster_instance_host_pattern``), so it applies even to topologies that list endpoints.
     ``default_port``: the port of instances whose pattern and row name none (the port the
-    application connected to).
+    application connected to). ``regions``: an Aurora Global Database's pattern per region
+    (``global_cluster_instance_host_patterns``); empty for a single-region cluster. With
+    regions, a row of a region without a pattern cannot be addressed and is left out (as
+    ``ignored``).
     """
 
     pattern: HostPattern | None
     explicit: bool
     default_port: int | None
+    regions: tuple[tuple[str, HostPattern], ...] = ()
 
     @classmethod
     def for_host(cls, host: str, port: int | None, explicit: str | None) -> Addressing:
@@ -117,6 +121,21 @@ class Addressing:
                  source: str | None = None) -> TopologySnapshot:
         """A snapshot of a parsed topology answer with every instance addressed."""
         rows = topology.rows
+        if self.regions:
+            known = dict(self.regions)
+            lost = tuple(row for row in rows if row.region is not None and row.region not in known)
+            if lost:
+                _warn_once(
+                    "gdb-region-" + ",".join(sorted({row.region or "" for row in lost})),
+                    "the global topology lists instances in region(s) "
+                    f"{', '.join(sorted({row.region or '' for row in lost}))} that "
+                    "global_cluster_instance_host_patterns does not name: they cannot be "
+                    "reached and are left out")
+                topology = Topology(tuple(r for r in rows if r not in lost),
+                                    topology.ignored + lost, topology.server_time)
+            return snapshot_from_topology(topology, self.pattern, default_port=self.default_port,
+                                          taken_at=taken_at, source=source,
+                                          region_patterns=known)
         needs_pattern = any(row.endpoint is None for row in rows)
         pattern = self.pattern if (self.explicit or needs_pattern) else None
         if pattern is None and needs_pattern:

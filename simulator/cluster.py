@@ -214,6 +214,9 @@ class Instance:
     #: A proxied cluster's proxy in front of this instance: its loopback address (on the
     #: cluster's port), where the instance's names resolve (``None``: not proxied).
     proxy_address: str | None = None
+    #: The AWS region of the instance (``None``: the cluster's own region; set for the
+    #: instances of a Global Database's secondary region, :meth:`Cluster.add_secondary_region`).
+    region: str | None = None
 
     @property
     def address(self) -> str:
@@ -527,6 +530,9 @@ class Cluster:
         self.iam: ClusterIam | None = None
         #: Custom endpoints by name (:meth:`create_custom_endpoint`).
         self.custom_endpoints: dict[str, CustomEndpoint] = {}
+        #: Aurora Global Database: the names of each region's cluster, the first one this
+        #: cluster's own (:meth:`add_secondary_region`); one entry: not a global database.
+        self.regions: dict[str, Naming] = {region: self.naming}
         self.engine = _load_engine(self.flavour)(self)
 
     @property
@@ -572,16 +578,20 @@ class Cluster:
         self.events.record("cluster_started", None, flavour=self.flavour.name,
                            instances=list(self.instances))
 
-    def _create_reader(self, instance_id: str) -> Instance:
+    def _create_reader(self, instance_id: str, region: str | None = None) -> Instance:
         runtime = self.engine.create_replica(instance_id, self.writer)
-        reader = self._add(instance_id, "reader", runtime)
-        self.events.record("instance_started", instance_id, role="reader")
+        reader = self._add(instance_id, "reader", runtime, region)
+        self.events.record("instance_started", instance_id, role="reader",
+                           region=self.region_of(reader))
         return reader
 
-    def _add(self, instance_id: str, role: Role, runtime: Any) -> Instance:
+    def _add(self, instance_id: str, role: Role, runtime: Any,
+             region: str | None = None) -> Instance:
         if self.port is None:
             self.port = int(runtime.port)
-        instance = Instance(instance_id, role, runtime, self.naming.instance(instance_id))
+        naming = self.regions.get(region or "", self.naming)
+        instance = Instance(instance_id, role, runtime, naming.instance(instance_id),
+                            region=region if region != self.naming.region else None)
         self.instances[instance_id] = instance
         if self.toxiproxy is not None:
             self._add_proxy(instance)
@@ -664,6 +674,52 @@ class Cluster:
     def host_pattern(self) -> str:
         return self.naming.host_pattern
 
+    # --- Aurora Global Database views -------------------------------------------------------
+    @property
+    def is_global(self) -> bool:
+        """True once a secondary region was added (:meth:`add_secondary_region`)."""
+        return len(self.regions) > 1
+
+    def region_of(self, instance: Instance) -> str:
+        return instance.region or self.naming.region
+
+    @property
+    def primary_region(self) -> str:
+        """The region of the writer (the Global Database's primary region); while no writer
+        runs (a global failover), the region of the last writer endpoint target."""
+        writer = self._running_writer()
+        if writer is None and self._writer_endpoint_target in self.instances:
+            writer = self.instances[self._writer_endpoint_target]
+        return self.region_of(writer) if writer is not None else self.naming.region
+
+    def in_region(self, region: str) -> list[Instance]:
+        return [i for i in self.instances.values() if self.region_of(i) == region]
+
+    @property
+    def global_host_patterns(self) -> str:
+        """``global_cluster_instance_host_patterns`` for this global database."""
+        return ",".join(f"{region}:{naming.host_pattern}"
+                        for region, naming in self.regions.items())
+
+    @property
+    def global_writer_endpoint(self) -> str:
+        """The Global Database's writer endpoint (it follows the writer to its region)."""
+        return f"{self.naming.name}.global-{self.naming.cluster_id}.global.{self.naming.domain}"
+
+    def region_writer_endpoint(self, region: str) -> str:
+        """The cluster endpoint of ``region``'s cluster (read-only while secondary)."""
+        return self._region_naming(region).writer
+
+    def region_reader_endpoint(self, region: str) -> str:
+        return self._region_naming(region).reader
+
+    def _region_naming(self, region: str) -> Naming:
+        try:
+            return self.regions[region]
+        except KeyError:
+            raise ClusterError(f"cluster {self.name} has no region {region!r}; regions: "
+                               f"{', '.join(self.regions)}") from None
+
     @property
     def single_instance(self) -> bool:
         """True for the single-instance flavours (rds-pg, pg, rds-mysql, mysql)."""
@@ -724,7 +780,7 @@ class Cluster:
             "instances": [
                 {"id": i.id, "role": i.role, "address": i.address, "endpoint": i.endpoint,
                  "proxy_address": i.proxy_address, "lag": i.lag,
-                 "running": bool(i.runtime.is_running())}
+                 "running": bool(i.runtime.is_running()), "region": self.region_of(i)}
                 for i in self.instances.values()
             ],
         }
@@ -737,6 +793,8 @@ class Cluster:
         if self.single_instance:
             return [(instance_name(i.id), i.advertised_address)
                     for i in self.instances.values()]
+        if self.is_global and instance_name == self.naming.instance:
+            return self._global_entries()
         entries: list[tuple[str, str]] = []
         target = self._writer_endpoint_target
         if target is not None and target in self.instances:
@@ -750,6 +808,29 @@ class Cluster:
             for custom in self.custom_endpoints.values():
                 entries += [(custom.host, i.advertised_address) for i in self.instances.values()
                             if custom.is_member(i)]
+        return entries
+
+    def _global_entries(self) -> list[tuple[str, str]]:
+        """A global database's names: each region's cluster, reader and instance names over
+        that region's instances, and the global writer endpoint. A region's cluster endpoint
+        names its writer while it is primary (after ``dns_staleness``, the writer endpoint
+        target), else one of its instances (secondary clusters are read-only)."""
+        entries: list[tuple[str, str]] = []
+        target = self.instances.get(self._writer_endpoint_target or "")
+        for region, naming in self.regions.items():
+            members = self.in_region(region)
+            running = [i for i in members if i.role != "stopped"]
+            if target is not None and self.region_of(target) == region:
+                head: Instance | None = target
+            else:
+                head = running[0] if running else (members[0] if members else None)
+            if head is not None:
+                entries.append((naming.writer, head.advertised_address))
+            readers = [i for i in running if i.role == "reader"] or running
+            entries += [(naming.reader, r.advertised_address) for r in readers]
+            entries += [(naming.instance(i.id), i.advertised_address) for i in members]
+        if target is not None:
+            entries.append((self.global_writer_endpoint, target.advertised_address))
         return entries
 
     def _update_dns(self) -> None:
@@ -817,14 +898,17 @@ class Cluster:
         return True
 
     # --- control plane ----------------------------------------------------------------------
-    def failover(self, target: str | None = None, *, mode: str = "crash") -> list[Event]:
+    def failover(self, target: str | None = None, *, mode: str = "crash",
+                 rejoin: bool = True) -> list[Event]:
         """Fail the writer over.
 
         ``mode="crash"``: the writer's process is killed; after ``detection_delay`` the most
         advanced reader (or ``target``) is promoted. ``mode="graceful"`` (RDS
         ``FailoverDBCluster``): the writer stops cleanly first. Other readers follow the new
         writer; the writer endpoint moves after ``dns_staleness``; the old writer rejoins as a
-        reader after ``rejoin_delay``. Returns the events up to ``topology_updated``.
+        reader after ``rejoin_delay`` (``rejoin`` false: it stays down). Returns the events up
+        to ``topology_updated``. In a global database without ``target``, only the primary
+        region's readers are candidates.
         """
         if mode not in ("crash", "graceful"):
             raise ClusterError(f"mode={mode!r}: expected 'crash' or 'graceful'")
@@ -832,6 +916,11 @@ class Cluster:
             since = time.monotonic()
             old = self.writer
             candidates = self.readers
+            if target is None and self.is_global:
+                # Aurora fails over within the primary cluster; a global database's other
+                # regions move only with switchover_global/failover_global.
+                candidates = [r for r in candidates
+                              if self.region_of(r) == self.region_of(old)]
             if not candidates:
                 raise ClusterError(f"cluster {self.name} has no reader to fail over to")
             if target is not None:
@@ -871,7 +960,7 @@ class Cluster:
             self._update_dns()  # instance and reader names; the writer name may lag
             self._later(self.timeline.dns_staleness,
                         lambda: self._point_writer_endpoint(chosen.id))
-            if self.timeline.rejoin_delay is not None:
+            if self.timeline.rejoin_delay is not None and rejoin:
                 self._later(self.timeline.rejoin_delay, lambda: self._rejoin(old.id))
             return result
 
@@ -1021,6 +1110,97 @@ class Cluster:
             self._update_dns()
             self.events.record("reader_removed", instance_id)
             self.events.record("topology_updated", self.writer.id, writer=self.writer.id)
+            return self.events.events(since=since)
+
+    # --- Aurora Global Database ------------------------------------------------------------
+    def add_secondary_region(self, region: str, instances: int = 1, *,
+                             cluster_id: str | None = None) -> list[Event]:
+        """Make this (Aurora) cluster the primary cluster of a Global Database and add a
+        secondary cluster in ``region`` with ``instances`` read-only instances replicating
+        from the writer (``CreateGlobalCluster`` + ``CreateDBCluster`` with
+        ``GlobalClusterIdentifier``). Its names use ``region`` and their own id label."""
+        if self.flavour.interface != "aurora":
+            raise ClusterError(f"flavour {self.flavour.name!r}: a Global Database needs an "
+                               "Aurora flavour (aurora-pg, aurora-mysql)")
+        if not isinstance(instances, int) or isinstance(instances, bool) or instances < 1:
+            raise ClusterError(f"instances={instances!r}: expected a whole number >= 1")
+        with self._lock:
+            since = time.monotonic()
+            if region in self.regions:
+                raise ClusterError(f"cluster {self.name} already has region {region!r}")
+            self.regions[region] = dataclasses.replace(
+                self.naming, cluster_id=cluster_id or f"c{secrets.token_hex(6)}", region=region)
+            for _ in range(instances):
+                n = len(self.instances) + 1
+                while f"instance-{n}" in self.instances:
+                    n += 1
+                self._create_reader(f"instance-{n}", region)
+            self.engine.publish_topology(self.writer)
+            self._update_dns()
+            self.events.record("region_added", None, region=region, instances=instances)
+            self.events.record("topology_updated", self.writer.id, writer=self.writer.id)
+            return self.events.events(since=since)
+
+    def _most_advanced_in(self, region: str) -> Instance:
+        candidates = [i for i in self.in_region(region) if i.role == "reader"]
+        if not candidates:
+            raise ClusterError(f"region {region!r} has no running reader to promote")
+        return self._most_advanced(candidates)
+
+    def switchover_global(self, region: str) -> list[Event]:
+        """Planned global switchover (``SwitchoverGlobalCluster``): writes stop, every replica
+        catches up, the most advanced instance of ``region`` becomes the writer, the old
+        primary region becomes a secondary (its old writer rejoins as a reader after
+        ``rejoin_delay``). No committed write is lost."""
+        with self._lock:
+            since = time.monotonic()
+            self._region_naming(region)
+            old_region = self.primary_region
+            if region == old_region:
+                raise ClusterError(f"{region!r} is already the primary region")
+            self.events.record("global_switchover_started", None, source=old_region,
+                               target=region)
+            # Graceful: writes stop and every replica catches up before the promotion.
+            chosen = self._most_advanced_in(region)
+            self.failover(target=chosen.id, mode="graceful")
+            self.events.record("global_switchover_completed", chosen.id, primary=region,
+                               previous=old_region)
+            return self.events.events(since=since)
+
+    def failover_global(self, region: str) -> list[Event]:
+        """Unplanned global failover (``FailoverGlobalCluster`` with ``AllowDataLoss``): the
+        primary region is lost (every instance there killed), and after ``detection_delay``
+        the most advanced instance of ``region`` is promoted. The lost region stays down until
+        :meth:`restore_region`. (Replication here is synchronous, so nothing is lost; on AWS
+        writes not yet replicated across regions can be.)"""
+        with self._lock:
+            since = time.monotonic()
+            self._region_naming(region)
+            lost = self.primary_region
+            if region == lost:
+                raise ClusterError(f"{region!r} is the primary region; name a secondary one")
+            self.events.record("global_failover_started", None, lost=lost, target=region)
+            for instance in self.in_region(lost):
+                if instance.role == "reader":
+                    instance.runtime.kill()
+                    instance.role = "stopped"
+                    self.events.record("instance_killed", instance.id, region=lost)
+            chosen = self._most_advanced_in(region)
+            self.failover(target=chosen.id, mode="crash", rejoin=False)
+            self.events.record("global_failover_completed", chosen.id, primary=region,
+                               lost=lost)
+            return self.events.events(since=since)
+
+    def restore_region(self, region: str) -> list[Event]:
+        """A region lost in :meth:`failover_global` comes back: its instances rejoin the
+        global database as readers of the current writer (a secondary cluster again)."""
+        with self._lock:
+            since = time.monotonic()
+            self._region_naming(region)
+            for instance in self.in_region(region):
+                if instance.role == "stopped":
+                    self._rejoin(instance.id)
+            self.events.record("region_restored", None, region=region)
             return self.events.events(since=since)
 
     # --- custom endpoints -------------------------------------------------------------------

@@ -51,6 +51,13 @@ EVENT_NAMES = frozenset(
         "custom_endpoint_deleted",
         # a proxied cluster (Cluster(proxied=True)): the proxy in front of an instance
         "proxy_created",
+        # Aurora Global Database (Cluster.add_secondary_region, switchover_global, ...)
+        "region_added",
+        "global_switchover_started",
+        "global_switchover_completed",
+        "global_failover_started",
+        "global_failover_completed",
+        "region_restored",
         # chaos/secrets.py: a new password in the workload's secret and on the database
         "secret_rotated",
         # simulator/limitless.py: a Limitless shard group's transaction routers

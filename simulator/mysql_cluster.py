@@ -58,7 +58,7 @@ from .cluster import (
     Instance,
     register_engine,
 )
-from .local import LocalServer, SettingValue, reset_mariadb_data
+from .local import LocalServer, ServerStartError, SettingValue, reset_mariadb_data
 
 if TYPE_CHECKING:
     from .iam import ClusterIam
@@ -330,20 +330,41 @@ class MysqlClusterEngine(ClusterEngine):
                 # @@server_id -> instance id, for aurora_server_id() on every instance.
                 f"CREATE TABLE {schema}.instance_ids (server_num INT UNSIGNED NOT NULL "
                 "PRIMARY KEY, SERVER_ID VARCHAR(100) NOT NULL) ENGINE=InnoDB",
-                # One row per instance as the control plane last saw it; FROZEN_AT NULL means
-                # "reporting now", else the time of its last report (stopped or made stale).
-                f"CREATE TABLE {schema}.instance_status (SERVER_ID VARCHAR(100) NOT NULL "
-                "PRIMARY KEY, SESSION_ID VARCHAR(100) NOT NULL, CPU DOUBLE NOT NULL, "
-                "REPLICA_LAG_IN_MILLISECONDS DOUBLE NOT NULL, FROZEN_AT DATETIME(6) NULL) "
-                "ENGINE=InnoDB",
-                f"CREATE SQL SECURITY DEFINER VIEW {schema}.replica_host_status AS "
-                "SELECT SERVER_ID, SESSION_ID, CPU, REPLICA_LAG_IN_MILLISECONDS, "
-                "COALESCE(FROZEN_AT, NOW(6)) AS LAST_UPDATE_TIMESTAMP "
-                f"FROM {schema}.instance_status",
                 f"CREATE FUNCTION {schema}.aurora_server_id() RETURNS VARCHAR(100) "
                 "NOT DETERMINISTIC READS SQL DATA SQL SECURITY DEFINER "
                 f"RETURN (SELECT SERVER_ID FROM {schema}.instance_ids "
                 "WHERE server_num = @@server_id)",
+                # One row per instance as the control plane last saw it; FROZEN_AT NULL means
+                # "reporting now", else the time of its last report (stopped or made stale).
+                f"CREATE TABLE {schema}.instance_status (SERVER_ID VARCHAR(100) NOT NULL "
+                "PRIMARY KEY, SESSION_ID VARCHAR(100) NOT NULL, CPU DOUBLE NOT NULL, "
+                "REPLICA_LAG_IN_MILLISECONDS DOUBLE NOT NULL, FROZEN_AT DATETIME(6) NULL, "
+                "AWS_REGION VARCHAR(64) NOT NULL DEFAULT '') ENGINE=InnoDB",
+                # A Global Database lists the instances of the region connected to.
+                f"CREATE SQL SECURITY DEFINER VIEW {schema}.replica_host_status AS "
+                "SELECT t.SERVER_ID, t.SESSION_ID, t.CPU, t.REPLICA_LAG_IN_MILLISECONDS, "
+                "COALESCE(t.FROZEN_AT, NOW(6)) AS LAST_UPDATE_TIMESTAMP "
+                f"FROM {schema}.instance_status AS t WHERE t.AWS_REGION = COALESCE(("
+                f"SELECT s.AWS_REGION FROM {schema}.instance_status AS s "
+                f"WHERE s.SERVER_ID = {schema}.aurora_server_id()), t.AWS_REGION)",
+                # Aurora Global Database: every instance of every region.
+                # (a writer that stopped reporting is not listed as the writer: the regional
+                # view's transient double writer claim has timestamps, this one has none)
+                f"CREATE SQL SECURITY DEFINER VIEW {schema}.aurora_global_db_instance_status AS "
+                "SELECT SERVER_ID, IF(SESSION_ID = 'MASTER_SESSION_ID' AND FROZEN_AT IS NOT "
+                "NULL, CONCAT('stopped-', SERVER_ID), SESSION_ID) AS SESSION_ID, AWS_REGION, "
+                "IF(SESSION_ID = 'MASTER_SESSION_ID', NULL, REPLICA_LAG_IN_MILLISECONDS) "
+                "AS VISIBILITY_LAG_IN_MSEC, 0 AS DURABLE_LSN, 0 AS HIGHEST_LSN_RCVD, "
+                "0 AS OLDEST_READ_VIEW_TRX_ID, 0 AS OLDEST_READ_VIEW_LSN "
+                f"FROM {schema}.instance_status",
+                f"CREATE SQL SECURITY DEFINER VIEW {schema}.aurora_global_db_status AS "
+                "SELECT AWS_REGION, 0 AS HIGHEST_LSN_WRITTEN, "
+                "IF(MAX(SESSION_ID = 'MASTER_SESSION_ID'), -1, "
+                "MAX(REPLICA_LAG_IN_MILLISECONDS)) AS DURABILITY_LAG_IN_MILLISECONDS, "
+                "IF(MAX(SESSION_ID = 'MASTER_SESSION_ID'), -1, "
+                "MAX(REPLICA_LAG_IN_MILLISECONDS)) AS RPO_LAG_IN_MILLISECONDS, "
+                "NOW(6) AS LAST_LAG_CALCULATION_TIME, 0 AS OLDEST_READ_VIEW_TRX_ID "
+                f"FROM {schema}.instance_status GROUP BY AWS_REGION",
                 f"GRANT SELECT, EXECUTE ON {schema}.* TO {app}",
             ]
         with self._sql(self._server(writer)) as sql:
@@ -394,8 +415,9 @@ class MysqlClusterEngine(ClusterEngine):
             lag_ms = 0.0 if role == "writer" else self._delays.get(instance.id, 0.0) * 1000.0
             statements.append((
                 f"INSERT INTO {schema}.instance_status VALUES "
-                "(%s, %s, %s, %s, IF(%s IS NULL, NULL, FROM_UNIXTIME(%s)))",
-                (instance.id, session, _cpu(instance.id), lag_ms, frozen, frozen)))
+                "(%s, %s, %s, %s, IF(%s IS NULL, NULL, FROM_UNIXTIME(%s)), %s)",
+                (instance.id, session, _cpu(instance.id), lag_ms, frozen, frozen,
+                 self.cluster.region_of(instance))))
             statements.append((f"INSERT INTO {schema}.instance_ids VALUES (%s, %s)",
                                (self._server_ids[instance.id], instance.id)))
         with self._sql(self._server(writer)) as sql:
@@ -611,7 +633,17 @@ class MysqlClusterEngine(ClusterEngine):
                 with self._sql(server) as sql:
                     sql.run("SET GLOBAL read_only = ON")
             else:
-                server.start()
+                try:
+                    server.start()
+                except ServerStartError:
+                    # Crash recovery failed (an instance SIGKILLed mid-write, e.g. a region
+                    # lost in a global failover): as RDS does for a re-added secondary
+                    # cluster, start from fresh storage and replicate everything again.
+                    LOGGER.warning("%s did not recover from its crash; rebuilding it",
+                                   old_writer.id, exc_info=True)
+                    reset_mariadb_data(server)
+                    server.start()
+                    self._fork_points.pop(old_writer.id, None)
             self._session_ids[old_writer.id] = str(uuid.uuid4())  # a new session
             fork = self._fork_points.pop(old_writer.id, None)
             if fork is not None:

@@ -136,7 +136,9 @@ CREATE TABLE rds_sim.replica_status (
     replica_lag_in_msec real,
     -- NULL: the instance reports in (a fresh timestamp); else its last report
     frozen_at timestamptz,
-    ord integer NOT NULL
+    ord integer NOT NULL,
+    -- the instance's AWS region (Aurora Global Database; one value in a regional cluster)
+    aws_region text NOT NULL DEFAULT ''
 );
 CREATE TABLE rds_sim.blue_green (
     ord integer PRIMARY KEY,
@@ -181,7 +183,47 @@ SET search_path = pg_catalog, pg_temp AS $$
     FROM rds_sim.replica_status AS s,
          (SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
                        ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint AS lsn) AS l
+   -- A Global Database lists the instances of the region connected to (its own cluster).
+   WHERE s.aws_region = COALESCE((SELECT m.aws_region FROM rds_sim.replica_status AS m
+                                   WHERE m.server_id = current_setting('{INSTANCE_ID_SETTING}',
+                                                                       true)), s.aws_region)
    ORDER BY s.ord
+$$;
+-- Aurora Global Database: every instance of every region. session_id is MASTER_SESSION_ID
+-- for the global writer; visibility_lag_in_msec is NULL for the writer.
+CREATE FUNCTION pg_catalog.aurora_global_db_instance_status(
+    OUT server_id text, OUT session_id text, OUT aws_region text, OUT durable_lsn bigint,
+    OUT highest_lsn_rcvd bigint, OUT feedback_epoch integer, OUT feedback_xmin bigint,
+    OUT oldest_read_view_lsn bigint, OUT visibility_lag_in_msec real)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+  SELECT s.server_id, s.session_id, s.aws_region, l.lsn,
+         CASE WHEN s.is_writer THEN NULL ELSE l.lsn END,
+         CASE WHEN s.is_writer THEN NULL ELSE 0 END,
+         CASE WHEN s.is_writer THEN NULL ELSE 0::bigint END, l.lsn,
+         CASE WHEN s.is_writer THEN NULL ELSE COALESCE(s.replica_lag_in_msec, 0) END
+    FROM rds_sim.replica_status AS s,
+         (SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                       ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint AS lsn) AS l
+   ORDER BY s.ord
+$$;
+-- One row per region; the primary region's lags are -1 (as Aurora reports them).
+CREATE FUNCTION pg_catalog.aurora_global_db_status(
+    OUT aws_region text, OUT highest_lsn_written bigint, OUT durability_lag_in_msec bigint,
+    OUT rpo_lag_in_msec bigint, OUT last_lag_calculation_time timestamp with time zone,
+    OUT feedback_epoch integer, OUT feedback_xmin bigint)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+  SELECT r.aws_region, l.lsn,
+         CASE WHEN r.primary_region THEN -1 ELSE r.lag END,
+         CASE WHEN r.primary_region THEN -1 ELSE r.lag END,
+         now(), 0, 0::bigint
+    FROM (SELECT s.aws_region, bool_or(s.is_writer) AS primary_region,
+                 max(COALESCE(s.replica_lag_in_msec, 0))::bigint AS lag, min(s.ord) AS ord
+            FROM rds_sim.replica_status AS s GROUP BY s.aws_region) AS r,
+         (SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                       ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint AS lsn) AS l
+   ORDER BY r.ord
 $$;
 CREATE FUNCTION pg_catalog.aurora_db_instance_identifier() RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -520,7 +562,7 @@ class PgClusterEngine(ClusterEngine):
                 instance.id, _WRITER_SESSION_ID if is_writer else state.session_id,
                 self.resource_id(instance.id), instance.endpoint, instance.port, is_writer,
                 _cpu(instance.id), None if is_writer else instance.lag * 1000.0, frozen,
-                ordinal,
+                ordinal, self.cluster.region_of(instance),
             ))
         for dbname in INTERFACE_DATABASES:
             with self._writable(writer, dbname) as conn, conn.transaction():
@@ -529,7 +571,8 @@ class PgClusterEngine(ClusterEngine):
                     cur.executemany(
                         "INSERT INTO rds_sim.replica_status (server_id, session_id, "
                         "resource_id, endpoint, port, is_writer, cpu, replica_lag_in_msec, "
-                        "frozen_at, ord) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        "frozen_at, ord, aws_region) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         rows)
 
     @contextlib.contextmanager

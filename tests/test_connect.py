@@ -228,10 +228,11 @@ def test_forced_driver_accepts_the_aws_value(mysql_backend: Backend) -> None:
 
 def test_known_aws_property_not_supported_yet() -> None:
     with pytest.raises(ConfigurationError) as info:
-        resilient_db.connect(psycopg.Connection.connect, "host=x", gdb_rw_home_region="us-east-1")
-    assert "known AWS property 'gdb_rw_home_region' (gdb_rw), not supported yet" in str(
-        info.value)
-    assert info.value.parameter == "gdb_rw_home_region"
+        resilient_db.connect(psycopg.Connection.connect, "host=x",
+                             gdb_accessible_regions="us-east-1")
+    assert ("known AWS property 'gdb_accessible_regions' (gdb_failover), not supported yet"
+            in str(info.value))
+    assert info.value.parameter == "gdb_accessible_regions"
 
 
 def _closed_port() -> int:

@@ -133,7 +133,7 @@ def test_settings_default_and_explicit() -> None:
 
 
 @pytest.mark.parametrize(("name", "owner"), [
-    ("gdb_rw_home_region", "gdb_rw"), ("failover_home_region", "gdb_failover"),
+    ("gdb_enable_global_write_forwarding", "gdb_rw"),
     ("blue-green-monitoring-connect_timeout",
      "properties of the blue/green status monitor's connections"),
     ("aws_profile", "iam, aws_secrets_manager"),

@@ -42,8 +42,20 @@ from .base import (
     drop_stale,
     memoized,
 )
-from .mysql import AuroraMysqlDialect, MultiAzMysqlDialect, MysqlDialect, RdsMysqlDialect
-from .pg import AuroraPgDialect, MultiAzPgDialect, PgDialect, RdsPgDialect
+from .mysql import (
+    AuroraMysqlDialect,
+    GlobalAuroraMysqlDialect,
+    MultiAzMysqlDialect,
+    MysqlDialect,
+    RdsMysqlDialect,
+)
+from .pg import (
+    AuroraPgDialect,
+    GlobalAuroraPgDialect,
+    MultiAzPgDialect,
+    PgDialect,
+    RdsPgDialect,
+)
 
 __all__ = [
     "DETECTION_ORDER",
@@ -55,6 +67,8 @@ __all__ = [
     "Detection",
     "EndpointKey",
     "Family",
+    "GlobalAuroraMysqlDialect",
+    "GlobalAuroraPgDialect",
     "MultiAzMysqlDialect",
     "MultiAzPgDialect",
     "MysqlDialect",
@@ -75,6 +89,7 @@ __all__ = [
     "drop_stale",
     "family_of",
     "get_dialect",
+    "global_variant",
     "known",
     "mismatch_error",
     "remember",
@@ -373,6 +388,29 @@ def aurora_mysql_lookalike(schema: str) -> AuroraMysqlDialect:
         instance_id_query=f"SELECT {schema}.aurora_server_id()",
         is_reader_query="SELECT @@read_only",
     )
+
+
+def global_variant(dialect: DatabaseDialect) -> DatabaseDialect | None:
+    """The Aurora Global Database dialect of an Aurora dialect (same instance and role
+    statements; the topology of every region): ``None`` for a server that is not Aurora. A
+    look-alike's global topology is the table ``aurora_global_db_instance_status`` in the
+    look-alike's schema."""
+    if isinstance(dialect, (GlobalAuroraPgDialect, GlobalAuroraMysqlDialect)):
+        return dialect
+    if isinstance(dialect, AuroraPgDialect):
+        return GlobalAuroraPgDialect(instance_id_query=dialect.instance_id_query,
+                                     is_reader_query=dialect.is_reader_query)
+    if isinstance(dialect, AuroraMysqlDialect):
+        source = None
+        if dialect.is_lookalike:
+            schema = dialect.topology_source.split(".")[0]
+            source = f"{schema}.aurora_global_db_instance_status"
+        return GlobalAuroraMysqlDialect(
+            topology_source=dialect.topology_source,
+            instance_id_query=dialect.instance_id_query,
+            is_reader_query=dialect.is_reader_query,
+            **({"global_topology_source": source} if source else {}))
+    return None
 
 
 def _reset_in_child() -> None:

@@ -167,7 +167,8 @@ class TopologyRow:
     reported, e.g. the writer's lag on Aurora or anything on Multi-AZ). ``last_update`` is when
     the cluster last heard from the instance (``None``: not reported). ``endpoint``/``port``
     are the instance's address as a Multi-AZ cluster reports it (``None`` on Aurora, where the
-    address is built from the id with a host pattern).
+    address is built from the id with a host pattern). ``region`` is the AWS region an Aurora
+    Global Database reports for the instance (``None``: a single-region topology).
     """
 
     instance_id: str
@@ -177,6 +178,7 @@ class TopologyRow:
     last_update: datetime | None = None
     endpoint: str | None = None
     port: int | None = None
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,32 @@ def aurora_topology(rows: Rows, now: datetime | None, max_age: float) -> Topolog
         if server_time is None and len(row) > 5:
             server_time = timestamp(row[5])
     kept, ignored = age_filter(parsed, now if now is not None else server_time, max_age)
+    return Topology(kept, ignored, server_time)
+
+
+def global_topology(rows: Rows) -> Topology:
+    """Parse Aurora Global Database rows ``(server_id, session_id, visibility lag in
+    milliseconds, aws_region, server clock)`` (the same shape on PostgreSQL and MySQL). The
+    rows carry no update timestamp, so nothing is dropped as stale; of several writer claims
+    (briefly, during a global switchover) the first is kept."""
+    parsed: list[TopologyRow] = []
+    server_time: datetime | None = None
+    for row in rows:
+        instance_id = text(row[0])
+        if not instance_id:
+            continue
+        lag_ms = number(row[2])
+        parsed.append(
+            TopologyRow(
+                instance_id=instance_id,
+                is_writer=text(row[1]) == WRITER_SESSION_ID,
+                lag_seconds=None if lag_ms is None else lag_ms / 1000.0,
+                region=text(row[3]) or None,
+            )
+        )
+        if server_time is None and len(row) > 4:
+            server_time = timestamp(row[4])
+    kept, ignored = single_writer(parsed)
     return Topology(kept, ignored, server_time)
 
 

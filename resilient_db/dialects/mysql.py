@@ -49,13 +49,20 @@ from .base import (
     check_qualified_table,
     check_select,
     failed,
+    global_topology,
     multi_az_topology,
     shown,
     text,
     variable,
 )
 
-__all__ = ["AuroraMysqlDialect", "MultiAzMysqlDialect", "MysqlDialect", "RdsMysqlDialect"]
+__all__ = [
+    "AuroraMysqlDialect",
+    "GlobalAuroraMysqlDialect",
+    "MultiAzMysqlDialect",
+    "MysqlDialect",
+    "RdsMysqlDialect",
+]
 
 # --- statements ---------------------------------------------------------------------------------
 
@@ -75,6 +82,7 @@ SERVER_ID = "SELECT @@server_id"
 
 AURORA_SERVER_ID = "SELECT @@aurora_server_id"
 AURORA_TOPOLOGY_SOURCE = "information_schema.replica_host_status"
+GLOBAL_TOPOLOGY_SOURCE = "information_schema.aurora_global_db_instance_status"
 
 MULTI_AZ_TOPOLOGY = "SELECT id, endpoint, port FROM mysql.rds_topology"
 #: On a reader, one row whose column 39 is the writer's server id (``Source_Server_Id`` in
@@ -93,6 +101,13 @@ def aurora_topology_query(source: str) -> str:
         "SELECT SERVER_ID, SESSION_ID, CPU, REPLICA_LAG_IN_MILLISECONDS, LAST_UPDATE_TIMESTAMP, "
         f"NOW(6) FROM {source}"
     )
+
+
+def global_topology_query(source: str) -> str:
+    """The Aurora Global Database topology statement reading ``source`` (schema-qualified)."""
+    check_qualified_table(source, "global_topology_source")
+    return (f"SELECT SERVER_ID, SESSION_ID, VISIBILITY_LAG_IN_MSEC, AWS_REGION, NOW(6) "
+            f"FROM {source}")
 
 
 # --- pure readings of the check answers ---------------------------------------------------------
@@ -222,6 +237,33 @@ class AuroraMysqlDialect(MysqlDialect):
         max_age: float = STALE_AFTER,
     ) -> Topology:
         return aurora_topology(rows, now, max_age)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalAuroraMysqlDialect(AuroraMysqlDialect):
+    """Aurora MySQL in a Global Database: the topology of every region, from
+    ``information_schema.aurora_global_db_instance_status`` (``global_topology_source``: the
+    look-alike's table in the simulator). Never detected (see ``GlobalAuroraPgDialect``)."""
+
+    code: ClassVar[str] = "global-aurora-mysql"
+    title: ClassVar[str] = "Aurora MySQL Global Database"
+
+    global_topology_source: str = GLOBAL_TOPOLOGY_SOURCE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "topology_query",
+                           global_topology_query(self.global_topology_source))
+
+    def parse_topology(
+        self,
+        rows: Rows,
+        *,
+        writer_id: str | None = None,
+        now: datetime | None = None,
+        max_age: float = STALE_AFTER,
+    ) -> Topology:
+        return global_topology(rows)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,12 +31,19 @@ from .base import (
     Verdict,
     aurora_topology,
     failed,
+    global_topology,
     multi_az_topology,
     shown,
     text,
 )
 
-__all__ = ["AuroraPgDialect", "MultiAzPgDialect", "PgDialect", "RdsPgDialect"]
+__all__ = [
+    "AuroraPgDialect",
+    "GlobalAuroraPgDialect",
+    "MultiAzPgDialect",
+    "PgDialect",
+    "RdsPgDialect",
+]
 
 # --- statements ---------------------------------------------------------------------------------
 
@@ -61,6 +68,16 @@ AURORA_TOPOLOGY = (
     "pg_catalog.statement_timestamp() FROM pg_catalog.aurora_replica_status()"
 )
 AURORA_INSTANCE_ID = "SELECT pg_catalog.aurora_db_instance_identifier()"
+#: Aurora Global Database: one row per instance of every region, with its region.
+GLOBAL_TOPOLOGY = (
+    "SELECT server_id, session_id, visibility_lag_in_msec, aws_region, "
+    "pg_catalog.statement_timestamp() FROM pg_catalog.aurora_global_db_instance_status()"
+)
+GLOBAL_FUNCTION_EXISTS = (
+    "SELECT p.proname FROM pg_catalog.pg_proc AS p "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace "
+    "WHERE n.nspname = 'pg_catalog' AND p.proname = 'aurora_global_db_instance_status'"
+)
 
 #: The client id passed to ``show_topology`` (RDS uses it for metrics only).
 CLIENT_ID = "resilient_db"
@@ -174,6 +191,39 @@ class AuroraPgDialect(PgDialect):
         max_age: float = STALE_AFTER,
     ) -> Topology:
         return aurora_topology(rows, now, max_age)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalAuroraPgDialect(AuroraPgDialect):
+    """Aurora PostgreSQL in a Global Database: the topology of every region, from
+    ``pg_catalog.aurora_global_db_instance_status()``. Never detected: the ``gdb_*`` plugins
+    (and ``failover`` with ``global_cluster_instance_host_patterns``) read it instead of
+    ``aurora-pg``'s regional topology."""
+
+    code: ClassVar[str] = "global-aurora-pg"
+    title: ClassVar[str] = "Aurora PostgreSQL Global Database"
+
+    topology_query: str | None = GLOBAL_TOPOLOGY
+
+    def probe(self) -> Probe:
+        verdict = yield from super().probe()
+        if not verdict.matched:
+            return verdict
+        answer = yield GLOBAL_FUNCTION_EXISTS
+        name = "pg_catalog.aurora_global_db_instance_status()"
+        if not answer.rows:
+            return Verdict(False, (*verdict.seen, f"function {name} does not exist"))
+        return Verdict(True, (*verdict.seen, f"function {name} exists"))
+
+    def parse_topology(
+        self,
+        rows: Rows,
+        *,
+        writer_id: str | None = None,
+        now: datetime | None = None,
+        max_age: float = STALE_AFTER,
+    ) -> Topology:
+        return global_topology(rows)
 
 
 @dataclass(frozen=True, kw_only=True)

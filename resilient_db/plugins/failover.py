@@ -58,6 +58,7 @@ from .._params import (
     FAILOVER_READER_HOST_SELECTOR_STRATEGY,
     FAILOVER_TIMEOUT,
     FAILOVER_WRITER_RECONNECT_INTERVAL,
+    GLOBAL_CLUSTER_INSTANCE_HOST_PATTERNS,
     MAX_REPLICA_LAG,
     ON_CONNECT,
     TOPOLOGY_HIGH_REFRESH,
@@ -78,7 +79,7 @@ from .._pipeline import (
     Plugin,
     PluginContext,
 )
-from ..dialects import cached_detect, get_dialect
+from ..dialects import cached_detect, get_dialect, global_variant
 from ..dialects.base import DatabaseDialect
 from ..drivers.base import TxStatus
 from ..errors import (
@@ -100,8 +101,9 @@ from ..failover_core import (
     plan_attempts,
     read_only_triggers_failover,
 )
+from ..global_db import parse_region_patterns
 from ..hosts import Host, Role, TopologySnapshot, allowed_only
-from ..rds import classify, cluster_identity
+from ..rds import HostPattern, classify, cluster_identity, instance_host_pattern
 from ..selection import configured, selection_context
 from ..telemetry.context import suppress_instrumentation
 from ..topology import (
@@ -205,6 +207,14 @@ class FailoverPlugin(Plugin):
         self.endpoint = classify(ctx.host.host)
         mode = settings[FAILOVER_MODE]
         self.mode = FailoverMode.parse(mode) if mode else default_mode(self.endpoint.kind)
+        patterns = settings[GLOBAL_CLUSTER_INSTANCE_HOST_PATTERNS]
+        #: Aurora Global Database: each region's instance host pattern (empty: one region).
+        self.region_patterns: tuple[tuple[str, HostPattern], ...] = (
+            parse_region_patterns(patterns) if patterns else ())
+        #: Read the global topology (every region) instead of the regional one: with
+        #: ``global_cluster_instance_host_patterns``, or for the gdb_* plugins.
+        self.global_topology = bool(self.region_patterns) or self.code == "gdb_failover" or (
+            "gdb_rw" in ctx.plugins)
 
         self.instance_id: str | None = None
         self.role = Role.UNKNOWN
@@ -292,9 +302,12 @@ class FailoverPlugin(Plugin):
         ctx = self.ctx
         driver = ctx.driver
         port = host.port if host.port is not None else driver.default_port
+        addressing = Addressing.for_host(host.host, port,
+                                         ctx.settings[CLUSTER_INSTANCE_HOST_PATTERN])
+        if self.global_topology:
+            dialect, addressing = self._global(dialect, host.host, addressing)
         self._dialect = dialect
-        self._addressing = addressing = Addressing.for_host(
-            host.host, port, ctx.settings[CLUSTER_INSTANCE_HOST_PATTERN])
+        self._addressing = addressing
         seed = Host(host.host, port)
         cluster_id = ctx.settings[CLUSTER_ID]
         endpoint = topology.endpoint_key(driver.code, dialect.code, host.host, port, cluster_id)
@@ -321,6 +334,29 @@ class FailoverPlugin(Plugin):
             # Response times measured from now on, so that they exist before a failover
             # needs them (fastest_response_strategy; nothing without it).
             response_time.measure(ctx, snapshot.hosts)
+
+    def _global(self, dialect: DatabaseDialect, host: str,
+                addressing: Addressing) -> tuple[DatabaseDialect, Addressing]:
+        """The global topology's dialect and addressing (each region's pattern; without
+        ``global_cluster_instance_host_patterns``, the pattern of the region connected to)."""
+        variant = global_variant(dialect)
+        if variant is None:
+            log.warning("%s: the server is %s, not Aurora: no Global Database topology; "
+                        "failing over within the cluster connected to", self.code,
+                        dialect.description)
+            return dialect, addressing
+        regions = self.region_patterns
+        if not regions:
+            endpoint = classify(host)
+            derived = instance_host_pattern(endpoint)
+            if endpoint.region and derived:
+                regions = ((endpoint.region, HostPattern.parse(derived)),)
+        if not regions:
+            log.warning("%s: global_cluster_instance_host_patterns is not set and %s names no "
+                        "region: no instance of the global topology can be reached; failing "
+                        "over within the cluster connected to", self.code, host)
+            return dialect, addressing
+        return variant, dataclasses.replace(addressing, regions=regions)
 
     def _register(self, key: str, endpoint: tuple[Any, ...]) -> TopologyMonitor:
         driver, dialect, addressing = self.ctx.driver, self._dialect, self._addressing

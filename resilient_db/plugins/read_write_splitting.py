@@ -22,7 +22,7 @@ from .._decisions import get_decision_sink
 from .._params import MAX_REPLICA_LAG, READER_HOST_SELECTOR_STRATEGY
 from .._pipeline import ConnectContext, ConnectHandler, HostSpec, PluginContext
 from ..errors import ConfigurationError, ConnectAttempt, ReadWriteSplittingError
-from ..hosts import Availability, Host, Role, allowed_only
+from ..hosts import Availability, Host, Role, TopologySnapshot, allowed_only
 from ..selection import choose, configured, selection_context
 from ._splitting import Slot, SplittingPlugin, WrongRoleError
 
@@ -80,7 +80,7 @@ class ReadWriteSplittingPlugin(SplittingPlugin):
         if snapshot is not None:
             # Only the readers the host list allows (custom_endpoint: the endpoint's members).
             snapshot, _ = allowed_only(snapshot, self.ctx.hosts, self.ctx.settings)
-        readers = list(snapshot.readers) if snapshot is not None else []
+        readers = self.reader_candidates(snapshot) if snapshot is not None else []
         if not readers:
             self._stayed(proxy, "no_reader", ())
             return None
@@ -119,6 +119,15 @@ class ReadWriteSplittingPlugin(SplittingPlugin):
         self._stayed(proxy, "readers_unreachable", attempts)
         return None
 
+    def reader_candidates(self, snapshot: TopologySnapshot) -> list[Host]:
+        """The readers a connection may move to (``gdb_rw``: those of the home region)."""
+        return list(snapshot.readers)
+
+    def writer_refusal(self, writer: Host) -> str | None:
+        """Why the connection must not move to ``writer`` (``None``: it may; ``gdb_rw``: a
+        writer outside the home region)."""
+        return None
+
     def open_writer(self, proxy: Any) -> Slot:
         monitor = self._monitor()
         writer: Host | None = monitor.writer
@@ -128,22 +137,37 @@ class ReadWriteSplittingPlugin(SplittingPlugin):
         if writer is None:
             monitor.request_refresh()
             writer = monitor.wait_for_writer(time.monotonic(), self.connect_bound())
-        if writer is None:
-            raise ReadWriteSplittingError(
-                "cannot switch to the writer: the cluster has no known writer now (failover "
-                "in progress?); the connection stays on the reader", reason="no_connection")
-        started = time.monotonic()
-        try:
-            return self._open(proxy, writer, Role.WRITER)
-        except ReadWriteSplittingError:
-            raise
-        except Exception as exc:
-            attempt = ConnectAttempt(writer.host, writer.port, _outcome(exc), repr(exc),
-                                     time.monotonic() - started)
-            raise ReadWriteSplittingError(
-                f"cannot switch to the writer {writer}: {exc!r}; the connection stays on the "
-                "reader", reason="no_connection", host=str(writer.spec),
-                attempts=(attempt,)) from exc
+        attempts: list[ConnectAttempt] = []
+        for last in (False, True):
+            if writer is None:
+                raise ReadWriteSplittingError(
+                    "cannot switch to the writer: the cluster has no known writer now "
+                    "(failover in progress?); the connection stays on the reader",
+                    reason="no_connection", attempts=tuple(attempts))
+            refusal = self.writer_refusal(writer)
+            if refusal is not None:
+                raise ReadWriteSplittingError(
+                    f"cannot switch to the writer: {refusal}; the connection stays where it is",
+                    reason="writer_out_of_home", host=str(writer.spec))
+            started = time.monotonic()
+            try:
+                return self._open(proxy, writer, Role.WRITER)
+            except ReadWriteSplittingError:
+                raise
+            except Exception as exc:
+                attempts.append(ConnectAttempt(writer.host, writer.port, _outcome(exc),
+                                               repr(exc), time.monotonic() - started))
+                if last or not isinstance(exc, WrongRoleError):
+                    raise ReadWriteSplittingError(
+                        f"cannot switch to the writer {writer}: {exc!r}; the connection stays "
+                        "on the reader", reason="no_connection", host=str(writer.spec),
+                        attempts=tuple(attempts)) from exc
+                # The known writer is a reader now (a switchover the monitor has yet to
+                # see): once, wait for the writer the monitor verifies from now on.
+                log.info("the known writer %s is a reader now; looking for the writer", writer)
+                monitor.request_refresh()
+                writer = monitor.wait_for_writer(time.monotonic(), self.connect_bound())
+        raise AssertionError("unreachable")
 
     def _open(self, proxy: Any, host: Host, role: Role) -> Slot:
         spec = HostSpec(host.host, host.port)
