@@ -65,10 +65,24 @@ def connect(
     Returns a PEP 249 connection proxy. Driver exceptions (an unreachable host included)
     propagate unchanged.
     """
+    return open_proxy(target, conninfo, plugins, kwargs)
+
+
+def open_proxy(target: Callable[..., Any], conninfo: str, plugins: Any,
+               kwargs: dict[str, Any],
+               proxy_class: type[ConnectionProxy] | None = None) -> ConnectionProxy:
+    """:func:`connect`'s body. ``proxy_class``: a subclass of the driver's connection proxy
+    class to build instead of it (integrations whose framework checks or sets attributes a
+    plain proxy does not have, e.g. psycopg_pool); ``None``: the driver's own."""
     forced_driver = None
     if "wrapper_driver_dialect" in kwargs:
         forced_driver = WRAPPER_DRIVER_DIALECT.parse(kwargs["wrapper_driver_dialect"])
     driver = driver_for(target, forced_driver)
+    if proxy_class is not None and not issubclass(proxy_class, driver.connection_proxy):
+        raise ConfigurationError(
+            f"{proxy_class.__name__} is not a {driver.code} connection proxy class (a subclass "
+            f"of {driver.connection_proxy.__name__}): it cannot wrap a {driver.code} connection",
+            parameter="connection_class", value=proxy_class.__name__)
 
     prepared = prepare(driver, conninfo, plugins, kwargs)
     settings, driver_args = prepared.settings, prepared.driver_args
@@ -111,7 +125,7 @@ def connect(
             raw.close()
             raise
 
-    proxy = driver.connection_proxy(raw, driver, pipeline, host)
+    proxy = (proxy_class or driver.connection_proxy)(raw, driver, pipeline, host)
     pipeline.notify_connection_changed(ConnectionChanged(None, host, "connect"))
     return proxy
 

@@ -69,6 +69,7 @@ from ..errors import (
     ForkedConnectionError,
     TransactionResolutionUnknownError,
 )
+from ._stale import record_recycled, untracked_failover
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -142,28 +143,14 @@ def _recycle_stale(dbapi_connection: Any, record: ConnectionPoolEntry,
     info = record.info
     failover = info.get(_STALE_CHECK, _UNSEEN)
     if failover is _UNSEEN:
-        failover = info[_STALE_CHECK] = _untracked_failover(dbapi_connection)
+        failover = info[_STALE_CHECK] = untracked_failover(dbapi_connection)
     if failover is not None and failover.stale:
-        failover.ctx.decide(POOL_RECYCLED, None, **{
-            "resilient_db.instance.id": failover.instance_id or "",
-            "server.address": dbapi_connection.resilient.host.host,
-        })
-        log.info("recycling a pooled connection to instance %s: the writer changed since it "
-                 "was opened", failover.instance_id)
+        record_recycled(POOL_RECYCLED, failover, dbapi_connection, log)
         raise exc.DisconnectionError("the cluster's writer changed since this pooled connection "
                                      "was opened")
 
 
 _UNSEEN: Any = object()
-
-
-def _untracked_failover(dbapi_connection: Any) -> Any:
-    """The connection's ``failover`` plugin when nothing else moves it after a writer change
-    (no ``aurora_connection_tracker``); else ``None``."""
-    view = getattr(dbapi_connection, "resilient", None)
-    if view is None or view.plugin("aurora_connection_tracker") is not None:
-        return None
-    return view.plugin("failover")
 
 
 def _plugins_from_query(cparams: dict[str, Any]) -> dict[str, Any]:
