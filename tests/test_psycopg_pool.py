@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 import resilient_db
 from resilient_db import efm_monitor, topology
+from resilient_db._pipeline import CLOSED
 from resilient_db.integrations import psycopg_pool as integration
 from resilient_db.integrations.psycopg_pool import PooledConnection, ResilientConnectionPool
 from simulator.cluster import Cluster, Timeline
@@ -177,7 +178,9 @@ def test_check_replaces_a_connection_whose_session_was_killed(
     with psycopg.connect(_conninfo(pg_server.connect_kwargs()), autocommit=True) as admin:
         admin.execute("SELECT pg_catalog.pg_terminate_backend(%s)", (victim,))
     server_pool.check()
-    assert victim_conn.closed  # closed by the check: its monitors released
+    # Closed by the pool's check, not only broken: its pipeline told its plugins to let go of
+    # their monitors.
+    assert victim_conn.resilient.pipeline.state is CLOSED
     wait_until("the pool back to two connections",
                lambda: server_pool.get_stats()["pool_available"] == 2)
     assert server_pool.get_stats()["connections_lost"] == 1
@@ -367,13 +370,15 @@ def test_with_the_tracker_connections_are_moved_not_evicted(env: Env) -> None:
 
 
 @pytest.mark.real_server
-def test_six_threads_through_a_writer_crash_lose_nothing(env: Env) -> None:
-    """Six threads insert rows through one pool (default plugins) while the writer crashes;
+@pytest.mark.parametrize("plugins", [None, "failover"], ids=["default-plugins", "evicting"])
+def test_six_threads_through_a_writer_crash_lose_nothing(env: Env, plugins: str | None) -> None:
+    """Six threads insert rows through one pool while the writer crashes (default plugins:
+    the tracker moves idle connections; ``failover`` alone: the pool evicts them);
     a row counts as acknowledged when its ``with pool.connection()`` block committed. The
     retry loop is the one an application writes: on a failover outcome, run the transaction
     again; a duplicate key on a retry means the unknown outcome was a commit. Every
     acknowledged row is on the new writer afterwards."""
-    pool = env.pool(plugins=None, min_size=6, max_size=6)
+    pool = env.pool(plugins=plugins, min_size=6, max_size=6)
     workers, per_worker = 6, 400
     acknowledged: list[set[int]] = [set() for _ in range(workers)]
     retries = [0] * workers
@@ -464,8 +469,12 @@ def test_close_releases_monitors(env: Env) -> None:
     assert host_monitors and topo.running
     for conn in held:
         pool.putconn(conn)
-    del held, conn
     pool.close()
+    # Closed by the pool: each pipeline told its plugins to let go (efm's host monitors).
+    assert all(c.resilient.pipeline.state is CLOSED for c in held)
+    # A topology monitor keeps its subscribers weakly and has no unsubscribe on close: it
+    # ends once the closed connections are gone, as after engine.dispose() for SQLAlchemy.
+    del held, conn
     wait_until("the topology monitor ended",
                lambda: not topo.running and not topo.connection_open, timeout=60)
     wait_until("the host monitors stopped",
