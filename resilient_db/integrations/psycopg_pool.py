@@ -275,7 +275,8 @@ class ResilientConnectionPool(ConnectionPool[Any]):  # CT is bound to psycopg.Co
     def _evict(self, conn: PooledConnection, event: str) -> None:
         """Close ``conn`` (opened before the writer changed) and have a new connection
         opened in its place, as the stock pool does for an expired one."""
-        self._evictions += 1
+        with self._lock:
+            self._evictions += 1
         with suppress(Exception):  # a decision sink never raises; the log must not either
             record_recycled(POOL_EVICTED, conn._untracked, conn, log,
                             **{"resilient_db.pool.event": event})
