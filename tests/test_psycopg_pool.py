@@ -170,6 +170,24 @@ def test_close_returns_gives_the_connection_back(pg_server: LocalServer) -> None
 
 
 @pytest.mark.real_server
+def test_stock_pool_with_the_connection_class(pg_server: LocalServer) -> None:
+    """psycopg_pool's own ConnectionPool hands out resilient_db connections when given
+    ``connection_class=PooledConnection``; resilient_db properties go in ``kwargs``."""
+    with ConnectionPool(_conninfo(pg_server.connect_kwargs()), connection_class=PooledConnection,
+                        kwargs={"plugins": "execute_time", "application_name": "stock"},
+                        min_size=1, max_size=1, open=True) as pool:
+        with pool.connection() as conn:
+            assert isinstance(conn, PooledConnection)
+            assert conn.resilient.plugins == ("execute_time",)
+            row = conn.execute("SELECT pg_catalog.current_setting('application_name')")
+            assert row.fetchone() == ("stock",)
+        pool.check()
+        with pool.connection() as again:
+            assert again is conn
+    assert conn.closed
+
+
+@pytest.mark.real_server
 def test_check_replaces_a_connection_whose_session_was_killed(
         server_pool: ResilientConnectionPool, pg_server: LocalServer) -> None:
     with server_pool.connection() as a, server_pool.connection() as b:
