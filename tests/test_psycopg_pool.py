@@ -173,7 +173,10 @@ def test_close_returns_gives_the_connection_back(pg_server: LocalServer) -> None
 def test_stock_pool_with_the_connection_class(pg_server: LocalServer) -> None:
     """psycopg_pool's own ConnectionPool hands out resilient_db connections when given
     ``connection_class=PooledConnection``; resilient_db properties go in ``kwargs``."""
-    with ConnectionPool(_conninfo(pg_server.connect_kwargs()), connection_class=PooledConnection,
+    # PooledConnection is a proxy, not a psycopg.Connection subclass: type checkers object to
+    # it as the pool's CT (docs/integrations/psycopg_pool.md).
+    with ConnectionPool(_conninfo(pg_server.connect_kwargs()),  # type: ignore[type-var]
+                        connection_class=PooledConnection,
                         kwargs={"plugins": "execute_time", "application_name": "stock"},
                         min_size=1, max_size=1, open=True) as pool:
         with pool.connection() as conn:
