@@ -1,4 +1,5 @@
-"""The asyncio front: ``await resilient_db.connect_async(psycopg.AsyncConnection.connect, ...)``.
+"""The asyncio front: ``await resilient_db.connect_async(psycopg.AsyncConnection.connect, ...)``
+or ``connect_async(mysql.connector.aio.connect, ...)``.
 
 Everything that decides is shared with the sync front; this module only awaits:
 
@@ -12,10 +13,17 @@ Everything that decides is shared with the sync front; this module only awaits:
 - failure monitoring: the connection's :class:`~resilient_db.plugins.efm.EfmPlugin` object
   and its host's monitor thread, which breaks the socket of an awaited statement on a dead
   host exactly as for a blocked thread (``shutdown(SHUT_RDWR)`` is safe from another thread:
-  the event loop sees the socket readable, psycopg raises its network error);
+  the event loop sees the socket readable, the driver raises its network error);
 - deadlines: on the event loop itself (``loop.call_later``), with the sync front's steps:
-  server-side cancel (psycopg's ``cancel_safe``), then, ``query_timeout_grace`` later, the
-  socket is broken; ``QueryTimeoutError``, never a failover.
+  server-side cancel (psycopg's ``cancel_safe``; MySQL: ``KILL QUERY`` on a side
+  connection), then, ``query_timeout_grace`` later, the socket is broken;
+  ``QueryTimeoutError``, never a failover.
+
+What differs per driver is one small adapter (:class:`_AioDriver`: open, internal query,
+transaction snapshot, server-side cancel, session re-apply, how a cancelled task's statement
+is settled); the plugins get the blocking driver dialect of the same driver (for
+``mysql.connector.aio``, :class:`~resilient_db.drivers.mysql_connector_aio.MysqlConnectorAioDriver`,
+which reaches the socket through the asyncio transport).
 
 What runs on other threads: only what already ran there for the sync front (the shared
 topology and failure monitors, with blocking connections of their own) and the rare role

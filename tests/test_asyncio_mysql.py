@@ -336,6 +336,55 @@ def test_cancelling_a_task_at_an_await_leaves_a_usable_connection(
     run(main())
 
 
+def test_cancelling_a_statement_blocked_on_a_blackholed_writer(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    """Neither the kill nor the answer can arrive: the cancellation still ends within
+    about three times query_timeout_grace (kill, answer, after the socket is broken), and
+    the connection is left broken, with the driver's lost-connection error next."""
+    grace = 0.5
+
+    async def main() -> None:
+        conn = await aconnect(cluster, plugins="", query_timeout_grace=grace)
+        cur = await conn.cursor()
+        await cur.execute("SELECT 1")
+        await cur.fetchall()
+        network_faults.blackhole(cluster.writer.address)
+        task = asyncio.create_task(cur.execute("SELECT SLEEP(30)"))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 3 * grace + MARGIN
+        with pytest.raises(myerrors.Error) as info:
+            await cur.execute("SELECT 1")
+        assert info.value.errno in (2013, 2055), info.value
+        network_faults.clear()
+        await conn.close()
+
+    run(main())
+
+
+def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -> None:
+    table = make_table(cluster)
+
+    async def main() -> None:
+        conn = await aconnect(cluster, autocommit=False)
+        cur = await conn.cursor()
+        await cur.execute(f"INSERT INTO {table} VALUES (1, 'in tx')")
+        await asyncio.to_thread(cluster.failover)
+        with pytest.raises(resilient_db.TransactionResolutionUnknownError) as info:
+            await conn.commit()
+        assert isinstance(info.value, myerrors.OperationalError)
+        # The connection works on the new writer, the session's autocommit=False restored.
+        assert await one(conn, INSTANCE) == cluster.writer.id
+        assert await conn.get_autocommit() is False
+        await conn.rollback()
+        await conn.close()
+
+    run(main())
+
+
 # --- failure monitoring -----------------------------------------------------------------------
 
 
