@@ -337,9 +337,11 @@ class _AioDriver:
     driver: DriverDialect
     #: Ops that go through deadline, efm and failover.
     guarded: frozenset[Op] = _GUARDED
-    #: The driver runs one call at a time on a connection itself (psycopg's lock); else the
-    #: connection's turn is always taken, plugins or not.
-    serializes: bool = True
+    #: The driver runs one call at a time on a connection itself (psycopg's lock) and
+    #: resolves a cancelled task's statement itself (psycopg's cancel-and-wait): calls are
+    #: then awaited as they are. Else the connection's turn is always taken, plugins or not,
+    #: and every call goes through :meth:`statement`.
+    self_settling: bool = True
 
     @property
     def proxy_class(self) -> type[AsyncConnectionProxy]:
@@ -445,7 +447,7 @@ class _MysqlAio(_AioDriver):
     unread on the socket)."""
 
     code = "mysql-connector"
-    serializes = False  # two tasks' statements would read each other's answers
+    self_settling = False
 
     @property
     def proxy_class(self) -> type[AsyncConnectionProxy]:
@@ -1009,8 +1011,8 @@ class AsyncConnectionProxy:
         if op not in self._aio.guarded or self._closed_by_us:
             return await make()
         if self._timeout is None and not _options._deadlines_enabled and (
-                self._shell is None and self._efm is None and self._aio.serializes):
-            return await self._aio.statement(self, make)  # no plugin, no deadline
+                self._shell is None and self._efm is None and self._aio.self_settling):
+            return await make()  # no plugin, no deadline: psycopg's own call
         timeout = _options._current.get().timeout
         if timeout is None:
             timeout = self._timeout
@@ -1068,7 +1070,7 @@ class AsyncConnectionProxy:
             efm.flight_raw = raw
             efm.due = time.monotonic() + efm.grace
         try:
-            result = await aio.statement(self, make)
+            result = await (make() if aio.self_settling else aio.statement(self, make))
         except Exception as exc:
             if efm is not None:
                 efm.due = _INF
