@@ -266,6 +266,99 @@ def test_writer_failover_under_load_loses_no_acknowledged_write(cluster: Cluster
     assert set(outcomes) <= {"unknown", "success"}
 
 
+def test_read_only_errors_fail_over_only_after_the_role_check(
+        cluster: Cluster, sink: resilient_db.CollectingSink) -> None:
+    """On a reader (a connection pinned to a demoted writer) a read-only error (1290) fails
+    over once the role check, run on the asyncio connection, confirms it; a user's read-only
+    session on the writer (1792) is left alone."""
+    table = make_table(cluster)
+    reader = cluster.readers[0]
+    insert = f"INSERT INTO {table} VALUES (%s, {LOOKALIKE}.aurora_server_id())"
+
+    async def main() -> None:
+        conn = await aconnect(cluster, reader.endpoint, failover_mode="strict_writer")
+        assert await one(conn, INSTANCE) == reader.id
+        cur = await conn.cursor()
+        with pytest.raises(resilient_db.FailoverSuccessError) as info:
+            await cur.execute(insert, (1,))
+        assert not info.value.statement_sent  # refused by the reader: not applied
+        await cur.execute(insert, (1,))
+        assert await one(conn, INSTANCE) == cluster.writer.id
+        await conn.close()
+
+        conn = await aconnect(cluster)
+        await conn.set_read_only(True)
+        cur = await conn.cursor()
+        with pytest.raises(myerrors.DatabaseError) as error:
+            await cur.execute(insert, (2,))
+        assert not isinstance(error.value, resilient_db.Error)
+        assert failover_plugin(conn).failovers == 0
+        verdicts = [d.attributes["resilient_db.failover.triggered"]
+                    for d in sink.of_kind("failover.read_only_error")]
+        assert verdicts == [True, False]
+        await conn.set_read_only(False)
+        await cur.execute(insert, (3,))
+        await conn.close()
+
+    run(main())
+    assert rows_of(cluster, table) == {1: cluster.writer.id, 3: cluster.writer.id}
+
+
+def test_blackholed_writer_under_load_efm_and_failover_lose_nothing(
+        cluster: Cluster, network_faults: NetworkFaults) -> None:
+    """Four tasks stream idempotent inserts; the writer is blackholed (statements hang, no
+    RST), then the cluster promotes a reader while the blackhole stays. efm aborts the hung
+    awaits, failover moves every task to the new writer, every acknowledged row is there."""
+    table = make_table(cluster)
+    old = cluster.writer
+    upsert = f"INSERT IGNORE INTO {table} VALUES (%s, {LOOKALIKE}.aurora_server_id())"
+    acked: dict[int, str] = {}
+    unexpected: list[BaseException] = []
+
+    async def writer(task: int, stop: asyncio.Event) -> None:
+        conn = await aconnect(cluster, plugins="failover,efm", **EFM)
+        cur = await conn.cursor()
+        key = task * 1_000_000
+        try:
+            while not stop.is_set():
+                key += 1
+                try:
+                    with resilient_db.call_options(idempotent=True):
+                        await cur.execute(upsert, (key,))
+                except resilient_db.FailoverSuccessError:
+                    continue  # only if the transparent retry itself failed over
+                acked[key] = failover_plugin(conn).instance_id or "?"
+        except BaseException as exc:
+            unexpected.append(exc)
+        finally:
+            await conn.close()
+
+    def fault() -> list[Any]:
+        network_faults.blackhole(old.address)
+        try:
+            return cluster.failover()  # crash + promotion; the old writer stays blackholed
+        finally:
+            network_faults.clear()
+
+    async def main() -> str:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
+        await _until(lambda: len(acked) > 50)
+        events = await asyncio.to_thread(fault)
+        new = promoted(events)
+        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return new
+
+    new = run(main())
+    assert not unexpected, unexpected
+    rows = rows_of(cluster, table)
+    assert set(acked) <= set(rows), "an acknowledged write was lost"
+    assert set(rows.values()) <= {old.id, new}, "a reader accepted a write"
+    assert {v for v in acked.values()} == {old.id, new}
+
+
 # --- deadlines --------------------------------------------------------------------------------
 
 
