@@ -473,8 +473,20 @@ class _MysqlAio(_AioDriver):
         # The driver bounds only the TCP connect by connection_timeout; the handshake and
         # the first statements get the same bound here (as the blocking dialect does).
         limit = args.get("connection_timeout")
-        opening = target(**args)
-        conn = await (asyncio.wait_for(opening, limit) if limit else opening)
+        # Run as a task of its own: cancelled inside the driver's connect, the connection it
+        # is opening would be nobody's (the driver gives no handle before it returns). A
+        # cancelled caller leaves the task to finish (bounded by the driver's own timeouts)
+        # and close what it opened; only the bound itself cancels it.
+        opening = asyncio.ensure_future(target(**args))
+        try:
+            waited = asyncio.shield(opening)
+            conn = await (asyncio.wait_for(waited, limit) if limit else waited)
+        except TimeoutError:
+            opening.cancel()
+            raise
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_when_opened)
+            raise
         if not isinstance(conn, MySQLConnectionAbstract):
             await _close_quietly(conn)
             raise ConfigurationError(
@@ -587,6 +599,16 @@ class _MysqlAio(_AioDriver):
         return None
 
 
+def _close_when_opened(task: asyncio.Future[Any]) -> None:
+    """Done callback of a connect nobody awaits any more: close what it opened."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    closing = asyncio.ensure_future(_close_quietly(task.result()))
+    _CLOSING.add(closing)
+    closing.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: set[asyncio.Future[None]] = set()  # strong references until the close is done
 _MYSQL_DRIVER: dict[str, DriverDialect] = {}
 _PSYCOPG: Final = _PsycopgAio()
 _MYSQL: Final = _MysqlAio()

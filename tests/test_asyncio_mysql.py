@@ -7,6 +7,7 @@ statement on a blackholed writer, bad input. Plain ``asyncio.run`` in each test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -476,6 +477,66 @@ def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -
         await conn.close()
 
     run(main())
+
+
+def _cancel_after(steps: int, coro: Awaitable[T], delay: float = 0.0) -> Awaitable[T | None]:
+    """Run ``coro`` and cancel it after ``steps`` turns of the event loop, then ``delay``
+    seconds more (``None`` if it was cancelled, its result if it finished first)."""
+    async def runner() -> T | None:
+        task = asyncio.ensure_future(coro)
+        for _ in range(steps):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        if delay and not task.done():
+            await asyncio.wait({task}, timeout=delay)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await task
+        return None
+    return runner()
+
+
+def test_cancelling_connect_at_every_await_leaks_nothing(cluster: Cluster) -> None:
+    """connect_async cancelled at each point of the driver's connect in turn (TCP connect,
+    handshake, authentication, the first statements): no server session is left behind
+    (a connect cancelled inside the driver finishes on its own and is closed). One event
+    loop for the whole schedule, as in an application."""
+    user = f"rdbc{time.monotonic_ns() % 10**9}"
+    with cluster.superuser() as admin:
+        cur = admin.cursor()
+        cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'")
+        cur.execute(f"GRANT ALL ON *.* TO '{user}'@'%'")
+
+    def sessions() -> int:
+        with cluster.superuser() as admin:
+            cur = admin.cursor()
+            cur.execute("SELECT count(*) FROM information_schema.processlist WHERE user = %s",
+                        (user,))
+            return int(cur.fetchone()[0])
+
+    async def main() -> int:
+        cancelled_at = 0
+        steps, delay = 0, 0.0
+        while True:
+            result = await _cancel_after(steps, aconnect(cluster, plugins="", user=user,
+                                                         password="pw"), delay)
+            expected = 0 if result is None else 1
+            await _until(lambda expected=expected: sessions() == expected)  # type: ignore[misc]
+            if result is not None:
+                await result.close()
+                await _until(lambda: sessions() == 0)
+                return cancelled_at
+            cancelled_at += 1
+            if steps < 10:
+                steps += 1
+            else:
+                delay = max(0.0005, delay * 1.3)
+            assert delay < 30, "connect never finished"
+
+    assert run(main()) >= 5
 
 
 # --- failure monitoring -----------------------------------------------------------------------
