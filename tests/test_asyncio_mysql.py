@@ -20,6 +20,7 @@ from mysql.connector import errors as myerrors
 import resilient_db
 from chaos.netfault import NetworkFaults
 from resilient_db import AsyncMysqlConnectionProxy
+from resilient_db.drivers import get_driver
 from resilient_db.drivers.mysql_connector_aio import MysqlConnectorAioDriver, transport_socket
 from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
@@ -156,6 +157,13 @@ def test_basic_use(cluster: Cluster) -> None:
         # The private attributes the driver dialect reads (fails loudly on a rename).
         assert transport_socket(conn.resilient.raw) is not None
         assert isinstance(conn.resilient.pipeline.ctx.driver, MysqlConnectorAioDriver)
+        # The blocking dialect reaches it too (a failure monitor first created for a blocking
+        # connection breaks asyncio connections to the same host with it).
+        blocking = get_driver("mysql-connector")
+        sock = blocking.socket_of(conn.resilient.raw)
+        assert sock is not None and sock.getpeername()[1] == cluster.port
+        sock.close()
+        assert not blocking.is_closed(conn.resilient.raw)
         async with await conn.cursor() as cur:
             await cur.execute(f"INSERT INTO {table} VALUES (%s, 'a')", (1,))
             await cur.executemany(f"INSERT INTO {table} VALUES (%s, 'b')", [(2,), (3,)])
