@@ -54,9 +54,17 @@ from .errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ._aio import AsyncConnectionProxy, AsyncCursorProxy, connect_async
+    from ._aio import (
+        AsyncConnectionProxy,
+        AsyncCursorProxy,
+        AsyncMysqlConnectionProxy,
+        AsyncMysqlCursorProxy,
+        connect_async,
+    )
 
-_ASYNC_NAMES = frozenset({"AsyncConnectionProxy", "AsyncCursorProxy", "connect_async"})
+_ASYNC_NAMES = frozenset({"AsyncConnectionProxy", "AsyncCursorProxy",
+                          "AsyncMysqlConnectionProxy", "AsyncMysqlCursorProxy",
+                          "connect_async"})
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +81,8 @@ __all__ = [
     "STATEMENT_OPS",
     "AsyncConnectionProxy",
     "AsyncCursorProxy",
+    "AsyncMysqlConnectionProxy",
+    "AsyncMysqlCursorProxy",
     "Call",
     "CallOptions",
     "CollectingSink",

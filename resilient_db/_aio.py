@@ -1,4 +1,5 @@
-"""The asyncio front: ``await resilient_db.connect_async(psycopg.AsyncConnection.connect, ...)``.
+"""The asyncio front: ``await resilient_db.connect_async(psycopg.AsyncConnection.connect, ...)``
+or ``connect_async(mysql.connector.aio.connect, ...)``.
 
 Everything that decides is shared with the sync front; this module only awaits:
 
@@ -12,10 +13,17 @@ Everything that decides is shared with the sync front; this module only awaits:
 - failure monitoring: the connection's :class:`~resilient_db.plugins.efm.EfmPlugin` object
   and its host's monitor thread, which breaks the socket of an awaited statement on a dead
   host exactly as for a blocked thread (``shutdown(SHUT_RDWR)`` is safe from another thread:
-  the event loop sees the socket readable, psycopg raises its network error);
+  the event loop sees the socket readable, the driver raises its network error);
 - deadlines: on the event loop itself (``loop.call_later``), with the sync front's steps:
-  server-side cancel (psycopg's ``cancel_safe``), then, ``query_timeout_grace`` later, the
-  socket is broken; ``QueryTimeoutError``, never a failover.
+  server-side cancel (psycopg's ``cancel_safe``; MySQL: ``KILL QUERY`` on a side
+  connection), then, ``query_timeout_grace`` later, the socket is broken;
+  ``QueryTimeoutError``, never a failover.
+
+What differs per driver is one small adapter (:class:`_AioDriver`: open, internal query,
+transaction snapshot, server-side cancel, session re-apply, how a cancelled task's statement
+is settled); the plugins get the blocking driver dialect of the same driver (for
+``mysql.connector.aio``, :class:`~resilient_db.drivers.mysql_connector_aio.MysqlConnectorAioDriver`,
+which reaches the socket through the asyncio transport).
 
 What runs on other threads: only what already ran there for the sync front (the shared
 topology and failure monitors, with blocking connections of their own) and the rare role
@@ -30,6 +38,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -53,7 +62,7 @@ from ._params import (
 from ._pipeline import Call, ConnectionChanged, HostSpec, Op, Pipeline, Plugin, PluginContext
 from .dialects.base import Answer
 from .drivers import get_driver
-from .drivers.base import NetworkOptions, TxStatus, describe_target
+from .drivers.base import DriverDialect, NetworkOptions, TxStatus, describe_target
 from .errors import ConfigurationError, ConnectAttempt, FailoverSuccessError, QueryTimeoutError
 from .failover_core import Attempt, FailoverPlan, classify_outcome
 from .hosts import Host
@@ -68,7 +77,8 @@ from .plugins.failover import (
 )
 from .topology import TopologyMonitor, self_report_flow
 
-__all__ = ["AsyncConnectionProxy", "AsyncCursorProxy", "connect_async"]
+__all__ = ["AsyncConnectionProxy", "AsyncCursorProxy", "AsyncMysqlConnectionProxy",
+           "AsyncMysqlCursorProxy", "connect_async"]
 
 log = logging.getLogger("resilient_db.asyncio")
 
@@ -108,11 +118,11 @@ def _psycopg() -> Any:
     return psycopg
 
 
-def _sync_target(target: Any) -> Any:
-    """The blocking connect callable matching the asyncio ``target`` (for the side
-    connections of the shared monitors); ``ConfigurationError`` for anything but psycopg's
-    ``AsyncConnection.connect``."""
-    usage = "pass psycopg.AsyncConnection.connect"
+def _sync_target(target: Any) -> tuple[_AioDriver, Any]:
+    """The asyncio driver adapter for ``target`` and the blocking connect callable matching
+    it (for the side connections of the shared monitors); ``ConfigurationError`` for anything
+    but psycopg's ``AsyncConnection.connect`` and ``mysql.connector.aio.connect``."""
+    usage = "pass psycopg.AsyncConnection.connect or mysql.connector.aio.connect"
     if not callable(target):
         raise ConfigurationError(
             f"target must be a connect callable, not {type(target).__name__}: {usage} (it "
@@ -123,11 +133,18 @@ def _sync_target(target: Any) -> Any:
         inner = inner.func
     owner = getattr(inner, "__self__", inner)
     module = str(getattr(owner, "__module__", "") or "")
-    if module == "mysql.connector.aio" or module.startswith("mysql.connector"):
+    if module == "mysql.connector.aio" or module.startswith("mysql.connector.aio."):
+        if inspect.isclass(inner):
+            raise ConfigurationError(
+                f"target is the class {inner.__qualname__}, not a connect callable: {usage}",
+                parameter="target", value=describe_target(target))
+        import mysql.connector
+
+        return _MYSQL, mysql.connector.connect
+    if module == "mysql.connector" or module.startswith("mysql.connector."):
         raise ConfigurationError(
-            f"target {describe_target(target)} is mysql-connector: connect_async supports "
-            "psycopg only in this release (mysql.connector.aio is not supported yet); use "
-            "resilient_db.connect(mysql.connector.connect, ...) from a thread",
+            f"target {describe_target(target)} is blocking: connect_async needs "
+            "mysql.connector.aio.connect (or use resilient_db.connect)",
             parameter="target", value=describe_target(target))
     psycopg = _psycopg()
     if inspect.isclass(owner) and issubclass(owner, psycopg.AsyncConnection):
@@ -135,7 +152,7 @@ def _sync_target(target: Any) -> Any:
             raise ConfigurationError(
                 f"target is the class {owner.__qualname__}, not a connect callable: {usage}",
                 parameter="target", value=describe_target(target))
-        return psycopg.Connection.connect
+        return _PSYCOPG, psycopg.Connection.connect
     if inspect.isclass(owner) and issubclass(owner, psycopg.Connection):
         raise ConfigurationError(
             f"target {describe_target(target)} is blocking: connect_async needs "
@@ -153,21 +170,22 @@ async def connect_async(
     plugins: str | Iterable[str | type[Plugin]] | None = _UNSET,
     **kwargs: Any,
 ) -> AsyncConnectionProxy:
-    """Open an asyncio connection through ``target`` (``psycopg.AsyncConnection.connect``).
+    """Open an asyncio connection through ``target`` (``psycopg.AsyncConnection.connect`` or
+    ``mysql.connector.aio.connect``).
 
     Arguments as :func:`resilient_db.connect` (the same properties, validation and errors);
     ``plugins`` omitted: ``"failover,efm"``; only ``failover`` and ``efm`` are supported.
-    Returns an :class:`AsyncConnectionProxy`. Cancelling the awaiting task closes whatever
-    was opened.
+    Returns an :class:`AsyncConnectionProxy` (:class:`AsyncMysqlConnectionProxy` for
+    mysql-connector). Cancelling the awaiting task closes whatever was opened.
     """
+    aio, sync_target = _sync_target(target)
     if "wrapper_driver_dialect" in kwargs:
         forced = WRAPPER_DRIVER_DIALECT.parse(kwargs["wrapper_driver_dialect"])
-        if forced not in (None, "psycopg"):
+        if forced not in (None, aio.code):
             raise ConfigurationError(
-                f"connect_async supports the psycopg driver only, not {forced!r}",
+                f"target {describe_target(target)} is the {aio.code} driver, not {forced!r}",
                 parameter="wrapper_driver_dialect", value=forced)
-    sync_target = _sync_target(target)
-    driver = get_driver("psycopg")
+    driver = aio.driver
     prepared = prepare(driver, conninfo, plugins, kwargs, default=ASYNC_DEFAULT)
     settings = prepared.settings
     unsupported = [cls.code for cls in prepared.classes if cls.code not in ASYNC_PLUGINS]
@@ -176,10 +194,19 @@ async def connect_async(
             f"plugins {', '.join(unsupported)} are not supported by connect_async (it runs "
             f"{', '.join(sorted(ASYNC_PLUGINS))}); leave them out or use resilient_db.connect",
             parameter="plugins", value=",".join(unsupported))
-    if settings[AURORA_MYSQL_LOOKALIKE_SCHEMA] is not None:
-        raise ConfigurationError(
-            "aurora_mysql_lookalike_schema is a MySQL setting; connect_async supports psycopg "
-            "only", parameter="aurora_mysql_lookalike_schema")
+    forced_dialect: Any = settings[WRAPPER_DIALECT]
+    lookalike = settings[AURORA_MYSQL_LOOKALIKE_SCHEMA]
+    if lookalike is not None:
+        if aio.code != "mysql-connector":
+            raise ConfigurationError(
+                "aurora_mysql_lookalike_schema is a MySQL setting, and the target is "
+                f"{aio.code}", parameter="aurora_mysql_lookalike_schema")
+        if forced_dialect not in (None, "aurora-mysql"):
+            raise ConfigurationError(
+                f"aurora_mysql_lookalike_schema is set, so the dialect is aurora-mysql; it "
+                f"conflicts with wrapper_dialect={forced_dialect!r}",
+                parameter="wrapper_dialect", value=forced_dialect)
+        forced_dialect = dialects.aurora_mysql_lookalike(lookalike)
     if settings[ENABLE_TELEMETRY]:
         from .telemetry import _activate
 
@@ -201,43 +228,27 @@ async def connect_async(
         if adopt is not None:
             adopt(prepared.driver_args, sync_target)
 
-    raw = await _open(target, prepared.driver_args, settings)
+    raw = await aio.open(target, prepared.driver_args, settings)
     try:
         bound = settings[CONNECT_TIMEOUT] or (failover.connect_timeout if failover else None)
-        forced_dialect = settings[WRAPPER_DIALECT]
         if forced_dialect is not None:
             # Bounded like the connect, as in the sync front: a server that stops answering
-            # after the handshake gets its socket broken (psycopg's network error goes up).
-            with _abort_after(bound, raw):
-                ctx.extra["dialect"] = await _verify(forced_dialect, raw)
+            # after the handshake gets its socket broken (the driver's network error goes up).
+            with _abort_after(bound, raw, driver):
+                ctx.extra["dialect"] = await _verify(aio, forced_dialect, raw)
         if failover is not None:
             if failover.on_connect is not None:
                 await _maybe_await(failover.on_connect(raw))
-            await _attach(failover, raw, host, bound)
+            await _attach(aio, failover, raw, host, bound)
     except BaseException:
         await _close_quietly(raw)
         raise
-    proxy = AsyncConnectionProxy(raw, target, prepared.driver_args, pipeline, host,
-                                 failover, efm)
+    proxy = aio.proxy_class(aio, raw, target, prepared.driver_args, pipeline, host,
+                            failover, efm)
     pipeline.notify_connection_changed(ConnectionChanged(None, host, "connect"))
     if efm is not None:
         efm.attach(raw, host)  # the host's monitor starts now, before the first long statement
     return proxy
-
-
-async def _open(target: Callable[..., Awaitable[Any]], args: dict[str, Any],
-                settings: Any) -> Any:
-    """One physical asyncio connection (``tcp_keepalive*`` applied as libpq arguments)."""
-    driver = get_driver("psycopg")
-    options = NetworkOptions.from_settings(settings)
-    conn = await target(**driver.network_args(args, options))
-    psycopg = _psycopg()
-    if not isinstance(conn, psycopg.AsyncConnection):
-        await _close_quietly(conn)
-        raise ConfigurationError(
-            f"target {describe_target(target)} returned {type(conn).__qualname__}, not a "
-            "psycopg.AsyncConnection", parameter="target", value=describe_target(target))
-    return conn
 
 
 async def _close_quietly(raw: Any) -> None:
@@ -254,31 +265,13 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-async def _query(conn: Any, sql: str) -> Rows:
-    """``PsycopgDriver.query`` for an asyncio connection: an internal statement, plain
-    tuples, the application's transaction state left as it was."""
-    from psycopg import pq
-    from psycopg.rows import tuple_row
-
-    idle = pq.TransactionStatus.IDLE
-    was_idle = conn.info.transaction_status == idle
-    try:
-        async with conn.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(sql, prepare=False)
-            rows: Rows = await cur.fetchall() if cur.description else []
-    finally:
-        if was_idle and not conn.closed and conn.info.transaction_status != idle:
-            await conn.rollback()
-    return rows
-
-
-def _asker(conn: Any) -> Callable[[str], Awaitable[Answer]]:
+def _asker(aio: _AioDriver, conn: Any) -> Callable[[str], Awaitable[Answer]]:
     """``dialects.base.ask`` for an asyncio connection (a failed check is an answer)."""
-    driver = get_driver("psycopg")
+    driver = aio.driver
 
     async def ask(sql: str) -> Answer:
         try:
-            rows = await _query(conn, sql)
+            rows = await aio.query(conn, sql)
         except Exception as exc:
             if driver.is_disconnect(exc):
                 raise
@@ -288,49 +281,354 @@ def _asker(conn: Any) -> Callable[[str], Awaitable[Answer]]:
     return ask
 
 
-async def _verify(forced: Any, raw: Any) -> Any:
-    driver = get_driver("psycopg")
+async def _verify(aio: _AioDriver, forced: Any, raw: Any) -> Any:
+    driver = aio.driver
     dialect = dialects.get_dialect(forced) if isinstance(forced, str) else forced
     family = dialects.family_of(driver)
     if dialect.family != family:
         # the same error the sync front raises (no I/O happens before it)
         return dialects.verify(dialect, driver, raw)
-    verification = await run_async(dialects.verification_flow(dialect, family), _asker(raw))
+    verification = await run_async(dialects.verification_flow(dialect, family),
+                                   _asker(aio, raw))
     if not verification.matched:
         raise dialects.mismatch_error(verification)
     return dialect
 
 
-async def _detect(host: HostSpec, raw: Any) -> Any:
-    driver = get_driver("psycopg")
+async def _detect(aio: _AioDriver, host: HostSpec, raw: Any) -> Any:
+    driver = aio.driver
     key = (driver.code, host.host, host.port)
     known = dialects.known(key)
     if known is not None:
         return known
     detection = await run_async(dialects.detection_flow(dialects.family_of(driver)),
-                                _asker(raw))
+                                _asker(aio, raw))
     return dialects.remember(key, detection)
 
 
-async def _attach(failover: FailoverPlugin, raw: Any, host: HostSpec,
+async def _attach(aio: _AioDriver, failover: FailoverPlugin, raw: Any, host: HostSpec,
                   bound: float | None) -> None:
     """The failover plugin's attach (cluster monitor, which instance this is) over the
     asyncio connection; failures are logged as in the sync front (failover then knows only
     the address connected to)."""
     driver = failover.ctx.driver
     try:
-        with _abort_after(bound, raw):
+        with _abort_after(bound, raw, driver):
             dialect = failover.ctx.extra.get("dialect")
             if not isinstance(dialect, dialects.DatabaseDialect):
-                dialect = await _detect(host, raw)
+                dialect = await _detect(aio, host, raw)
                 failover.ctx.extra["dialect"] = dialect
-            await run_async(failover.attach_flow(host, dialect), lambda sql: _query(raw, sql))
+            await run_async(failover.attach_flow(host, dialect),
+                            lambda sql: aio.query(raw, sql))
     except Exception as exc:
         if driver.is_disconnect(exc):
             log.info("connection lost while reading the topology; failover will handle it")
         else:
             log.warning("cannot read the cluster topology (%s); failover will reconnect to %s "
                         "only", exc, host, exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+class _AioDriver:
+    """What differs between the asyncio drivers (everything else, the decisions included,
+    is the blocking driver dialect's: :attr:`driver`)."""
+
+    code: str
+    #: The blocking driver dialect the plugins, flows and error classes use.
+    driver: DriverDialect
+    #: Ops that go through deadline, efm and failover.
+    guarded: frozenset[Op] = _GUARDED
+    #: The driver runs one call at a time on a connection itself (psycopg's lock) and
+    #: resolves a cancelled task's statement itself (psycopg's cancel-and-wait): calls are
+    #: then awaited as they are. Else the connection's turn is always taken, plugins or not,
+    #: and every call goes through :meth:`statement`.
+    self_settling: bool = True
+
+    @property
+    def proxy_class(self) -> type[AsyncConnectionProxy]:
+        return AsyncConnectionProxy
+
+    async def open(self, target: Callable[..., Awaitable[Any]], args: dict[str, Any],
+                   settings: Any) -> Any:
+        """One physical asyncio connection (``tcp_keepalive*`` applied)."""
+        raise NotImplementedError
+
+    async def query(self, conn: Any, sql: str) -> Rows:
+        """``driver.query`` for an asyncio connection: an internal statement, plain tuples,
+        the application's transaction state left as it was."""
+        raise NotImplementedError
+
+    def tx_before(self, raw: Any) -> Any:
+        """The transaction snapshot taken before a call (``driver.was_in_transaction``)."""
+        return None
+
+    async def cancel(self, raw: Any, target: Callable[..., Awaitable[Any]],
+                     args: dict[str, Any], grace: float) -> None:
+        """Cancel the running statement on the server (raises if that failed)."""
+        raise NotImplementedError
+
+    async def apply_session(self, raw: Any, session: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def closed(self, raw: Any) -> bool:
+        raise NotImplementedError
+
+    async def statement(self, proxy: AsyncConnectionProxy,
+                        make: Callable[[], Awaitable[Any]]) -> Any:
+        """Await one guarded call (what a cancelled task leaves behind is the driver's
+        business)."""
+        return await make()
+
+    async def returned_after_deadline(self, raw: Any) -> tuple[bool, Exception | None]:
+        """A call returned after its deadline fired: whether it counts as timed out (its
+        pending answer is then discarded), and the error that answer held. psycopg: no, the
+        result stands."""
+        return False, None
+
+
+class _PsycopgAio(_AioDriver):
+    code = "psycopg"
+
+    @property
+    def driver(self) -> DriverDialect:  # type: ignore[override]
+        return get_driver("psycopg")
+
+    async def open(self, target: Callable[..., Awaitable[Any]], args: dict[str, Any],
+                   settings: Any) -> Any:
+        options = NetworkOptions.from_settings(settings)
+        conn = await target(**self.driver.network_args(args, options))
+        psycopg = _psycopg()
+        if not isinstance(conn, psycopg.AsyncConnection):
+            await _close_quietly(conn)
+            raise ConfigurationError(
+                f"target {describe_target(target)} returned {type(conn).__qualname__}, not a "
+                "psycopg.AsyncConnection", parameter="target", value=describe_target(target))
+        return conn
+
+    async def query(self, conn: Any, sql: str) -> Rows:
+        from psycopg import pq
+        from psycopg.rows import tuple_row
+
+        idle = pq.TransactionStatus.IDLE
+        was_idle = conn.info.transaction_status == idle
+        try:
+            async with conn.cursor(row_factory=tuple_row) as cur:
+                await cur.execute(sql, prepare=False)
+                rows: Rows = await cur.fetchall() if cur.description else []
+        finally:
+            if was_idle and not conn.closed and conn.info.transaction_status != idle:
+                await conn.rollback()
+        return rows
+
+    def tx_before(self, raw: Any) -> Any:
+        return raw.pgconn.transaction_status
+
+    async def cancel(self, raw: Any, target: Callable[..., Awaitable[Any]],
+                     args: dict[str, Any], grace: float) -> None:
+        await raw.cancel_safe(timeout=grace)
+
+    async def apply_session(self, raw: Any, session: dict[str, Any]) -> None:
+        for name in _SESSION_ORDER:
+            if name in session:
+                await getattr(raw, f"set_{name}")(session[name])
+
+    def closed(self, raw: Any) -> bool:
+        return bool(raw.closed)
+
+
+#: mysql-connector session attributes, in the order they are applied to a new connection.
+_MYSQL_SESSION_ORDER: Final = ("database", "autocommit", "time_zone", "sql_mode")
+
+
+class _MysqlAio(_AioDriver):
+    """``mysql.connector.aio`` (pure Python). Server-side cancel: ``KILL QUERY`` on a short
+    side connection to the same server, as the blocking front does (the statement ends with
+    error 1317, the session stays). A cancelled task's statement is settled the same way
+    before the connection serves anything else (the driver itself would leave its answer
+    unread on the socket)."""
+
+    code = "mysql-connector"
+    self_settling = False
+
+    @property
+    def proxy_class(self) -> type[AsyncConnectionProxy]:
+        return AsyncMysqlConnectionProxy
+
+    @property
+    def driver(self) -> DriverDialect:  # type: ignore[override]
+        from .drivers.mysql_connector_aio import MysqlConnectorAioDriver
+
+        driver = _MYSQL_DRIVER.get("driver")
+        if driver is None:
+            driver = _MYSQL_DRIVER["driver"] = MysqlConnectorAioDriver()
+        return driver
+
+    async def open(self, target: Callable[..., Awaitable[Any]], args: dict[str, Any],
+                   settings: Any) -> Any:
+        from mysql.connector.aio import MySQLConnectionAbstract
+
+        from .drivers.mysql_connector_aio import MysqlConnectorAioDriver
+
+        driver = self.driver
+        args = MysqlConnectorAioDriver.aio_args(args)
+        # The driver bounds only the TCP connect by connection_timeout; the handshake and
+        # the first statements get the same bound here (as the blocking dialect does).
+        limit = args.get("connection_timeout")
+        # Run as a task of its own: cancelled inside the driver's connect, the connection it
+        # is opening would be nobody's (the driver gives no handle before it returns). A
+        # cancelled caller leaves the task to finish (bounded by the driver's own timeouts)
+        # and close what it opened; only the bound itself cancels it.
+        opening = asyncio.ensure_future(target(**args))
+        try:
+            waited = asyncio.shield(opening)
+            conn = await (asyncio.wait_for(waited, limit) if limit else waited)
+        except TimeoutError:
+            opening.cancel()
+            raise
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_when_opened)
+            raise
+        if not isinstance(conn, MySQLConnectionAbstract):
+            await _close_quietly(conn)
+            raise ConfigurationError(
+                f"target {describe_target(target)} returned {type(conn).__qualname__}, not a "
+                "mysql.connector.aio connection (a pooled connection is not supported)",
+                parameter="target", value=describe_target(target))
+        try:
+            driver.configure_socket(conn, NetworkOptions.from_settings(settings))
+        except BaseException:
+            await _close_quietly(conn)
+            raise
+        return conn
+
+    async def query(self, conn: Any, sql: str) -> Rows:
+        was_idle = not conn.in_transaction
+        cur = await conn.cursor(buffered=True)
+        try:
+            await cur.execute(sql)
+            rows: Rows = [tuple(r) for r in await cur.fetchall()] if cur.with_rows else []
+        finally:
+            await cur.close()
+            if was_idle and conn.in_transaction:
+                await conn.rollback()
+        return rows
+
+    async def cancel(self, raw: Any, target: Callable[..., Awaitable[Any]],
+                     args: dict[str, Any], grace: float) -> None:
+        from .drivers.mysql_connector import _SIDE_CONNECTION_DROP
+        from .drivers.mysql_connector_aio import MysqlConnectorAioDriver
+
+        connection_id = int(raw.connection_id)
+        side_args = {k: v for k, v in MysqlConnectorAioDriver.aio_args(args).items()
+                     if k not in _SIDE_CONNECTION_DROP}
+        side_args["host"] = raw.server_host
+        side_args["port"] = raw.server_port
+        side_args["connection_timeout"] = max(1, math.ceil(grace))  # whole seconds
+
+        async def kill() -> None:
+            side = await target(**side_args)
+            try:
+                cur = await side.cursor()
+                await cur.execute(f"KILL QUERY {connection_id}")
+                await cur.close()
+            finally:
+                await _close_quietly(side)
+
+        await asyncio.wait_for(kill(), grace)
+
+    async def apply_session(self, raw: Any, session: dict[str, Any]) -> None:
+        for name in _MYSQL_SESSION_ORDER:
+            if name in session:
+                await getattr(raw, f"set_{name}")(session[name])
+        if "read_only" in session:
+            mode = "READ ONLY" if session["read_only"] else "READ WRITE"
+            await raw.cmd_query(f"SET SESSION TRANSACTION {mode}")
+
+    def closed(self, raw: Any) -> bool:
+        return not raw.is_socket_connected() or self.driver.is_closed(raw)
+
+    async def statement(self, proxy: AsyncConnectionProxy,
+                        make: Callable[[], Awaitable[Any]]) -> Any:
+        inner = asyncio.ensure_future(make())
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if not inner.done():
+                # Not cancelled itself (the driver would leave its answer on the socket):
+                # ended on the server, its answer read, before the turn is passed on.
+                await _wait_uncancelled(self._settle(proxy, inner))
+            raise
+
+    async def _settle(self, proxy: AsyncConnectionProxy, inner: asyncio.Future[Any]) -> None:
+        raw = proxy._raw
+        grace = proxy._grace
+        try:
+            await self.cancel(raw, proxy._target, proxy._args, grace)
+        except Exception as exc:
+            log.info("server-side cancel of a cancelled task's statement failed: %r", exc)
+        done, _ = await asyncio.wait({inner}, timeout=grace)
+        if not done:
+            log.info("a cancelled task's statement did not end %.3g s after the cancel; "
+                     "broke the connection", grace)
+            self.driver.abort(raw)
+            await asyncio.wait({inner}, timeout=grace)
+        if inner.done() and not inner.cancelled():
+            inner.exception()  # retrieved: the cancelled task is not told
+            await self._discard(raw, grace)
+
+    async def returned_after_deadline(self, raw: Any) -> tuple[bool, Exception | None]:
+        # MySQL sends a result's header before its rows: an interrupted SELECT "returns" and
+        # the interruption (1317) is what its rows would have been (as on the blocking front).
+        return True, await self._discard(raw, 1.0)
+
+    async def _discard(self, raw: Any, grace: float) -> Exception | None:
+        """Read and drop an answer left on the connection (bounded; else broken); the
+        server's error it held, if any."""
+        if not getattr(raw, "unread_result", False):
+            return None
+        try:
+            await asyncio.wait_for(raw.consume_results(), grace)
+        except Exception as exc:
+            # The server's error in place of the rows (1317 after KILL QUERY) is the answer
+            # read to its end; anything else leaves the protocol state unknown.
+            if self.driver.is_disconnect(exc) or getattr(raw, "unread_result", False) or (
+                    isinstance(exc, TimeoutError)):
+                log.info("could not read the rest of an abandoned answer (%r); broke the "
+                         "connection", exc)
+                self.driver.abort(raw)
+            return exc
+        return None
+
+
+def _close_when_opened(task: asyncio.Future[Any]) -> None:
+    """Done callback of a connect nobody awaits any more: close what it opened."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    closing = asyncio.ensure_future(_close_quietly(task.result()))
+    _CLOSING.add(closing)
+    closing.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: set[asyncio.Future[None]] = set()  # strong references until the close is done
+_MYSQL_DRIVER: dict[str, DriverDialect] = {}
+_PSYCOPG: Final = _PsycopgAio()
+_MYSQL: Final = _MysqlAio()
+
+
+async def _wait_uncancelled(coro: Awaitable[None]) -> None:
+    """Run ``coro`` to its end even if the awaiting task is cancelled again meanwhile (the
+    cancellation is then delivered when it ends)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
 
 
 class _Fired:
@@ -346,15 +644,14 @@ class _Fired:
 
 
 @contextlib.contextmanager
-def _abort_after(timeout: float | None, raw: Any) -> Iterator[_Fired]:
+def _abort_after(timeout: float | None, raw: Any, driver: DriverDialect) -> Iterator[_Fired]:
     """``watchdog.abort_after`` on the event loop: break ``raw``'s socket if the block is
     still running ``timeout`` seconds from now (the awaited statement then fails at once with
-    psycopg's network error, instead of psycopg's own cancel-and-wait on cancellation)."""
+    the driver's network error, instead of psycopg's own cancel-and-wait on cancellation)."""
     state = _Fired()
     if timeout is None:
         yield state
         return
-    driver = get_driver("psycopg")
 
     def fire() -> None:
         state.fired = True
@@ -367,20 +664,18 @@ def _abort_after(timeout: float | None, raw: Any) -> Iterator[_Fired]:
         handle.cancel()
 
 
-async def _apply_session(raw: Any, session: dict[str, Any]) -> None:
-    for name in _SESSION_ORDER:
-        if name in session:
-            await getattr(raw, f"set_{name}")(session[name])
-
-
 class _Deadline:
     """One statement's deadline on the event loop (see the module docstring)."""
 
-    __slots__ = ("broken", "cancel_task", "cancelled", "expired", "grace", "grace_handle",
-                 "handle", "raw", "timeout")
+    __slots__ = ("aio", "args", "broken", "cancel_task", "cancelled", "expired", "grace",
+                 "grace_handle", "handle", "raw", "target", "timeout")
 
-    def __init__(self, raw: Any, timeout: float, grace: float) -> None:
+    def __init__(self, aio: _AioDriver, raw: Any, target: Callable[..., Awaitable[Any]],
+                 args: dict[str, Any], timeout: float, grace: float) -> None:
+        self.aio = aio
         self.raw = raw
+        self.target = target
+        self.args = args
         self.timeout = timeout
         self.grace = grace
         self.expired = False
@@ -398,14 +693,14 @@ class _Deadline:
 
     async def _cancel(self) -> None:
         try:
-            await self.raw.cancel_safe(timeout=self.grace)
+            await self.aio.cancel(self.raw, self.target, self.args, self.grace)
             self.cancelled = True
         except Exception as exc:
             log.info("server-side cancel failed: %r", exc)
 
     def _break(self) -> None:
         if not self.broken:
-            self.broken = get_driver("psycopg").abort(self.raw)
+            self.broken = self.aio.driver.abort(self.raw)
             log.info("statement deadline: no answer %.3g s after the cancel; broke the "
                      "connection", self.grace)
 
@@ -493,9 +788,10 @@ class _AsyncFailover:
                 if driver.transaction_status(raw) in (TxStatus.IDLE, TxStatus.IN_TRANSACTION):
                     here = Host(plugin.ctx.host.host, addressing.default_port,
                                 instance_id=plugin.instance_id)
-                    with _abort_after(plugin.probe_timeout, raw):
+                    aio = self.proxy._aio
+                    with _abort_after(plugin.probe_timeout, raw, driver):
                         report = await run_async(self_report_flow(dialect, here, addressing),
-                                                 lambda sql: _query(raw, sql))
+                                                 lambda sql: aio.query(raw, sql))
                 else:
                     # Inside a failed transaction: the plugin asks the same instance on a
                     # short side connection of its own (blocking, bounded by the probe
@@ -614,8 +910,9 @@ class _AsyncFailover:
         timeout = plugin.attempt_timeout(remaining)
         spec = HostSpec(host.host, host.port)
         args = plugin.attempt_args(spec, timeout)
+        aio = proxy._aio
         try:
-            raw = await _open(proxy._target, args, plugin.ctx.settings)
+            raw = await aio.open(proxy._target, args, plugin.ctx.settings)
         except Exception as exc:
             attempts.append(ConnectAttempt(host.host, host.port, "connect failed", repr(exc),
                                            time.monotonic() - start))
@@ -626,14 +923,14 @@ class _AsyncFailover:
         try:
             assert plugin._dialect is not None and plugin._addressing is not None
             dialect, addressing = plugin._dialect, plugin._addressing
-            with _abort_after(timeout, raw) as fired:
+            with _abort_after(timeout, raw, aio.driver) as fired:
                 try:
                     report = await run_async(
                         self_report_flow(dialect, host, addressing, with_topology=False),
-                        lambda sql: _query(raw, sql))
+                        lambda sql: aio.query(raw, sql))
                     problem = FailoverPlugin._role_problem(report, attempt)
                     if problem is None:
-                        await _apply_session(raw, proxy._session)
+                        await aio.apply_session(raw, proxy._session)
                 except Exception as exc:
                     problem = f"failed after connecting: {exc!r}"
                     if fired:
@@ -663,13 +960,14 @@ class AsyncConnectionProxy:
     psycopg's own connection; attributes that do none pass through."""
 
     _OWN: Final = frozenset({
-        "_raw", "_target", "_args", "_pipeline", "_host", "_session", "_closed_by_us",
+        "_aio", "_raw", "_target", "_args", "_pipeline", "_host", "_session", "_closed_by_us",
         "_cursors", "_failover", "_efm", "_shell", "_timeout", "_grace", "_turn",
         "__weakref__"})
 
-    __slots__ = ("__weakref__", "_args", "_closed_by_us", "_cursors", "_efm", "_failover",
-                 "_grace", "_host", "_pipeline", "_raw", "_session", "_shell", "_target",
-                 "_timeout", "_turn")
+    __slots__ = ("__weakref__", "_aio", "_args", "_closed_by_us", "_cursors", "_efm",
+                 "_failover", "_grace", "_host", "_pipeline", "_raw", "_session", "_shell",
+                 "_target", "_timeout", "_turn")
+    _aio: _AioDriver
     _raw: Any
     _target: Callable[..., Awaitable[Any]]
     _args: dict[str, Any]
@@ -685,11 +983,12 @@ class AsyncConnectionProxy:
     _grace: float
     _turn: asyncio.Lock
 
-    def __init__(self, raw: Any, target: Callable[..., Awaitable[Any]], args: dict[str, Any],
-                 pipeline: Pipeline, host: HostSpec, failover: FailoverPlugin | None,
-                 efm: EfmPlugin | None) -> None:
+    def __init__(self, aio: _AioDriver, raw: Any, target: Callable[..., Awaitable[Any]],
+                 args: dict[str, Any], pipeline: Pipeline, host: HostSpec,
+                 failover: FailoverPlugin | None, efm: EfmPlugin | None) -> None:
         own = object.__setattr__
         settings = pipeline.ctx.settings
+        own(self, "_aio", aio)
         own(self, "_raw", raw)
         own(self, "_target", target)
         own(self, "_args", args)
@@ -731,10 +1030,10 @@ class AsyncConnectionProxy:
 
     # --- the one path every awaited call takes ------------------------------------------
     async def _run(self, op: Op, method: str, make: Callable[[], Awaitable[Any]]) -> Any:
-        if op not in _GUARDED or self._closed_by_us:
+        if op not in self._aio.guarded or self._closed_by_us:
             return await make()
         if self._timeout is None and not _options._deadlines_enabled and (
-                self._shell is None and self._efm is None):
+                self._shell is None and self._efm is None and self._aio.self_settling):
             return await make()  # no plugin, no deadline: psycopg's own call
         timeout = _options._current.get().timeout
         if timeout is None:
@@ -783,15 +1082,17 @@ class AsyncConnectionProxy:
         raw = self._raw
         shell = self._shell
         efm = self._efm
-        tx_before = raw.pgconn.transaction_status if shell is not None else None
-        deadline = _Deadline(raw, timeout, self._grace) if timeout else None
+        aio = self._aio
+        tx_before = aio.tx_before(raw) if shell is not None else None
+        deadline = (_Deadline(aio, raw, self._target, self._args, timeout, self._grace)
+                    if timeout else None)
         if efm is not None:
             if not efm.attached:
                 efm.attach(raw, self._host)
             efm.flight_raw = raw
             efm.due = time.monotonic() + efm.grace
         try:
-            result = await make()
+            result = await (make() if aio.self_settling else aio.statement(self, make))
         except Exception as exc:
             if efm is not None:
                 efm.due = _INF
@@ -812,7 +1113,7 @@ class AsyncConnectionProxy:
             if verdict is _RETRY:
                 return _RETRY
             raise
-        except BaseException:  # cancelled: psycopg resolves its own statement (cancel_safe)
+        except BaseException:  # cancelled: the driver resolves its own statement
             if efm is not None:
                 efm.due = _INF
             if deadline is not None:
@@ -824,6 +1125,9 @@ class AsyncConnectionProxy:
             deadline.stop()
             if deadline.expired:
                 await deadline.settle()
+                timed_out, cause = await aio.returned_after_deadline(raw)
+                if timed_out:
+                    raise deadline.error(self) from cause
         return result
 
     # --- psycopg's AsyncConnection API --------------------------------------------------
@@ -904,7 +1208,7 @@ class AsyncConnectionProxy:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         """As psycopg's: commit (or roll back after an error), then close."""
-        if self._closed_by_us or self._raw.closed:
+        if self._closed_by_us or self._aio.closed(self._raw):
             return
         try:
             if exc_type is None:
@@ -1044,3 +1348,105 @@ class AsyncCursorProxy:
 
     def __repr__(self) -> str:
         return f"<resilient_db async cursor raw={self._cur!r}>"
+
+
+class AsyncMysqlConnectionProxy(AsyncConnectionProxy):
+    """An asyncio connection wrapping one ``mysql.connector.aio`` connection at a time: its
+    API (``await conn.cursor()``, ``set_autocommit`` & co., ``start_transaction``), with the
+    calls that do I/O through deadline, efm and failover. ``set_read_only`` is resilient_db's,
+    as on the blocking front: ``SET SESSION TRANSACTION READ ONLY`` (``READ WRITE``),
+    re-applied after a failover like the other session attributes."""
+
+    __slots__ = ()
+
+    async def cursor(self, *args: Any, **kwargs: Any) -> AsyncMysqlCursorProxy:  # type: ignore[override]
+        cursor = AsyncMysqlCursorProxy(None, self, (args, kwargs))
+        await self._run(_CURSOR, "Connection.cursor", cursor._open)
+        self._cursors.add(cursor)
+        return cursor
+
+    async def execute(self, query: Any, params: Any = None,
+                      **kwargs: Any) -> AsyncMysqlCursorProxy:
+        raise AttributeError("a mysql.connector.aio connection has no execute(): use "
+                             "await (await conn.cursor()).execute(...)")
+
+    async def start_transaction(self, *args: Any, **kwargs: Any) -> None:
+        await self._run(_TRANSACTION, "Connection.start_transaction",
+                        lambda: self._raw.start_transaction(*args, **kwargs))
+
+    async def set_database(self, value: str) -> None:
+        await self._set_session("database", value)
+
+    async def set_time_zone(self, value: str) -> None:
+        await self._set_session("time_zone", value)
+
+    async def set_sql_mode(self, value: Any) -> None:
+        await self._set_session("sql_mode", value)
+
+    async def set_read_only(self, value: bool | None) -> None:
+        mode = "READ ONLY" if value else "READ WRITE"
+        await self._run(_SESSION, "Connection.set_read_only",
+                        lambda: self._raw.cmd_query(f"SET SESSION TRANSACTION {mode}"))
+        self._session["read_only"] = bool(value)
+
+    async def set_isolation_level(self, value: Any) -> None:
+        raise AttributeError("mysql.connector.aio has no set_isolation_level(); use "
+                             "start_transaction(isolation_level=...)")
+
+    async def set_deferrable(self, value: bool | None) -> None:
+        raise AttributeError("MySQL has no deferrable transactions")
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self._session.get("read_only", False))
+
+    def transaction(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("a mysql.connector.aio connection has no transaction(): use "
+                             "start_transaction() and commit()/rollback()")
+
+
+class AsyncMysqlCursorProxy(AsyncCursorProxy):
+    """A ``mysql.connector.aio`` cursor; after a failover a new one is opened on the new
+    connection (same arguments) at its next ``execute``. Fetches read from the cursor as it
+    is (an unbuffered cursor's rows are read by them, unguarded, as on the blocking front)."""
+
+    __slots__ = ()
+
+    def _live(self) -> Any:
+        raw = self._cur
+        if raw is None:
+            from mysql.connector import errors as myerrors
+
+            raise myerrors.InterfaceError(
+                "the cursor's connection was replaced (failover): execute a statement first")
+        return raw
+
+    async def _open(self) -> Any:
+        if self._cur is None:
+            args, kwargs = self._args
+            self._cur = await self._conn._raw.cursor(*args, **kwargs)
+        return self._cur
+
+    async def _execute(self, method: str, query: Any, params: Any,
+                       kwargs: dict[str, Any]) -> None:
+        args = () if params is None else (params,)
+        await self._conn._run(_EXECUTE, method,
+                              lambda: self._call("execute", query, *args, **kwargs))
+
+    async def execute(self, query: Any, params: Any = None,
+                      **kwargs: Any) -> AsyncMysqlCursorProxy:
+        # A retried call (failed over, idempotent) opens its cursor on the new connection.
+        await self._execute("Cursor.execute", query, params, kwargs)
+        return self
+
+    async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        await self._conn._run(_EXECUTEMANY, "Cursor.executemany",
+                              lambda: self._call("executemany", query, params_seq, **kwargs))
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        cur = await self._open()
+        return await getattr(cur, name)(*args, **kwargs)
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        rows: list[Any] = await self._live().fetchmany(size)
+        return rows

@@ -106,8 +106,9 @@ def driver_for(target: Any, forced: str | None) -> DriverDialect:
     if any(_is_module(m, "mysql.connector") for m in modules):
         if any(_is_module(m, "mysql.connector.aio") for m in modules):
             raise ConfigurationError(
-                "target is mysql.connector.aio, which resilient_db does not support yet; use "
-                "mysql.connector.connect",
+                "target is mysql.connector.aio, which is asyncio-based: use "
+                "await resilient_db.connect_async(mysql.connector.aio.connect, ...), or "
+                "mysql.connector.connect with resilient_db.connect",
                 parameter="target",
                 value=describe_target(target),
             )

@@ -6,7 +6,11 @@ code stays driver-neutral where it can, but breaking a C-extension connection's 
 **unverified** (``socket_of`` returns ``None`` for it, so ``abort`` is a no-op there).
 
 The one private attribute used: ``MySQLConnection._socket.sock`` (the TCP socket of the pure
-implementation). ``tests/test_drivers.py`` fails loudly if a release renames it.
+implementation). ``tests/test_drivers.py`` fails loudly if a release renames it. The socket
+methods also take a ``mysql.connector.aio`` connection (``_socket._writer``, an asyncio
+``StreamWriter``: its transport's socket), since a shared failure monitor created for a
+blocking connection also breaks the sockets of asyncio connections to the same host
+(``tests/test_asyncio_mysql.py`` fails loudly on a rename there).
 """
 
 from __future__ import annotations
@@ -120,6 +124,23 @@ _SIDE_CONNECTION_DROP = frozenset(
     {"pool_name", "pool_size", "pool_reset_session", "connect_timeout", "connection_timeout",
      "read_timeout", "write_timeout", "failover", "host", "port", "unix_socket"}
 )
+
+
+def _tcp_socket(conn: Any) -> tuple[bool, Any]:
+    """``(has a socket holder, the socket or None)`` of a blocking or asyncio connection:
+    ``_socket.sock`` (a ``socket.socket``), or for ``mysql.connector.aio`` the socket of the
+    stream transport (an ``asyncio.TransportSocket``, never used for I/O here). ``None`` when
+    not connected or closed."""
+    holder = getattr(conn, "_socket", None)
+    if holder is None:
+        return False, None
+    sock = getattr(holder, "sock", None)
+    if sock is None:
+        transport = getattr(getattr(holder, "_writer", None), "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or not hasattr(sock, "fileno") or sock.fileno() < 0:
+        return True, None
+    return True, sock
 
 
 class MysqlConnectionProxy(ConnectionProxy):
@@ -304,11 +325,8 @@ class MysqlConnectorDriver(DriverDialect):
         # No round trip (is_connected() pings the server). mysql-connector keeps no "broken"
         # flag, so look at the socket: closed descriptor, or end-of-file pending (the peer
         # closed it, or abort() shut it down) seen with a non-blocking peek.
-        holder = getattr(conn, "_socket", None)
-        sock = getattr(holder, "sock", None)
-        if not isinstance(sock, socket.socket):
-            return holder is None or sock is None
-        if sock.fileno() < 0:
+        _, sock = _tcp_socket(conn)
+        if sock is None:
             return True
         # Peek at the TCP socket itself: an SSLSocket refuses recv() flags. Under TLS a
         # pending record (a close_notify alert) reads as "not closed"; end-of-file as closed.
@@ -326,10 +344,12 @@ class MysqlConnectorDriver(DriverDialect):
         # mysql-connector has no keepalive arguments: set the options on its socket once
         # connected (the handshake is bounded by connect_timeout instead). C extension:
         # no socket object to reach, so nothing is set (unverified, see the module docstring).
-        holder = getattr(conn, "_socket", None)
-        sock = getattr(holder, "sock", None)
-        if isinstance(sock, socket.socket):
-            set_socket_options(sock, options)
+        sock = self.socket_of(conn)
+        if sock is not None:
+            try:
+                set_socket_options(sock, options)  # options of the socket, not the descriptor
+            finally:
+                sock.close()
 
     def cancel(self, conn: Any, target: Any, args: Mapping[str, Any], timeout: float) -> bool:
         # KILL QUERY ends the statement and keeps the session (error 1317 on the blocked
@@ -360,15 +380,12 @@ class MysqlConnectorDriver(DriverDialect):
             conn.consume_results()
 
     def fileno(self, conn: Any) -> int | None:
-        sock = getattr(getattr(conn, "_socket", None), "sock", None)
-        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
-            return None
-        return sock.fileno()
+        _, sock = _tcp_socket(conn)
+        return None if sock is None else int(sock.fileno())
 
     def socket_of(self, conn: Any) -> socket.socket | None:
-        holder = getattr(conn, "_socket", None)
-        sock = getattr(holder, "sock", None)
-        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+        _, sock = _tcp_socket(conn)
+        if sock is None:
             return None
         # A second, plain socket object on a duplicate descriptor (the caller may close it
         # freely). Not sock.dup(): an SSLSocket (TLS, as IAM authentication requires) cannot
