@@ -33,7 +33,7 @@ from simulator.cluster import Cluster, ClusterError
 from .waiting import wait_until
 
 __all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "caught_up",
-           "cluster_options", "require_backend", "settle_global"]
+           "cluster_options", "require_backend", "settle_global", "start_stopped"]
 
 #: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on, and
 #: the local one proxied (the proxy does not depend on the runtime: one proxied run is
@@ -85,6 +85,19 @@ def caught_up(cluster: Cluster) -> bool:
     return True
 
 
+def start_stopped(cluster: Cluster) -> None:
+    """Start every stopped instance in its role (:meth:`Cluster.start_instance`). A rejoin
+    the cluster has scheduled (after a failover) may run first: an instance it brought back
+    is left alone."""
+    for instance in list(cluster.instances.values()):
+        if instance.role == "stopped":
+            try:
+                cluster.start_instance(instance.id)
+            except ClusterError:
+                if instance.role == "stopped":
+                    raise  # not the scheduled rejoin that won the race
+
+
 def settle_global(primary_region: str, writer: str) -> Settle:
     """The ``settle`` of a shared Global Database: every instance it started with running
     in a role (a region lost in a global failover restored, a killed or stopped instance
@@ -97,13 +110,7 @@ def settle_global(primary_region: str, writer: str) -> Settle:
             f"instances {sorted(cluster.instances)}, expected {sorted(instance_ids)}")
         # A pending rejoin (a timer after a failover) finds the instance running and does
         # nothing; an instance lost with its region, or killed, rejoins here.
-        for instance in list(cluster.instances.values()):
-            if instance.role == "stopped":
-                try:
-                    cluster.start_instance(instance.id)
-                except ClusterError:
-                    if instance.role == "stopped":
-                        raise  # not the rejoin timer that won the race
+        start_stopped(cluster)
         wait_until("readers following the writer", cluster.settled)
         if cluster.primary_region != primary_region:
             cluster.switchover_global(primary_region)
