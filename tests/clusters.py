@@ -33,7 +33,8 @@ from simulator.cluster import Cluster, ClusterError
 from .waiting import wait_until
 
 __all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "caught_up",
-           "cluster_options", "require_backend", "settle_global", "start_stopped"]
+           "cluster_options", "require_backend", "settle_global", "settle_roles",
+           "start_stopped"]
 
 #: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on, and
 #: the local one proxied (the proxy does not depend on the runtime: one proxied run is
@@ -98,6 +99,17 @@ def start_stopped(cluster: Cluster) -> None:
                     raise  # not the scheduled rejoin that won the race
 
 
+def settle_roles(cluster: Cluster, instance_ids: frozenset[str]) -> None:
+    """A ``settle`` for modules whose tests accept any writer: the instances the cluster
+    started with, every one running in a role (:func:`start_stopped`), the writer writable,
+    every reader following it."""
+    assert set(cluster.instances) == instance_ids, (
+        f"instances {sorted(cluster.instances)}, expected {sorted(instance_ids)}")
+    start_stopped(cluster)
+    cluster.make_writer_read_only(False)
+    wait_until("readers following the writer", cluster.settled)
+
+
 def settle_global(primary_region: str, writer: str) -> Settle:
     """The ``settle`` of a shared Global Database: every instance it started with running
     in a role (a region lost in a global failover restored, a killed or stopped instance
@@ -106,12 +118,8 @@ def settle_global(primary_region: str, writer: str) -> Settle:
     every reader following the writer and caught up with it."""
 
     def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
-        assert set(cluster.instances) == instance_ids, (
-            f"instances {sorted(cluster.instances)}, expected {sorted(instance_ids)}")
-        # A pending rejoin (a timer after a failover) finds the instance running and does
-        # nothing; an instance lost with its region, or killed, rejoins here.
-        start_stopped(cluster)
-        wait_until("readers following the writer", cluster.settled)
+        # An instance lost with its region, or killed, rejoins here.
+        settle_roles(cluster, instance_ids)
         if cluster.primary_region != primary_region:
             cluster.switchover_global(primary_region)
             wait_until("readers following the writer", cluster.settled)
