@@ -210,6 +210,20 @@ def test_global_topology_lists_every_region(env: Env) -> None:
             ("instance-3", False, AWAY)]
 
 
+def test_settle_brings_back_the_home_writer(env: Env) -> None:
+    """What a test may leave behind (the primary region moved away, an instance killed) is
+    undone by the module's settle: the next test starts from instance-1 writing in
+    us-east-1 (tests/clusters.py)."""
+    cluster = env.cluster
+    cluster.switchover_global(AWAY)
+    cluster.kill_instance("instance-2")
+    assert cluster.primary_region == AWAY and cluster.writer.id == "instance-3"
+    settle_cluster(cluster, frozenset(cluster.instances))
+    assert cluster.primary_region == HOME and cluster.writer.id == "instance-1"
+    assert cluster.settled()
+    assert sorted(r.id for r in cluster.readers) == ["instance-2", "instance-3"]
+
+
 def wait_until_rows(cur: Any, sql: str, count: int) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
 
