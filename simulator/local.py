@@ -101,8 +101,11 @@ Engine = Literal["postgresql", "mariadb"]
 #: Values accepted in ``settings``; booleans become on/off.
 SettingValue = str | int | float | bool
 
-#: Seconds a server may take to accept connections before :class:`ServerStartError`.
-DEFAULT_START_TIMEOUT = 30.0
+#: Seconds a server may take to accept connections before :class:`ServerStartError`. A
+#: liveness bound, not a speed goal: a server starts in well under a second here, but in a
+#: container on a 2-core machine with parallel test runs ``docker run`` alone took 17 s; a
+#: server that exits is reported at once, so only a hung start waits this long.
+DEFAULT_START_TIMEOUT = 120.0
 #: Seconds a clean shutdown may take before the server is killed.
 DEFAULT_STOP_TIMEOUT = 15.0
 _TEMPLATE_BUILD_TIMEOUT = 300.0

@@ -94,8 +94,9 @@ AURORA_EXTENSIONS = (
 _SUPERUSER = "postgres"
 _SUPERUSER_PASSWORD = "postgres"
 _WRITER_SESSION_ID = "MASTER_SESSION_ID"
-# Seconds to wait for a reload, a replica to catch up or to stream, promotion.
-_SETTLE_TIMEOUT = 10.0
+# Seconds to wait for a reload, a replica to catch up or to stream (a liveness bound: about a
+# second on a quiet machine, much more for a standby that starts in a container under load).
+_SETTLE_TIMEOUT = 30.0
 _PROMOTE_TIMEOUT = 30
 
 # Settings every instance gets. Short retry intervals make readers follow a new writer within

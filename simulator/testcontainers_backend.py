@@ -29,7 +29,11 @@ How a container is run (through Testcontainers' ``DockerClient``, i.e. docker-py
   sees; the host IPC namespace keeps shared-memory cleanup the same as for a local server;
 * every :meth:`~DockerServer.start` runs a fresh container (the data lives in the bind
   mount); :meth:`~DockerServer.kill` is ``docker kill`` (SIGKILL), ``stop`` sends the
-  engine's shutdown signal, waits, then kills; the container is removed in both cases;
+  engine's shutdown signal, waits, then kills; both return once the server process is gone.
+  The exited container is removed in the background: on a loaded machine ``docker rm``
+  takes tens of seconds (the process died in a tenth of a second), which would turn a
+  simulated crash into a long stall of the control plane (a failover's promotion, a
+  rejoin's restart). A full :meth:`~DockerServer.stop` waits for those removals;
 * containers carry the label ``resilient_db.simulator`` (and their owner process): they are
   removed by :meth:`~DockerServer.stop`, by an ``atexit`` hook, by :func:`sweep_containers`
   (before every create: containers of dead owners) and by ``scripts/test`` at exit.
@@ -79,6 +83,9 @@ _OWNER_LABEL = "resilient_db.owner"
 # Seconds a daemon ping may take before Docker counts as unavailable.
 _PING_TIMEOUT = 5
 _CONTAINER_EXIT_TIMEOUT = 20.0
+# Seconds a full stop waits for the background removal of each exited container (docker rm
+# of a container whose process is gone: slow only on a loaded machine).
+_CONTAINER_REMOVE_TIMEOUT = 120.0
 
 
 def docker_unavailable_reason() -> str | None:
@@ -164,6 +171,7 @@ class DockerServer(LocalServer):
     image: str = ""
     container: Any = None
     _runs = 0
+    _removals: list[threading.Thread] | None = None
 
     @classmethod
     def create(cls, engine: Engine, flavour: str | None = None, *, host: str | None = None,
@@ -285,7 +293,8 @@ class DockerServer(LocalServer):
 
     def stop(self, *, cleanup: bool = True, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """The engine's shutdown signal, then SIGKILL after ``timeout`` seconds; the container
-        is removed; with ``cleanup`` also the files and the address (as for a local server)."""
+        is removed; with ``cleanup`` also the files and the address (as for a local server),
+        after every removal of this server's exited containers finished."""
         container = self.container
         if container is not None and self.is_running():
             with contextlib.suppress(Exception):  # it may exit on its own meanwhile
@@ -297,29 +306,57 @@ class DockerServer(LocalServer):
                                timeout)
         self._remove_container()
         if cleanup and not self._removed:
+            self._join_removals()
             self._remove_files()
 
     def _kill_process(self) -> None:
         self._remove_container()
 
     def _remove_container(self) -> None:
-        """SIGKILL and remove the current container; wait until its address is free."""
+        """SIGKILL the current container and wait until its process is gone (its address is
+        free then: host networking); remove the exited container in the background."""
         container = self.container
         if container is None:
             return
-        with contextlib.suppress(Exception):  # already gone is fine
-            container.remove(force=True, v=True)
+        with contextlib.suppress(Exception):  # already exited or gone is fine
+            container.kill()
         deadline = time.monotonic() + _CONTAINER_EXIT_TIMEOUT
         while True:
             try:
                 container.reload()
-            except Exception:  # docker.errors.NotFound: removed
+            except Exception:  # docker.errors.NotFound: gone already
+                break
+            if container.status not in ("created", "running", "restarting"):
                 break
             if time.monotonic() > deadline:
-                raise SimulatorError(f"container {container.name} of {self.name} is still "
-                                     f"there after {_CONTAINER_EXIT_TIMEOUT:.0f} s")
+                raise SimulatorError(f"container {container.name} of {self.name} still runs "
+                                     f"{_CONTAINER_EXIT_TIMEOUT:.0f} s after SIGKILL")
             time.sleep(0.05)
         self.container = None
+        self._remove_later(container)
+
+    def _remove_later(self, container: Any) -> None:
+        def remove() -> None:
+            try:
+                container.remove(force=True, v=True)
+            except Exception as exc:  # gone already; else sweep_containers gets it later
+                LOGGER.debug("removing container %s: %s", container.name, exc)
+
+        thread = threading.Thread(target=remove, name=f"rm-{container.name}", daemon=True)
+        thread.start()
+        if self._removals is None:
+            self._removals = []
+        self._removals = [t for t in self._removals if t.is_alive()] + [thread]
+
+    def _join_removals(self) -> None:
+        """Wait for the background removals (bounded: a container left behind is removed by
+        :func:`sweep_containers` once this process is gone)."""
+        for thread in self._removals or ():
+            thread.join(_CONTAINER_REMOVE_TIMEOUT)
+            if thread.is_alive():
+                LOGGER.warning("%s: container removal (%s) still running after %.0f s",
+                               self.name, thread.name, _CONTAINER_REMOVE_TIMEOUT)
+        self._removals = None
 
     def reload(self) -> None:
         """SIGHUP to the server in the container (PostgreSQL only), like ``pg_reload_conf()``."""

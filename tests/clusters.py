@@ -28,10 +28,13 @@ from typing import Any
 
 import pytest
 
-from simulator.cluster import Cluster
+from simulator.cluster import Cluster, ClusterError
 
-__all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "cluster_options",
-           "require_backend"]
+from .waiting import wait_until
+
+__all__ = ["BACKENDS", "Settle", "SharedCluster", "SharedClusters", "caught_up",
+           "cluster_options", "require_backend", "settle_global", "settle_roles",
+           "start_stopped"]
 
 #: ``params`` of a module-scoped fixture: every instance runtime a cluster can run on, and
 #: the local one proxied (the proxy does not depend on the runtime: one proxied run is
@@ -67,6 +70,66 @@ LOGGER = logging.getLogger("tests.clusters")
 #: ``settle(cluster, instance_ids)``: bring ``cluster`` back to the instances it started with
 #: (``instance_ids``), every one in a role and replicating; raise if it cannot.
 Settle = Callable[[Cluster, frozenset[str]], None]
+
+
+def caught_up(cluster: Cluster) -> bool:
+    """Every reader has received everything the writer has (the engine's replication
+    position: PostgreSQL's LSN, MariaDB's GTID sequence)."""
+    engine = cluster.engine
+    target = engine.replication_position(cluster.writer)
+    if target is None:
+        return False
+    for reader in cluster.readers:
+        position = engine.replication_position(reader)
+        if position is None or position < target:
+            return False
+    return True
+
+
+def start_stopped(cluster: Cluster) -> None:
+    """Start every stopped instance in its role (:meth:`Cluster.start_instance`). A rejoin
+    the cluster has scheduled (after a failover) may run first: an instance it brought back
+    is left alone."""
+    for instance in list(cluster.instances.values()):
+        if instance.role == "stopped":
+            try:
+                cluster.start_instance(instance.id)
+            except ClusterError:
+                if instance.role == "stopped":
+                    raise  # not the scheduled rejoin that won the race
+
+
+def settle_roles(cluster: Cluster, instance_ids: frozenset[str]) -> None:
+    """A ``settle`` for modules whose tests accept any writer: the instances the cluster
+    started with, every one running in a role (:func:`start_stopped`), the writer writable,
+    every reader following it."""
+    assert set(cluster.instances) == instance_ids, (
+        f"instances {sorted(cluster.instances)}, expected {sorted(instance_ids)}")
+    start_stopped(cluster)
+    cluster.make_writer_read_only(False)
+    wait_until("readers following the writer", cluster.settled)
+
+
+def settle_global(primary_region: str, writer: str) -> Settle:
+    """The ``settle`` of a shared Global Database: every instance it started with running
+    in a role (a region lost in a global failover restored, a killed or stopped instance
+    rejoined), ``primary_region`` primary again (a global switchover back) with ``writer``
+    its writer (a graceful failover to it within the region), the writer writable, and
+    every reader following the writer and caught up with it."""
+
+    def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
+        # An instance lost with its region, or killed, rejoins here.
+        settle_roles(cluster, instance_ids)
+        if cluster.primary_region != primary_region:
+            cluster.switchover_global(primary_region)
+            wait_until("readers following the writer", cluster.settled)
+        if cluster.writer.id != writer:
+            cluster.failover(target=writer, mode="graceful")
+            wait_until("readers following the writer", cluster.settled)
+        cluster.make_writer_read_only(False)
+        wait_until("every reader caught up with the writer", lambda: caught_up(cluster))
+
+    return settle
 
 
 class SharedCluster(AbstractContextManager["SharedCluster"]):

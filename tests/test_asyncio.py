@@ -23,6 +23,7 @@ from resilient_db import AsyncConnectionProxy
 from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .clusters import SharedCluster, settle_roles
 from .waiting import wait_until
 
 pytestmark = pytest.mark.real_server
@@ -52,23 +53,16 @@ def _stop_monitors() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def module_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as started:
-        yield started
+def module_cluster() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=TIMELINE),
+                       settle_roles) as shared:
+        yield shared
 
 
 @pytest.fixture
-def cluster(module_cluster: Cluster) -> Iterator[Cluster]:
-    settle(module_cluster)
-    yield module_cluster
-    settle(module_cluster)
-
-
-def settle(cluster: Cluster) -> None:
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    cluster.make_writer_read_only(False)
-    wait_until("readers following the writer", cluster.settled)
+def cluster(module_cluster: SharedCluster) -> Iterator[Cluster]:
+    """The module's cluster, settled before and after the test (tests/clusters.py)."""
+    yield from module_cluster.fixture()
 
 
 def kwargs_for(cluster: Cluster, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:

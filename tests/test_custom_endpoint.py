@@ -34,6 +34,7 @@ from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
 from .aws import TEST_CREDENTIALS, ClusterEndpoints, cluster_endpoints, mirror_cluster, moto_server
+from .clusters import SharedCluster, settle_roles
 from .waiting import wait_until
 
 TIMELINE = Timeline(detection_delay=0.2, dns_staleness=0.0, rejoin_delay=0.3)
@@ -71,18 +72,26 @@ def aws() -> Iterator[Aws]:
             custom_endpoint.forget_clients()
 
 
-@pytest.fixture(scope="module")
-def pg_cluster(aws: Aws) -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as cluster:
+def _start(flavour: str, aws: Aws) -> Cluster:
+    cluster = Cluster.start(flavour, readers=2, timeline=TIMELINE)
+    try:
         mirror_cluster(aws.rds, cluster)
-        yield cluster
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 @pytest.fixture(scope="module")
-def mysql_cluster(aws: Aws) -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE) as cluster:
-        mirror_cluster(aws.rds, cluster)
-        yield cluster
+def pg_cluster(aws: Aws) -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: _start("aurora-pg", aws), settle_roles) as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def mysql_cluster(aws: Aws) -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: _start("aurora-mysql", aws), settle_roles) as shared:
+        yield shared
 
 
 @dataclass
@@ -136,33 +145,29 @@ class Env:
         return str(row[0])
 
 
-def settle(env: Env) -> None:
+def close_connections(env: Env) -> None:
     for conn in env.opened:
         with contextlib.suppress(Exception):
             conn.close()
     env.opened.clear()
-    cluster = env.cluster
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    wait_until("readers following the writer", cluster.settled)
 
 
 @pytest.fixture(params=["pg", "mysql"])
 def env(request: pytest.FixtureRequest, aws: Aws) -> Iterator[Env]:
+    shared: SharedCluster = request.getfixturevalue(f"{request.param}_cluster")
+    cluster = shared.acquire()
     if request.param == "pg":
-        environment = Env("pg", request.getfixturevalue("pg_cluster"), aws,
+        environment = Env("pg", cluster, aws,
                           psycopg.Connection.connect, {},
                           "SELECT pg_catalog.aurora_db_instance_identifier()")
     else:
-        environment = Env("mysql", request.getfixturevalue("mysql_cluster"), aws,
+        environment = Env("mysql", cluster, aws,
                           mysql.connector.connect,
                           {"use_pure": True, "aurora_mysql_lookalike_schema": "aurora_sim"},
                           "SELECT aurora_sim.aurora_server_id()")
-    settle(environment)
-    try:
-        yield environment
-    finally:
-        settle(environment)
+    yield environment
+    close_connections(environment)
+    shared.release()
 
 
 def plugin_of(conn: resilient_db.ConnectionProxy) -> CustomEndpointPlugin:
@@ -433,13 +438,14 @@ def test_simulator_custom_endpoint_names_follow_members_and_roles(env: Env) -> N
      "not both"),
 ])
 @pytest.mark.real_server
-def test_simulator_refuses_bad_custom_endpoints(pg_cluster: Cluster, kwargs: dict[str, Any],
-                                                message: str) -> None:
+def test_simulator_refuses_bad_custom_endpoints(pg_cluster: SharedCluster,
+                                                kwargs: dict[str, Any], message: str) -> None:
     from simulator.cluster import ClusterError
 
+    cluster = pg_cluster.acquire()
     with pytest.raises(ClusterError, match=message):
-        pg_cluster.create_custom_endpoint(**kwargs)
-    assert "ok" not in pg_cluster.custom_endpoints
+        cluster.create_custom_endpoint(**kwargs)
+    assert "ok" not in cluster.custom_endpoints
 
 
 # --- configuration ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from resilient_db.hosts import Role
 from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .clusters import SharedCluster, settle_roles
 from .waiting import wait_until
 
 pytestmark = pytest.mark.real_server
@@ -103,18 +104,11 @@ def plugin(conn: resilient_db.ConnectionProxy) -> FailoverPlugin:
     return found
 
 
-def settle(env: Env) -> None:
-    """Undo what a test left: every instance back in a role, readers following the writer,
-    a writable writer, connections closed."""
+def close_connections(env: Env) -> None:
     for conn in env.opened:
         with contextlib.suppress(Exception):
             conn.close()
     env.opened.clear()
-    cluster = env.cluster
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    cluster.make_writer_read_only(False)
-    wait_until("readers following the writer", cluster.settled)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,15 +119,17 @@ def _stop_monitors() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as cluster:
-        yield cluster
+def pg_cluster() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=TIMELINE),
+                       settle_roles) as shared:
+        yield shared
 
 
 @pytest.fixture(scope="module")
-def mysql_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE) as cluster:
-        yield cluster
+def mysql_cluster() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE),
+                       settle_roles) as shared:
+        yield shared
 
 
 def _pg_read_only(exc: BaseException) -> bool:
@@ -147,7 +143,8 @@ def _mysql_read_only(exc: BaseException) -> bool:
 @pytest.fixture(params=["pg", "mysql"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     if request.param == "pg":
-        cluster = request.getfixturevalue("pg_cluster")
+        shared: SharedCluster = request.getfixturevalue("pg_cluster")
+        cluster = shared.acquire()
         environment = Env(
             "pg", cluster, psycopg.Connection.connect, {},
             "SELECT pg_catalog.aurora_db_instance_identifier()", psycopg.OperationalError,
@@ -155,18 +152,17 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
             "INSERT INTO {t} VALUES (%s, pg_catalog.aurora_db_instance_identifier()) "
             "ON CONFLICT DO NOTHING")
     else:
-        cluster = request.getfixturevalue("mysql_cluster")
+        shared = request.getfixturevalue("mysql_cluster")
+        cluster = shared.acquire()
         environment = Env(
             "mysql", cluster, mysql.connector.connect,
             {"use_pure": True, "aurora_mysql_lookalike_schema": "aurora_sim"},
             "SELECT aurora_sim.aurora_server_id()", mysql.connector.errors.OperationalError,
             mysql.connector.Error, _mysql_read_only,
             "INSERT IGNORE INTO {t} VALUES (%s, aurora_sim.aurora_server_id())")
-    settle(environment)
-    try:
-        yield environment
-    finally:
-        settle(environment)
+    yield environment
+    close_connections(environment)
+    shared.release()
 
 
 def insert(env: Env, cur: Any, table: str, key: int) -> None:

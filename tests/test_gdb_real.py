@@ -24,6 +24,7 @@ from resilient_db import topology
 from resilient_db.plugins.gdb_failover import GdbFailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .clusters import SharedCluster, settle_global
 from .waiting import wait_until
 
 pytestmark = pytest.mark.real_server
@@ -90,33 +91,17 @@ class Env:
         return rows
 
 
-def settle(env: Env) -> None:
-    """Back to the module's invariant: us-east-1 primary, every instance running and
-    following the writer, connections closed."""
+#: The module's invariant, restored before and after each test (tests/clusters.py): the
+#: instances it started with, us-east-1 primary with instance-1 its writer, every reader
+#: following it and caught up.
+settle_cluster = settle_global(HOME, "instance-1")
+
+
+def close_connections(env: Env) -> None:
     for conn in env.opened:
         with contextlib.suppress(Exception):
             conn.close()
     env.opened.clear()
-    cluster = env.cluster
-    for instance in cluster.instances.values():
-        if instance.role == "stopped":
-            if instance.extra.get("previous_role") is None:  # lost with its region
-                cluster.restore_region(cluster.region_of(instance))
-            else:
-                cluster.start_instance(instance.id)
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    wait_until("readers following the writer", cluster.settled)
-    if cluster.primary_region != HOME:
-        cluster.switchover_global(HOME)
-        wait_until("every instance back in a role",
-                   lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-        wait_until("readers following the writer", cluster.settled)
-    cluster.make_writer_read_only(False)
-    # The switchover back happened behind the topology monitors' back (no connection saw
-    # it): without this, the next test would start from a monitor naming the old writer
-    # until its next refresh.
-    topology.stop_all()
 
 
 def _start(flavour: str) -> Cluster:
@@ -136,22 +121,30 @@ def _stop_monitors() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def pg_global() -> Iterator[Cluster]:
-    with _start("aurora-pg") as cluster:
-        yield cluster
+def pg_global() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: _start("aurora-pg"), settle_cluster) as shared:
+        yield shared
 
 
 @pytest.fixture(scope="module")
-def mysql_global() -> Iterator[Cluster]:
-    with _start("aurora-mysql") as cluster:
-        yield cluster
+def mysql_global() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: _start("aurora-mysql"), settle_cluster) as shared:
+        yield shared
 
 
 @pytest.fixture(params=["pg", "mysql"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """The module's global database, settled before and after the test (a cluster that cannot
+    be settled is replaced, and the test that broke it fails at teardown: tests/clusters.py),
+    with fresh topology monitors: settling may have switched the writer back behind their
+    back, and a monitor naming the old writer would mislead the next test until its next
+    refresh."""
+    shared: SharedCluster = request.getfixturevalue(f"{request.param}_global")
+    cluster = shared.acquire()
+    topology.stop_all()
     if request.param == "pg":
         environment = Env(
-            "pg", request.getfixturevalue("pg_global"), psycopg.Connection.connect, {},
+            "pg", cluster, psycopg.Connection.connect, {},
             "SELECT pg_catalog.aurora_db_instance_identifier()",
             "SELECT pg_catalog.pg_is_in_recovery()::int",
             "INSERT INTO {t} VALUES (%s, pg_catalog.aurora_db_instance_identifier()) "
@@ -159,17 +152,18 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
             lambda exc: isinstance(exc, psycopg.errors.ReadOnlySqlTransaction))
     else:
         environment = Env(
-            "mysql", request.getfixturevalue("mysql_global"), mysql.connector.connect,
+            "mysql", cluster, mysql.connector.connect,
             {"use_pure": True, "aurora_mysql_lookalike_schema": "aurora_sim"},
             "SELECT aurora_sim.aurora_server_id()", "SELECT @@read_only",
             "INSERT IGNORE INTO {t} VALUES (%s, aurora_sim.aurora_server_id())",
             lambda exc: isinstance(exc, mysql.connector.Error) and exc.errno in (
                 1290, 1792, 1836))
-    settle(environment)
+    yield environment
+    close_connections(environment)
     try:
-        yield environment
+        shared.release()
     finally:
-        settle(environment)
+        topology.stop_all()
 
 
 def gdb(conn: resilient_db.ConnectionProxy) -> GdbFailoverPlugin:
@@ -214,6 +208,20 @@ def test_global_topology_lists_every_region(env: Env) -> None:
         assert [(r[0], r[1] == "MASTER_SESSION_ID", r[2]) for r in rows] == [
             ("instance-1", True, HOME), ("instance-2", False, HOME),
             ("instance-3", False, AWAY)]
+
+
+def test_settle_brings_back_the_home_writer(env: Env) -> None:
+    """What a test may leave behind (the primary region moved away, an instance killed) is
+    undone by the module's settle: the next test starts from instance-1 writing in
+    us-east-1 (tests/clusters.py)."""
+    cluster = env.cluster
+    cluster.switchover_global(AWAY)
+    cluster.kill_instance("instance-2")
+    assert cluster.primary_region == AWAY and cluster.writer.id == "instance-3"
+    settle_cluster(cluster, frozenset(cluster.instances))
+    assert cluster.primary_region == HOME and cluster.writer.id == "instance-1"
+    assert cluster.settled()
+    assert sorted(r.id for r in cluster.readers) == ["instance-2", "instance-3"]
 
 
 def wait_until_rows(cur: Any, sql: str, count: int) -> list[tuple[Any, ...]]:

@@ -25,6 +25,7 @@ from simulator.runtime import Engine, InstanceRuntime
 from simulator.testcontainers_backend import (
     CONTAINER_LABEL,
     DockerServer,
+    _docker,
     bridge_addresses,
     docker_unavailable_reason,
 )
@@ -292,6 +293,29 @@ def test_docker_server_runs_as_its_own_user_on_host_networking_only(
     finally:
         server.stop()
     assert server.container is None
+
+
+@pytest.mark.docker
+def test_docker_server_kill_returns_once_the_process_is_gone_and_stop_removes_every_container(
+        docker_daemon: None) -> None:
+    """A kill (a simulated crash) does not wait for ``docker rm`` (tens of seconds on a loaded
+    machine); the exited containers are removed by the time a full stop returns."""
+    server = DockerServer.create("postgresql")
+    try:
+        server.start(timeout=START_TIMEOUT)
+        first = server.container.name
+        server.kill()
+        assert not server.is_running() and server.pid is None
+        with pytest.raises(OSError):  # nothing listens: the process is gone
+            socket.create_connection((server.host, server.port), timeout=5).close()
+        server.start(timeout=START_TIMEOUT)
+        assert server.container.name != first
+        assert _rows(server, "SELECT 1") == [(1,)]
+    finally:
+        server.stop()
+    left = _docker().containers.list(all=True,
+                                     filters={"label": f"{CONTAINER_LABEL}={server.name}"})
+    assert [c.name for c in left] == []
 
 
 @pytest.mark.unit
