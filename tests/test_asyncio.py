@@ -619,8 +619,11 @@ def test_cancelling_statements_at_every_await_leaves_a_clear_state(cluster: Clus
         efm = conn.resilient.plugin("efm")
         cancels = 0
         for key, (steps, delay) in enumerate(_schedule()):
-            done = await _cancel_after(steps, work(conn, key), delay) is not None or (
-                not await _was_cancelled(conn, table, key))
+            # Only a unit that finished before its cancel ends the schedule: a cancel that
+            # lands after the server committed (the row is there, the task still cancelled;
+            # more likely on a loaded machine, where one loop turn covers more I/O) is one
+            # more cancellation point, checked like the others.
+            done = await _cancel_after(steps, work(conn, key), delay) is not None
             assert efm.due == float("inf"), "the cancelled statement is still registered"
             if conn.resilient.raw.closed:
                 pytest.fail(f"psycopg closed the connection after a cancel at {steps} + "
@@ -640,12 +643,6 @@ def test_cancelling_statements_at_every_await_leaves_a_clear_state(cluster: Clus
     assert run(main()) >= 5
     no_sessions_left(cluster)
     assert foreign_threads() <= threads
-
-
-async def _was_cancelled(conn: AsyncConnectionProxy, table: str, key: int) -> bool:
-    cur = await conn.execute(f"SELECT count(*) FROM {table} WHERE id = %s", (key,))
-    row = await cur.fetchone()
-    return bool(row[0] == 0)
 
 
 def test_cancelling_a_slow_commit_cancels_it_on_the_server(cluster: Cluster) -> None:
