@@ -23,7 +23,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
+
+from simulator.pump import Chunk, Link, close_listener, dial, read_chunks
 
 LOGGER = logging.getLogger("chaos.netfault")
 
@@ -50,80 +53,49 @@ class Toxics:
         return self.delay
 
 
-@dataclasses.dataclass
-class _Chunk:
-    due: float
-    data: bytes  # b"" is end of stream
+def _due_stamps(toxics: Toxics) -> Callable[[], float]:
+    """A reader's ``stamp``: when a chunk read now is due (its delay drawn at arrival)."""
+    last_due = 0.0
+
+    def stamp() -> float:
+        nonlocal last_due
+        # Never reorder: a chunk is due no earlier than the one before it.
+        last_due = max(last_due, time.monotonic() + toxics.next_delay())
+        return last_due
+    return stamp
 
 
-class _Link:
+class _Link(Link):
     """One proxied connection: the client's socket and ours to the server."""
 
     def __init__(self, proxy: ToxicProxy, client: socket.socket, server: socket.socket) -> None:
-        self.proxy = proxy
-        self.client = client
-        self.server = server
-        self._closed = threading.Event()
-        self._open_directions = 2
-        self._lock = threading.Lock()
+        super().__init__(client, server, proxy._forget)
         for src, dst, toxics in ((client, server, proxy.upstream),
                                  (server, client, proxy.downstream)):
-            chunks: queue.SimpleQueue[_Chunk] = queue.SimpleQueue()
-            threading.Thread(target=self._read, args=(src, chunks, toxics), daemon=True,
+            chunks: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+            threading.Thread(target=read_chunks,
+                             args=(src, chunks.put, _CHUNK, _due_stamps(toxics)), daemon=True,
                              name="netfault-proxy-read").start()
             threading.Thread(target=self._write, args=(dst, chunks, toxics), daemon=True,
                              name="netfault-proxy-write").start()
 
-    def _read(self, src: socket.socket, chunks: queue.SimpleQueue[_Chunk],
-              toxics: Toxics) -> None:
-        last_due = 0.0
-        while True:
-            try:
-                data = src.recv(_CHUNK)
-            except OSError:
-                data = b""
-            # Never reorder: a chunk is due no earlier than the one before it.
-            last_due = max(last_due, time.monotonic() + toxics.next_delay())
-            chunks.put(_Chunk(last_due, data))
-            if not data:
-                return
-
-    def _write(self, dst: socket.socket, chunks: queue.SimpleQueue[_Chunk],
+    def _write(self, dst: socket.socket, chunks: queue.SimpleQueue[Chunk],
                toxics: Toxics) -> None:
-        while not self._closed.is_set():
+        while not self.closed.is_set():
             chunk = chunks.get()
-            wait = chunk.due - time.monotonic()
-            if wait > 0 and self._closed.wait(wait):
+            wait = chunk.stamp - time.monotonic()  # the stamp is when it is due
+            if wait > 0 and self.closed.wait(wait):
                 return
             if not chunk.data:
-                with contextlib.suppress(OSError):
-                    dst.shutdown(socket.SHUT_WR)  # pass the half-close on
-                self._direction_done()
+                self.half_close(dst)
                 return
             try:
                 dst.sendall(chunk.data)
             except OSError:
                 self.close()
                 return
-            if toxics.rate and self._closed.wait(len(chunk.data) / toxics.rate):
+            if toxics.rate and self.closed.wait(len(chunk.data) / toxics.rate):
                 return
-
-    def _direction_done(self) -> None:
-        with self._lock:
-            self._open_directions -= 1
-            done = self._open_directions == 0
-        if done:
-            self.close()
-
-    def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        for sock in (self.client, self.server):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self.proxy._forget(self)
 
 
 class ToxicProxy:
@@ -170,19 +142,9 @@ class ToxicProxy:
                 self._links.add(_Link(self, client, server))
 
     def _connect_upstream(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, UPSTREAM_MARK)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.connect_timeout)
-            sock.connect(self.upstream_address)
-            sock.settimeout(None)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return dial(self.upstream_address, self.connect_timeout, mark=UPSTREAM_MARK)
 
-    def _forget(self, link: _Link) -> None:
+    def _forget(self, link: Link) -> None:
         with self._lock:
             self._links.discard(link)
 
@@ -194,9 +156,7 @@ class ToxicProxy:
 
     def stop_accepting(self) -> None:
         """Close the listener; proxied connections go on."""
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; close won't
-        self._listener.close()
+        close_listener(self._listener)
 
     def set_toxics(self, upstream: Toxics, downstream: Toxics) -> None:
         """Apply new toxics to every connection, existing and future."""

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .drivers.base import DriverDialect
 
 __all__ = ["FIRST_RESTART_BACKOFF", "MAX_RESTART_BACKOFF", "MIN_WAIT", "Monitor",
-           "MonitorRegistry", "SupervisedMonitor"]
+           "MonitorRegistry", "SupervisedMonitor", "supervise"]
 
 
 class Monitor(Protocol):
@@ -117,6 +117,24 @@ MAX_RESTART_BACKOFF = 5.0
 MIN_WAIT = 0.01
 
 _INF = float("inf")
+
+
+def supervise(run: Callable[[], None], stopping: threading.Event,
+              crashed: Callable[[Exception, float], None]) -> None:
+    """Run ``run`` until it returns or ``stopping`` is set: an exception escaping it is
+    handed to ``crashed(exc, backoff)`` (count, log, record, close what it held) and ``run``
+    starts again after ``backoff`` seconds (:data:`FIRST_RESTART_BACKOFF`, doubled per crash
+    in a row up to :data:`MAX_RESTART_BACKOFF`; the wait ends early on ``stopping``). The
+    supervision loop of every background monitor thread."""
+    backoff = FIRST_RESTART_BACKOFF
+    while not stopping.is_set():
+        try:
+            run()
+            return
+        except Exception as exc:
+            crashed(exc, backoff)
+            stopping.wait(backoff)
+            backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
 
 
 class SupervisedMonitor:
@@ -339,19 +357,14 @@ class SupervisedMonitor:
             from .telemetry.context import suppress_for_thread  # not at import: OpenTelemetry
 
             suppress_for_thread()  # internal statements: no instrumentation spans
-        backoff = FIRST_RESTART_BACKOFF
-        while not self._stopping.is_set():
-            try:
-                self._run()
-                return
-            except Exception as exc:
-                self.crashes += 1
-                self._log.warning("%s crashed (%d so far); restarting in %.1f s", self._label,
-                                  self.crashes, backoff, exc_info=True)
-                self._record_restart(exc, backoff)
-                self._close()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
+        supervise(self._run, self._stopping, self._crashed)
+        self._close()
+
+    def _crashed(self, exc: Exception, backoff: float) -> None:
+        self.crashes += 1
+        self._log.warning("%s crashed (%d so far); restarting in %.1f s", self._label,
+                          self.crashes, backoff, exc_info=True)
+        self._record_restart(exc, backoff)
         self._close()
 
     def _run(self) -> None:

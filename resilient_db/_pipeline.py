@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from ._decisions import Decision, get_decision_sink
 from ._open_counts import note_opened
@@ -307,6 +307,56 @@ def _run_call(call: Call) -> Any:
 #: The innermost handler of every execute chain: runs the driver call. A ``wrap_execute``
 #: layer whose ``proceed is RUN_CALL`` may call ``call.fn`` itself and save a frame.
 RUN_CALL: Handler = _run_call
+
+#: What an :func:`guarded_execute` error hook returns to let the driver's error go up
+#: untouched (any other value is the call's result, e.g. that of a transparent retry).
+RERAISE: Final[Any] = object()
+
+
+class TxSnapshotHolder(Protocol):
+    """Where :func:`guarded_execute` keeps the driver's transaction snapshot taken before the
+    current call (the plugin instance; its error hook reads it)."""
+
+    _tx_before: Any
+
+
+def guarded_execute(
+    proceed: Handler,
+    state: TxSnapshotHolder,
+    snapshot: Callable[[Any], Any] | None,
+    on_error: Callable[[Call, Exception, Handler], Any],
+) -> Handler:
+    """An execute layer that keeps ``snapshot(call.raw)`` (the driver's cheap transaction
+    snapshot, ``None``: the driver needs none) in ``state._tx_before``, runs the rest of the
+    chain (``proceed``; the driver call itself when ``proceed`` is :data:`RUN_CALL`, one frame
+    less) and hands an ``Exception`` to ``on_error(call, exc, proceed)``: its :data:`RERAISE`
+    re-raises the error untouched, any other value is returned. For the plugins that fail a
+    connection over (``failover``, ``limitless``)."""
+    if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
+        def handler(call: Call) -> Any:
+            if snapshot is not None:
+                state._tx_before = snapshot(call.raw)
+            try:
+                kwargs = call.kwargs
+                return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
+            except Exception as exc:
+                result = on_error(call, exc, proceed)
+                if result is RERAISE:
+                    raise
+                return result
+        return handler
+
+    def chained(call: Call) -> Any:
+        if snapshot is not None:
+            state._tx_before = snapshot(call.raw)
+        try:
+            return proceed(call)
+        except Exception as exc:
+            result = on_error(call, exc, proceed)
+            if result is RERAISE:
+                raise
+            return result
+    return chained
 
 
 def _link_connect(plugin: Plugin, proceed: ConnectHandler) -> ConnectHandler:

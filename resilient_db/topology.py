@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from . import _lifecycle
 from ._decisions import Decision, decision_span, get_decision_sink
 from ._flows import Rows, run_sync
-from ._monitors import MonitorRegistry
+from ._monitors import MonitorRegistry, supervise
 from ._pipeline import HostSpec
 from .dialects.base import DatabaseDialect, QueryDriver, Topology
 from .errors import ConnectAttempt
@@ -84,8 +84,6 @@ MONITOR_APPLICATION_NAME = "resilient_db-topology"
 #: A high-rate episode nobody waits for falls back to the normal rate after this many seconds
 #: (the next normal refresh starts a new one if the writer is still missing).
 EPISODE_LIMIT = 30.0
-#: Longest pause before a crashed monitor thread is restarted.
-MAX_RESTART_BACKOFF = 5.0
 
 
 # --- addressing and reading --------------------------------------------------------------------
@@ -591,25 +589,20 @@ class TopologyMonitor:
         from .telemetry.context import suppress_for_thread
 
         suppress_for_thread()  # internal statements only on this thread
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                self._run()
-                return
-            except Exception:
-                self.crashes += 1
-                get_decision_sink().record(Decision(
-                    "topology.monitor_restarted", "failover",
-                    {"resilient_db.topology.cluster": self.key,
-                     "resilient_db.monitor.crashes": self.crashes}))
-                log.warning("topology monitor %s crashed (%d so far); restarting in %.1f s",
-                            self.key, self.crashes, backoff, exc_info=True)
-                self._close_main()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
+        supervise(self._run, self._stopping, self._crashed)
         with self._cond:
             if self._thread is threading.current_thread():
                 self._thread = None
+
+    def _crashed(self, exc: Exception, backoff: float) -> None:
+        self.crashes += 1
+        get_decision_sink().record(Decision(
+            "topology.monitor_restarted", "failover",
+            {"resilient_db.topology.cluster": self.key,
+             "resilient_db.monitor.crashes": self.crashes}))
+        log.warning("topology monitor %s crashed (%d so far); restarting in %.1f s",
+                    self.key, self.crashes, backoff, exc_info=True)
+        self._close_main()
 
     def _live(self) -> list[Any]:
         return list(self._subscribers)

@@ -49,24 +49,31 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from ._addresses import ProcessIdentity
 from .cluster import ClusterError, Naming
 from .events import Event, EventLog
 from .local import LocalServer
 from .names import HostsFile
-from .pg_cluster import APP_PASSWORD, APP_USER, AURORA_EXTENSIONS, INSTANCE_ID_SETTING
+from .pg_cluster import (
+    APP_PASSWORD,
+    APP_USER,
+    AURORA_EXTENSIONS,
+    AURORA_IDENTITY_FUNCTIONS,
+    END_CLIENT_SESSIONS,
+    INSTANCE_ID_SETTING,
+    INTERFACE_DATABASES,
+    install_interface,
+    launch,
+    superuser_connection,
+)
 
 __all__ = ["Router", "ShardGroup"]
 
 LOGGER = logging.getLogger("resilient_db.simulator")
 
-_SUPERUSER = "postgres"
-#: Databases that get the interface.
-_DATABASES = ("test", "postgres")
 
-_INTERFACE = f"""\
+_INTERFACE = """\
 CREATE SCHEMA rds_sim;
 REVOKE ALL ON SCHEMA rds_sim FROM PUBLIC;
 COMMENT ON SCHEMA rds_sim IS 'resilient_db simulator: router list written by the control plane';
@@ -82,14 +89,7 @@ RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
   SELECT r.router_endpoint, r.load FROM rds_sim.limitless_routers AS r ORDER BY r.ord
 $$;
-CREATE FUNCTION pg_catalog.aurora_db_instance_identifier() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT current_setting('{INSTANCE_ID_SETTING}')
-$$;
-CREATE FUNCTION pg_catalog.aurora_version() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT split_part(current_setting('server_version'), ' ', 1) || '.1'
-$$;
+""" + AURORA_IDENTITY_FUNCTIONS + """\
 RESET allow_system_table_mods;
 """
 
@@ -165,30 +165,15 @@ class ShardGroup:
     def _create_router(self, router_id: str) -> Router:
         settings = {INSTANCE_ID_SETTING: router_id, "rds.extensions": AURORA_EXTENSIONS,
                     "log_min_messages": "warning"}
-        server = LocalServer.create("postgresql", "rds-pg", port=self.port, settings=settings,
-                                    name=f"{self.name}-{router_id}")
-        try:
-            server.start()
-            if self.port is None:
-                self.port = server.port
-            router = Router(router_id, server, self.naming.instance(router_id))
-            self.routers[router_id] = router
-            self._install(router)
-        except BaseException:
-            server.stop()
-            raise
+        server = launch(LocalServer, "rds-pg", port=self.port, settings=settings,
+                        name=f"{self.name}-{router_id}",
+                        setup=lambda started: install_interface(started, _INTERFACE))
+        if self.port is None:
+            self.port = server.port
+        router = Router(router_id, server, self.naming.instance(router_id))
+        self.routers[router_id] = router
         self.events.record("router_started", router_id, address=router.address)
         return router
-
-    def _install(self, router: Router) -> None:
-        with self._connect(router, "postgres") as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(APP_USER), sql.Literal(APP_PASSWORD)))
-            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
-                sql.Identifier(router.runtime.database), sql.Identifier(APP_USER)))
-        for dbname in _DATABASES:
-            with self._connect(router, dbname) as conn, conn.transaction():
-                conn.execute(_INTERFACE.encode())
 
     def stop(self) -> None:
         """Stop every router and remove the names. Idempotent."""
@@ -318,10 +303,7 @@ class ShardGroup:
         with self._lock:
             since = time.monotonic()
             with self._connect(self.router(router_id)) as conn:
-                conn.execute(
-                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity"
-                    " WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()"
-                    " AND application_name <> 'resilient_db-sim'")
+                conn.execute(END_CLIENT_SESSIONS)
             self.events.record("router_sessions_ended", router_id)
             return self.events.events(since=since)
 
@@ -352,15 +334,8 @@ class ShardGroup:
     @contextlib.contextmanager
     def _connect(self, router: Router, dbname: str = "test",
                  timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
-        server = router.runtime
-        conn = psycopg.connect(host=str(server.socket_dir), port=server.port, user=_SUPERUSER,
-                               dbname=dbname, autocommit=True,
-                               connect_timeout=max(1, round(timeout)),
-                               application_name="resilient_db-sim")
-        try:
+        with superuser_connection(router.runtime, dbname, timeout) as conn:
             yield conn
-        finally:
-            conn.close()
 
     def _publish(self) -> None:
         """Write the router list to every running router."""
@@ -368,7 +343,7 @@ class ShardGroup:
         for router in self.routers.values():
             if not router.running:
                 continue
-            for dbname in _DATABASES:
+            for dbname in INTERFACE_DATABASES:
                 with self._connect(router, dbname) as conn, conn.transaction():
                     conn.execute("DELETE FROM rds_sim.limitless_routers")
                     with conn.cursor() as cur:

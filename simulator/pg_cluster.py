@@ -43,7 +43,7 @@ import secrets
 import struct
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,11 +61,16 @@ __all__ = [
     "APP_PASSWORD",
     "APP_USER",
     "AURORA_EXTENSIONS",
+    "AURORA_IDENTITY_FUNCTIONS",
+    "END_CLIENT_SESSIONS",
     "INSTANCE_ID_SETTING",
     "INTERFACE_DATABASES",
     "RESOURCE_ID_SETTING",
     "PgClusterEngine",
+    "install_interface",
+    "launch",
     "resource_id",
+    "superuser_connection",
 ]
 
 LOGGER = logging.getLogger("resilient_db.simulator")
@@ -121,6 +126,26 @@ def resource_id(cluster_id: str, instance_id: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # The catalog interface
+
+#: ``aurora_db_instance_identifier()`` (the instance id setting) and ``aurora_version()``, as
+#: an Aurora PostgreSQL instance and a Limitless router have them (created in ``pg_catalog``:
+#: between ``SET`` and ``RESET allow_system_table_mods``).
+AURORA_IDENTITY_FUNCTIONS = f"""\
+CREATE FUNCTION pg_catalog.aurora_db_instance_identifier() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT current_setting('{INSTANCE_ID_SETTING}')
+$$;
+CREATE FUNCTION pg_catalog.aurora_version() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT split_part(current_setting('server_version'), ' ', 1) || '.1'
+$$;
+"""
+
+#: Ends every application session (not the simulator's own, ``resilient_db-sim``).
+END_CLIENT_SESSIONS = (
+    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+    "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() "
+    "AND application_name <> 'resilient_db-sim'")
 
 _INTERNAL_SCHEMA = """\
 CREATE SCHEMA rds_sim;
@@ -226,14 +251,7 @@ SET search_path = pg_catalog, pg_temp AS $$
                        ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint AS lsn) AS l
    ORDER BY r.ord
 $$;
-CREATE FUNCTION pg_catalog.aurora_db_instance_identifier() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT current_setting('{INSTANCE_ID_SETTING}')
-$$;
-CREATE FUNCTION pg_catalog.aurora_version() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT split_part(current_setting('server_version'), ' ', 1) || '.1'
-$$;
+""" + AURORA_IDENTITY_FUNCTIONS + """\
 CREATE FUNCTION pg_catalog.get_blue_green_fast_switchover_metadata(
     client_id text, OUT version text, OUT endpoint text, OUT port integer, OUT role text,
     OUT status text)
@@ -380,6 +398,66 @@ class _State:
     stopped_at: datetime.datetime | None = None
 
 
+# --------------------------------------------------------------------------------------------
+# Launching a server (cluster instances and Limitless routers)
+
+
+def launch(server_class: type[LocalServer], flavour: str, *, port: int | None,
+           settings: Mapping[str, str], name: str,
+           provision: Callable[[LocalServer], None] | None = None,
+           prepare: Callable[[LocalServer], None] | None = None,
+           setup: Callable[[LocalServer], None] | None = None) -> LocalServer:
+    """A PostgreSQL server of ``flavour`` (see :meth:`LocalServer.create` for ``port``,
+    ``settings``, ``name``, ``provision``), started: ``prepare(server)`` before the start and
+    ``setup(server)`` after it (``None``: nothing); stopped again if any step fails."""
+    server = server_class.create("postgresql", flavour, port=port, settings=settings,
+                                 name=name, provision=provision)
+    try:
+        if prepare is not None:
+            prepare(server)
+        server.start()
+        if setup is not None:
+            setup(server)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def superuser_connection(server: LocalServer, dbname: str = "test",
+                         timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
+    """A superuser connection to ``server`` over its Unix socket (no DNS, no password),
+    autocommit, closed on leaving the block."""
+    conn = psycopg.connect(host=str(server.socket_dir), port=server.port, user=_SUPERUSER,
+                           dbname=dbname, autocommit=True,
+                           connect_timeout=max(1, round(timeout)),
+                           application_name="resilient_db-sim")
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def install_interface(server: LocalServer, ddl: str) -> None:
+    """The application user (``APP_USER``, owner of the server's database) and ``ddl`` (the
+    flavour's interface; ``""``: none) in each of :data:`INTERFACE_DATABASES`, as superuser
+    with ``synchronous_commit = local`` (no standby acknowledges yet)."""
+    with superuser_connection(server, "postgres") as conn:
+        conn.execute("SET synchronous_commit = local")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            sql.Identifier(APP_USER), sql.Literal(APP_PASSWORD)))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(server.database), sql.Identifier(APP_USER)))
+    if not ddl:
+        return
+    for dbname in INTERFACE_DATABASES:
+        with superuser_connection(server, dbname) as conn:
+            conn.execute("SET synchronous_commit = local")
+            with conn.transaction():
+                conn.execute(ddl.encode())
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -451,15 +529,8 @@ class PgClusterEngine(ClusterEngine):
     def _connect(self, instance: Instance, dbname: str = "test",
                  timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
         """A superuser connection over the instance's Unix socket (no DNS, no password)."""
-        server: LocalServer = instance.runtime
-        conn = psycopg.connect(host=str(server.socket_dir), port=server.port, user=_SUPERUSER,
-                               dbname=dbname, autocommit=True,
-                               connect_timeout=max(1, round(timeout)),
-                               application_name="resilient_db-sim")
-        try:
+        with superuser_connection(instance.runtime, dbname, timeout) as conn:
             yield conn
-        finally:
-            conn.close()
 
     def _query_one(self, instance: Instance, query: str) -> Any:
         with self._connect(instance) as conn:
@@ -483,16 +554,13 @@ class PgClusterEngine(ClusterEngine):
     # ---- creation --------------------------------------------------------------------------
     def create_writer(self, instance_id: str) -> Any:
         self._state(instance_id)
-        server = self.cluster.server_class.create(
-            "postgresql", self._launcher_flavour, port=self.cluster.port,
-            settings=self._settings(instance_id), name=f"{self.cluster.name}-{instance_id}")
-        try:
+
+        def prepare(server: LocalServer) -> None:
             set_system_identifier(server.data_dir, self._system_identifier)
-            server.start()
-        except BaseException:
-            server.stop()
-            raise
-        return server
+
+        return launch(self.cluster.server_class, self._launcher_flavour, port=self.cluster.port,
+                      settings=self._settings(instance_id),
+                      name=f"{self.cluster.name}-{instance_id}", prepare=prepare)
 
     def create_replica(self, instance_id: str, source: Instance) -> Any:
         state = self._state(instance_id)
@@ -506,33 +574,16 @@ class PgClusterEngine(ClusterEngine):
                 "-U", _SUPERUSER, "-w", "-X", "stream", "-c", "fast", "--no-sync",
             ], what=f"pg_basebackup of {source.id}")
 
-        server = self.cluster.server_class.create(
-            "postgresql", self._launcher_flavour, port=self.cluster.port,
-            settings=self._settings(instance_id), name=f"{self.cluster.name}-{instance_id}",
-            provision=base_backup)
-        try:
+        def prepare(server: LocalServer) -> None:
             server.write_data_file("standby.signal", "")
-            server.start()
-        except BaseException:
-            server.stop()
-            raise
-        return server
+
+        return launch(self.cluster.server_class, self._launcher_flavour, port=self.cluster.port,
+                      settings=self._settings(instance_id),
+                      name=f"{self.cluster.name}-{instance_id}", provision=base_backup,
+                      prepare=prepare)
 
     def install_interface(self, writer: Instance) -> None:
-        ddl = _interface_sql(self.interface)
-        with self._connect(writer, "postgres") as conn:
-            conn.execute("SET synchronous_commit = local")
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(APP_USER), sql.Literal(APP_PASSWORD)))
-            conn.execute(sql.SQL("ALTER DATABASE test OWNER TO {}").format(
-                sql.Identifier(APP_USER)))
-        if not ddl:
-            return
-        for dbname in INTERFACE_DATABASES:
-            with self._connect(writer, dbname) as conn:
-                conn.execute("SET synchronous_commit = local")
-                with conn.transaction():
-                    conn.execute(ddl.encode())
+        install_interface(writer.runtime, _interface_sql(self.interface))
 
     # ---- topology --------------------------------------------------------------------------
     def following(self, writer: Instance, readers: Sequence[Instance]) -> bool:
@@ -784,10 +835,7 @@ class PgClusterEngine(ClusterEngine):
         if not instance.runtime.is_running():
             return
         with self._connect(instance) as conn:
-            conn.execute(
-                "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-                "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() "
-                "AND application_name <> 'resilient_db-sim'")
+            conn.execute(END_CLIENT_SESSIONS)
 
     def copy_data(self, source: Instance, target: Instance) -> None:
         """``pg_dump`` of the application database's ``public`` tables and sequences (with

@@ -55,12 +55,13 @@ import logging
 import queue
 import random
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from .pump import Chunk, Link, close_listener, dial, read_chunks
 
 __all__ = ["TOXIC_ATTRIBUTES", "VERSION", "ApiError", "Proxy", "ToxiproxyServer"]
 
@@ -157,12 +158,6 @@ def _split(address: str) -> tuple[str, int]:
 # Connections
 
 
-@dataclasses.dataclass
-class _Chunk:
-    arrived: float
-    data: bytes  # b"": end of stream
-
-
 class _Applied:
     """A toxic on one direction of one connection: whether this connection drew it
     (toxicity) and its per-connection state."""
@@ -185,15 +180,15 @@ class _Direction:
         self.stream = stream
         self.src = src
         self.dst = dst
-        self.chunks: queue.SimpleQueue[_Chunk | None] = queue.SimpleQueue()
+        self.chunks: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self.toxics: list[_Applied] = []
         self.changed = threading.Event()
 
     def start(self) -> None:
-        for target, name in ((self._read, "read"), (self._pipe, "pipe")):
-            threading.Thread(target=target, daemon=True,
-                             name=f"toxiproxy-{self.link.proxy.name}-{self.stream}-{name}"
-                             ).start()
+        prefix = f"toxiproxy-{self.link.proxy.name}-{self.stream}"
+        threading.Thread(target=read_chunks, args=(self.src, self.chunks.put, _CHUNK),
+                         daemon=True, name=f"{prefix}-read").start()
+        threading.Thread(target=self._pipe, daemon=True, name=f"{prefix}-pipe").start()
 
     def set_toxics(self, toxics: list[_Toxic]) -> None:
         """The proxy's toxics of this stream changed: keep the draw and state of those that
@@ -212,16 +207,6 @@ class _Direction:
         self.toxics = new
         self.changed.set()
         self.chunks.put(None)  # wake the pipe (timers, dropped data)
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = self.src.recv(_CHUNK)
-            except OSError:
-                data = b""
-            self.chunks.put(_Chunk(time.monotonic(), data))
-            if not data:
-                return
 
     def _wait(self, seconds: float, applied: _Applied | None = None) -> bool:
         """Wait ``seconds``; False if the link closed. Returns early (True) when ``applied``
@@ -267,7 +252,7 @@ class _Direction:
             LOGGER.exception("toxiproxy %s: %s pipe failed", self.link.proxy.name, self.stream)
             self.link.close()
 
-    def _through(self, chunk: _Chunk) -> bool:
+    def _through(self, chunk: Chunk) -> bool:
         """Pass one chunk through the toxics in order and write what comes out; False when
         this direction is finished."""
         pieces = [chunk.data]
@@ -290,7 +275,7 @@ class _Direction:
                 delay = attrs["latency"]
                 if attrs["jitter"] > 0:
                     delay += random.randrange(-attrs["jitter"], attrs["jitter"])
-                due = chunk.arrived + delay / 1000.0
+                due = chunk.stamp + delay / 1000.0
                 if not self._wait(due - time.monotonic(), applied):
                     return False
             elif kind == "bandwidth" and chunk.data and attrs["rate"] > 0:
@@ -315,7 +300,7 @@ class _Direction:
                     return False
                 pieces = []
         if not chunk.data:
-            self.link.half_close(self)
+            self.link.half_close(self.dst)
             return False
         return self._write(pieces, None)
 
@@ -349,16 +334,12 @@ def _slices(data: bytes, attrs: Mapping[str, int]) -> list[bytes]:
     return [data[bounds[i - 1]:bounds[i]] for i in range(1, len(bounds), 2)]
 
 
-class _Link:
+class _Link(Link):
     """One proxied connection."""
 
     def __init__(self, proxy: Proxy, client: socket.socket, server: socket.socket) -> None:
+        super().__init__(client, server, proxy._forget)
         self.proxy = proxy
-        self.client = client
-        self.server = server
-        self.closed = threading.Event()
-        self._lock = threading.Lock()
-        self._open = 2
         self.directions = (_Direction(self, "upstream", client, server),
                            _Direction(self, "downstream", server, client))
 
@@ -370,35 +351,10 @@ class _Link:
         for direction in self.directions:
             direction.set_toxics(toxics)
 
-    def half_close(self, direction: _Direction) -> None:
-        with contextlib.suppress(OSError):
-            direction.dst.shutdown(socket.SHUT_WR)
-        with self._lock:
-            self._open -= 1
-            done = self._open == 0
-        if done:
-            self.close()
-
-    def close(self, *, reset: bool = False) -> None:
-        with self._lock:
-            if self.closed.is_set():
-                return
-            self.closed.set()
+    def _closing(self) -> None:
         for direction in self.directions:
             direction.changed.set()
             direction.chunks.put(None)
-        for sock in (self.client, self.server):
-            if reset:
-                # Linger 0: the close sends a RST. SHUT_RD (which sends nothing) wakes the
-                # reader blocked in recv, whose hold on the socket would delay the close.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    sock.shutdown(socket.SHUT_RD)
-            else:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self.proxy._forget(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,9 +406,7 @@ class Proxy:
         self.enabled = False
         listener, self._listener = self._listener, None
         if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close alone does not
-            listener.close()
+            close_listener(listener)
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None and acceptor is not threading.current_thread():
             acceptor.join(5.0)
@@ -479,9 +433,8 @@ class Proxy:
             LOGGER.debug("proxy %s: upstream %s unreachable: %s", self.name, self.upstream, exc)
             client.close()  # as Toxiproxy: the client's connection is closed
             return
-        for sock in (client, server):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # dial set server's
         link = _Link(self, client, server)
         with self._links_lock:
             if self._listener is not listener:  # disabled or deleted meanwhile
@@ -494,20 +447,10 @@ class Proxy:
         link.start()
 
     def _connect_upstream(self) -> socket.socket:
-        host, port = _split(self.upstream)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if self.bind_source:
-                sock.bind((_split(self.listen)[0], 0))
-            sock.settimeout(self.connect_timeout)
-            sock.connect((host, port))
-            sock.settimeout(None)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        source = _split(self.listen)[0] if self.bind_source else None
+        return dial(_split(self.upstream), self.connect_timeout, source=source)
 
-    def _forget(self, link: _Link) -> None:
+    def _forget(self, link: Link) -> None:
         with self._links_lock:
             self._links.discard(link)
 

@@ -67,7 +67,7 @@ from .._params import (
 )
 from .._pipeline import (
     DEFER_FAILOVER,
-    RUN_CALL,
+    RERAISE,
     STATEMENT_OPS,
     Call,
     ConnectContext,
@@ -78,6 +78,7 @@ from .._pipeline import (
     Op,
     Plugin,
     PluginContext,
+    guarded_execute,
 )
 from ..dialects import cached_detect, get_dialect, global_variant
 from ..dialects.base import DatabaseDialect
@@ -119,7 +120,6 @@ __all__ = ["FailoverPlugin"]
 
 log = logging.getLogger("resilient_db.plugins.failover")
 
-_RERAISE: Final = object()
 #: :meth:`FailoverPlugin.trigger_of`: a read-only error that fails over only after a role check.
 CHECK_ROLE: Final = "check-role"
 _COMMIT = Op.COMMIT
@@ -481,37 +481,11 @@ class FailoverPlugin(Plugin):
         # transaction snapshot (psycopg: the status libpq holds, which it no longer reports
         # once the connection is lost; a C-level getter, no Python frame) when the driver
         # needs one (mysql-connector does not: snapshot is None).
-        on_error = self._on_error
-        state = self
-        snapshot = self.ctx.driver.tx_snapshot_reader()
         efm = getattr(proceed, "efm", None)
         if efm is not None:  # efm is next and innermost: one frame for both
             return self._fused_with_efm(efm, proceed)
-        if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
-            def handler(call: Call) -> Any:
-                if snapshot is not None:
-                    state._tx_before = snapshot(call.raw)
-                try:
-                    kwargs = call.kwargs
-                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                except Exception as exc:
-                    result = on_error(call, exc, proceed)
-                    if result is _RERAISE:
-                        raise
-                    return result
-            return handler
-
-        def chained(call: Call) -> Any:
-            if snapshot is not None:
-                state._tx_before = snapshot(call.raw)
-            try:
-                return proceed(call)
-            except Exception as exc:
-                result = on_error(call, exc, proceed)
-                if result is _RERAISE:
-                    raise
-                return result
-        return chained
+        return guarded_execute(proceed, self, self.ctx.driver.tx_snapshot_reader(),
+                               self._on_error)
 
     def _fused_with_efm(self, efm: Any, proceed: Handler) -> Handler:
         """This layer and the ``efm`` layer after it (``proceed``, innermost: it calls the
@@ -546,7 +520,7 @@ class FailoverPlugin(Plugin):
                 efm.due = inf
                 efm.explain(raw, exc)
                 result = on_error(call, exc, proceed)
-                if result is _RERAISE:
+                if result is RERAISE:
                     raise
                 return result
             except BaseException as exc:
@@ -574,7 +548,7 @@ class FailoverPlugin(Plugin):
                 call = Call(Op.EXECUTE, "Cursor.execute", raw_cursor.execute, (query, params),
                             {}, cursor._conn, raw)
                 result = on_error(call, exc, proceed)
-                if result is _RERAISE:
+                if result is RERAISE:
                     raise
                 return result
             except BaseException as exc:
@@ -589,14 +563,14 @@ class FailoverPlugin(Plugin):
 
     def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
                   retry: bool = True) -> Any:
-        """Decide what an error means; returns ``_RERAISE`` (the driver's error goes up
+        """Decide what an error means; returns ``RERAISE`` (the driver's error goes up
         untouched) or the result of a transparent retry, or raises the failover outcome."""
         swaps = self._swaps
         trigger = self.trigger_of(call, exc)
         if trigger == CHECK_ROLE:
             trigger = self._read_only_trigger(call)
         if trigger is None:
-            return _RERAISE
+            return RERAISE
         return self._fail_over(call, exc, proceed, trigger, swaps, retry)
 
     def trigger_of(self, call: Call, exc: Exception) -> str | None:
@@ -684,7 +658,7 @@ class FailoverPlugin(Plugin):
             return None  # reached another instance: proves nothing about ours
         return report
 
-    def _in_transaction(self, call: Call, raw: Any, tx_before: Any = _RERAISE) -> bool:
+    def _in_transaction(self, call: Call, raw: Any, tx_before: Any = RERAISE) -> bool:
         """Whether a transaction was open when ``call`` failed (``tx_before``: the driver's
         transaction snapshot before the call; default: the one this plugin's layer took)."""
         op = call.op
@@ -694,7 +668,7 @@ class FailoverPlugin(Plugin):
             return False  # the server rolls back a lost session's transaction: known outcome
         if op is _TRANSACTION and call.method.endswith("__exit__"):
             return True  # leaving a transaction block commits (or rolls back): unknown
-        before = self._tx_before if tx_before is _RERAISE else tx_before
+        before = self._tx_before if tx_before is RERAISE else tx_before
         return self.ctx.driver.was_in_transaction(raw, before)
 
     # --- failing over ----------------------------------------------------------------------------
@@ -763,7 +737,7 @@ class FailoverPlugin(Plugin):
                     return proceed(again)
                 except Exception as second:
                     result = self._on_error(again, second, proceed, retry=False)
-                    if result is _RERAISE:
+                    if result is RERAISE:
                         raise
                     return result
         raise self.outcome_error(outcome, exc, failed, host, statement_sent) from exc

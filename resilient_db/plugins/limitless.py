@@ -40,7 +40,7 @@ import random
 import threading
 import time
 import weakref
-from typing import Any, Final
+from typing import Any
 
 from .. import limitless
 from .._decisions import decision_span, get_decision_sink
@@ -56,7 +56,7 @@ from .._params import (
 )
 from .._pipeline import (
     DEFER_FAILOVER,
-    RUN_CALL,
+    RERAISE,
     STATEMENT_OPS,
     Call,
     ConnectContext,
@@ -67,6 +67,7 @@ from .._pipeline import (
     Op,
     Plugin,
     PluginContext,
+    guarded_execute,
 )
 from ..errors import (
     ConfigurationError,
@@ -84,7 +85,6 @@ __all__ = ["LimitlessPlugin"]
 log = logging.getLogger("resilient_db.plugins.limitless")
 
 CODE = limitless.PLUGIN
-_RERAISE: Final = object()
 #: Calls that send no statement: always safe to redo on the new connection.
 _REDOABLE = frozenset({Op.CURSOR, Op.SESSION})
 #: SQLSTATE of "function does not exist": the server is no Limitless shard group.
@@ -359,42 +359,16 @@ class LimitlessPlugin(Plugin):
         return bool(hook is not None and hook(exc))
 
     def wrap_execute(self, proceed: Handler) -> Handler:
-        on_error = self._on_error
-        state = self
-        snapshot = self.ctx.driver.tx_snapshot_reader()
-        if proceed is RUN_CALL:  # innermost: call the driver here, one frame less
-            def handler(call: Call) -> Any:
-                if snapshot is not None:
-                    state._tx_before = snapshot(call.raw)
-                try:
-                    kwargs = call.kwargs
-                    return call.fn(*call.args, **kwargs) if kwargs else call.fn(*call.args)
-                except Exception as exc:
-                    result = on_error(call, exc, proceed)
-                    if result is _RERAISE:
-                        raise
-                    return result
-            return handler
-
-        def chained(call: Call) -> Any:
-            if snapshot is not None:
-                state._tx_before = snapshot(call.raw)
-            try:
-                return proceed(call)
-            except Exception as exc:
-                result = on_error(call, exc, proceed)
-                if result is _RERAISE:
-                    raise
-                return result
-        return chained
+        return guarded_execute(proceed, self, self.ctx.driver.tx_snapshot_reader(),
+                               self._on_error)
 
     def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
                   retry: bool = True) -> Any:
         if isinstance(exc, Error):
-            return _RERAISE  # resilient_db's own outcome (a deadline, an inner failover)
+            return RERAISE  # resilient_db's own outcome (a deadline, an inner failover)
         swaps = self._swaps  # before anything else: another thread may be moving it now
         if call.connection._closed_by_us or not self.ctx.driver.is_disconnect(exc):
-            return _RERAISE
+            return RERAISE
         return self._fail_over(call, exc, proceed, retry, swaps)
 
     def _in_transaction(self, call: Call, raw: Any) -> bool:
@@ -471,7 +445,7 @@ class LimitlessPlugin(Plugin):
                     return proceed(again)
                 except Exception as second:
                     result = self._on_error(again, second, proceed, retry=False)
-                    if result is _RERAISE:
+                    if result is RERAISE:
                         raise
                     return result
         if outcome.error is FailoverSuccessError:
