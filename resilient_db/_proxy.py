@@ -191,9 +191,12 @@ class ConnectionProxy:
         # cursor proxy is built from what the connection's _Cursors holds.
         cursors = self._cursors
         raw = self._raw
-        chain = cursors.chains.cursor
+        chains = cursors.chains
+        chain = chains.cursor
         if chain is None:
             raw_cursor = raw.cursor(*args, **kwargs)
+        elif chains.opener is not None and not (args or kwargs):
+            raw_cursor = chains.opener(self, raw)
         else:
             raw_cursor = chain(Call(_CURSOR, "Connection.cursor", raw.cursor, args, kwargs,
                                     self, raw))
