@@ -393,10 +393,18 @@ class CursorProxy:
     _stale_cur: Any
     #: The fetch methods are slots: the driver cursor's own bound methods when no plugin of
     #: the connection (even a dormant one) intercepts fetches, so reading rows costs one slot
-    #: read and no frame; else (or while the cursor is stale) the pipelined ones below.
+    #: read and no frame; else (or while the cursor is stale) the pipelined ones below, which
+    #: a connection whose plugins may intercept fetches has in its cursors' class instead
+    #: (``_fetch_in_class``).
     fetchone: Callable[[], Any]
     fetchmany: Callable[..., Any]
     fetchall: Callable[[], Any]
+    #: Whether the class defines the fetch methods (the pipelined ones, over the slots): the
+    #: class of the cursors of a connection some plugin may intercept fetches of. Binding
+    #: them to the instance instead would make each cursor a reference cycle (the instance
+    #: holds its own bound methods), freed, with its driver cursor, only by the garbage
+    #: collector: SQLAlchemy and Django open a cursor per statement.
+    _fetch_in_class: ClassVar[bool] = False
     #: Attributes the driver's cursors set on the instance (not in their class): passed
     #: through too. ``arraysize`` is PEP 249's; a driver's proxy class adds its own.
     instance_attributes: ClassVar[tuple[str, ...]] = ("arraysize",)
@@ -417,6 +425,8 @@ class CursorProxy:
 
     def _unbind_fetch(self) -> None:
         """Fetch through the chains (and rebind a stale cursor first)."""
+        if self._fetch_in_class:
+            return  # its class's fetch methods do, always
         _set(self, "fetchone", self._fetchone)
         _set(self, "fetchmany", self._fetchmany)
         _set(self, "fetchall", self._fetchall)
@@ -602,6 +612,8 @@ def _new_cursor(cls: type[CursorProxy], raw: Any, connection: ConnectionProxy, r
     last = cursors.last
     if last[0] is not cls or last[1] is not raw_type:
         made = _pass_through_class(cls, raw)
+        if cursors.fetch_hooked:
+            made = _FETCHING[made]
         last = cursors.last = (cls, raw_type, _BUILDERS[made], made)
     self: CursorProxy = object.__new__(last[2])
     self._conn = connection
@@ -613,11 +625,7 @@ def _new_cursor(cls: type[CursorProxy], raw: Any, connection: ConnectionProxy, r
     self._cur = raw
     self._raw_conn = raw_conn
     self._call = None
-    if cursors.fetch_hooked:
-        self.fetchone = self._fetchone
-        self.fetchmany = self._fetchmany
-        self.fetchall = self._fetchall
-    else:
+    if not cursors.fetch_hooked:  # else the class's methods fetch (_fetch_in_class)
         self.fetchone = raw.fetchone
         self.fetchmany = raw.fetchmany
         self.fetchall = raw.fetchall
@@ -632,6 +640,9 @@ def _new_cursor(cls: type[CursorProxy], raw: Any, connection: ConnectionProxy, r
 _PASS_THROUGH: dict[tuple[type, type], type[CursorProxy]] = {}
 #: Pass-through class -> its builder (see _new_cursor).
 _BUILDERS: dict[type[CursorProxy], type[CursorProxy]] = {}
+#: Pass-through class -> its subclass whose fetch methods are the pipelined ones
+#: (``CursorProxy._fetch_in_class``).
+_FETCHING: dict[type[CursorProxy], type[CursorProxy]] = {}
 _pass_through_lock = threading.Lock()
 
 
@@ -658,9 +669,14 @@ def _pass_through_class(cls: type[CursorProxy], raw: Any) -> type[CursorProxy]:
             for name in sorted(names):
                 if not hasattr(made, name):
                     setattr(made, name, _pass_through(name))
-            # object's own __setattr__: CPython then stores into slots directly.
-            _BUILDERS[made] = type(cls.__name__, (made,), {
-                **attrs, "__setattr__": object.__setattr__})
+            fetching = type(cls.__name__, (made,), {
+                **attrs, "_fetch_in_class": True, "fetchone": CursorProxy._fetchone,
+                "fetchmany": CursorProxy._fetchmany, "fetchall": CursorProxy._fetchall})
+            for kind in (made, fetching):
+                # object's own __setattr__: CPython then stores into slots directly.
+                _BUILDERS[kind] = type(cls.__name__, (kind,), {
+                    **attrs, "__setattr__": object.__setattr__})
+            _FETCHING[made] = fetching
             _PASS_THROUGH[key] = made
     return made
 
