@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 VARIANTS = {
@@ -71,13 +72,19 @@ def _count(driver: str, plugins: str | None, n: int, kw: dict[str, Any]) -> int:
     """Instructions of the main thread only: failover's topology monitor and efm's host
     monitor run on threads of their own, whose work depends on wall time (callgrind slows
     the process ~50x), not on the number of queries."""
-    env = dict(os.environ, RDB_KW=json.dumps(kw), PYTHONHASHSEED="0")
+    return main_thread_instructions(
+        _CHILD, [driver, "-" if plugins is None else plugins, str(n)], {"RDB_KW": json.dumps(kw)})
+
+
+def main_thread_instructions(script: str, args: Sequence[str], env: Mapping[str, str]) -> int:
+    """Instructions run by the main thread of ``python -c script *args`` under callgrind
+    (``env`` added to the environment, hash randomisation off so that runs repeat)."""
+    full_env = dict(os.environ, **env, PYTHONHASHSEED="0")
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             ["valgrind", "--tool=callgrind", "--separate-threads=yes",
-             f"--callgrind-out-file={tmp}/cg.out", sys.executable,
-             "-c", _CHILD, driver, "-" if plugins is None else plugins, str(n)],
-            env=env, capture_output=True, text=True, check=False, timeout=600,
+             f"--callgrind-out-file={tmp}/cg.out", sys.executable, "-c", script, *args],
+            env=full_env, capture_output=True, text=True, check=False, timeout=1200,
         )
         main = sorted(pathlib.Path(tmp).glob("cg.out*-01"))
         text = main[0].read_text() if main else ""
@@ -87,8 +94,14 @@ def _count(driver: str, plugins: str | None, n: int, kw: dict[str, Any]) -> int:
     return int(found.group(1))
 
 
+def per_query(count: Callable[[int], int], n: int) -> float:
+    """Instructions per query: ``count(queries)`` run for ``n`` and ``3 * n`` queries, the
+    difference divided by ``2 * n`` (start-up and warm-up cancel out)."""
+    return (count(3 * n) - count(n)) / (2 * n)
+
+
 @contextlib.contextmanager
-def _server(driver: str) -> Iterator[dict[str, Any]]:
+def server(driver: str) -> Iterator[dict[str, Any]]:
     from simulator.local import start_mariadb, start_postgres
 
     with (start_postgres() if driver == "pg" else start_mariadb()) as srv:
@@ -107,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"client instructions per SELECT 1 + fetchone (callgrind, {n} vs {3 * n} queries)")
     print(f"{'driver':<10} {'variant':<46} {'instr/query':>12} {'ratio':>7}")
     for driver in (d.strip() for d in args.drivers.split(",")):
-        with _server(driver) as kw:
+        with server(driver) as kw:
             base = None
             for variant, plugins in VARIANTS.items():
-                per = (_count(driver, plugins, 3 * n, kw) - _count(driver, plugins, n, kw)) / (
-                    2 * n)
+                per = per_query(functools.partial(_count, driver, plugins, kw=kw), n)
                 base = base or per
                 print(f"{driver:<10} {variant:<46} {per:12.0f} {per / base:7.3f}", flush=True)
     return 0

@@ -130,6 +130,12 @@ Handler = Callable[[Call], Any]
 #: one: on an error). Offered by a ``wrap_execute`` layer as an attribute ``statement`` of the
 #: handler it returns; used only while that handler is the outermost (``Chains.statement``).
 StatementHandler = Callable[[Any, Any, Any, Any], Any]
+#: ``opener(connection, raw)``: what the cursor chain does with ``Call(Op.CURSOR,
+#: "Connection.cursor", raw.cursor, (), {}, connection, raw)`` (``cursor()`` without
+#: arguments: ORMs open one per statement), without building the call first. Offered like
+#: :data:`StatementHandler`, as an attribute ``opener`` of a ``wrap_execute`` layer's handler;
+#: used only while that handler is the outermost of the cursor chain (``Chains.opener``).
+OpenerHandler = Callable[[Any, Any], Any]
 
 
 @dataclass
@@ -396,6 +402,7 @@ class Chains:
         "execute",
         "executemany",
         "fetch",
+        "opener",
         "pipeline",
         "rollback",
         "session",
@@ -419,6 +426,10 @@ class Chains:
     #: :data:`StatementHandler`): the cursor then builds no ``Call`` unless the statement
     #: fails. ``None``: every statement goes through ``execute``.
     statement: StatementHandler | None
+    #: The cursor chain's shortcut for ``Connection.cursor()`` without arguments, when its
+    #: outermost layer offers one (``handler.opener``: see :data:`OpenerHandler`). ``None``:
+    #: every ``cursor()`` goes through ``cursor``.
+    opener: OpenerHandler | None
 
     def __init__(self, plugins: Sequence[Plugin]) -> None:
         self.build(plugins)
@@ -438,12 +449,14 @@ class Chains:
                     built[key] = handler
             setattr(self, op.value, handler)
         self.statement = getattr(self.execute, "statement", None)
+        self.opener = getattr(self.cursor, "opener", None)
 
     def fill(self, handler: Handler) -> None:
         """Every op runs ``handler`` (a connection inherited across ``fork()``)."""
         for op in Op:
             setattr(self, op.value, handler)
         self.statement = None
+        self.opener = None
 
     def for_op(self, op: Op) -> Handler | None:
         handler: Handler | None = getattr(self, _SLOT[op])

@@ -65,30 +65,45 @@ _RETARGETABLE = frozenset({Op.EXECUTE, Op.EXECUTEMANY, Op.CALLPROC, Op.CURSOR, O
 
 
 class _Cursors:
-    """The live cursor proxies of a connection (to rebind after a failover), held weakly.
+    """The live cursor proxies of a connection (to rebind after a failover), held weakly, and
+    what every new cursor proxy of the connection is built from (:func:`_new_cursor`).
 
     Cheaper than a ``weakref.WeakSet`` where it matters: registering a cursor is one weak
     reference without a callback and a list append (``Connection.execute`` opens a cursor per
     statement); dead references are dropped when the list has doubled since the last prune."""
 
-    __slots__ = ("_limit", "_refs")
+    __slots__ = ("chains", "cls", "fetch_hooked", "last", "limit", "refs")
 
-    def __init__(self) -> None:
-        self._refs: list[weakref.ReferenceType[CursorProxy]] = []
-        self._limit = 64
+    def __init__(self, chains: Chains, fetch_hooked: bool, cls: type[CursorProxy]) -> None:
+        self.refs: list[weakref.ReferenceType[CursorProxy]] = []
+        self.limit = 64
+        #: The connection's chains (one object for its lifetime: rebuilt in place).
+        self.chains = chains
+        #: ``Pipeline.fetch_may_be_intercepted``: fixed when the pipeline is made.
+        self.fetch_hooked = fetch_hooked
+        #: The driver's cursor proxy class (``DriverDialect.cursor_proxy``).
+        self.cls = cls
+        #: The last (proxy class, driver cursor class) built here, with its builder and
+        #: pass-through classes: a connection opens one kind of cursor, almost always.
+        self.last: tuple[type, type, type[CursorProxy], type[CursorProxy]] = (
+            _Cursors, _Cursors, CursorProxy, CursorProxy)
 
     def add(self, cursor: CursorProxy) -> None:
-        refs = self._refs
+        refs = self.refs
         refs.append(weakref.ref(cursor))
-        if len(refs) > self._limit:
-            refs[:] = [r for r in refs if r() is not None]
-            self._limit = max(64, 2 * len(refs))
+        if len(refs) > self.limit:
+            self.prune()
+
+    def prune(self) -> None:
+        refs = self.refs
+        refs[:] = [r for r in refs if r() is not None]
+        self.limit = max(64, 2 * len(refs))
 
     def __iter__(self) -> Iterator[CursorProxy]:
-        return iter([c for c in (r() for r in self._refs) if c is not None])
+        return iter([c for c in (r() for r in self.refs) if c is not None])
 
     def __len__(self) -> int:
-        return sum(1 for r in self._refs if r() is not None)
+        return sum(1 for r in self.refs if r() is not None)
 
 
 class ConnectionProxy:
@@ -121,7 +136,8 @@ class ConnectionProxy:
         object.__setattr__(self, "_session", {})
         object.__setattr__(self, "_closed_by_us", False)
         # Live cursor proxies, rebound lazily after the physical connection is replaced.
-        object.__setattr__(self, "_cursors", _Cursors())
+        object.__setattr__(self, "_cursors", _Cursors(
+            pipeline.chains, pipeline.fetch_may_be_intercepted, driver.cursor_proxy))
         # This connection in the process-wide per-host counts (least_connections), until it is
         # closed or collected.
         object.__setattr__(self, "_seat", Seat(address_for(raw, host, driver.default_port)))
@@ -171,14 +187,20 @@ class ConnectionProxy:
     def cursor(self, *args: Any, **kwargs: Any) -> CursorProxy:
         # Through the pipeline when a plugin asks: mysql-connector's cursor() checks the
         # connection and raises on a dead one, which failover must see.
-        chain = self._chains.cursor
+        # Every read of an attribute of self is a slow one (the class has __getattr__): the
+        # cursor proxy is built from what the connection's _Cursors holds.
+        cursors = self._cursors
         raw = self._raw
+        chains = cursors.chains
+        chain = chains.cursor
         if chain is None:
             raw_cursor = raw.cursor(*args, **kwargs)
+        elif chains.opener is not None and not (args or kwargs):
+            raw_cursor = chains.opener(self, raw)
         else:
             raw_cursor = chain(Call(_CURSOR, "Connection.cursor", raw.cursor, args, kwargs,
                                     self, raw))
-        proxy = self._driver.cursor_proxy(raw_cursor, self)
+        proxy = _new_cursor(cursors.cls, raw_cursor, self, raw, cursors)
         if args or kwargs:  # remembered to open the same kind of cursor after a failover
             _set(proxy, "_cursor_args", (args, kwargs))
         return proxy
@@ -371,41 +393,24 @@ class CursorProxy:
     _stale_cur: Any
     #: The fetch methods are slots: the driver cursor's own bound methods when no plugin of
     #: the connection (even a dormant one) intercepts fetches, so reading rows costs one slot
-    #: read and no frame; else (or while the cursor is stale) the pipelined ones below.
+    #: read and no frame; else (or while the cursor is stale) the pipelined ones below, which
+    #: a connection whose plugins may intercept fetches has in its cursors' class instead
+    #: (``_fetch_in_class``).
     fetchone: Callable[[], Any]
     fetchmany: Callable[..., Any]
     fetchall: Callable[[], Any]
+    #: Whether the class defines the fetch methods (the pipelined ones, over the slots): the
+    #: class of the cursors of a connection some plugin may intercept fetches of. Binding
+    #: them to the instance instead would make each cursor a reference cycle (the instance
+    #: holds its own bound methods), freed, with its driver cursor, only by the garbage
+    #: collector: SQLAlchemy and Django open a cursor per statement.
+    _fetch_in_class: ClassVar[bool] = False
     #: Attributes the driver's cursors set on the instance (not in their class): passed
     #: through too. ``arraysize`` is PEP 249's; a driver's proxy class adds its own.
     instance_attributes: ClassVar[tuple[str, ...]] = ("arraysize",)
 
     def __new__(cls, raw: Any, connection: ConnectionProxy) -> CursorProxy:
-        # Built in this one frame (no __init__, no helper calls on the common path): ORMs
-        # (SQLAlchemy, Django) open a cursor per statement, so this is on their hot path.
-        # The binding below is _bind's, spelled out.
-        made = _PASS_THROUGH.get((cls, type(raw)))
-        if made is None:
-            made = _pass_through_class(cls, raw)
-        self: CursorProxy = object.__new__(made)
-        _set(self, "_conn", connection)
-        _set(self, "_chains", connection._chains)
-        _set(self, "_closed", False)
-        _set(self, "_cursor_args", None)
-        _set(self, "_cursor_attrs", None)
-        _set(self, "_stale_cur", None)
-        _set(self, "_cur", raw)
-        _set(self, "_raw_conn", connection._raw)
-        _set(self, "_call", None)
-        if connection._pipeline.fetch_may_be_intercepted:
-            self._unbind_fetch()
-        else:
-            _set(self, "fetchone", raw.fetchone)
-            _set(self, "fetchmany", raw.fetchmany)
-            _set(self, "fetchall", raw.fetchall)
-        cursors = getattr(connection, "_cursors", None)
-        if cursors is not None:
-            cursors.add(self)
-        return self
+        return _new_cursor(cls, raw, connection, connection._raw, connection._cursors)
 
     def _bind(self, raw: Any) -> None:
         _set(self, "_cur", raw)
@@ -420,6 +425,8 @@ class CursorProxy:
 
     def _unbind_fetch(self) -> None:
         """Fetch through the chains (and rebind a stale cursor first)."""
+        if self._fetch_in_class:
+            return  # its class's fetch methods do, always
         _set(self, "fetchone", self._fetchone)
         _set(self, "fetchmany", self._fetchmany)
         _set(self, "fetchall", self._fetchall)
@@ -577,7 +584,10 @@ class CursorProxy:
 
 def _pass_through(name: str) -> property:
     def get(self: CursorProxy) -> Any:
-        return getattr(self._live(), name)
+        raw = self._cur  # _live(), spelled out: SQLAlchemy reads description per statement
+        if raw is None:
+            raw = self._rebind()
+        return getattr(raw, name)
 
     def set_(self: CursorProxy, value: Any) -> None:
         CursorProxy.__setattr__(self, name, value)
@@ -588,7 +598,51 @@ def _pass_through(name: str) -> property:
     return property(get, set_, delete, f"The driver cursor's ``{name}``.")
 
 
-_PASS_THROUGH: dict[tuple[type, type], type] = {}
+def _new_cursor(cls: type[CursorProxy], raw: Any, connection: ConnectionProxy, raw_conn: Any,
+                cursors: _Cursors) -> CursorProxy:
+    """A ``cls`` proxy of the driver cursor ``raw`` of ``connection`` (whose driver connection
+    is ``raw_conn``), registered in ``cursors`` (the connection's).
+
+    ORMs (SQLAlchemy, Django) open a cursor per statement, so this is on their hot path: the
+    slots are written on an instance of the *builder* class (the pass-through class without
+    the pass-through ``__setattr__``, so that each write is a plain slot store, not a call of
+    ``object.__setattr__``), whose class is then set to the pass-through class (the two have
+    the same layout). The binding below is ``_bind``'s, spelled out."""
+    raw_type = type(raw)
+    last = cursors.last
+    if last[0] is not cls or last[1] is not raw_type:
+        made = _pass_through_class(cls, raw)
+        if cursors.fetch_hooked:
+            made = _FETCHING[made]
+        last = cursors.last = (cls, raw_type, _BUILDERS[made], made)
+    self: CursorProxy = object.__new__(last[2])
+    self._conn = connection
+    self._chains = cursors.chains
+    self._closed = False
+    self._cursor_args = None
+    self._cursor_attrs = None
+    self._stale_cur = None
+    self._cur = raw
+    self._raw_conn = raw_conn
+    self._call = None
+    if not cursors.fetch_hooked:  # else the class's methods fetch (_fetch_in_class)
+        self.fetchone = raw.fetchone
+        self.fetchmany = raw.fetchmany
+        self.fetchall = raw.fetchall
+    self.__class__ = last[3]
+    refs = cursors.refs  # cursors.add(self), spelled out
+    refs.append(weakref.ref(self))
+    if len(refs) > cursors.limit:
+        cursors.prune()
+    return self
+
+
+_PASS_THROUGH: dict[tuple[type, type], type[CursorProxy]] = {}
+#: Pass-through class -> its builder (see _new_cursor).
+_BUILDERS: dict[type[CursorProxy], type[CursorProxy]] = {}
+#: Pass-through class -> its subclass whose fetch methods are the pipelined ones
+#: (``CursorProxy._fetch_in_class``).
+_FETCHING: dict[type[CursorProxy], type[CursorProxy]] = {}
 _pass_through_lock = threading.Lock()
 
 
@@ -598,7 +652,7 @@ def _pass_through_class(cls: type[CursorProxy], raw: Any) -> type[CursorProxy]:
     the instance attributes ``cls.instance_attributes`` names (read from the driver's code,
     never from the instance: reading a driver object's ``__dict__`` makes CPython give up
     specializing every attribute access of the driver's own code on it). Made once per
-    (``cls``, driver cursor class)."""
+    (``cls``, driver cursor class), with its builder (:func:`_new_cursor`)."""
     raw_type = type(raw)
     key = (cls, raw_type)
     made = _PASS_THROUGH.get(key)
@@ -607,13 +661,22 @@ def _pass_through_class(cls: type[CursorProxy], raw: Any) -> type[CursorProxy]:
     with _pass_through_lock:
         made = _PASS_THROUGH.get(key)
         if made is None:
-            made = type(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__,
-                                               "__qualname__": cls.__qualname__})
+            attrs = {"__slots__": (), "__module__": cls.__module__,
+                     "__qualname__": cls.__qualname__}
+            made = type(cls.__name__, (cls,), attrs)
             names = {n for n in dir(raw_type) if not (n.startswith("__") and n.endswith("__"))}
             names.update(cls.instance_attributes)
             for name in sorted(names):
                 if not hasattr(made, name):
                     setattr(made, name, _pass_through(name))
+            fetching = type(cls.__name__, (made,), {
+                **attrs, "_fetch_in_class": True, "fetchone": CursorProxy._fetchone,
+                "fetchmany": CursorProxy._fetchmany, "fetchall": CursorProxy._fetchall})
+            for kind in (made, fetching):
+                # object's own __setattr__: CPython then stores into slots directly.
+                _BUILDERS[kind] = type(cls.__name__, (kind,), {
+                    **attrs, "__setattr__": object.__setattr__})
+            _FETCHING[made] = fetching
             _PASS_THROUGH[key] = made
     return made
 

@@ -610,13 +610,16 @@ def test_server_without_topology_reconnects_to_the_same_endpoint(backend: Any) -
         conn.close()
 
 
-def test_opening_a_cursor_on_a_lost_connection_fails_over(env: Env) -> None:
+@pytest.mark.parametrize("plugins", ["failover", "failover,efm"])
+def test_opening_a_cursor_on_a_lost_connection_fails_over(env: Env, plugins: str) -> None:
     """mysql-connector's ``cursor()`` checks the connection and raises on a lost one; opening
     a cursor sends nothing, so with no transaction open the cursor is simply opened on the new
     writer. Inside a transaction the loss is reported as an unknown outcome. (psycopg's
-    ``cursor()`` does no I/O: there the loss shows at the first statement.)"""
+    ``cursor()`` does no I/O: there the loss shows at the first statement.) With ``efm`` too,
+    ``cursor()`` takes the fused layer's shortcut (``Chains.opener``)."""
     cluster = env.cluster
-    conn = env.connect()
+    conn = env.connect(plugins=plugins)
+    assert (conn.resilient.pipeline.chains.opener is not None) == ("efm" in plugins)
     assert env.instance(conn) == cluster.writer.id
     new = promoted(cluster.failover())
     cur = conn.cursor()  # mysql: no error, nothing was lost
@@ -625,7 +628,7 @@ def test_opening_a_cursor_on_a_lost_connection_fails_over(env: Env) -> None:
             cur.execute(env.instance_sql)
     cur.execute(env.instance_sql)
     assert str(cur.fetchone()[0]) == new
-    tx = env.connect(autocommit=False)
+    tx = env.connect(autocommit=False, plugins=plugins)
     tx_cur = tx.cursor()
     tx_cur.execute(env.instance_sql)
     tx_cur.fetchall()  # a transaction is open now

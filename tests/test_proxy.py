@@ -372,3 +372,28 @@ def test_pass_through_properties_never_read_the_driver_cursors_instance_dict() -
     assert isinstance(vars(made)["scroll"], property)
     assert isinstance(vars(made)["arraysize"], property)  # PEP 249's instance attribute
     assert _pass_through_class(CursorProxy, SpyCursor()) is made  # made once per class
+
+
+@pytest.mark.parametrize("plugins", ["", [Recorder]])
+def test_a_dropped_cursor_is_freed_at_once(backend: Backend, plugins: Any) -> None:
+    """A cursor proxy is no reference cycle, whether or not a plugin intercepts fetches: an
+    ORM opens one per statement and drops it, and its driver cursor must go with it, not at
+    the garbage collector's next pass."""
+    import gc
+    import weakref
+
+    with backend.connect(plugins=plugins) as conn:
+        assert conn.resilient.pipeline.fetch_may_be_intercepted == bool(plugins)
+        gc.disable()
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            assert cur.fetchone()[0] == 1
+            proxy, driver_cursor = weakref.ref(cur), weakref.ref(cur._cur)
+            del cur
+            assert proxy() is None
+            assert driver_cursor() is None
+        finally:
+            gc.enable()
+        if plugins:
+            assert (Op.FETCH, "Cursor.fetchone") in _recorded(conn)

@@ -62,6 +62,8 @@ from sqlalchemy.dialects.postgresql.psycopg import (
 from sqlalchemy.engine.characteristics import ConnectionCharacteristic
 
 from .. import _connect
+from .._pipeline import OPEN
+from .._proxy import ConnectionProxy
 from ..errors import (
     ConfigurationError,
     FailoverFailedError,
@@ -107,6 +109,11 @@ _DISCONNECTS = (FailoverFailedError, ForkedConnectionError)
 #: Outcomes after which the connection works (on the new writer): not disconnects.
 _REPLACED = (FailoverSuccessError, TransactionResolutionUnknownError)
 
+# libpq's PQTRANS_IDLE and PQ_PIPELINE_OFF (psycopg.pq's IntEnum members equal these; psycopg
+# is imported only with the dialect's connect).
+_PG_IDLE = 0
+_PG_PIPELINE_OFF = 0
+
 
 class ReadOnlyCharacteristic(ConnectionCharacteristic):
     """``execution_options(resilient_db_read_only=True)``: ``read_only`` on the DBAPI
@@ -151,6 +158,20 @@ def _recycle_stale(dbapi_connection: Any, record: ConnectionPoolEntry,
 
 
 _UNSEEN: Any = object()
+
+
+def _idle_psycopg(dbapi_connection: Any) -> Any:
+    """The psycopg connection under ``dbapi_connection`` (a pool's connection, or the proxy
+    itself) when it is idle: no transaction open, not in pipeline mode, its resilient_db
+    connection open (not inherited across ``fork()``); else ``None``."""
+    proxy = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+    if not isinstance(proxy, ConnectionProxy) or proxy._pipeline.state is not OPEN:
+        return None
+    raw = proxy._raw
+    pgconn = raw.pgconn
+    if pgconn.transaction_status != _PG_IDLE or pgconn.pipeline_status != _PG_PIPELINE_OFF:
+        return None
+    return raw
 
 
 def _plugins_from_query(cparams: dict[str, Any]) -> dict[str, Any]:
@@ -209,6 +230,19 @@ class ResilientPsycopgDialect(PGDialect_psycopg):
             self.set_isolation_level(conn, level)  # type: ignore[no-untyped-call]
 
         return set_level
+
+    def do_rollback(self, dbapi_connection: Any) -> None:
+        # SQLAlchemy rolls back every connection it takes back into the pool (reset on
+        # return), most of them idle. psycopg's rollback() sends nothing then (no transaction,
+        # not in pipeline mode) and the stock dialect relies on that; here it is called
+        # directly too, without the pipeline: its plugins would see a call that does no I/O
+        # and cannot fail. psycopg's own checks (a transaction block, a prepared two-phase
+        # transaction) still raise. Anything else goes through the pipeline.
+        raw = _idle_psycopg(dbapi_connection)
+        if raw is not None:
+            raw.rollback()
+        else:
+            dbapi_connection.rollback()
 
     def _type_info_fetch(self, connection: Any, name: str) -> Any:
         from psycopg.types import TypeInfo

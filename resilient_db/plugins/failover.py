@@ -558,7 +558,34 @@ class FailoverPlugin(Plugin):
             efm.due = inf
             return result
 
+        def opener(connection: Any, raw: Any) -> Any:
+            # handler(Call(CURSOR, "Connection.cursor", raw.cursor, (), {}, connection, raw)),
+            # the call built only on an error: ORMs open a cursor per statement.
+            if snapshot is not None:
+                state._tx_before = snapshot(raw)
+            if not efm.attached:
+                efm.attach(raw, connection._host)
+            efm.flight_raw = raw
+            efm.due = clock() + grace
+            try:
+                result = raw.cursor()
+            except Exception as exc:
+                efm.due = inf
+                efm.explain(raw, exc)
+                call = Call(Op.CURSOR, "Connection.cursor", raw.cursor, (), {}, connection, raw)
+                result = on_error(call, exc, proceed)
+                if result is RERAISE:
+                    raise
+                return result
+            except BaseException as exc:
+                efm.due = inf
+                efm.explain(raw, exc)
+                raise
+            efm.due = inf
+            return result
+
         handler.statement = statement  # type: ignore[attr-defined]
+        handler.opener = opener  # type: ignore[attr-defined]
         return handler
 
     def _on_error(self, call: Call, exc: Exception, proceed: Handler, *,
