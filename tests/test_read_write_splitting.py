@@ -28,8 +28,8 @@ from resilient_db.hosts import Role
 from resilient_db.plugins._splitting import SplittingPlugin
 from resilient_db.plugins.failover import FailoverPlugin
 from resilient_db.plugins.srw import parse_endpoint
-from simulator.cluster import Cluster
 
+from .clusters import SharedCluster
 from .test_cluster_plugins import (  # noqa: F401 - fixtures used by name
     Env,
     _stop_monitors,
@@ -604,8 +604,9 @@ def test_srw_pooled(env: Env, sink: resilient_db.CollectingSink) -> None:
 
 @pytest.mark.real_server
 def test_mysql_read_only_without_splitting_is_enforced_by_the_server(
-        mysql_cluster: Cluster) -> None:
-    kwargs = {**mysql_cluster.connect_kwargs(mysql_cluster.writer.endpoint), "use_pure": True,
+        mysql_cluster: SharedCluster) -> None:
+    cluster = mysql_cluster.acquire()
+    kwargs = {**cluster.connect_kwargs(cluster.writer.endpoint), "use_pure": True,
               "autocommit": True}
     conn = resilient_db.connect(mysql.connector.connect, plugins="", **kwargs)
     try:
