@@ -456,16 +456,6 @@ class TopologyMonitor:
             if subscriber.refresh_interval < self._waiting:
                 self._cond.notify_all()  # a faster rate applies from now, not after the wait
 
-    def unsubscribe(self, subscriber: MonitorSubscriber) -> None:
-        """A connection closed by the application stops using this monitor. When it was the
-        last, the thread is woken to end now and close its server session, not once the
-        garbage collector gets round to the closed connection (a pool's ``close()``,
-        ``engine.dispose()``)."""
-        with self._cond:
-            self._subscribers.discard(subscriber)
-            if not self._subscribers:
-                self._cond.notify_all()
-
     def offer(self, report: SelfReport) -> None:
         """A report read on an application connection. It seeds an empty monitor, and when it
         comes from the writer itself it verifies that writer (first-hand)."""
