@@ -41,6 +41,14 @@ async def measure(dsn: str, batches: int, size: int) -> dict[str, tuple[float, f
                for name, kwargs in VARIANTS.items()}
     cursors: dict[str, Any] = {"raw": raw.cursor()}
     cursors.update({name: conn.cursor() for name, conn in wrapped.items()})
+    return await interleave(raw, wrapped, cursors, batches, size, "fetchone")
+
+
+async def interleave(raw: Any, wrapped: dict[str, Any], cursors: dict[str, Any], batches: int,
+                     size: int, fetch: str) -> dict[str, tuple[float, float]]:
+    """The measurement loop both drivers share: ``SELECT 1`` then ``await cur.<fetch>()`` on
+    every cursor, in a shuffled order each round; closes the connections; returns µs/query
+    and the median per-batch ratio to ``cursors["raw"]`` for each variant."""
     times: dict[str, list[float]] = {name: [] for name in cursors}
     ratios: dict[str, list[float]] = {name: [] for name in wrapped}
     clock = time.perf_counter
@@ -53,7 +61,7 @@ async def measure(dsn: str, batches: int, size: int) -> dict[str, tuple[float, f
             for name, cur in order:
                 start = clock()
                 await cur.execute("SELECT 1")
-                await cur.fetchone()
+                await getattr(cur, fetch)()
                 totals[name] += clock() - start
         if batch == 0:
             continue

@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import random
-import statistics
-import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import mysql.connector.aio
 
 import resilient_db
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "connect_async, no plugins": {"plugins": ""},
-    "connect_async, failover,efm": {"plugins": "failover,efm"},
-    "connect_async, failover,efm + socket_timeout": {"plugins": "failover,efm",
-                                                     "socket_timeout": 30},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from async_overhead import VARIANTS, interleave
 
 
 async def measure(kwargs: dict[str, Any], batches: int,
@@ -40,33 +34,7 @@ async def measure(kwargs: dict[str, Any], batches: int,
                for name, extra in VARIANTS.items()}
     cursors: dict[str, Any] = {"raw": await raw.cursor()}
     cursors.update({name: await conn.cursor() for name, conn in wrapped.items()})
-    times: dict[str, list[float]] = {name: [] for name in cursors}
-    ratios: dict[str, list[float]] = {name: [] for name in wrapped}
-    clock = time.perf_counter
-    for batch in range(batches + 1):  # the first batch warms up
-        gc.collect()
-        totals = dict.fromkeys(cursors, 0.0)
-        order = list(cursors.items())
-        for _ in range(size):
-            random.shuffle(order)  # no variant always first (or last) in a round
-            for name, cur in order:
-                start = clock()
-                await cur.execute("SELECT 1")
-                await cur.fetchall()
-                totals[name] += clock() - start
-        if batch == 0:
-            continue
-        for name, total in totals.items():
-            times[name].append(total / size * 1e6)
-        for name in wrapped:
-            ratios[name].append(totals[name] / totals["raw"])
-    await raw.close()
-    for conn in wrapped.values():
-        await conn.close()
-    out = {"raw": (statistics.median(times["raw"]), 1.0)}
-    out.update({name: (statistics.median(times[name]), statistics.median(ratios[name]))
-                for name in wrapped})
-    return out
+    return await interleave(raw, wrapped, cursors, batches, size, "fetchall")
 
 
 def main() -> None:
