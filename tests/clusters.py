@@ -8,13 +8,15 @@ instances it started with, each in a role, every reader replicating from the wri
 settles it again when the test ends. If settling fails, the cluster is stopped and the error
 is reported at the teardown of the test that broke it; the next test gets a fresh cluster.
 
-:class:`SharedClusters` keeps one such cluster per instance runtime (``Cluster(backend=...)``),
-each started on first use; a fixture parametrized with :data:`BACKENDS` picks one, so that
-the same cluster tests run on local processes, on containers, and on local processes behind
-a proxy per instance (``local-proxied``: ``Cluster(proxied=True)``, every name leading to
-the proxies). The container run is marked ``docker`` and skipped, with the reason, where no
-Docker daemon answers (:func:`require_backend`). :func:`cluster_options` turns a
-parameter into ``Cluster.start`` keywords.
+:class:`SharedClusters` keeps one such cluster per key, each started on first use. Keyed by
+instance runtime (``Cluster(backend=...)``), a fixture parametrized with :data:`BACKENDS`
+picks one, so that the same cluster tests run on local processes, on containers, and on
+local processes behind a proxy per instance (``local-proxied``: ``Cluster(proxied=True)``,
+every name leading to the proxies). The container run is marked ``docker`` and skipped, with
+the reason, where no Docker daemon answers (:func:`require_backend`). :func:`cluster_options`
+turns a parameter into ``Cluster.start`` keywords. Keyed by engine (``aurora-pg``,
+``aurora-mysql``), a module whose tests run on both starts only the clusters its selected
+tests use.
 """
 
 from __future__ import annotations
@@ -192,22 +194,23 @@ class SharedCluster(AbstractContextManager["SharedCluster"]):
 
 
 class SharedClusters(AbstractContextManager["SharedClusters"]):
-    """One :class:`SharedCluster` per backend, each started on first use; for a module-scoped
-    fixture. ``start(backend)`` starts a cluster on that backend."""
+    """One :class:`SharedCluster` per key, each started on first use; for a module-scoped
+    fixture. ``start(key)`` starts the cluster of ``key``: a :data:`BACKENDS` name (a cluster
+    on that backend) or an engine (``Cluster.start(engine, ...)``)."""
 
     def __init__(self, start: Callable[[str], Cluster], settle: Settle) -> None:
         self._start = start
         self._settle = settle
         self._shared: dict[str, SharedCluster] = {}
 
-    def get(self, backend: str) -> SharedCluster:
-        """The shared cluster on ``backend`` (skipped without Docker, see
-        :func:`require_backend`)."""
-        require_backend(backend)
-        shared = self._shared.get(backend)
+    def get(self, key: str) -> SharedCluster:
+        """The shared cluster of ``key`` (a ``testcontainers`` backend is skipped without
+        Docker, see :func:`require_backend`)."""
+        require_backend(key)
+        shared = self._shared.get(key)
         if shared is None:
-            shared = SharedCluster(lambda: self._start(backend), self._settle)
-            self._shared[backend] = shared
+            shared = SharedCluster(lambda: self._start(key), self._settle)
+            self._shared[key] = shared
         return shared
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

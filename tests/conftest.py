@@ -84,6 +84,14 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return fixture
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_monitors() -> Iterator[None]:
+    """No background work a module's tests started (monitor threads and their sessions)
+    outlives the module."""
+    yield
+    resilient_db.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _disarm_dev_plugin() -> Iterator[None]:
     yield

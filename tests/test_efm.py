@@ -37,6 +37,7 @@ from resilient_db.plugins.efm import EfmPlugin
 from simulator.cluster import Cluster, Timeline
 from tests.conftest import Backend
 
+from .clusters import SharedClusters, settle_roles
 from .waiting import wait_until
 
 pytestmark = pytest.mark.real_server
@@ -84,6 +85,12 @@ class Env:
         cur.execute(self.sleep_sql.format(s=seconds))
         cur.fetchall()
 
+    def close_opened(self) -> None:
+        for conn in self.opened:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self.opened.clear()
+
 
 def efm(conn: Any) -> EfmPlugin:
     found = conn.resilient.plugin("efm")
@@ -97,55 +104,34 @@ def monitor_of(conn: Any) -> HostMonitor:
     return monitor
 
 
-def settle(env: Env) -> None:
-    for conn in env.opened:
-        with contextlib.suppress(Exception):
-            conn.close()
-    env.opened.clear()
-    cluster = env.cluster
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    wait_until("readers following the writer", cluster.settled)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as cluster:
-        yield cluster
+def clusters() -> Iterator[SharedClusters]:
+    """One Aurora cluster per engine, started when a test first asks for it."""
+    with SharedClusters(lambda engine: Cluster.start(engine, readers=2, timeline=TIMELINE),
+                        settle_roles) as shared:
+        yield shared
 
 
-@pytest.fixture(scope="module")
-def mysql_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE) as cluster:
-        yield cluster
-
-
-def make_env(request: pytest.FixtureRequest, name: str) -> Env:
+def make_env(cluster: Cluster, name: str) -> Env:
     if name == "pg":
-        return Env("pg", request.getfixturevalue("pg_cluster"), psycopg.Connection.connect, {},
+        return Env("pg", cluster, psycopg.Connection.connect, {},
                    "SELECT pg_catalog.aurora_db_instance_identifier()",
                    "SELECT pg_catalog.pg_sleep({s})", psycopg.OperationalError)
-    return Env("mysql", request.getfixturevalue("mysql_cluster"), mysql.connector.connect,
+    return Env("mysql", cluster, mysql.connector.connect,
                {"use_pure": True, "aurora_mysql_lookalike_schema": "aurora_sim"},
                "SELECT aurora_sim.aurora_server_id()", "SELECT SLEEP({s})",
                mysql.connector.Error)
 
 
 @pytest.fixture(params=["pg", "mysql"])
-def env(request: pytest.FixtureRequest) -> Iterator[Env]:
-    environment = make_env(request, request.param)
-    settle(environment)
-    try:
-        yield environment
-    finally:
-        resilient_db.shutdown()  # no monitor of a test outlives it
-        settle(environment)
+def env(request: pytest.FixtureRequest, clusters: SharedClusters) -> Iterator[Env]:
+    """The engine's cluster, settled before and after the test (tests/clusters.py)."""
+    shared = clusters.get(f"aurora-{request.param}")
+    environment = make_env(shared.acquire(), request.param)
+    yield environment
+    resilient_db.shutdown()  # no monitor of a test outlives it
+    environment.close_opened()
+    shared.release()
 
 
 @pytest.fixture

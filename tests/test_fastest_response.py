@@ -26,6 +26,7 @@ from resilient_db.plugins.fastest_response_strategy import FastestResponseStrate
 from resilient_db.response_time import ResponseTimeMonitor
 from simulator.cluster import Cluster, Instance, Timeline
 
+from .clusters import SharedClusters, settle_roles
 from .test_fork import in_child, session_id
 from .waiting import wait_for, wait_until
 
@@ -87,53 +88,37 @@ class Env:
             cur.execute(f"SELECT pg_terminate_backend({backend})" if self.name == "pg"
                         else f"KILL {backend}")
 
-
-def settle(env: Env) -> None:
-    for conn in env.opened:
-        with contextlib.suppress(Exception):
-            conn.close()
-    env.opened.clear()
-    cluster = env.cluster
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    wait_until("readers following the writer", cluster.settled)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
+    def close_opened(self) -> None:
+        for conn in self.opened:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self.opened.clear()
 
 
 @pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=2, timeline=TIMELINE) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def mysql_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE) as cluster:
-        yield cluster
+def clusters() -> Iterator[SharedClusters]:
+    """One Aurora cluster per engine, started when a test first asks for it."""
+    with SharedClusters(lambda engine: Cluster.start(engine, readers=2, timeline=TIMELINE),
+                        settle_roles) as shared:
+        yield shared
 
 
 @pytest.fixture(params=["pg", "mysql"])
-def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+def env(request: pytest.FixtureRequest, clusters: SharedClusters) -> Iterator[Env]:
+    """The engine's cluster, settled before and after the test (tests/clusters.py)."""
+    shared = clusters.get(f"aurora-{request.param}")
+    cluster = shared.acquire()
     if request.param == "pg":
-        environment = Env("pg", request.getfixturevalue("pg_cluster"),
-                          psycopg.Connection.connect, {},
+        environment = Env("pg", cluster, psycopg.Connection.connect, {},
                           "SELECT pg_catalog.aurora_db_instance_identifier()")
     else:
-        environment = Env("mysql", request.getfixturevalue("mysql_cluster"),
-                          mysql.connector.connect,
+        environment = Env("mysql", cluster, mysql.connector.connect,
                           {"use_pure": True, "aurora_mysql_lookalike_schema": "aurora_sim"},
                           "SELECT aurora_sim.aurora_server_id()")
-    settle(environment)
-    try:
-        yield environment
-    finally:
-        resilient_db.shutdown()  # no monitor of a test outlives it
-        settle(environment)
+    yield environment
+    resilient_db.shutdown()  # no monitor of a test outlives it
+    environment.close_opened()
+    shared.release()
 
 
 @pytest.fixture

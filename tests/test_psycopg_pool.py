@@ -26,6 +26,7 @@ from resilient_db.integrations.psycopg_pool import PooledConnection, ResilientCo
 from simulator.cluster import Cluster, Timeline
 from simulator.local import LocalServer
 
+from .clusters import SharedCluster, settle_roles
 from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,43 +236,33 @@ class Env:
             cur.execute("SELECT id FROM pool_items")
             return {int(row[0]) for row in cur.fetchall()}
 
-
-def settle(env: Env) -> None:
-    for pool in env.pools:
-        with contextlib.suppress(Exception):
-            pool.close()
-    env.pools.clear()
-    cluster = env.cluster
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    cluster.make_writer_read_only(False)
-    wait_until("readers following the writer", cluster.settled)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
+    def close_pools(self) -> None:
+        for pool in self.pools:
+            with contextlib.suppress(Exception):
+                pool.close()
+        self.pools.clear()
 
 
 @pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=1, timeline=TIMELINE) as cluster:
-        yield cluster
+def pg_cluster() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-pg", readers=1, timeline=TIMELINE),
+                       settle_roles) as shared:
+        yield shared
 
 
 @pytest.fixture
-def env(pg_cluster: Cluster) -> Iterator[Env]:
-    environment = Env(pg_cluster)
-    settle(environment)
-    with psycopg.connect(_conninfo(pg_cluster.connect_kwargs()), autocommit=True) as conn:
+def env(pg_cluster: SharedCluster) -> Iterator[Env]:
+    """The module's cluster, settled before and after the test (tests/clusters.py), with an
+    empty pool_items table."""
+    cluster = pg_cluster.acquire()
+    with psycopg.connect(_conninfo(cluster.connect_kwargs()), autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS pool_items")
         conn.execute("CREATE TABLE pool_items (id int primary key, worker int)")
-    wait_until("readers following the writer", pg_cluster.settled)
-    try:
-        yield environment
-    finally:
-        settle(environment)
+    wait_until("readers following the writer", cluster.settled)
+    environment = Env(cluster)
+    yield environment
+    environment.close_pools()
+    pg_cluster.release()
 
 
 def promoted(events: list[Any]) -> str:

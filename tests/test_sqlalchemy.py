@@ -34,6 +34,7 @@ from resilient_db.integrations.sqlalchemy import (
 from simulator.cluster import Cluster, Timeline
 from simulator.local import LocalServer
 
+from .clusters import SharedClusters, settle_roles
 from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,57 +268,41 @@ class Env:
             cur.execute(f"SELECT id FROM {Item.__tablename__}")
             return {int(row[0]) for row in cur.fetchall()}
 
-
-def settle(env: Env) -> None:
-    for engine in env.engines:
-        with contextlib.suppress(Exception):
-            engine.dispose()
-    env.engines.clear()
-    cluster = env.cluster
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    cluster.make_writer_read_only(False)
-    wait_until("readers following the writer", cluster.settled)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
+    def dispose_engines(self) -> None:
+        for engine in self.engines:
+            with contextlib.suppress(Exception):
+                engine.dispose()
+        self.engines.clear()
 
 
 @pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-pg", readers=1, timeline=TIMELINE) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def mysql_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=1, timeline=TIMELINE) as cluster:
-        yield cluster
+def clusters() -> Iterator[SharedClusters]:
+    """One Aurora cluster per engine, started when a test first asks for it."""
+    with SharedClusters(lambda engine: Cluster.start(engine, readers=1, timeline=TIMELINE),
+                        settle_roles) as shared:
+        yield shared
 
 
 @pytest.fixture(params=["pg", "mysql"])
-def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+def env(request: pytest.FixtureRequest, clusters: SharedClusters) -> Iterator[Env]:
+    """The engine's cluster, settled before and after the test (tests/clusters.py), with an
+    empty items table."""
+    shared = clusters.get(f"aurora-{request.param}")
+    cluster = shared.acquire()
     if request.param == "pg":
-        environment = Env("pg", request.getfixturevalue("pg_cluster"),
-                          "postgresql+resilient_psycopg", {},
+        environment = Env("pg", cluster, "postgresql+resilient_psycopg", {},
                           "SELECT pg_catalog.aurora_db_instance_identifier()")
     else:
-        environment = Env("mysql", request.getfixturevalue("mysql_cluster"),
-                          "mysql+resilient_mysqlconnector",
+        environment = Env("mysql", cluster, "mysql+resilient_mysqlconnector",
                           {"use_pure": True, "aurora_mysql_lookalike_schema": "aurora_sim"},
                           "SELECT aurora_sim.aurora_server_id()")
-    settle(environment)
     engine = environment.engine()
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     engine.dispose()
-    try:
-        yield environment
-    finally:
-        settle(environment)
+    yield environment
+    environment.dispose_engines()
+    shared.release()
 
 
 def promoted(events: list[Any]) -> str:
