@@ -46,12 +46,6 @@ async def _bounded(coro: Awaitable[T]) -> T:
     return await asyncio.wait_for(coro, 120)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
 def module_cluster() -> Iterator[SharedCluster]:
     with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=TIMELINE),

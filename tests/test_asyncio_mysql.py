@@ -48,12 +48,6 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(bounded())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
 def module_cluster() -> Iterator[Cluster]:
     with Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE) as started:

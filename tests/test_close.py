@@ -114,12 +114,6 @@ class Env:
                         else f"KILL {backend}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
 def pg_cluster() -> Iterator[Cluster]:
     with Cluster.start("aurora-pg", readers=1, timeline=TIMELINE) as cluster:

@@ -143,12 +143,6 @@ def settle(cluster: Cluster, instance_ids: frozenset[str]) -> None:
                lambda: resolve_name(cluster.writer_endpoint) == cluster.writer.address)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
 def pg_cluster() -> Iterator[SharedCluster]:
     with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=TIMELINE),

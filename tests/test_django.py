@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +63,6 @@ def test_resilient_db_options_reach_resilient_db() -> None:
     with pytest.raises(resilient_db.ConfigurationError) as info:
         wrapper.get_new_connection(wrapper.get_connection_params())
     assert info.value.parameter == "failover_timeout_secs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
 
 
 def _settings(engine: str, cluster: Cluster) -> tuple[dict[str, Any], str]:

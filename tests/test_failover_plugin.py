@@ -111,13 +111,6 @@ def close_connections(env: Env) -> None:
     env.opened.clear()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    """No topology monitor of this module's clusters outlives them."""
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
 def pg_cluster() -> Iterator[SharedCluster]:
     with SharedCluster(lambda: Cluster.start("aurora-pg", readers=2, timeline=TIMELINE),

@@ -114,12 +114,6 @@ def _start(flavour: str) -> Cluster:
     return cluster
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 @pytest.fixture(scope="module")
 def pg_global() -> Iterator[SharedCluster]:
     with SharedCluster(lambda: _start("aurora-pg"), settle_cluster) as shared:

@@ -90,12 +90,6 @@ def mysql_iam_cluster() -> Iterator[Cluster]:
         yield cluster
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_monitors() -> Iterator[None]:
-    yield
-    resilient_db.shutdown()
-
-
 class Counting:
     """boto3's real token generator, counting calls; ``sign_at``: sign the next token as if
     the clock read that (an expired token)."""

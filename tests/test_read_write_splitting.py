@@ -32,7 +32,6 @@ from resilient_db.plugins.srw import parse_endpoint
 from .clusters import SharedCluster
 from .test_cluster_plugins import (  # noqa: F401 - fixtures used by name
     Env,
-    _stop_monitors,
     env,
     mysql_cluster,
     pg_cluster,
