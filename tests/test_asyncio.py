@@ -767,6 +767,75 @@ def test_sqlalchemy_async_engine_through_a_writer_failover(
     no_sessions_left(cluster)
 
 
+def test_sqlalchemy_async_engine_under_load_loses_nothing(cluster: Cluster) -> None:
+    """Four tasks share one pooled async engine (``failover,efm``), each committing one-row
+    transactions while the writer crashes. A transaction that ends in a resilient_db outcome
+    (``FailoverSuccessError``, ``TransactionResolutionUnknownError``, as ``.orig`` of
+    SQLAlchemy's ``OperationalError``) is not acknowledged and the task goes on; every
+    acknowledged commit is on the new writer afterwards, both writers took acknowledged
+    commits, nothing else was raised, and ``dispose()`` leaves no session."""
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    table = make_table(cluster)
+    old = cluster.writer.id
+    kw = cluster.connect_kwargs(cluster.writer_endpoint)
+    url = sa.URL.create("postgresql+resilient_psycopg", username=str(kw["user"]),
+                        password=str(kw["password"]), host=str(kw["host"]),
+                        port=int(kw["port"]), database=str(kw["dbname"]),
+                        query={"resilient_db_plugins": "failover,efm",
+                               "failover_timeout_sec": "30", "application_name": APP})
+    insert = sa.text(f"INSERT INTO {table} VALUES (:k, "
+                     "pg_catalog.aurora_db_instance_identifier()) RETURNING inst")
+    acked: dict[int, str] = {}
+    outcomes: list[str] = []
+    unexpected: list[BaseException] = []
+
+    async def worker(engine: Any, task: int, stop: asyncio.Event) -> None:
+        key = task * 1_000_000
+        try:
+            while not stop.is_set():
+                key += 1
+                try:
+                    async with engine.begin() as conn:
+                        instance = (await conn.execute(insert, {"k": key})).scalar_one()
+                except sa_exc.OperationalError as error:
+                    if not isinstance(error.orig, (resilient_db.FailoverSuccessError,
+                                                   resilient_db.TransactionResolutionUnknownError)):
+                        raise
+                    outcomes.append(type(error.orig).__name__)
+                    continue
+                acked[key] = instance
+        except BaseException as exc:
+            unexpected.append(exc)
+
+    async def main() -> str:
+        engine = create_async_engine(url, pool_size=4, max_overflow=0)
+        try:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(worker(engine, i, stop)) for i in range(1, 5)]
+            await _until(lambda: len(acked) > 50 or bool(unexpected))
+            new = promoted(await asyncio.to_thread(cluster.failover))
+            await _until(lambda: sum(1 for v in acked.values() if v == new) > 50
+                         or bool(unexpected), timeout=60)
+            stop.set()
+            await asyncio.gather(*tasks)
+            return new
+        finally:
+            await engine.dispose()
+
+    new = run(main())
+    assert not unexpected, unexpected
+    rows = rows_of(cluster, table)
+    assert set(acked) <= set(rows), "an acknowledged commit was lost"
+    assert all(rows[k] == v for k, v in acked.items())
+    assert set(rows.values()) <= {old, new}, "a reader accepted a write"
+    assert set(acked.values()) == {old, new}
+    assert set(outcomes) <= {"FailoverSuccessError", "TransactionResolutionUnknownError"}
+    no_sessions_left(cluster)
+
+
 def test_cancelling_a_statement_blocked_on_a_blackholed_writer(
         cluster: Cluster, network_faults: NetworkFaults) -> None:
     """psycopg answers a cancelled await by cancelling on the server (its cancel connection to
