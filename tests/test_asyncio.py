@@ -716,6 +716,19 @@ def test_cancelling_a_failover_in_progress(cluster: Cluster) -> None:
 # --- SQLAlchemy's asyncio engine --------------------------------------------------------------
 
 
+def engine_url(cluster: Cluster) -> Any:
+    """The cluster's writer endpoint as a ``postgresql+resilient_psycopg`` URL (``failover,efm``,
+    a 30 s failover budget, the test's application_name)."""
+    import sqlalchemy as sa
+
+    kw = cluster.connect_kwargs(cluster.writer_endpoint)
+    return sa.URL.create("postgresql+resilient_psycopg", username=str(kw["user"]),
+                         password=str(kw["password"]), host=str(kw["host"]),
+                         port=int(kw["port"]), database=str(kw["dbname"]),
+                         query={"resilient_db_plugins": "failover,efm",
+                                "failover_timeout_sec": "30", "application_name": APP})
+
+
 def test_sqlalchemy_async_engine_through_a_writer_failover(
         cluster: Cluster, sink: resilient_db.CollectingSink) -> None:
     import sqlalchemy as sa
@@ -723,12 +736,7 @@ def test_sqlalchemy_async_engine_through_a_writer_failover(
     from sqlalchemy.ext.asyncio import create_async_engine
 
     table = make_table(cluster)
-    kw = cluster.connect_kwargs(cluster.writer_endpoint)
-    url = sa.URL.create("postgresql+resilient_psycopg", username=str(kw["user"]),
-                        password=str(kw["password"]), host=str(kw["host"]),
-                        port=int(kw["port"]), database=str(kw["dbname"]),
-                        query={"resilient_db_plugins": "failover,efm",
-                               "failover_timeout_sec": "30", "application_name": APP})
+    url = engine_url(cluster)
     insert = sa.text(f"INSERT INTO {table} VALUES (:k, "
                      "pg_catalog.aurora_db_instance_identifier())")
 
@@ -780,12 +788,7 @@ def test_sqlalchemy_async_engine_under_load_loses_nothing(cluster: Cluster) -> N
 
     table = make_table(cluster)
     old = cluster.writer.id
-    kw = cluster.connect_kwargs(cluster.writer_endpoint)
-    url = sa.URL.create("postgresql+resilient_psycopg", username=str(kw["user"]),
-                        password=str(kw["password"]), host=str(kw["host"]),
-                        port=int(kw["port"]), database=str(kw["dbname"]),
-                        query={"resilient_db_plugins": "failover,efm",
-                               "failover_timeout_sec": "30", "application_name": APP})
+    url = engine_url(cluster)
     insert = sa.text(f"INSERT INTO {table} VALUES (:k, "
                      "pg_catalog.aurora_db_instance_identifier()) RETURNING inst")
     acked: dict[int, str] = {}
