@@ -425,13 +425,20 @@ def test_gdb_rw_finds_the_writer_when_the_known_one_answers_as_a_reader(env: Env
     none of its connections failed): switching to the writer it knows reaches a reader, so the
     monitor looks again and the writer it verifies is used."""
     cluster = env.cluster
+    # The monitor must not refresh between its first read and the switch below: a 10-minute
+    # rate, and the switchover only once that first read verified instance-1 (under load the
+    # monitor thread's first read can come after the switchover and see it).
     conn = env.connect(cluster.region_reader_endpoint(AWAY), plugins="gdb_rw,gdb_failover",
-                       gdb_rw_restrict_writer_to_home_region=False)
+                       gdb_rw_restrict_writer_to_home_region=False,
+                       topology_refresh_ms=600_000)
     conn.read_only = True
     assert env.instance(conn) == "instance-3"
+    monitor = gdb(conn).monitor()
+    wait_until("the monitor verified the writer itself",
+               lambda: monitor.verified_at > 0 and monitor.writer is not None
+               and monitor.writer.instance_id == "instance-1", timeout=60)
     cluster.switchover_global(AWAY)
     wait_until("the old writer back as a reader", cluster.settled)
-    monitor = gdb(conn).monitor()
     known = monitor.writer
     assert known is not None and known.instance_id == "instance-1"  # not seen yet
     conn.read_only = False
