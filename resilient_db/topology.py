@@ -23,8 +23,9 @@ the monitor's connection.
 
 Lifecycle: nothing starts at import; a monitor's thread starts when the first connection
 subscribes, runs as a daemon, is supervised (a crash is logged, counted in :attr:`crashes`
-and restarted with backoff), ends by itself when no subscribed connection is left (subscribers
-are held by weak reference) and is stopped by :func:`resilient_db.shutdown`.
+and restarted with backoff), ends by itself when no subscribed connection is left (a
+connection unsubscribes when it is closed; subscribers are held by weak reference, so one
+dropped unclosed counts too) and is stopped by :func:`resilient_db.shutdown`.
 """
 
 from __future__ import annotations
@@ -456,6 +457,14 @@ class TopologyMonitor:
             if subscriber.refresh_interval < self._waiting:
                 self._cond.notify_all()  # a faster rate applies from now, not after the wait
 
+    def unsubscribe(self, subscriber: MonitorSubscriber) -> None:
+        """A connection was closed: it no longer counts as using this monitor (the thread
+        ends when none is left, without waiting for the closed connection to be collected)."""
+        with self._cond:
+            self._subscribers.discard(subscriber)
+            if not self._subscribers:
+                self._cond.notify_all()  # end the thread now, not after its refresh wait
+
     def offer(self, report: SelfReport) -> None:
         """A report read on an application connection. It seeds an empty monitor, and when it
         comes from the writer itself it verifies that writer (first-hand)."""
@@ -624,7 +633,7 @@ class TopologyMonitor:
                     self._close_main()
                     return
                 panic = self._panic
-            refresh, _, timeout = self._intervals(subscribers)
+            timeout = self._intervals(subscribers)[2]
             if panic:
                 with decision_span("topology.search", "failover",
                                    {"resilient_db.topology.cluster": self.key}) as search:
@@ -645,7 +654,9 @@ class TopologyMonitor:
                     # Recomputed under the lock: a subscriber asking for a faster rate while
                     # the refresh ran found nobody waiting to notify.
                     live = self._live()
-                    wait = self._intervals(live)[0] if live else refresh
+                    if not live:
+                        continue  # the last connection left during the refresh: end now
+                    wait = self._intervals(live)[0]
                     del live
                     self._waiting = wait
                     self._cond.wait(wait)

@@ -542,6 +542,20 @@ def test_shutdown_stops_monitor_threads_and_failover_still_works(env: Env) -> No
     assert env.instance(conn) == new
 
 
+def test_closing_the_last_connection_ends_the_monitor(env: Env) -> None:
+    # The application still holds the closed connection (env.opened does): closing it, not
+    # the garbage collector, is what releases the monitor and its server session.
+    conn = env.connect(topology_refresh_ms=60_000)
+    monitor = plugin(conn).monitor()
+    wait_until("the monitor reading", lambda: monitor.running and monitor.connection_open)
+    conn.close()
+    wait_until("the monitor ended", lambda: not monitor.running and not monitor.connection_open)
+    assert monitor.subscribers == 0 and conn in env.opened
+    with pytest.raises(env.driver_error):
+        conn.cursor().execute("SELECT 1")  # closed stays closed: no new subscription either
+    assert not monitor.running
+
+
 # --- reader mode, Multi-AZ clusters, servers without topology ------------------------------------
 
 

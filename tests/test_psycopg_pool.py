@@ -490,9 +490,8 @@ def test_close_releases_monitors(env: Env) -> None:
     pool.close()
     # Closed by the pool: each pipeline told its plugins to let go (efm's host monitors).
     assert all(c.resilient.pipeline.state is CLOSED for c in held)
-    # A topology monitor keeps its subscribers weakly and has no unsubscribe on close: it
-    # ends once the closed connections are gone, as after engine.dispose() for SQLAlchemy.
-    del held, conn
+    # Each connection unsubscribed from the topology monitor when it was closed: the monitor
+    # ends although the application still holds the closed connection objects.
     wait_until("the topology monitor ended",
                lambda: not topo.running and not topo.connection_open, timeout=60)
     wait_until("the host monitors stopped",
@@ -502,3 +501,4 @@ def test_close_releases_monitors(env: Env) -> None:
     assert not names, names
     wait_until("no monitoring session left on the servers",
                lambda: _monitor_sessions(env.cluster) == 0, timeout=60)
+    assert all(c.closed for c in held)  # still referenced until here

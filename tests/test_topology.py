@@ -65,6 +65,8 @@ class FakeCluster:
         self.views: dict[str, str] = {}  # instance -> writer it reports (default: the truth)
         self.connects: list[str] = []
         self.open = 0
+        self.gate: threading.Event | None = None  # when set: every read waits for it to open
+        self.in_read = threading.Event()
 
     def writer(self) -> str | None:
         return next((i for i, r in self.roles.items() if r == "writer"), None)
@@ -98,6 +100,9 @@ class FakeDriver:
 
     def query(self, conn: FakeConn, sql: str) -> list[tuple[Any, ...]]:
         cluster = conn.cluster
+        if cluster.gate is not None:
+            cluster.in_read.set()
+            cluster.gate.wait(5)
         if conn.closed or conn.instance in cluster.down:
             raise FakeError("server closed the connection")
         if conn.instance in cluster.blackholed:
@@ -338,6 +343,44 @@ def test_monitor_thread_ends_when_no_subscriber_is_left(monitor: TopologyMonitor
     gc.collect()
     wait_until(lambda: not monitor.running)
     assert cluster.open == 0 and monitor.subscribers == 0
+
+
+def test_monitor_thread_ends_when_its_last_subscriber_unsubscribes(
+        monitor: TopologyMonitor, cluster: FakeCluster) -> None:
+    # A closed connection the application still holds must not keep the monitor reading:
+    # the thread ends at once, not after its (here one-minute) refresh wait.
+    first, second = Subscriber(cluster, refresh=60.0), Subscriber(cluster, refresh=60.0)
+    seed(monitor, cluster, first)
+    monitor.subscribe(second)
+    wait_until(lambda: monitor.running and monitor.connection_open)
+    monitor.unsubscribe(first)
+    monitor.unsubscribe(first)  # closing twice is harmless
+    assert monitor.subscribers == 1
+    time.sleep(0.1)
+    assert monitor.running  # one subscriber left
+    monitor.unsubscribe(second)
+    wait_until(lambda: not monitor.running, timeout=5)
+    assert cluster.open == 0 and monitor.subscribers == 0
+    monitor.subscribe(first)  # a later subscriber starts it again
+    wait_until(lambda: monitor.running and monitor.connection_open)
+
+
+def test_a_subscriber_leaving_during_a_refresh_ends_the_monitor(
+        monitor: TopologyMonitor, cluster: FakeCluster) -> None:
+    # The last connection is closed while the monitor is reading (nobody is waiting to be
+    # notified): after the read the thread ends instead of starting its one-minute wait.
+    sub = Subscriber(cluster, refresh=60.0)
+    conn = FakeConn(cluster, "instance-1")  # the application's connection
+    monitor.offer(read_self_report(FakeDriver(), AURORA_PG, conn, host("instance-1"),
+                                   addressing()))
+    conn.close()
+    cluster.gate = threading.Event()
+    monitor.subscribe(sub, Host(CLUSTER, 5432))
+    assert cluster.in_read.wait(5)
+    monitor.unsubscribe(sub)
+    cluster.gate.set()
+    wait_until(lambda: not monitor.running, timeout=5)
+    assert cluster.open == 0
 
 
 def test_a_crashing_monitor_is_restarted_and_counted(monitor: TopologyMonitor,

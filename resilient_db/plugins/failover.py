@@ -269,6 +269,10 @@ class FailoverPlugin(Plugin):
 
     def on_connection_changed(self, event: ConnectionChanged) -> None:
         raw, self._pending_raw = self._pending_raw, None
+        if event.reason == "close":
+            if self._monitor is not None:
+                self._monitor.unsubscribe(self)
+            return
         if event.reason != "connect" or raw is None:
             return
         try:
