@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -46,7 +47,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from . import _options, dialects
-from ._connect import _UNSET, prepare
+from ._connect import _UNSET, Prepared, prepare
 from ._decisions import decision_span, get_decision_sink
 from ._flows import Rows, run_async
 from ._options import current_options
@@ -178,6 +179,25 @@ async def connect_async(
     Returns an :class:`AsyncConnectionProxy` (:class:`AsyncMysqlConnectionProxy` for
     mysql-connector). Cancelling the awaiting task closes whatever was opened.
     """
+    return await open_async(target, conninfo, plugins, kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedAsync:
+    """What :func:`prepare_async` checked: the asyncio driver, the blocking ``target`` that
+    side connections use, the properties and plugin classes, and the dialect to verify."""
+
+    aio: _AioDriver
+    sync_target: Callable[..., Any]
+    prepared: Prepared
+    forced_dialect: Any
+
+
+def prepare_async(target: Callable[..., Any], conninfo: str,
+                  plugins: str | Iterable[str | type[Plugin]] | None,
+                  kwargs: dict[str, Any]) -> PreparedAsync:
+    """Check everything :func:`connect_async` is given, before any I/O (``ConfigurationError``
+    names the parameter). Also what a pool checks when it is created."""
     aio, sync_target = _sync_target(target)
     if "wrapper_driver_dialect" in kwargs:
         forced = WRAPPER_DRIVER_DIALECT.parse(kwargs["wrapper_driver_dialect"])
@@ -207,6 +227,25 @@ async def connect_async(
                 f"conflicts with wrapper_dialect={forced_dialect!r}",
                 parameter="wrapper_dialect", value=forced_dialect)
         forced_dialect = dialects.aurora_mysql_lookalike(lookalike)
+    return PreparedAsync(aio, sync_target, prepared, forced_dialect)
+
+
+async def open_async(target: Callable[..., Any], conninfo: str,
+                     plugins: str | Iterable[str | type[Plugin]] | None,
+                     kwargs: dict[str, Any],
+                     proxy_class: type[AsyncConnectionProxy] | None = None,
+                     ) -> AsyncConnectionProxy:
+    """:func:`connect_async`, building ``proxy_class`` (the driver's proxy class or a
+    subclass of it; omitted: the driver's)."""
+    checked = prepare_async(target, conninfo, plugins, kwargs)
+    aio, sync_target, prepared = checked.aio, checked.sync_target, checked.prepared
+    forced_dialect = checked.forced_dialect
+    driver, settings = aio.driver, prepared.settings
+    if proxy_class is not None and not issubclass(proxy_class, aio.proxy_class):
+        raise ConfigurationError(
+            f"{proxy_class.__name__} is not a {aio.proxy_class.__name__}, the proxy class of "
+            f"the {aio.code} driver that target {describe_target(target)} is",
+            parameter="target", value=describe_target(target))
     if settings[ENABLE_TELEMETRY]:
         from .telemetry import _activate
 
@@ -243,8 +282,8 @@ async def connect_async(
     except BaseException:
         await _close_quietly(raw)
         raise
-    proxy = aio.proxy_class(aio, raw, target, prepared.driver_args, pipeline, host,
-                            failover, efm)
+    proxy = (proxy_class or aio.proxy_class)(aio, raw, target, prepared.driver_args, pipeline,
+                                             host, failover, efm)
     pipeline.notify_connection_changed(ConnectionChanged(None, host, "connect"))
     if efm is not None:
         efm.attach(raw, host)  # the host's monitor starts now, before the first long statement

@@ -8,10 +8,9 @@ connection, bad input. Plain ``asyncio.run`` in each test (no pytest-asyncio).""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import psycopg
@@ -20,9 +19,9 @@ import pytest
 import resilient_db
 from chaos.netfault import NetworkFaults
 from resilient_db import AsyncConnectionProxy
-from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
+from .aio import cancel_after, cancellation_points, failover_plugin, promoted, run, until
 from .clusters import SharedCluster, settle_roles
 from .waiting import wait_until
 
@@ -35,15 +34,6 @@ INSTANCE = "SELECT pg_catalog.aurora_db_instance_identifier()"
 GRACE, INTERVAL, COUNT = 0.3, 0.2, 2
 MARGIN = 3.0  # liveness margin for a loaded 2-core machine
 APP = "rdb-async-test"  # application_name of the test's own connections (leak counting)
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(_bounded(coro))
-
-
-async def _bounded(coro: Awaitable[T]) -> T:
-    # Nothing hangs: a test's coroutine gets two minutes at most.
-    return await asyncio.wait_for(coro, 120)
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +102,6 @@ def foreign_threads() -> set[threading.Thread]:
     """Threads other than the main one and resilient_db's shared, supervised monitors."""
     return {t for t in threading.enumerate()
             if t is not threading.main_thread() and not t.name.startswith("resilient_db")}
-
-
-def promoted(events: list[Any]) -> str:
-    return str(next(e.instance for e in events if e.name == "promoted"))
-
-
-def failover_plugin(conn: AsyncConnectionProxy) -> FailoverPlugin:
-    found = conn.resilient.plugin("failover")
-    assert isinstance(found, FailoverPlugin)
-    return found
 
 
 # --- basic use ------------------------------------------------------------------------------
@@ -229,10 +209,10 @@ def test_writer_failover_under_load_loses_no_acknowledged_write(cluster: Cluster
         stop = asyncio.Event()
         tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
         tasks.append(asyncio.create_task(transactions(stop)))
-        await _until(lambda: len(acked) > 50)
+        await until(lambda: len(acked) > 50)
         events = await asyncio.to_thread(cluster.failover)
         new = promoted(events)
-        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        await until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
         stop.set()
         await asyncio.gather(*tasks)
         return new
@@ -245,13 +225,6 @@ def test_writer_failover_under_load_loses_no_acknowledged_write(cluster: Cluster
     assert {v for v in acked.values()} == {old, new}
     assert set(outcomes) <= {"unknown", "success"}
     no_sessions_left(cluster)
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def test_failover_inside_a_transaction_is_resolution_unknown(
@@ -457,7 +430,7 @@ def test_a_deadline_never_cancels_another_tasks_statement(cluster: Cluster) -> N
                 await conn.execute("SELECT 1")
 
         first = asyncio.create_task(long())
-        await _until(lambda: _active(cluster, "SELECT pg_sleep(1.0), 'done'") == 1)
+        await until(lambda: _active(cluster, "SELECT pg_sleep(1.0), 'done'") == 1)
         with pytest.raises(resilient_db.QueryTimeoutError, match="waiting for the connection"):
             await short()
         assert (await first)[1] == "done"
@@ -542,43 +515,13 @@ def test_efm_abort_then_failover_to_the_promoted_writer(
 # --- cancellation -----------------------------------------------------------------------------
 
 
-def _cancel_after(steps: int, coro: Awaitable[T], delay: float = 0.0) -> Awaitable[T | None]:
-    """Run ``coro`` and cancel it after ``steps`` turns of the event loop, then ``delay``
-    seconds more (``None`` if it was cancelled, its result if it finished first)."""
-    async def runner() -> T | None:
-        task = asyncio.ensure_future(coro)
-        for _ in range(steps):
-            if task.done():
-                break
-            await asyncio.sleep(0)
-        if delay and not task.done():
-            await asyncio.wait({task}, timeout=delay)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            return await task
-        return None
-    return runner()
-
-
-def _schedule() -> Iterator[tuple[int, float]]:
-    """Cancellation points: each of the first loop turns, then growing delays."""
-    for steps in range(10):
-        yield steps, 0.0
-    delay = 0.0005
-    while True:
-        yield 10, delay
-        delay *= 1.3
-
-
 def test_cancelling_connect_at_every_await_leaks_nothing(cluster: Cluster) -> None:
     """connect_async cancelled at each of its awaits in turn (the driver's connect, dialect
     detection, the topology read): no server session and no thread is left behind."""
     threads = foreign_threads()
     cancelled_at = 0
-    for steps, delay in _schedule():
-        result = run(_cancel_after(steps, aconnect(cluster, cluster.writer_endpoint,
+    for steps, delay in cancellation_points():
+        result = run(cancel_after(steps, aconnect(cluster, cluster.writer_endpoint,
                                                    plugins="failover,efm"), delay))
         expected = 0 if result is None else 1
         wait_until(f"no session left after a cancel at step {steps} + {delay:.4f} s",
@@ -612,12 +555,12 @@ def test_cancelling_statements_at_every_await_leaves_a_clear_state(cluster: Clus
         conn = await aconnect(cluster, plugins="failover,efm", socket_timeout=30, **EFM)
         efm = conn.resilient.plugin("efm")
         cancels = 0
-        for key, (steps, delay) in enumerate(_schedule()):
+        for key, (steps, delay) in enumerate(cancellation_points()):
             # Only a unit that finished before its cancel ends the schedule: a cancel that
             # lands after the server committed (the row is there, the task still cancelled;
             # more likely on a loaded machine, where one loop turn covers more I/O) is one
             # more cancellation point, checked like the others.
-            done = await _cancel_after(steps, work(conn, key), delay) is not None
+            done = await cancel_after(steps, work(conn, key), delay) is not None
             assert efm.due == float("inf"), "the cancelled statement is still registered"
             if conn.resilient.raw.closed:
                 pytest.fail(f"psycopg closed the connection after a cancel at {steps} + "
@@ -653,7 +596,7 @@ def test_cancelling_a_slow_commit_cancels_it_on_the_server(cluster: Cluster) -> 
         conn = await aconnect(cluster, autocommit=False)
         await conn.execute(f"INSERT INTO {table} VALUES (1, 'x')")
         commit = asyncio.create_task(conn.commit())
-        await _until(lambda: _active(cluster, "COMMIT") == 1)
+        await until(lambda: _active(cluster, "COMMIT") == 1)
         started = time.monotonic()
         commit.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -692,7 +635,7 @@ def test_cancelling_a_failover_in_progress(cluster: Cluster) -> None:
         cluster.kill_instance(writer.id)
         try:
             statement = asyncio.create_task(cur.execute("SELECT 1"))
-            await _until(shell.lock.locked)
+            await until(shell.lock.locked)
             await asyncio.sleep(0.3)  # let it poll the monitor and try the dead writer
             started = time.monotonic()
             statement.cancel()
@@ -818,9 +761,9 @@ def test_sqlalchemy_async_engine_under_load_loses_nothing(cluster: Cluster) -> N
         try:
             stop = asyncio.Event()
             tasks = [asyncio.create_task(worker(engine, i, stop)) for i in range(1, 5)]
-            await _until(lambda: len(acked) > 50 or bool(unexpected))
+            await until(lambda: len(acked) > 50 or bool(unexpected))
             new = promoted(await asyncio.to_thread(cluster.failover))
-            await _until(lambda: sum(1 for v in acked.values() if v == new) > 50
+            await until(lambda: sum(1 for v in acked.values() if v == new) > 50
                          or bool(unexpected), timeout=60)
             stop.set()
             await asyncio.gather(*tasks)
@@ -907,13 +850,13 @@ def test_blackholed_writer_under_load_efm_and_failover_lose_nothing(
     async def main() -> tuple[str, float]:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
-        await _until(lambda: len(acked) > 50)
+        await until(lambda: len(acked) > 50)
         events = await asyncio.to_thread(fault)
         new = promoted(events)
         at = next(e.mono for e in events if e.name == "promoted")
-        await _until(lambda: new in acked.values(), timeout=60)
+        await until(lambda: new in acked.values(), timeout=60)
         recovered = time.monotonic() - at
-        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        await until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
         stop.set()
         await asyncio.gather(*tasks)
         return new, recovered

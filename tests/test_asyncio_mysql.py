@@ -7,9 +7,8 @@ statement on a blackholed writer, bad input. Plain ``asyncio.run`` in each test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import mysql.connector
@@ -22,10 +21,10 @@ from chaos.netfault import NetworkFaults
 from resilient_db import AsyncMysqlConnectionProxy
 from resilient_db.drivers import get_driver
 from resilient_db.drivers.mysql_connector_aio import MysqlConnectorAioDriver, transport_socket
-from resilient_db.plugins.failover import FailoverPlugin
 from simulator.cluster import Cluster, Timeline
 
-from .waiting import wait_until
+from .aio import cancel_after, cancellation_points, failover_plugin, promoted, run, until
+from .clusters import SharedCluster, settle_roles
 
 pytestmark = pytest.mark.real_server
 
@@ -41,31 +40,17 @@ EFM: dict[str, Any] = {"failure_detection_time_ms": GRACE * 1000,
                        "failure_detection_count": COUNT}
 
 
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, 120)  # nothing hangs
-
-    return asyncio.run(bounded())
-
-
 @pytest.fixture(scope="module")
-def module_cluster() -> Iterator[Cluster]:
-    with Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE) as started:
-        yield started
+def module_cluster() -> Iterator[SharedCluster]:
+    with SharedCluster(lambda: Cluster.start("aurora-mysql", readers=2, timeline=TIMELINE),
+                       settle_roles) as shared:
+        yield shared
 
 
 @pytest.fixture
-def cluster(module_cluster: Cluster) -> Iterator[Cluster]:
-    settle(module_cluster)
-    yield module_cluster
-    settle(module_cluster)
-
-
-def settle(cluster: Cluster) -> None:
-    wait_until("every instance back in a role",
-               lambda: all(i.role != "stopped" for i in cluster.instances.values()))
-    cluster.make_writer_read_only(False)
-    wait_until("readers following the writer", cluster.settled)
+def cluster(module_cluster: SharedCluster) -> Iterator[Cluster]:
+    """The module's cluster, settled before and after the test (tests/clusters.py)."""
+    yield from module_cluster.fixture()
 
 
 def kwargs_for(cluster: Cluster, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -118,23 +103,6 @@ def running(cluster: Cluster, text: str) -> int:
         cur.execute("SELECT info FROM information_schema.processlist WHERE info IS NOT NULL")
         return sum(1 for (info,) in cur.fetchall()
                    if text in str(info) and "processlist" not in str(info))
-
-
-def failover_plugin(conn: AsyncMysqlConnectionProxy) -> FailoverPlugin:
-    found = conn.resilient.plugin("failover")
-    assert isinstance(found, FailoverPlugin)
-    return found
-
-
-def promoted(events: list[Any]) -> str:
-    return str(next(e.instance for e in events if e.name == "promoted"))
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 # --- basic use ------------------------------------------------------------------------------
@@ -251,10 +219,10 @@ def test_writer_failover_under_load_loses_no_acknowledged_write(cluster: Cluster
         stop = asyncio.Event()
         tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
         tasks.append(asyncio.create_task(transactions(stop)))
-        await _until(lambda: len(acked) > 50)
+        await until(lambda: len(acked) > 50)
         events = await asyncio.to_thread(cluster.failover)
         new = promoted(events)
-        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        await until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
         stop.set()
         await asyncio.gather(*tasks)
         return new
@@ -346,10 +314,10 @@ def test_blackholed_writer_under_load_efm_and_failover_lose_nothing(
     async def main() -> str:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(writer(i, stop)) for i in range(1, 5)]
-        await _until(lambda: len(acked) > 50)
+        await until(lambda: len(acked) > 50)
         events = await asyncio.to_thread(fault)
         new = promoted(events)
-        await _until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
+        await until(lambda: sum(1 for v in acked.values() if v == new) > 50, timeout=60)
         stop.set()
         await asyncio.gather(*tasks)
         return new
@@ -408,7 +376,7 @@ def test_cancelling_a_task_at_an_await_leaves_a_usable_connection(
         conn = await aconnect(cluster, plugins=plugins)
         cur = await conn.cursor()
         task = asyncio.create_task(cur.execute(f"SELECT {marker}"))
-        await _until(lambda: running(cluster, marker) == 1)
+        await until(lambda: running(cluster, marker) == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -481,26 +449,6 @@ def test_failover_inside_a_transaction_is_resolution_unknown(cluster: Cluster) -
     run(main())
 
 
-def _cancel_after(steps: int, coro: Awaitable[T], delay: float = 0.0) -> Awaitable[T | None]:
-    """Run ``coro`` and cancel it after ``steps`` turns of the event loop, then ``delay``
-    seconds more (``None`` if it was cancelled, its result if it finished first)."""
-    async def runner() -> T | None:
-        task = asyncio.ensure_future(coro)
-        for _ in range(steps):
-            if task.done():
-                break
-            await asyncio.sleep(0)
-        if delay and not task.done():
-            await asyncio.wait({task}, timeout=delay)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            return await task
-        return None
-    return runner()
-
-
 def test_cancelling_connect_at_every_await_leaks_nothing(cluster: Cluster) -> None:
     """connect_async cancelled at each point of the driver's connect in turn (TCP connect,
     handshake, authentication, the first statements): no server session is left behind
@@ -521,22 +469,18 @@ def test_cancelling_connect_at_every_await_leaks_nothing(cluster: Cluster) -> No
 
     async def main() -> int:
         cancelled_at = 0
-        steps, delay = 0, 0.0
-        while True:
-            result = await _cancel_after(steps, aconnect(cluster, plugins="", user=user,
-                                                         password="pw"), delay)
+        for steps, delay in cancellation_points():
+            result = await cancel_after(steps, aconnect(cluster, plugins="", user=user,
+                                                        password="pw"), delay)
             expected = 0 if result is None else 1
-            await _until(lambda expected=expected: sessions() == expected)  # type: ignore[misc]
+            await until(lambda expected=expected: sessions() == expected)  # type: ignore[misc]
             if result is not None:
                 await result.close()
-                await _until(lambda: sessions() == 0)
-                return cancelled_at
+                await until(lambda: sessions() == 0)
+                break
             cancelled_at += 1
-            if steps < 10:
-                steps += 1
-            else:
-                delay = max(0.0005, delay * 1.3)
             assert delay < 30, "connect never finished"
+        return cancelled_at
 
     assert run(main()) >= 5
 

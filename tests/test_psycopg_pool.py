@@ -6,6 +6,7 @@ before the writer changed, six threads writing through a writer crash with nothi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -22,10 +23,16 @@ import resilient_db
 from resilient_db import efm_monitor, topology
 from resilient_db._pipeline import CLOSED
 from resilient_db.integrations import psycopg_pool as integration
-from resilient_db.integrations.psycopg_pool import PooledConnection, ResilientConnectionPool
+from resilient_db.integrations.psycopg_pool import (
+    AsyncPooledConnection,
+    PooledConnection,
+    ResilientAsyncConnectionPool,
+    ResilientConnectionPool,
+)
 from simulator.cluster import Cluster, Timeline
 from simulator.local import LocalServer
 
+from .aio import run, until
 from .clusters import SharedCluster, settle_roles
 from .waiting import wait_until
 
@@ -502,3 +509,293 @@ def test_close_releases_monitors(env: Env) -> None:
     wait_until("no monitoring session left on the servers",
                lambda: _monitor_sessions(env.cluster) == 0, timeout=60)
     assert all(c.closed for c in held)  # still referenced until here
+
+
+# --- asyncio: ResilientAsyncConnectionPool ---------------------------------------------------
+
+
+@pytest.mark.unit
+def test_the_async_pool_internals_used_for_eviction_exist() -> None:
+    """As for the threaded pool: ResilientAsyncConnectionPool evicts through these."""
+    from psycopg_pool import AsyncConnectionPool
+    from psycopg_pool.pool_async import AddConnection
+
+    for name in ("_close_connection", "_check_pool_putconn", "run_task", "check_connection"):
+        assert callable(getattr(AsyncConnectionPool, name)), name
+
+    async def build() -> None:
+        pool = AsyncConnectionPool("", open=False)
+        assert hasattr(pool, "_pool")
+        AddConnection(pool)  # the signature the integration calls
+
+    run(build())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("options", "parameter", "hint"), [
+    ({"failovr_timeout_sec": 5}, "failovr_timeout_sec", "failover_timeout_sec"),
+    ({"min_szie": 2}, "min_szie", "'min_size'"),
+    ({"plugins": "failovr"}, "plugins", "'failover'"),
+    ({"plugins": "failover,read_write_splitting"}, "plugins", "connect_async"),
+    ({"failover_timeout_sec": "soon"}, "failover_timeout_sec", "soon"),
+    ({"connection_class": PooledConnection}, "connection_class", "AsyncPooledConnection"),
+    ({"connection_class": psycopg.AsyncConnection}, "connection_class",
+     "AsyncPooledConnection"),
+])
+def test_async_pool_bad_input_names_the_parameter(options: dict[str, Any], parameter: str,
+                                                  hint: str) -> None:
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        ResilientAsyncConnectionPool("host=nowhere.invalid dbname=app", open=False, **options)
+    assert info.value.parameter == parameter
+    assert hint in str(info.value)
+
+
+@pytest.mark.unit
+def test_async_pooled_connection_refuses_another_driver_proxy() -> None:
+    mysql_aio = pytest.importorskip("mysql.connector.aio")
+    from resilient_db._aio import open_async
+
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        run(open_async(mysql_aio.connect, "", "", {"host": "nowhere.invalid"},
+                       AsyncPooledConnection))
+    assert info.value.parameter == "target" and "AsyncPooledConnection" in str(info.value)
+
+
+async def _async_pool(env: Env, plugins: str | None = "failover",
+                      **options: Any) -> ResilientAsyncConnectionPool:
+    """An open asyncio pool on the cluster (writer) endpoint, full."""
+    if plugins is not None:
+        options["plugins"] = plugins
+    pool = ResilientAsyncConnectionPool(_conninfo(env.cluster.connect_kwargs()),
+                                        connect_timeout=5, open=False, **options)
+    await pool.open(wait=True, timeout=60)
+    return pool
+
+
+async def _instance_of(conn: Any) -> str:
+    cur = await conn.execute(INSTANCE_SQL)
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def _ids_on(conn: Any) -> set[int]:
+    cur = await conn.execute("SELECT id FROM pool_items")
+    return {int(row[0]) for row in await cur.fetchall()}
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("in_transaction", [True, False], ids=["transaction", "autocommit"])
+def test_async_pool_writer_crash_mid_checkout(env: Env, in_transaction: bool) -> None:
+    """The asyncio twin of test_writer_crash_mid_checkout: the awaited statement that meets
+    the crash raises the failover outcome; the connection then works on the new writer, the
+    connections idle through the crash are evicted, and every later checkout is on the new
+    writer."""
+    async def main() -> None:
+        async with await _async_pool(env, min_size=3, max_size=3) as pool:
+            old = env.cluster.writer.id
+            conn = await pool.getconn()
+            assert isinstance(conn, AsyncPooledConnection)
+            assert await _instance_of(conn) == old
+            await conn.commit()
+            await conn.set_autocommit(not in_transaction)
+            await conn.execute("INSERT INTO pool_items VALUES (1, 0)")
+            new = promoted(await asyncio.to_thread(env.cluster.failover))
+            expected = (resilient_db.TransactionResolutionUnknownError if in_transaction
+                        else resilient_db.FailoverSuccessError)
+            with pytest.raises(expected) as info:
+                await conn.execute("INSERT INTO pool_items VALUES (2, 0)")
+            assert isinstance(info.value, psycopg.OperationalError)
+            await conn.rollback()
+            assert await _instance_of(conn) == new != old
+            await conn.rollback()
+            await conn.set_autocommit(False)
+            await pool.putconn(conn)  # healthy, on the new writer: kept
+            for n in range(3, 9):  # every pooled connection, twice over
+                async with pool.connection() as c:
+                    assert await _instance_of(c) == new
+                    await c.execute("INSERT INTO pool_items VALUES (%s, 0)", (n,))
+            async with pool.connection() as c:
+                stored = await _ids_on(c)
+            assert set(range(3, 9)) <= stored
+            assert (1 in stored) is not in_transaction
+            assert pool.evictions == 2
+            await until(lambda: pool.get_stats()["pool_available"] == 3, timeout=60)
+
+    run(main())
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("idle_evicted_at", ["checkout", "check"])
+def test_async_pool_evicts_connections_opened_before_the_writer_changed(
+        env: Env, idle_evicted_at: str, sink: resilient_db.CollectingSink) -> None:
+    """Idle in the pool, or checked out and unused, while the writer changes: evicted at
+    return, checkout or ``check()``, replaced by sessions on the new writer, no error."""
+    async def main() -> None:
+        async with await _async_pool(env, min_size=3, max_size=3,
+                                     topology_refresh_ms=500) as pool:
+            held = [await pool.getconn() for _ in range(3)]
+            old = env.cluster.writer.id
+            assert {await _instance_of(c) for c in held} == {old}
+            for conn in held:
+                await conn.commit()
+            for conn in held[1:]:
+                await pool.putconn(conn)
+            kept = held[0]
+            new = promoted(await asyncio.to_thread(env.cluster.failover))
+            await until(lambda: all(c.stale for c in held), timeout=60)
+            await pool.putconn(kept)
+            assert pool.evictions == 1 and kept.closed
+            if idle_evicted_at == "check":
+                await pool.check()
+                assert pool.evictions == 3
+            fresh = [await pool.getconn() for _ in range(3)]
+            for conn in fresh:
+                assert await _instance_of(conn) == new
+                assert not conn.stale
+                await pool.putconn(conn)
+            assert pool.evictions == 3
+            assert all(c.closed for c in held)
+
+    run(main())
+    evicted = [d for d in sink.decisions if d.kind == integration.POOL_EVICTED]
+    assert len(evicted) == 3
+    events = sorted(d.attributes["resilient_db.pool.event"] for d in evicted)
+    assert events == sorted(["return", idle_evicted_at, idle_evicted_at])
+
+
+@pytest.mark.real_server
+def test_async_pool_six_tasks_through_a_writer_crash_lose_nothing(env: Env) -> None:
+    """Six tasks insert rows through one asyncio pool while the writer crashes (two idle
+    connections more than tasks: those are evicted, those in use fail over themselves); a
+    row counts as acknowledged when its ``async with pool.connection()`` block committed, and
+    every acknowledged row is on the new writer afterwards."""
+    workers, per_worker = 6, 400
+    acknowledged: list[set[int]] = [set() for _ in range(workers)]
+
+    async def insert(pool: ResilientAsyncConnectionPool, worker: int, key: int) -> None:
+        for attempt in range(5):
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute("INSERT INTO pool_items VALUES (%s, %s)", (key, worker))
+                return
+            except psycopg.errors.UniqueViolation:
+                if attempt == 0:
+                    raise  # not a retry: a real duplicate
+                return
+            except RETRYABLE:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def main() -> tuple[str, str, int]:
+        async with await _async_pool(env, min_size=8, max_size=8) as pool:
+            after_failover = asyncio.Event()
+
+            async def work(worker: int) -> None:
+                for seq in range(per_worker):
+                    key = worker * 100_000 + seq
+                    await insert(pool, worker, key)
+                    acknowledged[worker].add(key)
+                    if after_failover.is_set() and seq >= per_worker // 2:
+                        return
+
+            tasks = [asyncio.create_task(work(w)) for w in range(workers)]
+            await until(lambda: all(len(a) >= 5 for a in acknowledged)
+                        or any(t.done() for t in tasks), timeout=60)
+            before = env.cluster.writer.id
+            new = promoted(await asyncio.to_thread(env.cluster.failover))
+            after_failover.set()
+            await asyncio.gather(*tasks)  # a task's error fails the test here
+            async with pool.connection() as conn:
+                assert await _instance_of(conn) == new
+            return before, new, pool.evictions
+
+    before, new, evictions = run(main())
+    assert new != before and env.cluster.writer.id == new
+    assert evictions >= 1
+    stored = env.ids_on_writer()
+    wanted = set().union(*acknowledged)
+    assert wanted <= stored, f"lost {sorted(wanted - stored)[:10]}"
+
+
+@pytest.mark.real_server
+def test_async_pool_close_releases_monitors(env: Env) -> None:
+    """After ``await pool.close()`` no monitor thread or monitoring session serves the pool's
+    connections, although the application still holds the closed connection objects."""
+    resilient_db.shutdown()
+
+    async def main() -> tuple[list[Any], Any]:
+        pool = await _async_pool(env, plugins="failover,efm", min_size=3, max_size=3,
+                                 monitor_disposal_time_ms=200, topology_refresh_ms=200)
+        held = [await pool.getconn() for _ in range(3)]
+        for conn in held:
+            await conn.execute("SELECT 1")
+            await conn.commit()
+        topo = held[0].resilient.plugin("failover").monitor()
+        assert topo.running and any(m.running for m in efm_monitor.monitors())
+        for conn in held:
+            await pool.putconn(conn)
+        await pool.close()
+        assert all(c.resilient.pipeline.state is CLOSED for c in held)
+        return held, topo
+
+    held, topo = run(main())
+    wait_until("the topology monitor ended",
+               lambda: not topo.running and not topo.connection_open, timeout=60)
+    wait_until("the monitor threads ended", lambda: not any(
+        t.name.startswith(("resilient_db-topology", "resilient_db-efm"))
+        for t in threading.enumerate()), timeout=60)
+    wait_until("no monitoring session left on the servers",
+               lambda: _monitor_sessions(env.cluster) == 0, timeout=60)
+    assert all(c.closed for c in held)  # still referenced until here
+
+
+@pytest.mark.real_server
+def test_async_pool_checkout_commit_rollback_close_returns(pg_server: LocalServer) -> None:
+    """On one server: a block commits, a failed block rolls back, ``async with conn`` on a
+    pooled connection leaves it open (psycopg's rule), ``close()`` with ``close_returns``
+    gives it back, and the stock ``AsyncConnectionPool`` takes the connection class too."""
+    from psycopg_pool import AsyncConnectionPool
+
+    conninfo = _conninfo(pg_server.connect_kwargs())
+    table = "apool_basic"
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute(f"DROP TABLE IF EXISTS {table}")
+        admin.execute(f"CREATE TABLE {table} (id int primary key)")
+
+    async def main() -> None:
+        async with ResilientAsyncConnectionPool(conninfo, plugins="", min_size=1, max_size=1,
+                                                close_returns=True, open=False) as pool:
+            async with pool.connection() as conn:
+                assert isinstance(conn, resilient_db.AsyncConnectionProxy)
+                backend = _backend_of(await (await conn.execute(BACKEND_SQL)).fetchone())
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")  # committed by the block
+            with pytest.raises(ZeroDivisionError):
+                async with pool.connection() as conn:
+                    await conn.execute(f"INSERT INTO {table} VALUES (2)")
+                    raise ZeroDivisionError  # rolled back by the block
+            conn = await pool.getconn()
+            async with conn:  # commits, stays open: it belongs to the pool
+                await conn.execute(f"INSERT INTO {table} VALUES (3)")
+            assert not conn.closed
+            await conn.close()  # close_returns: back in the pool, open
+            again = await pool.getconn()
+            assert again is conn and not again.closed
+            assert _backend_of(await (await again.execute(BACKEND_SQL)).fetchone()) == backend
+            await pool.putconn(again)
+        async with AsyncConnectionPool(conninfo, connection_class=AsyncPooledConnection,
+                                       kwargs={"plugins": "failover"}, min_size=1,
+                                       open=False) as stock:
+            async with stock.connection() as conn:
+                assert conn.resilient.plugins == ("failover",)
+                await conn.execute("SELECT 1")
+
+    run(main())
+    with psycopg.connect(conninfo) as admin:
+        assert admin.execute(f"SELECT id FROM {table} ORDER BY id").fetchall() == [(1,), (3,)]
+
+
+def _backend_of(row: Any) -> tuple[Any, ...]:
+    assert row is not None
+    return tuple(row)

@@ -44,6 +44,10 @@ What the application sees: failover outcomes are raised from the statement (or t
 healthy one. ``FailoverFailedError`` leaves the connection closed: the pool discards it and
 opens another.
 
+For asyncio, :class:`AsyncPooledConnection` (a ``resilient_db.connect_async`` proxy) and
+:class:`ResilientAsyncConnectionPool` (a ``psycopg_pool.AsyncConnectionPool``) are the same
+two pieces, awaited, with ``connect_async``'s plugins.
+
 psycopg_pool offers no hook for checkout-time eviction, so :class:`ResilientConnectionPool`
 uses two of its internals (``_close_connection`` and the ``AddConnection`` task, exactly as
 the stock pool's own ``drain()`` does); ``psycopg-pool>=3.2`` is required.
@@ -54,16 +58,18 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from psycopg_pool.pool import AddConnection
+from psycopg_pool.pool_async import AddConnection as AsyncAddConnection
 
+from .._aio import AsyncConnectionProxy, open_async, prepare_async
 from .._connect import _UNSET, open_proxy, prepare
 from ..drivers import driver_for
 from ..drivers.psycopg import PsycopgConnectionProxy
@@ -73,7 +79,8 @@ from ._stale import record_recycled, untracked_failover
 if TYPE_CHECKING:
     from .._pipeline import Plugin
 
-__all__ = ["POOL_EVICTED", "PooledConnection", "ResilientConnectionPool"]
+__all__ = ["POOL_EVICTED", "AsyncPooledConnection", "PooledConnection",
+           "ResilientAsyncConnectionPool", "ResilientConnectionPool"]
 
 log = logging.getLogger("resilient_db.psycopg_pool")
 
@@ -287,6 +294,198 @@ class ResilientConnectionPool(ConnectionPool[Any]):  # CT is bound to psycopg.Co
         self.run_task(AddConnection(self))
 
 
+# --- asyncio ------------------------------------------------------------------------------
+
+
+class AsyncPooledConnection(AsyncConnectionProxy):
+    """A resilient_db asyncio psycopg connection (``resilient_db.connect_async``) that
+    ``psycopg_pool.AsyncConnectionPool`` can pool; the asyncio twin of
+    :class:`PooledConnection`, with ``connect_async``'s plugins (``failover``, ``efm``)."""
+
+    __slots__ = ("_created_at", "_expire_at", "_pool", "_untracked")
+    _pool: Any
+    _created_at: float
+    _expire_at: float
+    _untracked: Any
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        object.__setattr__(self, "_pool", None)
+        object.__setattr__(self, "_created_at", 0.0)
+        object.__setattr__(self, "_expire_at", float("inf"))
+        object.__setattr__(self, "_untracked", untracked_failover(self))
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> AsyncPooledConnection:
+        """What psycopg_pool awaits to open a connection: ``resilient_db.connect_async`` with
+        ``psycopg.AsyncConnection.connect``; ``kwargs`` holds psycopg's arguments and
+        resilient_db properties, ``plugins`` included (omitted: ``failover,efm``)."""
+        plugins = kwargs.pop("plugins", _UNSET)
+        conn = await open_async(psycopg.AsyncConnection.connect, conninfo, plugins, kwargs, cls)
+        assert isinstance(conn, cls)
+        return conn
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _POOL_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    async def close(self) -> None:
+        """Close the connection, or, checked out of a ``close_returns=True`` pool, return it
+        to the pool (psycopg's rule)."""
+        pool = self._pool
+        if pool is not None and getattr(pool, "close_returns", False) and not self.closed:
+            await pool.putconn(self)
+            return
+        await super().close()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        """psycopg's rule: commit (or, on an exception, roll back) and close, but leave a
+        connection that belongs to a pool open (the pool takes it back)."""
+        if self._pool is None:
+            await super().__aexit__(exc_type, exc, tb)
+            return
+        if self.closed:
+            return
+        if exc_type is None:
+            await self.commit()  # through failover: a failover here raises its outcome
+        else:
+            try:
+                await self.rollback()
+            except Exception as error:  # do not hide the exception that ended the block
+                log.warning("error ignored in rollback on %r: %s", self, error)
+
+    @property
+    def stale(self) -> bool:
+        """The pool must evict this connection: it was opened before the cluster's writer
+        changed."""
+        failover = self._untracked
+        return failover is not None and bool(failover.stale)
+
+
+_ASYNC_POOL_PARAMETERS = frozenset(
+    name for name, param in inspect.signature(AsyncConnectionPool.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+class ResilientAsyncConnectionPool(AsyncConnectionPool[Any]):
+    """A ``psycopg_pool.AsyncConnectionPool`` of :class:`AsyncPooledConnection` that evicts
+    connections opened before a writer change: :class:`ResilientConnectionPool` for asyncio
+    (the same parameters, checks and eviction points; ``getconn``, ``putconn``, ``check``
+    and ``close`` are awaited, and ``open`` follows psycopg_pool's asyncio rules:
+    ``open=False`` then ``await pool.open()``, or ``async with``)."""
+
+    def __init__(
+        self,
+        conninfo: str | Callable[[], Any] = "",
+        *,
+        plugins: str | Iterable[str | type[Plugin]] | None = _UNSET,
+        connection_class: type[AsyncPooledConnection] = AsyncPooledConnection,
+        kwargs: dict[str, Any] | Callable[[], Any] | None = None,
+        check: Callable[[AsyncPooledConnection], Awaitable[None]] | None = None,
+        **options: Any,
+    ) -> None:
+        if not (isinstance(connection_class, type)
+                and issubclass(connection_class, AsyncPooledConnection)):
+            raise ConfigurationError(
+                f"connection_class must be AsyncPooledConnection or a subclass of it, not "
+                f"{connection_class!r}: the pool evicts and checks resilient_db connections",
+                parameter="connection_class", value=repr(connection_class))
+        pool_options = {k: v for k, v in options.items() if k in _ASYNC_POOL_PARAMETERS}
+        connect_args = {k: v for k, v in options.items() if k not in _ASYNC_POOL_PARAMETERS}
+        if plugins is not _UNSET:
+            connect_args["plugins"] = plugins
+        merged = _merge_kwargs(kwargs, connect_args)
+        if not callable(conninfo) and not callable(merged):
+            _validate(conninfo, merged, asynchronous=True)
+        self._evictions = 0
+        self._user_check = check
+        super().__init__(conninfo, connection_class=connection_class, kwargs=merged,
+                         check=None if check is None else self._check_live, **pool_options)
+
+    @property
+    def evictions(self) -> int:
+        """How many connections this pool evicted because the writer changed since they were
+        opened."""
+        return self._evictions
+
+    async def getconn(self, timeout: float | None = None) -> AsyncPooledConnection:
+        """A connection from the pool; one opened before the writer changed is evicted on the
+        way and the next one taken, within ``timeout``."""
+        if timeout is None:
+            timeout = self.timeout
+        deadline = monotonic() + timeout
+        while True:
+            try:
+                conn = await super().getconn(max(deadline - monotonic(), 0.001))
+            except PoolTimeout:
+                raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec") from None
+            if not conn.stale:
+                return conn  # type: ignore[no-any-return]
+            await self._evict(conn, "checkout")
+
+    async def putconn(self, conn: AsyncPooledConnection) -> None:
+        """Return ``conn`` to the pool; one opened before the writer changed is evicted
+        instead (closed and replaced)."""
+        if not self.closed and isinstance(conn, AsyncPooledConnection) and conn.stale:
+            self._check_pool_putconn(conn)  # type: ignore[arg-type]
+            await self._evict(conn, "return")
+            return
+        await super().putconn(conn)
+
+    async def check(self) -> None:
+        """Evict the idle connections opened before the writer changed, then check the others
+        (see ``AsyncConnectionPool.check``)."""
+        async with self._lock:
+            stale = [conn for conn in self._pool if conn.stale]
+            for conn in stale:
+                self._pool.remove(conn)
+        for conn in stale:
+            await self._evict(conn, "check")
+        await super().check()
+
+    @staticmethod
+    async def check_connection(conn: AsyncPooledConnection) -> None:
+        """``AsyncConnectionPool.check_connection``, where a failover during the check that
+        leaves the connection working on the new writer means alive. A connection that fails
+        the check is closed (its monitors released) before the error propagates."""
+        try:
+            await AsyncConnectionPool.check_connection(conn)  # type: ignore[type-var]
+        except _REPLACED:
+            return
+        except Exception:
+            object.__setattr__(conn, "_pool", None)  # close for real, never return it
+            with suppress(Exception):
+                await conn.close()
+            raise
+
+    async def _check_live(self, conn: AsyncPooledConnection) -> None:
+        """The ``check`` callback given to the stock pool (see
+        :meth:`ResilientConnectionPool._check_live`)."""
+        if conn.stale:
+            return
+        assert self._user_check is not None
+        try:
+            await self._user_check(conn)
+        except _REPLACED:
+            return
+
+    async def _evict(self, conn: AsyncPooledConnection, event: str) -> None:
+        """Close ``conn`` (opened before the writer changed) and have a new connection
+        opened in its place."""
+        self._evictions += 1  # one event loop: no lock needed
+        with suppress(Exception):
+            record_recycled(POOL_EVICTED, conn._untracked, conn, log,
+                            **{"resilient_db.pool.event": event})
+        try:
+            await self._close_connection(conn)
+        except Exception as error:  # the old writer may be gone: nothing to say goodbye to
+            log.debug("closing an evicted connection failed: %s", error)
+        self.run_task(AsyncAddConnection(self))
+
+
 def _merge_kwargs(kwargs: dict[str, Any] | Callable[[], dict[str, Any]] | None,
                   connect_args: dict[str, Any]) -> Any:
     """The pool's ``kwargs``: ``kwargs`` with ``connect_args`` (the pool's own keyword
@@ -301,17 +500,21 @@ def _merge_kwargs(kwargs: dict[str, Any] | Callable[[], dict[str, Any]] | None,
     return {**(kwargs or {}), **connect_args}
 
 
-def _validate(conninfo: str, kwargs: dict[str, Any]) -> None:
+def _validate(conninfo: str, kwargs: dict[str, Any], *, asynchronous: bool = False) -> None:
     """Check the connection arguments before the pool opens any connection (psycopg_pool
     would only log each failed attempt and retry); an unknown name that resembles a pool
     parameter gets that suggestion."""
     args = dict(kwargs)
     plugins = args.pop("plugins", _UNSET)
     try:
-        prepare(driver_for(psycopg.Connection.connect, None), conninfo, plugins, args)
+        if asynchronous:
+            prepare_async(psycopg.AsyncConnection.connect, conninfo, plugins, args)
+        else:
+            prepare(driver_for(psycopg.Connection.connect, None), conninfo, plugins, args)
     except ConfigurationError as error:
         name = error.parameter
-        close = difflib.get_close_matches(name, _POOL_PARAMETERS, n=1) if name else []
+        known = _ASYNC_POOL_PARAMETERS if asynchronous else _POOL_PARAMETERS
+        close = difflib.get_close_matches(name, known, n=1) if name else []
         if name in args and close:
             raise ConfigurationError(
                 f"unknown parameter {name!r}: it is neither a ConnectionPool parameter, a "
