@@ -73,12 +73,18 @@ def test_the_pool_internals_used_for_eviction_exist() -> None:
     AddConnection(pool)  # the signature the integration calls
 
 
-@pytest.mark.unit
-@pytest.mark.parametrize(("options", "parameter", "hint"), [
+#: Bad input either pool refuses: (options, the parameter named, a hint in the message).
+BAD_INPUT: list[tuple[dict[str, Any], str, str]] = [
     ({"failovr_timeout_sec": 5}, "failovr_timeout_sec", "failover_timeout_sec"),
     ({"min_szie": 2}, "min_szie", "'min_size'"),
     ({"plugins": "failovr"}, "plugins", "'failover'"),
     ({"failover_timeout_sec": "soon"}, "failover_timeout_sec", "soon"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("options", "parameter", "hint"), [
+    *BAD_INPUT,
     ({"connection_class": psycopg.Connection}, "connection_class", "PooledConnection"),
     ({"kwargs": {"failure_detection_time": 1}}, "failure_detection_time",
      "failure_detection_time_ms"),
@@ -87,8 +93,13 @@ def test_bad_input_names_the_parameter(options: dict[str, Any], parameter: str,
                                        hint: str) -> None:
     """Refused when the pool is built, before any connection is attempted (the host does not
     exist: a connection attempt would fail differently, and only in the pool's log)."""
+    _assert_refused(ResilientConnectionPool, options, parameter, hint)
+
+
+def _assert_refused(pool_class: type[Any], options: dict[str, Any], parameter: str,
+                    hint: str) -> None:
     with pytest.raises(resilient_db.ConfigurationError) as info:
-        ResilientConnectionPool("host=nowhere.invalid dbname=app", open=False, **options)
+        pool_class("host=nowhere.invalid dbname=app", open=False, **options)
     assert info.value.parameter == parameter
     assert hint in str(info.value)
 
@@ -533,21 +544,15 @@ def test_the_async_pool_internals_used_for_eviction_exist() -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize(("options", "parameter", "hint"), [
-    ({"failovr_timeout_sec": 5}, "failovr_timeout_sec", "failover_timeout_sec"),
-    ({"min_szie": 2}, "min_szie", "'min_size'"),
-    ({"plugins": "failovr"}, "plugins", "'failover'"),
+    *BAD_INPUT,
     ({"plugins": "failover,read_write_splitting"}, "plugins", "connect_async"),
-    ({"failover_timeout_sec": "soon"}, "failover_timeout_sec", "soon"),
     ({"connection_class": PooledConnection}, "connection_class", "AsyncPooledConnection"),
     ({"connection_class": psycopg.AsyncConnection}, "connection_class",
      "AsyncPooledConnection"),
 ])
 def test_async_pool_bad_input_names_the_parameter(options: dict[str, Any], parameter: str,
                                                   hint: str) -> None:
-    with pytest.raises(resilient_db.ConfigurationError) as info:
-        ResilientAsyncConnectionPool("host=nowhere.invalid dbname=app", open=False, **options)
-    assert info.value.parameter == parameter
-    assert hint in str(info.value)
+    _assert_refused(ResilientAsyncConnectionPool, options, parameter, hint)
 
 
 @pytest.mark.unit
@@ -784,12 +789,12 @@ def test_async_pool_checkout_commit_rollback_close_returns(pg_server: LocalServe
             assert again is conn and not again.closed
             assert _backend_of(await (await again.execute(BACKEND_SQL)).fetchone()) == backend
             await pool.putconn(again)
-        async with AsyncConnectionPool(conninfo, connection_class=AsyncPooledConnection,
+        async with AsyncConnectionPool(conninfo,  # type: ignore[type-var]
+                                       connection_class=AsyncPooledConnection,
                                        kwargs={"plugins": "failover"}, min_size=1,
-                                       open=False) as stock:
-            async with stock.connection() as conn:
-                assert conn.resilient.plugins == ("failover",)
-                await conn.execute("SELECT 1")
+                                       open=False) as stock, stock.connection() as conn:
+            assert conn.resilient.plugins == ("failover",)
+            await conn.execute("SELECT 1")
 
     run(main())
     with psycopg.connect(conninfo) as admin:

@@ -96,23 +96,47 @@ _REPLACED = (FailoverSuccessError, TransactionResolutionUnknownError)
 _POOL_ATTRS = frozenset({"_pool", "_created_at", "_expire_at"})
 
 
-class PooledConnection(PsycopgConnectionProxy):
-    """A resilient_db psycopg connection that psycopg_pool can pool (``connection_class``);
-    see the module docstring."""
+class _Pooled:
+    """What the threaded and the asyncio pooled connections share: the attributes
+    psycopg_pool sets, kept on the proxy, and ``stale``. Mixed in before the proxy class,
+    whose ``__init__`` must have run before :meth:`_init_pooled`."""
 
-    __slots__ = ("_created_at", "_expire_at", "_pool", "_untracked")
+    __slots__ = ()
     _pool: Any
     _created_at: float
     _expire_at: float
     _untracked: Any
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def _init_pooled(self) -> None:
         object.__setattr__(self, "_pool", None)
         object.__setattr__(self, "_created_at", 0.0)
         object.__setattr__(self, "_expire_at", float("inf"))
         # Looked up once: the plugin whose ``stale`` tells the pool to evict this connection.
         object.__setattr__(self, "_untracked", untracked_failover(self))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _POOL_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def stale(self) -> bool:
+        """The pool must evict this connection: it was opened before the cluster's writer
+        changed, and no ``aurora_connection_tracker`` moves it."""
+        failover = self._untracked
+        return failover is not None and bool(failover.stale)
+
+
+class PooledConnection(_Pooled, PsycopgConnectionProxy):
+    """A resilient_db psycopg connection that psycopg_pool can pool (``connection_class``);
+    see the module docstring."""
+
+    __slots__ = ("_created_at", "_expire_at", "_pool", "_untracked")
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._init_pooled()
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> PooledConnection:
@@ -123,12 +147,6 @@ class PooledConnection(PsycopgConnectionProxy):
         conn = open_proxy(psycopg.Connection.connect, conninfo, plugins, kwargs, cls)
         assert isinstance(conn, cls)
         return conn
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _POOL_ATTRS:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def close(self) -> None:
         """Close the connection, or, checked out of a ``close_returns=True`` pool, return it
@@ -156,20 +174,25 @@ class PooledConnection(PsycopgConnectionProxy):
                 log.warning("error ignored in rollback on %r: %s", self, error)
         return None
 
-    @property
-    def stale(self) -> bool:
-        """The pool must evict this connection: it was opened before the cluster's writer
-        changed, and no ``aurora_connection_tracker`` moves it."""
-        failover = self._untracked
-        return failover is not None and bool(failover.stale)
-
 
 _POOL_PARAMETERS = frozenset(
     name for name, param in inspect.signature(ConnectionPool.__init__).parameters.items()
     if param.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-class ResilientConnectionPool(ConnectionPool[Any]):  # CT is bound to psycopg.Connection
+class _Evicting:
+    """What both pools add to the stock pool's surface."""
+
+    _evictions: int
+
+    @property
+    def evictions(self) -> int:
+        """How many connections this pool evicted because the writer changed since they were
+        opened."""
+        return self._evictions
+
+
+class ResilientConnectionPool(_Evicting, ConnectionPool[Any]):  # CT is bound to psycopg.Connection
     """A ``psycopg_pool.ConnectionPool`` of resilient_db connections that evicts connections
     opened before a writer change (see the module docstring).
 
@@ -193,29 +216,12 @@ class ResilientConnectionPool(ConnectionPool[Any]):  # CT is bound to psycopg.Co
         check: Callable[[PooledConnection], None] | None = None,
         **options: Any,
     ) -> None:
-        if not (isinstance(connection_class, type)
-                and issubclass(connection_class, PooledConnection)):
-            raise ConfigurationError(
-                f"connection_class must be PooledConnection or a subclass of it, not "
-                f"{connection_class!r}: the pool evicts and checks resilient_db connections",
-                parameter="connection_class", value=repr(connection_class))
-        pool_options = {k: v for k, v in options.items() if k in _POOL_PARAMETERS}
-        connect_args = {k: v for k, v in options.items() if k not in _POOL_PARAMETERS}
-        if plugins is not _UNSET:
-            connect_args["plugins"] = plugins
-        merged = _merge_kwargs(kwargs, connect_args)
-        if not callable(conninfo) and not callable(merged):
-            _validate(conninfo, merged)
+        pool_options, merged = _pool_arguments(conninfo, plugins, connection_class, kwargs,
+                                               options, asynchronous=False)
         self._evictions = 0
         self._user_check = check
         super().__init__(conninfo, connection_class=connection_class, kwargs=merged,
                          check=None if check is None else self._check_live, **pool_options)
-
-    @property
-    def evictions(self) -> int:
-        """How many connections this pool evicted because the writer changed since they were
-        opened."""
-        return self._evictions
 
     def getconn(self, timeout: float | None = None) -> PooledConnection:
         """A connection from the pool (see ``ConnectionPool.getconn``); one opened before the
@@ -297,23 +303,16 @@ class ResilientConnectionPool(ConnectionPool[Any]):  # CT is bound to psycopg.Co
 # --- asyncio ------------------------------------------------------------------------------
 
 
-class AsyncPooledConnection(AsyncConnectionProxy):
+class AsyncPooledConnection(_Pooled, AsyncConnectionProxy):
     """A resilient_db asyncio psycopg connection (``resilient_db.connect_async``) that
     ``psycopg_pool.AsyncConnectionPool`` can pool; the asyncio twin of
     :class:`PooledConnection`, with ``connect_async``'s plugins (``failover``, ``efm``)."""
 
     __slots__ = ("_created_at", "_expire_at", "_pool", "_untracked")
-    _pool: Any
-    _created_at: float
-    _expire_at: float
-    _untracked: Any
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        object.__setattr__(self, "_pool", None)
-        object.__setattr__(self, "_created_at", 0.0)
-        object.__setattr__(self, "_expire_at", float("inf"))
-        object.__setattr__(self, "_untracked", untracked_failover(self))
+        self._init_pooled()
 
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> AsyncPooledConnection:
@@ -324,12 +323,6 @@ class AsyncPooledConnection(AsyncConnectionProxy):
         conn = await open_async(psycopg.AsyncConnection.connect, conninfo, plugins, kwargs, cls)
         assert isinstance(conn, cls)
         return conn
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _POOL_ATTRS:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     async def close(self) -> None:
         """Close the connection, or, checked out of a ``close_returns=True`` pool, return it
@@ -357,20 +350,13 @@ class AsyncPooledConnection(AsyncConnectionProxy):
             except Exception as error:  # do not hide the exception that ended the block
                 log.warning("error ignored in rollback on %r: %s", self, error)
 
-    @property
-    def stale(self) -> bool:
-        """The pool must evict this connection: it was opened before the cluster's writer
-        changed."""
-        failover = self._untracked
-        return failover is not None and bool(failover.stale)
-
 
 _ASYNC_POOL_PARAMETERS = frozenset(
     name for name, param in inspect.signature(AsyncConnectionPool.__init__).parameters.items()
     if param.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-class ResilientAsyncConnectionPool(AsyncConnectionPool[Any]):
+class ResilientAsyncConnectionPool(_Evicting, AsyncConnectionPool[Any]):
     """A ``psycopg_pool.AsyncConnectionPool`` of :class:`AsyncPooledConnection` that evicts
     connections opened before a writer change: :class:`ResilientConnectionPool` for asyncio
     (the same parameters, checks and eviction points; ``getconn``, ``putconn``, ``check``
@@ -387,29 +373,12 @@ class ResilientAsyncConnectionPool(AsyncConnectionPool[Any]):
         check: Callable[[AsyncPooledConnection], Awaitable[None]] | None = None,
         **options: Any,
     ) -> None:
-        if not (isinstance(connection_class, type)
-                and issubclass(connection_class, AsyncPooledConnection)):
-            raise ConfigurationError(
-                f"connection_class must be AsyncPooledConnection or a subclass of it, not "
-                f"{connection_class!r}: the pool evicts and checks resilient_db connections",
-                parameter="connection_class", value=repr(connection_class))
-        pool_options = {k: v for k, v in options.items() if k in _ASYNC_POOL_PARAMETERS}
-        connect_args = {k: v for k, v in options.items() if k not in _ASYNC_POOL_PARAMETERS}
-        if plugins is not _UNSET:
-            connect_args["plugins"] = plugins
-        merged = _merge_kwargs(kwargs, connect_args)
-        if not callable(conninfo) and not callable(merged):
-            _validate(conninfo, merged, asynchronous=True)
+        pool_options, merged = _pool_arguments(conninfo, plugins, connection_class, kwargs,
+                                               options, asynchronous=True)
         self._evictions = 0
         self._user_check = check
         super().__init__(conninfo, connection_class=connection_class, kwargs=merged,
                          check=None if check is None else self._check_live, **pool_options)
-
-    @property
-    def evictions(self) -> int:
-        """How many connections this pool evicted because the writer changed since they were
-        opened."""
-        return self._evictions
 
     async def getconn(self, timeout: float | None = None) -> AsyncPooledConnection:
         """A connection from the pool; one opened before the writer changed is evicted on the
@@ -484,6 +453,28 @@ class ResilientAsyncConnectionPool(AsyncConnectionPool[Any]):
         except Exception as error:  # the old writer may be gone: nothing to say goodbye to
             log.debug("closing an evicted connection failed: %s", error)
         self.run_task(AsyncAddConnection(self))
+
+
+def _pool_arguments(conninfo: Any, plugins: Any, connection_class: Any, kwargs: Any,
+                    options: dict[str, Any], *, asynchronous: bool,
+                    ) -> tuple[dict[str, Any], Any]:
+    """A pool's keyword arguments split into the stock pool's own and the connections'
+    ``kwargs`` (merged over the user's), checked before any connection is attempted."""
+    expected = AsyncPooledConnection if asynchronous else PooledConnection
+    if not (isinstance(connection_class, type) and issubclass(connection_class, expected)):
+        raise ConfigurationError(
+            f"connection_class must be {expected.__name__} or a subclass of it, not "
+            f"{connection_class!r}: the pool evicts and checks resilient_db connections",
+            parameter="connection_class", value=repr(connection_class))
+    parameters = _ASYNC_POOL_PARAMETERS if asynchronous else _POOL_PARAMETERS
+    pool_options = {k: v for k, v in options.items() if k in parameters}
+    connect_args = {k: v for k, v in options.items() if k not in parameters}
+    if plugins is not _UNSET:
+        connect_args["plugins"] = plugins
+    merged = _merge_kwargs(kwargs, connect_args)
+    if not callable(conninfo) and not callable(merged):
+        _validate(conninfo, merged, asynchronous=asynchronous)
+    return pool_options, merged
 
 
 def _merge_kwargs(kwargs: dict[str, Any] | Callable[[], dict[str, Any]] | None,
