@@ -624,8 +624,10 @@ class TopologyMonitor:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            subscribers = self._live()
             with self._cond:
+                # Read under the lock: a connection subscribing now either is seen here or
+                # finds no thread and starts one (never a thread that is about to end).
+                subscribers = self._live()
                 if not subscribers:
                     # Nobody uses this cluster any more: end the thread (a new subscriber
                     # starts another).

@@ -241,14 +241,16 @@ def test_the_tracker_does_not_move_a_closed_connection_after_a_writer_change(env
     expected = driver_outcome(COMMON_USES["cursor.execute"], bare, bare_cur)
 
     closed = env.connect(plugins)
+    # Open before the failover, on the same endpoint: it shares the cluster's topology
+    # monitor and keeps it reading after ``closed`` let go of it (a monitor ends with its
+    # last open connection), so that ``closed`` learns of the writer change.
+    watcher = env.connect(plugins, topology_refresh_ms=200)
     cur = closed.cursor()
     cur.execute("SELECT 1")
     cur.fetchall()
     raw = closed.resilient.raw
     closed.close()
     env.cluster.failover()
-    watcher = env.connect(plugins, host=env.cluster.writer.endpoint)
-    watcher.cursor().execute("SELECT 1")
     failover = closed.resilient.plugin("failover")
     wait_until("the monitor saw the new writer", lambda: failover.stale)
     baseline = env.app_sessions()

@@ -418,7 +418,11 @@ def test_pool_reuses_a_reader_session_reset(env: Env, sink: resilient_db.Collect
 def test_pool_evicted_on_writer_change(env: Env, sink: resilient_db.CollectingSink) -> None:
     cluster = env.cluster
     first = _pooled(env, topology_refresh_ms=100)
+    # An open connection of the application keeps the cluster's monitor reading while the
+    # pooled reader session sits idle (a monitor ends with its last open connection).
+    keeper = _pooled(env, topology_refresh_ms=100)
     monitor = failover_of(first).monitor()
+    assert failover_of(keeper).monitor() is monitor
     first.read_only = True
     reader_session = session_id(env, first)
     first.close()

@@ -365,6 +365,33 @@ def test_monitor_thread_ends_when_its_last_subscriber_unsubscribes(
     wait_until(lambda: monitor.running and monitor.connection_open)
 
 
+def test_a_subscriber_arriving_as_the_thread_ends_gets_a_running_monitor(
+        monitor: TopologyMonitor, cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The thread found nobody left and is about to end when a connection subscribes: the
+    # newcomer must not be left with a monitor that never runs.
+    first = Subscriber(cluster, refresh=60.0)
+    seed(monitor, cluster, first)
+    wait_until(lambda: monitor.running and monitor.connection_open)
+    live = monitor._live
+    emptied = threading.Event()
+
+    def deciding_to_end() -> list[Any]:
+        found = live()
+        if not found and not emptied.is_set():
+            emptied.set()
+            time.sleep(0.3)  # widen the window between "nobody left" and ending
+        return found
+
+    monkeypatch.setattr(monitor, "_live", deciding_to_end)
+    monitor.unsubscribe(first)
+    assert emptied.wait(5)
+    second = Subscriber(cluster, refresh=60.0)
+    monitor.subscribe(second)
+    time.sleep(0.6)  # the old thread has ended by now
+    assert monitor.running
+    wait_until(lambda: monitor.connection_open)
+
+
 def test_a_subscriber_leaving_during_a_refresh_ends_the_monitor(
         monitor: TopologyMonitor, cluster: FakeCluster) -> None:
     # The last connection is closed while the monitor is reading (nobody is waiting to be
