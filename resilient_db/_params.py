@@ -840,10 +840,12 @@ FAILURE_DETECTION_COUNT = integer(
 MONITOR_DISPOSAL_TIME = duration(
     "monitor_disposal_time_ms",
     60.0,
-    "A host monitor with no open connection using it stops (thread and probe connection) "
+    "A monitor with no open connection using it stops (thread and server connection) "
     "after this long: `efm`'s failure monitors, `fastest_response_strategy`'s "
-    "response-time monitors and `blue_green`'s status monitors. The minimum keeps a monitor "
-    "from being torn down and reopened (a new probe connection) between two statements.",
+    "response-time monitors, `blue_green`'s status monitors and `failover`'s topology "
+    "monitor (which stops reading meanwhile). The minimum keeps a monitor from being torn "
+    "down and reopened (a new connection) between two statements, or two connections "
+    "opened one after another.",
     unit="ms",
     plugin="efm",
     minimum=100,
@@ -1376,7 +1378,7 @@ APP_ID = text(
 #: reads the identity-provider properties declared under ``federated_auth``. Each plugin's
 #: docs page lists them, and setting one counts as used when any reader is enabled.
 SHARED_WITH: dict[str, tuple[str, ...]] = {
-    "monitor_disposal_time_ms": ("fastest_response_strategy", "blue_green"),
+    "monitor_disposal_time_ms": ("fastest_response_strategy", "blue_green", "failover"),
     **{name: ("srw",)
        for name in ("splitting_pool", "splitting_pool_max_size", "splitting_pool_idle_timeout",
                     "splitting_pool_timeout")},

@@ -23,9 +23,11 @@ the monitor's connection.
 
 Lifecycle: nothing starts at import; a monitor's thread starts when the first connection
 subscribes, runs as a daemon, is supervised (a crash is logged, counted in :attr:`crashes`
-and restarted with backoff), ends by itself when no subscribed connection is left (a
-connection unsubscribes when it is closed; subscribers are held by weak reference, so one
-dropped unclosed counts too) and is stopped by :func:`resilient_db.shutdown`.
+and restarted with backoff), stops reading when no subscribed connection is left and ends
+by itself the longest ``disposal_time`` a subscriber asked later, unless one subscribes
+meanwhile (a connection unsubscribes when it is closed; subscribers are held by weak
+reference, so one dropped unclosed counts too), and is stopped by
+:func:`resilient_db.shutdown`.
 """
 
 from __future__ import annotations
@@ -283,6 +285,8 @@ class MonitorSubscriber(Protocol):
     refresh_interval: float
     high_refresh_interval: float
     probe_timeout: float
+    #: How long the monitor outlives its last connection (``monitor_disposal_time_ms``).
+    disposal_time: float
 
     def open_monitoring_connection(self, host: HostSpec, timeout: float) -> Any:
         """A new autocommit driver connection to ``host`` for monitoring (the subscriber's
@@ -344,6 +348,10 @@ class TopologyMonitor:
         self._last_reports: tuple[SelfReport, ...] = ()
         self._conn: Any = None
         self._waiting = float("inf")  # the normal-rate pause in progress, seconds
+        #: The longest ``disposal_time`` any subscriber asked for; when the last subscriber
+        #: left (``None``: someone uses the monitor).
+        self._disposal = 0.0
+        self._idle_since: float | None = None
         self._reading: Any = None  # the connection a normal-rate read is using right now
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -451,6 +459,8 @@ class TopologyMonitor:
         (the endpoint the application connected to)."""
         with self._cond:
             self._subscribers.add(subscriber)
+            self._disposal = max(self._disposal, subscriber.disposal_time)
+            self._idle_since = None
             if seed is not None:
                 self._seeds.setdefault(seed.address, seed)
             self._ensure_running()
@@ -458,12 +468,15 @@ class TopologyMonitor:
                 self._cond.notify_all()  # a faster rate applies from now, not after the wait
 
     def unsubscribe(self, subscriber: MonitorSubscriber) -> None:
-        """A connection was closed: it no longer counts as using this monitor (the thread
-        ends when none is left, without waiting for the closed connection to be collected)."""
+        """A connection was closed: it no longer counts as using this monitor. When none is
+        left the monitor stops reading and its thread ends (closing its server connection)
+        after the disposal time, unless a connection subscribes meanwhile; the closed
+        connection need not be garbage-collected first."""
         with self._cond:
             self._subscribers.discard(subscriber)
             if not self._subscribers:
-                self._cond.notify_all()  # end the thread now, not after its refresh wait
+                self._idle_since = self._clock()
+                self._cond.notify_all()  # idle from now, not after the refresh wait
 
     def offer(self, report: SelfReport) -> None:
         """A report read on an application connection. It seeds an empty monitor, and when it
@@ -629,11 +642,19 @@ class TopologyMonitor:
                 # finds no thread and starts one (never a thread that is about to end).
                 subscribers = self._live()
                 if not subscribers:
-                    # Nobody uses this cluster any more: end the thread (a new subscriber
-                    # starts another).
-                    self._thread = None
-                    self._close_main()
-                    return
+                    # Nobody uses this cluster: no reading. After the disposal time the
+                    # thread ends (a new subscriber starts another); a subscriber arriving
+                    # before wakes it (``subscribe`` notifies: no refresh wait is running).
+                    now = self._clock()
+                    if self._idle_since is None:
+                        self._idle_since = now  # the last ones went away uncollected
+                    left = self._idle_since + self._disposal - now
+                    if left <= 0:
+                        self._thread = None
+                        self._close_main()
+                        return
+                    self._cond.wait(left)
+                    continue
                 panic = self._panic
             timeout = self._intervals(subscribers)[2]
             if panic:

@@ -242,8 +242,8 @@ def test_the_tracker_does_not_move_a_closed_connection_after_a_writer_change(env
 
     closed = env.connect(plugins)
     # Open before the failover, on the same endpoint: it shares the cluster's topology
-    # monitor and keeps it reading after ``closed`` let go of it (a monitor ends with its
-    # last open connection), so that ``closed`` learns of the writer change.
+    # monitor and keeps it reading after ``closed`` let go of it (a monitor stops reading
+    # with its last open connection), so that ``closed`` learns of the writer change.
     watcher = env.connect(plugins, topology_refresh_ms=200)
     cur = closed.cursor()
     cur.execute("SELECT 1")

@@ -545,7 +545,10 @@ def test_shutdown_stops_monitor_threads_and_failover_still_works(env: Env) -> No
 def test_closing_the_last_connection_ends_the_monitor(env: Env) -> None:
     # The application still holds the closed connection (env.opened does): closing it, not
     # the garbage collector, is what releases the monitor and its server session.
-    conn = env.connect(topology_refresh_ms=60_000)
+    # A monitor keeps the longest disposal time any connection asked (earlier tests': the
+    # default 60 s): start with a fresh one.
+    resilient_db.shutdown()
+    conn = env.connect(topology_refresh_ms=60_000, monitor_disposal_time_ms=200)
     monitor = plugin(conn).monitor()
     wait_until("the monitor reading", lambda: monitor.running and monitor.connection_open)
     conn.close()
@@ -554,6 +557,25 @@ def test_closing_the_last_connection_ends_the_monitor(env: Env) -> None:
     with pytest.raises(env.driver_error):
         conn.cursor().execute("SELECT 1")  # closed stays closed: no new subscription either
     assert not monitor.running
+
+
+def test_connections_opened_one_after_another_share_one_monitor_session(env: Env) -> None:
+    # A connection per request, each closed before the next: the monitor outlives each by
+    # monitor_disposal_time_ms (default 60 s), so its thread and server session carry over
+    # instead of being torn down and reopened per request.
+    first = env.connect()
+    monitor = plugin(first).monitor()
+    wait_until("the monitor reading", lambda: monitor.running and monitor.connection_open)
+    thread = monitor._thread
+    first.close()
+    for _ in range(5):
+        conn = env.connect()
+        assert plugin(conn).monitor() is monitor
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        cur.fetchall()
+        conn.close()
+    assert monitor.running and monitor._thread is thread and monitor.connection_open
 
 
 # --- reader mode, Multi-AZ clusters, servers without topology ------------------------------------

@@ -491,8 +491,8 @@ def _monitor_sessions(cluster: Cluster) -> int:
 @pytest.mark.real_server
 def test_close_releases_monitors(env: Env) -> None:
     """After ``pool.close()`` no monitor thread or monitoring session serves the pool's
-    connections: the topology monitor ends with its last connection, efm's host monitors
-    after ``monitor_disposal_time_ms``."""
+    connections: the topology monitor and efm's host monitors end ``monitor_disposal_time_ms``
+    after their last connection."""
     resilient_db.shutdown()  # host monitors keep the longest disposal time asked: start afresh
     pool = env.pool(plugins="failover,efm", min_size=3, max_size=3,
                     monitor_disposal_time_ms=200, topology_refresh_ms=200)

@@ -419,7 +419,8 @@ def test_pool_evicted_on_writer_change(env: Env, sink: resilient_db.CollectingSi
     cluster = env.cluster
     first = _pooled(env, topology_refresh_ms=100)
     # An open connection of the application keeps the cluster's monitor reading while the
-    # pooled reader session sits idle (a monitor ends with its last open connection).
+    # pooled reader session sits idle (a monitor stops reading with its last open
+    # connection).
     keeper = _pooled(env, topology_refresh_ms=100)
     monitor = failover_of(first).monitor()
     assert failover_of(keeper).monitor() is monitor

@@ -472,8 +472,8 @@ def _monitor_sessions(env: Env) -> int:
 @pytest.mark.real_server
 def test_dispose_releases_monitors(env: Env) -> None:
     """After ``engine.dispose()`` no monitor thread or monitoring session serves the engine's
-    connections: the topology monitor ends with its last connection (noticed at its next
-    refresh), efm's host monitors after ``monitor_disposal_time_ms``."""
+    connections: the topology monitor and efm's host monitors end ``monitor_disposal_time_ms``
+    after their last connection."""
     # Host monitors are shared per host and keep the longest disposal time any user asked
     # for: start without those of earlier tests (default 60 s).
     resilient_db.shutdown()

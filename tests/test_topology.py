@@ -66,6 +66,7 @@ class FakeCluster:
         self.connects: list[str] = []
         self.open = 0
         self.gate: threading.Event | None = None  # when set: every read waits for it to open
+        self.reads = 0
         self.in_read = threading.Event()
 
     def writer(self) -> str | None:
@@ -103,6 +104,7 @@ class FakeDriver:
         if cluster.gate is not None:
             cluster.in_read.set()
             cluster.gate.wait(5)
+        cluster.reads += 1
         if conn.closed or conn.instance in cluster.down:
             raise FakeError("server closed the connection")
         if conn.instance in cluster.blackholed:
@@ -136,11 +138,12 @@ class Subscriber:
     """What the failover plugin is to a monitor."""
 
     def __init__(self, cluster: FakeCluster, *, refresh: float = 30.0, high: float = 0.01,
-                 probe_timeout: float = 0.2) -> None:
+                 probe_timeout: float = 0.2, disposal: float = 0.0) -> None:
         self.cluster = cluster
         self.refresh_interval = refresh
         self.high_refresh_interval = high
         self.probe_timeout = probe_timeout
+        self.disposal_time = disposal
 
     def open_monitoring_connection(self, host: HostSpec, timeout: float) -> FakeConn:
         cluster = self.cluster
@@ -363,6 +366,41 @@ def test_monitor_thread_ends_when_its_last_subscriber_unsubscribes(
     assert cluster.open == 0 and monitor.subscribers == 0
     monitor.subscribe(first)  # a later subscriber starts it again
     wait_until(lambda: monitor.running and monitor.connection_open)
+
+
+def test_the_monitor_outlives_its_last_connection_by_the_disposal_time(
+        monitor: TopologyMonitor, cluster: FakeCluster) -> None:
+    # A connection per request: each closes before the next opens. The monitor keeps its
+    # thread and server connection between them (no new monitoring session per request),
+    # without reading while nobody uses it; it ends after the disposal time.
+    first = Subscriber(cluster, refresh=0.05, disposal=60.0)
+    seed(monitor, cluster, first)
+    wait_until(lambda: monitor.running and monitor.connection_open)
+    thread = monitor._thread
+    monitor.unsubscribe(first)
+    time.sleep(0.3)
+    reads = cluster.reads
+    time.sleep(0.3)
+    assert cluster.reads == reads  # idle: not reading
+    assert monitor.running and monitor.connection_open and monitor._thread is thread
+    connects = len(cluster.connects)
+    second = Subscriber(cluster, refresh=0.05, disposal=0.2)
+    monitor.subscribe(second)
+    wait_until(lambda: cluster.reads > reads)  # reading again at once, same thread
+    assert monitor._thread is thread and len(cluster.connects) == connects
+    monitor.unsubscribe(second)
+    time.sleep(1.0)
+    assert monitor.running  # the longest disposal asked (60 s) still applies
+
+
+def test_an_idle_monitor_ends_after_the_disposal_time(monitor: TopologyMonitor,
+                                                      cluster: FakeCluster) -> None:
+    sub = Subscriber(cluster, refresh=60.0, disposal=0.3)
+    seed(monitor, cluster, sub)
+    wait_until(lambda: monitor.running and monitor.connection_open)
+    monitor.unsubscribe(sub)
+    wait_until(lambda: not monitor.running, timeout=5)
+    assert cluster.open == 0
 
 
 def test_a_subscriber_arriving_as_the_thread_ends_gets_a_running_monitor(

@@ -35,8 +35,8 @@ Two pieces:
   working on the new writer (``FailoverSuccessError``, ``TransactionResolutionUnknownError``)
   raised during a health check (``check=`` callback, :meth:`check`) counts as alive: the
   connection is kept. ``close()`` closes the pooled connections, which releases their
-  monitors (the topology monitor ends with its last connection, host monitors after
-  ``monitor_disposal_time_ms``), like ``engine.dispose()`` for SQLAlchemy.
+  monitors (the topology monitor and host monitors stop ``monitor_disposal_time_ms`` after
+  their last connection), like ``engine.dispose()`` for SQLAlchemy.
 
 What the application sees: failover outcomes are raised from the statement (or the commit of
 ``with pool.connection()``) that met the failure, as with a single connection

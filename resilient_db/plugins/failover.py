@@ -60,6 +60,7 @@ from .._params import (
     FAILOVER_WRITER_RECONNECT_INTERVAL,
     GLOBAL_CLUSTER_INSTANCE_HOST_PATTERNS,
     MAX_REPLICA_LAG,
+    MONITOR_DISPOSAL_TIME,
     ON_CONNECT,
     TOPOLOGY_HIGH_REFRESH,
     TOPOLOGY_PROBE_TIMEOUT,
@@ -195,6 +196,7 @@ class FailoverPlugin(Plugin):
         self.refresh_interval: float = settings[TOPOLOGY_REFRESH] or 30.0
         self.high_refresh_interval: float = settings[TOPOLOGY_HIGH_REFRESH] or 0.1
         self.probe_timeout: float = settings[TOPOLOGY_PROBE_TIMEOUT] or 2.0
+        self.disposal_time: float = settings[MONITOR_DISPOSAL_TIME] or 60.0
         self.timeout = settings[FAILOVER_TIMEOUT]
         self.connect_timeout: float = settings[FAILOVER_READER_CONNECT_TIMEOUT] or 30.0
         self.reconnect_interval: float = settings[FAILOVER_WRITER_RECONNECT_INTERVAL] or 2.0
