@@ -135,7 +135,11 @@ def server_image() -> str:
 def sweep_containers() -> int:
     """Remove the simulator's containers whose owner process is gone; return how many."""
     removed = 0
-    for container in _docker().containers.list(all=True, filters={"label": CONTAINER_LABEL}):
+    # ``ignore_removed``: docker-py lists the ids, then inspects each one; a container removed
+    # in between (another process's sweep, a background removal after a kill) is skipped
+    # instead of failing the sweep, and with it the server create that called it.
+    for container in _docker().containers.list(all=True, filters={"label": CONTAINER_LABEL},
+                                               ignore_removed=True):
         try:
             owner = ProcessIdentity.from_json(json.loads(container.labels[_OWNER_LABEL]))
         except (KeyError, ValueError, TypeError):

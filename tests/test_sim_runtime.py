@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
+import os
 import pwd
 import socket
 import urllib.parse
@@ -23,11 +25,14 @@ import pytest
 from simulator.local import LocalServer, SimulatorError
 from simulator.runtime import Engine, InstanceRuntime
 from simulator.testcontainers_backend import (
+    _OWNER_LABEL,
     CONTAINER_LABEL,
     DockerServer,
     _docker,
     bridge_addresses,
     docker_unavailable_reason,
+    server_image,
+    sweep_containers,
 )
 
 ENGINES: list[Engine] = ["postgresql", "mariadb"]
@@ -313,9 +318,42 @@ def test_docker_server_kill_returns_once_the_process_is_gone_and_stop_removes_ev
         assert _rows(server, "SELECT 1") == [(1,)]
     finally:
         server.stop()
-    left = _docker().containers.list(all=True,
+    left = _docker().containers.list(all=True, ignore_removed=True,
                                      filters={"label": f"{CONTAINER_LABEL}={server.name}"})
     assert [c.name for c in left] == []
+
+
+@pytest.mark.docker
+def test_sweep_skips_a_container_removed_while_it_lists(
+        docker_daemon: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-py lists the ids, then inspects each: a container another process removes in
+    between (its sweep, a background removal after a kill) must not fail the sweep, nor the
+    server create that runs it (loaded CI run: NotFound from a chaos run's create)."""
+    client = _docker()
+    dead_owner = json.dumps({"pid": 2**31 - 1, "start_time": 1})  # no such process
+    created = [client.containers.create(
+        server_image(), ["true"], name=f"resilient_db-sweep-test-{os.getpid()}-{i}",
+        labels={CONTAINER_LABEL: f"sweep-test-{i}", _OWNER_LABEL: dead_owner})
+        for i in range(2)]
+    vanishing, left_behind = created
+    inspect = client.api.inspect_container
+
+    def removed_meanwhile(resource_id: Any, *args: Any, **kwargs: Any) -> Any:
+        if resource_id == vanishing.id:
+            client.api.remove_container(vanishing.id, force=True)  # for real, before the look
+        return inspect(resource_id, *args, **kwargs)
+
+    monkeypatch.setattr(client.api, "inspect_container", removed_meanwhile)
+    try:
+        assert sweep_containers() >= 1
+    finally:
+        monkeypatch.undo()
+        for container in created:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+    names = {c.name for c in client.containers.list(
+        all=True, ignore_removed=True, filters={"label": CONTAINER_LABEL})}
+    assert left_behind.name not in names and vanishing.name not in names
 
 
 @pytest.mark.unit
