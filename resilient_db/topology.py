@@ -348,9 +348,9 @@ class TopologyMonitor:
         self._last_reports: tuple[SelfReport, ...] = ()
         self._conn: Any = None
         self._waiting = float("inf")  # the normal-rate pause in progress, seconds
-        #: The longest ``disposal_time`` any subscriber asked for; when the last subscriber
-        #: left (``None``: someone uses the monitor).
+        #: The longest ``disposal_time`` any subscriber asked for.
         self._disposal = 0.0
+        #: When the last subscriber left (``None``: someone uses the monitor).
         self._idle_since: float | None = None
         self._reading: Any = None  # the connection a normal-rate read is using right now
         self._thread: threading.Thread | None = None
@@ -678,7 +678,7 @@ class TopologyMonitor:
                     # the refresh ran found nobody waiting to notify.
                     live = self._live()
                     if not live:
-                        continue  # the last connection left during the refresh: end now
+                        continue  # the last connection left during the refresh: idle from now
                     wait = self._intervals(live)[0]
                     del live
                     self._waiting = wait

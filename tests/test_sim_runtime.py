@@ -346,14 +346,16 @@ def test_sweep_skips_a_container_removed_while_it_lists(
     monkeypatch.setattr(client.api, "inspect_container", removed_meanwhile)
     try:
         assert sweep_containers() >= 1
+        monkeypatch.undo()
+        # Checked before the cleanup below, which would remove it anyway: the sweep did.
+        names = {c.name for c in client.containers.list(
+            all=True, ignore_removed=True, filters={"label": CONTAINER_LABEL})}
+        assert left_behind.name not in names and vanishing.name not in names
     finally:
         monkeypatch.undo()
         for container in created:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
-    names = {c.name for c in client.containers.list(
-        all=True, ignore_removed=True, filters={"label": CONTAINER_LABEL})}
-    assert left_behind.name not in names and vanishing.name not in names
 
 
 @pytest.mark.unit
