@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import socket
+import subprocess
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import mysql.connector
 import psycopg
 import pytest
 
+from simulator._addresses import ProcessIdentity
 from simulator.local import LocalServer, SimulatorError
 from simulator.runtime import Engine, InstanceRuntime
 from simulator.testcontainers_backend import (
@@ -330,32 +332,47 @@ def test_sweep_skips_a_container_removed_while_it_lists(
     between (its sweep, a background removal after a kill) must not fail the sweep, nor the
     server create that runs it (loaded CI run: NotFound from a chaos run's create)."""
     client = _docker()
-    dead_owner = json.dumps({"pid": 2**31 - 1, "start_time": 1})  # no such process
-    created = [client.containers.create(
-        server_image(), ["true"], name=f"resilient_db-sweep-test-{os.getpid()}-{i}",
-        labels={CONTAINER_LABEL: f"sweep-test-{i}", _OWNER_LABEL: dead_owner})
-        for i in range(2)]
-    vanishing, left_behind = created
-    inspect = client.api.inspect_container
-
-    def removed_meanwhile(resource_id: Any, *args: Any, **kwargs: Any) -> Any:
-        if resource_id == vanishing.id:
-            client.api.remove_container(vanishing.id, force=True)  # for real, before the look
-        return inspect(resource_id, *args, **kwargs)
-
-    monkeypatch.setattr(client.api, "inspect_container", removed_meanwhile)
+    # The containers' owner is a live process of this test, so the sweeps other xdist workers
+    # run before each server create leave them alone (CI: one took them first, and this
+    # sweep found nothing); only this process's sweep is told that owner is gone.
+    owner_process = subprocess.Popen(["sleep", "600"])
     try:
-        assert sweep_containers() >= 1
-        monkeypatch.undo()
-        # Checked before the cleanup below, which would remove it anyway: the sweep did.
-        names = {c.name for c in client.containers.list(
-            all=True, ignore_removed=True, filters={"label": CONTAINER_LABEL})}
-        assert left_behind.name not in names and vanishing.name not in names
+        owner = ProcessIdentity.of(owner_process.pid)
+        assert owner is not None
+        created = [client.containers.create(
+            server_image(), ["true"], name=f"resilient_db-sweep-test-{os.getpid()}-{i}",
+            labels={CONTAINER_LABEL: f"sweep-test-{i}", _OWNER_LABEL: json.dumps(owner.to_json())})
+            for i in range(2)]
+        vanishing, left_behind = created
+        inspect = client.api.inspect_container
+        looked_at: list[str] = []
+
+        def removed_meanwhile(resource_id: Any, *args: Any, **kwargs: Any) -> Any:
+            looked_at.append(resource_id)
+            if resource_id == vanishing.id:
+                client.api.remove_container(vanishing.id, force=True)  # for real, before the look
+            return inspect(resource_id, *args, **kwargs)
+
+        alive = ProcessIdentity.is_alive
+        monkeypatch.setattr(ProcessIdentity, "is_alive",
+                            lambda identity: identity != owner and alive(identity))
+        monkeypatch.setattr(client.api, "inspect_container", removed_meanwhile)
+        try:
+            assert sweep_containers() >= 1
+            monkeypatch.undo()
+            assert vanishing.id in looked_at  # the race was run, not missed
+            # Checked before the cleanup below, which would remove it anyway: the sweep did.
+            names = {c.name for c in client.containers.list(
+                all=True, ignore_removed=True, filters={"label": CONTAINER_LABEL})}
+            assert left_behind.name not in names and vanishing.name not in names
+        finally:
+            monkeypatch.undo()
+            for container in created:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
     finally:
-        monkeypatch.undo()
-        for container in created:
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
+        owner_process.kill()
+        owner_process.wait()
 
 
 @pytest.mark.unit
