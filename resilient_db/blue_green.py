@@ -350,6 +350,21 @@ def connect_route(status: Status, host: str, *, suspend_blue: bool) -> Route:
     return Route(Action.DIRECT, "address", side=side)
 
 
+def lagging(status: Status, phase: Phase, rows: Sequence[Row]) -> bool:
+    """Whether ``rows``, reporting ``phase``, are a copy of the metadata that has not caught
+    up rather than news. RDS updates the blue and the green copy separately, and after the
+    names move the monitor reads the side they lead to; but a switchover does not go back once
+    it has moved the names (``POST``), so an earlier switchover phase read after that, for the
+    deployment captured before it (every current name in the rows known then), is a lagging
+    copy. A new deployment (new green names), or a read of ``CREATED`` or no deployment,
+    counts as news. Pure."""
+    deployment = status.deployment
+    if deployment is None or status.phase < Phase.POST or not (
+            Phase.PREPARATION <= phase < status.phase):
+        return False
+    return {row.endpoint for row in rows if not is_old(row.endpoint)} <= deployment.names()
+
+
 def holds_statements(status: Status, side: Side | None) -> bool:
     """Whether a statement on a connection to ``side`` waits now. Pure."""
     return side is not None and status.routing_phase is Phase.IN_PROGRESS
@@ -426,6 +441,8 @@ class BlueGreenMonitor(SupervisedMonitor):
         #: The phase in which the monitor's connection was last opened (it reconnects once
         #: the names moved, to read from the side that now holds them).
         self._connected_in: Phase | None = None
+        #: The phase of the lagging metadata copy last reported (``None``: reads caught up).
+        self._lagging_seen: Phase | None = None
         #: Reads done and failed (diagnostics, tests); :attr:`crashes`: thread crashes.
         self.reads = 0
         self.failures = 0
@@ -513,6 +530,11 @@ class BlueGreenMonitor(SupervisedMonitor):
         else:
             rows = parse_rows(raw_rows)
             phase = observe(rows)
+            if lagging(previous, phase, rows):
+                self._report_lagging(phase, previous.phase)
+                phase = previous.phase  # keep what was known: no going back after POST
+            else:
+                self._lagging_seen = None
             deployment = previous.deployment
             if phase <= Phase.CREATED:
                 # Before a switchover: (re)learn names and addresses; a new deployment or a
@@ -573,6 +595,16 @@ class BlueGreenMonitor(SupervisedMonitor):
                 log.warning("blue/green deployment %s: switchover unfinished after %.0f s "
                             "(bg_switchover_timeout_ms); using DNS as is", self.bg_id,
                             self.switchover_timeout)
+
+    def _report_lagging(self, read: Phase, kept: Phase) -> None:
+        if self._lagging_seen is read:
+            return  # once per run of lagging reads
+        self._lagging_seen = read
+        log.debug("blue/green monitor %s: metadata says %s after %s (a copy not caught up); "
+                  "keeping %s", self.bg_id, read.name, kept.name, kept.name)
+        self._record("blue_green.metadata_lagging", {
+            "resilient_db.blue_green.phase": kept.name,
+            "resilient_db.blue_green.read_phase": read.name})
 
     def _record(self, kind: str, attributes: dict[str, Any]) -> None:
         get_decision_sink().record(Decision(kind, "blue_green", {

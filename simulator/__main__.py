@@ -252,7 +252,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _check_name(args.name)
     timeline: dict[str, float | None] = {}
     for field in ("detection_delay", "promotion_delay", "dns_staleness", "reboot_downtime",
-                  "switchover_phase"):
+                  "switchover_phase", "green_metadata_lag"):
         value = getattr(args, field)
         if value is not None:
             timeline[field] = value
@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("promotion_delay", "extra time a promotion takes"),
             ("dns_staleness", "writer endpoint keeps the old address this long"),
             ("reboot_downtime", "a reboot keeps the instance down this long"),
-            ("switchover_phase", "each blue/green switchover phase")):
+            ("switchover_phase", "each blue/green switchover phase"),
+            ("green_metadata_lag", "green's blue/green metadata trails blue's this long")):
         up.add_argument(f"--{field.replace('_', '-')}", type=_seconds, metavar="S",
                         help=f"{help_text} (default {getattr(defaults, field):g} s)")
     up.add_argument("--rejoin-delay", type=_seconds_or_never, metavar="S|never",

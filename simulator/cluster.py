@@ -140,6 +140,10 @@ class Timeline:
     reboot_downtime: float = 0.5
     #: each blue/green switchover phase lasts this long
     switchover_phase: float = 0.5
+    #: each switchover phase reaches the green side's metadata this long after blue's (RDS
+    #: updates the two environments' copies separately; a client that reads green meanwhile
+    #: sees the previous phase)
+    green_metadata_lag: float = 0.0
 
     @classmethod
     def aurora_like(cls) -> Timeline:
@@ -1444,6 +1448,8 @@ class Cluster:
         assert green is not None
         rows = self._blue_green_rows(status, renamed=renamed)
         self.engine.publish_blue_green(self.writer, rows)
+        if self.timeline.green_metadata_lag:
+            time.sleep(self.timeline.green_metadata_lag)
         with green._lock:
             green.engine.publish_blue_green(green.writer, rows)
 

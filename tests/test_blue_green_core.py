@@ -225,3 +225,57 @@ def test_monitor_gives_up_steering_after_the_switchover_timeout(sink: Any) -> No
     assert not m.status.timed_out and m.status.phase is Phase.CREATED
     assert sink.of_kind("blue_green.phase_changed")[-1].attributes[
         "resilient_db.blue_green.rollback"] is True
+
+
+def test_a_lagging_copy_of_the_metadata_does_not_turn_the_switchover_back(sink: Any) -> None:
+    """RDS updates the two sides' metadata separately; after the names move the monitor
+    reads green, whose copy may still say IN_PROGRESS. Taken as news, blue names went back to
+    blue's old addresses (loaded CI run: the blue reader endpoint reached the old blue
+    reader during POST)."""
+    clock = Clock()
+    m = monitor(clock, dict(ADDRESSES))
+    for status in ("AVAILABLE", "SWITCHOVER_INITIATED", "SWITCHOVER_IN_PROGRESS",
+                   "SWITCHOVER_IN_POST_PROCESSING"):
+        m._publish(m.status, raw_rows=rows(status))
+    assert routing(m) is Phase.POST
+    reader = BLUE_WRITER.replace(".cluster-", ".cluster-ro-")
+    for _ in range(3):  # the other copy, read again and again until it catches up
+        m._publish(m.status, raw_rows=rows("SWITCHOVER_IN_PROGRESS"))
+        assert m.status.phase is Phase.POST and routing(m) is Phase.POST
+        route = connect_route(m.status, reader, suspend_blue=False)
+        assert (route.action, route.address) == (Action.SUBSTITUTE, "10.0.1.2")
+    lagging = sink.of_kind("blue_green.metadata_lagging")
+    assert len(lagging) == 1  # once per run of lagging reads
+    assert lagging[0].attributes["resilient_db.blue_green.read_phase"] == "IN_PROGRESS"
+    assert lagging[0].attributes["resilient_db.blue_green.phase"] == "POST"
+    assert "rollback" not in str(sink.of_kind("blue_green.phase_changed")[-1].attributes)
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_COMPLETED"))
+    assert m.status.phase is Phase.COMPLETED
+    m._publish(m.status, raw_rows=rows("SWITCHOVER_IN_POST_PROCESSING"))  # lagging, too
+    assert m.status.phase is Phase.COMPLETED
+    assert len(sink.of_kind("blue_green.metadata_lagging")) == 2
+
+
+@pytest.mark.parametrize(("before", "read", "news"), [
+    ("SWITCHOVER_IN_PROGRESS", "SWITCHOVER_INITIATED", True),  # before POST: a rollback
+    ("SWITCHOVER_IN_POST_PROCESSING", "AVAILABLE", True),  # CREATED: always news
+    ("SWITCHOVER_COMPLETED", "SWITCHOVER_IN_PROGRESS", False),
+])
+def test_what_counts_as_a_lagging_copy(before: str, read: str, news: bool) -> None:
+    m = monitor(Clock(), dict(ADDRESSES))
+    m._publish(m.status, raw_rows=rows("AVAILABLE"))
+    m._publish(m.status, raw_rows=rows(before))
+    m._publish(m.status, raw_rows=rows(read))
+    assert (m.status.phase is parse_rows(rows(read))[0].phase) is news
+
+
+def test_a_new_deployment_after_a_switchover_is_news() -> None:
+    """After a completed switchover, a new deployment's rows (new green names) in any phase
+    are read as they are, even one first seen mid-switchover."""
+    m = monitor(Clock(), dict(ADDRESSES))
+    for status in ("AVAILABLE", "SWITCHOVER_COMPLETED"):
+        m._publish(m.status, raw_rows=rows(status))
+    newer = [(v, n.replace("green-", "green2-"), p, r, s)
+             for v, n, p, r, s in rows("SWITCHOVER_INITIATED")]
+    m._publish(m.status, raw_rows=newer)
+    assert m.status.phase is Phase.PREPARATION
