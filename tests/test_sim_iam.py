@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import pwd
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -308,11 +309,19 @@ def test_verifier_window() -> None:
 
 @pytest.mark.unit
 @pytest.mark.skipif(os.geteuid() != 0, reason="writes to /etc/pam.d")
-def test_sweep_removes_services_of_dead_owners() -> None:
-    dead = ProcessIdentity(os.getpid(), 0)  # this pid with another start time: gone
+def test_sweep_removes_services_of_dead_owners(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The "dead" owner is a live process of this test, and only this process's sweep is told
+    # it is gone: another xdist worker's sweep (each IAM cluster start runs one) must not take
+    # the file first, or this sweep would find nothing to remove.
+    owner_process = subprocess.Popen(["sleep", "600"])
     paths = {name: PAM_DIR / f"rdbsim-iam-sweeptest{name}-{os.getpid()}"
              for name in ("dead", "alive", "foreign")}
     try:
+        dead = ProcessIdentity.of(owner_process.pid)
+        assert dead is not None
+        alive = ProcessIdentity.is_alive
+        monkeypatch.setattr(ProcessIdentity, "is_alive",
+                            lambda identity: identity != dead and alive(identity))
         paths["dead"].write_text(f"# owner: {json.dumps(dead.to_json())}\n")
         paths["alive"].write_text(
             f"# owner: {json.dumps(ProcessIdentity.current().to_json())}\n")
@@ -321,6 +330,8 @@ def test_sweep_removes_services_of_dead_owners() -> None:
         assert paths["dead"] in removed and not paths["dead"].exists()
         assert paths["alive"].exists() and paths["foreign"].exists()
     finally:
+        owner_process.kill()
+        owner_process.wait()
         for path in paths.values():
             path.unlink(missing_ok=True)
 
